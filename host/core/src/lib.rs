@@ -1,0 +1,17 @@
+//! Quiver's sans-IO core.
+//!
+//! Everything here is pure logic: no sockets, no files, no threads, no clock reads and no
+//! randomness. Callers inject wall-clock timestamps and fresh actor epochs, which is what
+//! lets the same code run in production and in a deterministic simulation.
+//!
+//! Layout:
+//! - [`causality`]: dotted version vectors, sibling sets, the coordinator's write rule and
+//!   the replica merge, per-key actor epochs that prevent dot reuse after data loss.
+//! - [`limits`]: named defaults for every size bound the node enforces.
+//! - [`storage`]: the byte-level contract every storage engine implements (fjall, memory,
+//!   and later Wasm adapters), plus the key layout the node uses on top of it.
+#![deny(clippy::unwrap_used)]
+
+pub mod causality;
+pub mod limits;
+pub mod storage;

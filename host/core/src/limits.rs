@@ -1,0 +1,29 @@
+//! Named size limits and their defaults. Units are last in every name.
+
+/// Largest key accepted, in bytes.
+pub const KEY_BYTES_MAX: usize = 64 * 1024;
+/// Largest bucket name accepted, in bytes.
+pub const BUCKET_BYTES_MAX: usize = 255;
+/// Default largest value accepted, in bytes (configurable per node).
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Largest encoded causal context accepted from a client, in bytes.
+pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
+/// Largest number of actors a decoded context may name.
+pub const CONTEXT_ACTORS_MAX: usize = 1024;
+/// Headroom for framing and request fields beyond key, value and context, in bytes.
+pub const FRAME_OVERHEAD_BYTES: usize = 4 * 1024;
+/// Default number of concurrent bidirectional streams a client connection may open.
+pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 256;
+/// Largest number of siblings a key may hold before writes are refused with a clear error.
+/// (A per-bucket reconciler will merge them earlier once plugins exist.)
+pub const SIBLINGS_MAX_DEFAULT: usize = 100;
+
+/// Largest request frame for a given value limit: key + value + context + overhead.
+pub const fn request_frame_bytes_max(value_bytes_max: usize) -> usize {
+    KEY_BYTES_MAX + BUCKET_BYTES_MAX + value_bytes_max + CONTEXT_BYTES_MAX + FRAME_OVERHEAD_BYTES
+}
+
+/// Largest response frame: every sibling may carry a full value.
+pub const fn response_frame_bytes_max(value_bytes_max: usize) -> usize {
+    SIBLINGS_MAX_DEFAULT * (value_bytes_max + 256) + CONTEXT_BYTES_MAX + FRAME_OVERHEAD_BYTES
+}

@@ -1,0 +1,188 @@
+//! The storage-engine contract.
+//!
+//! An engine is an ordered byte map with atomic batches. It knows nothing of buckets,
+//! versions or replication: the node layers those on top (see [`keys`]). Durability is split
+//! in two steps on purpose: [`StorageEngine::apply`] makes a batch visible to readers, and
+//! [`StorageEngine::sync`] makes everything applied so far durable. The node's group commit
+//! applies many writers' batches and then issues one `sync` for all of them.
+//!
+//! Engine contract (checked by the conformance suite every engine must pass):
+//! - `apply` is atomic: after it returns, every operation of the batch is visible, and a
+//!   crash never exposes part of a batch.
+//! - After `sync` returns `Ok`, every batch applied before the call survives a crash.
+//! - After `sync` fails once, the engine may have lost data it claimed to hold, so every later
+//!   `apply` and `sync` must fail with [`StorageError::Poisoned`] until reopened.
+//! - `scan` returns pairs in ascending key order within `[start, end)`.
+
+use std::fmt;
+
+/// One operation of a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Insert or overwrite `key` with `value`.
+    Put {
+        /// Engine key.
+        key: Vec<u8>,
+        /// Engine value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (a no-op if absent).
+    Delete {
+        /// Engine key.
+        key: Vec<u8>,
+    },
+}
+
+/// An ordered list of operations applied atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// Operations, applied in order.
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a put.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(BatchOp::Put { key: key.into(), value: value.into() });
+        self
+    }
+    /// Adds a delete.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(BatchOp::Delete { key: key.into() });
+        self
+    }
+    /// True when the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The engine failed an I/O operation.
+    #[error("storage engine {engine}: I/O error during {op}: {message}")]
+    Io {
+        /// Engine name.
+        engine: String,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error, rendered.
+        message: String,
+    },
+    /// A previous sync failed; the engine refuses writes until it is reopened, because it can
+    /// no longer tell which acknowledged data is on disk.
+    #[error("storage engine {engine} is poisoned after a failed sync ({cause}); restart the node to recover")]
+    Poisoned {
+        /// Engine name.
+        engine: String,
+        /// The failure that poisoned it.
+        cause: String,
+    },
+    /// Stored bytes could not be decoded.
+    #[error("storage engine {engine}: corrupt record at key {key_hex}: {message}")]
+    Corrupt {
+        /// Engine name.
+        engine: String,
+        /// The key, hex encoded (possibly truncated).
+        key_hex: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The engine was shut down.
+    #[error("storage engine {engine} is closed")]
+    Closed {
+        /// Engine name.
+        engine: String,
+    },
+}
+
+/// An ordered, batch-atomic byte map. See the module docs for the contract.
+pub trait StorageEngine: Send + Sync + fmt::Debug + 'static {
+    /// Short engine name for errors and metrics ("fjall", "memory", ...).
+    fn name(&self) -> &str;
+    /// Reads one key.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Applies a batch atomically; not necessarily durable until [`StorageEngine::sync`].
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StorageError>;
+    /// Makes every batch applied so far durable (fsync or equivalent).
+    fn sync(&self) -> Result<(), StorageError>;
+    /// Pairs with `start <= key < end` (no upper bound when `end` is `None`) in ascending
+    /// key order, at most `limit` of them.
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+}
+
+/// The key layout the node uses on top of an engine.
+///
+/// Data keys are `b'd'`, the bucket length as one byte, the bucket, then the key, so that
+/// all keys of a bucket are contiguous and no bucket's range contains another's.
+/// Node metadata lives under `b'm'`.
+pub mod keys {
+    use crate::limits::BUCKET_BYTES_MAX;
+
+    /// Prefix of data records.
+    pub const DATA_PREFIX: u8 = b'd';
+    /// Prefix of node metadata.
+    pub const META_PREFIX: u8 = b'm';
+
+    /// Engine key of a data record. Returns `None` if the bucket name is longer than
+    /// [`BUCKET_BYTES_MAX`] (callers validate first; this keeps the layout unambiguous).
+    pub fn data_key(bucket: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+        if bucket.len() > BUCKET_BYTES_MAX {
+            return None;
+        }
+        let mut out = Vec::with_capacity(2 + bucket.len() + key.len());
+        out.push(DATA_PREFIX);
+        out.push(u8::try_from(bucket.len()).ok()?);
+        out.extend_from_slice(bucket);
+        out.extend_from_slice(key);
+        Some(out)
+    }
+
+    /// Splits an engine data key back into `(bucket, key)`.
+    pub fn split_data_key(engine_key: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (&prefix, rest) = engine_key.split_first()?;
+        if prefix != DATA_PREFIX {
+            return None;
+        }
+        let (&len, rest) = rest.split_first()?;
+        let len = usize::from(len);
+        if rest.len() < len {
+            return None;
+        }
+        Some(rest.split_at(len))
+    }
+
+    /// Engine key of a node metadata entry.
+    pub fn meta_key(name: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + name.len());
+        out.push(META_PREFIX);
+        out.extend_from_slice(name.as_bytes());
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn data_keys_round_trip_and_buckets_do_not_overlap() {
+            let k = data_key(b"ab", b"c").expect("short bucket");
+            assert_eq!(split_data_key(&k), Some((&b"ab"[..], &b"c"[..])));
+            // Bucket "a" with key "bc" must not collide with bucket "ab" key "c".
+            let other = data_key(b"a", b"bc").expect("short bucket");
+            assert_ne!(k, other);
+            assert!(data_key(&[0u8; 256], b"k").is_none());
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Command-line interface of the `quiver` binary: argument definitions and the client
+//! commands. `main.rs` only parses, sets up logging and reports errors.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use quiver_sdk::{Client, ClientConfig, Context, Durability as WireDurability, GetResult};
+use quiver_sdk::{ReadOptions, WriteOptions};
+use serde_json::json;
+
+use crate::bench::BenchArgs;
+use crate::config::FileConfig;
+use crate::storage::{Durability, EngineKind};
+
+/// Quiver: a Dynamo-style, always-writeable key-value store.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one node in the foreground (Ctrl-C or SIGTERM stops it gracefully).
+    Server(ServerArgs),
+    /// Read a key: every concurrent sibling and the context to write back with.
+    Get(GetArgs),
+    /// Write a value. Without --context the write is concurrent with what is stored.
+    Put(PutArgs),
+    /// Delete a key (writes a tombstone). Pass the context of a get to replace what it saw.
+    Delete(DeleteArgs),
+    /// Closed-loop load generator: prints throughput and latency percentiles.
+    Bench(BenchArgs),
+}
+
+/// `quiver server` options; each may also be set in the TOML file given with `--config`
+/// (same names with underscores). Flags win over the file.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory: storage, certificates (ca.pem for clients), node identity.
+    /// [default: quiver-data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// UDP address to listen on. [default: 127.0.0.1:7470]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Node name, unique in the cluster. [default: node-PORT]
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// When a write is acknowledged: `sync` = after an fsync shared with concurrent writes
+    /// (group commit); `buffered` = once in memory, may be lost on power failure.
+    /// [default: sync]
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<Durability>,
+    /// Storage engine: `fjall` (durable, on disk) or `memory` (lost on restart).
+    /// [default: fjall]
+    #[arg(long, value_name = "ENGINE")]
+    pub engine: Option<EngineKind>,
+    /// Largest value accepted, in bytes. [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub value_bytes_max: Option<usize>,
+    /// Concurrent requests (streams) per client connection. [default: 256]
+    #[arg(long, value_name = "N")]
+    pub streams_per_connection_max: Option<u32>,
+    /// Default server-side deadline of a request, in ms. [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub request_timeout_ms: Option<u32>,
+}
+
+impl ServerArgs {
+    /// The flags as a partial config, to overlay on the file.
+    pub fn to_file_config(&self) -> FileConfig {
+        FileConfig {
+            data_dir: self.data_dir.clone(),
+            listen: self.listen,
+            node_id: self.node_id.clone(),
+            durability: self.durability,
+            engine: self.engine,
+            value_bytes_max: self.value_bytes_max,
+            streams_per_connection_max: self.streams_per_connection_max,
+            request_timeout_ms: self.request_timeout_ms,
+        }
+    }
+}
+
+/// Output format of client commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Readable text.
+    #[default]
+    Human,
+    /// One JSON object on stdout, for scripts.
+    Json,
+}
+
+/// How client commands find and trust the cluster.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Node address(es) to contact, comma-separated; the first that answers is used.
+    #[arg(long, env = "QUIVER_CLUSTER", value_name = "ADDR", default_value = "127.0.0.1:7470")]
+    pub cluster: String,
+    /// The cluster CA certificate (DATA_DIR/ca.pem of a node).
+    #[arg(long, env = "QUIVER_CA", value_name = "FILE", default_value = "quiver-data/ca.pem")]
+    pub ca: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    /// Client-side deadline per request, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+impl ClientArgs {
+    /// Connects to the first node of `--cluster` that answers.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let ca_pem = std::fs::read(&self.ca).with_context(|| {
+            format!(
+                "cannot read the cluster CA {} (set --ca or QUIVER_CA to a node's ca.pem)",
+                self.ca.display()
+            )
+        })?;
+        let mut config = ClientConfig::new(ca_pem);
+        config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
+        let mut last = None;
+        for addr in self.cluster.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match Client::connect(addr, config.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e.into()),
+            None => bail!("--cluster is empty: give at least one node address"),
+        }
+    }
+}
+
+/// `quiver get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// `quiver put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// The value; `-` reads it from stdin. Omit it when using --file.
+    pub value: Option<String>,
+    /// Read the value from a file.
+    #[arg(long, value_name = "FILE", conflicts_with = "value")]
+    pub file: Option<PathBuf>,
+    /// Context from a get: replaces the siblings that get returned.
+    #[arg(long, value_name = "CTX")]
+    pub context: Option<String>,
+    /// Durability of this write (default: the node's setting).
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<Durability>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// `quiver delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// Context from a get: replaces the siblings that get returned.
+    #[arg(long, value_name = "CTX")]
+    pub context: Option<String>,
+    /// Durability of this delete (default: the node's setting).
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<Durability>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+fn wire_durability(d: Option<Durability>) -> Option<WireDurability> {
+    d.map(|d| match d {
+        Durability::Sync => WireDurability::Sync,
+        Durability::Buffered => WireDurability::Buffered,
+    })
+}
+
+fn parse_context(ctx: Option<&str>) -> anyhow::Result<Option<Context>> {
+    ctx.map(|c| c.parse::<Context>().context("--context is not a context printed by quiver"))
+        .transpose()
+}
+
+/// Runs `quiver get`.
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let client = args.client.connect().await?;
+    let result = client
+        .get_with(&args.bucket, args.key.as_bytes(), &ReadOptions::default())
+        .await
+        .with_context(|| format!("get {}/{}", args.bucket, args.key))?;
+    print_get(&result, args.client.output);
+    client.close().await;
+    Ok(())
+}
+
+fn print_get(result: &GetResult, output: Output) {
+    match output {
+        Output::Json => {
+            let siblings: Vec<_> = result
+                .siblings
+                .iter()
+                .map(|s| {
+                    json!({
+                        "value": std::str::from_utf8(&s.value).ok(),
+                        "value_base64": STANDARD.encode(&s.value),
+                        "tombstone": s.tombstone,
+                        "timestamp_ms": s.timestamp_ms,
+                        "actor": s.actor,
+                    })
+                })
+                .collect();
+            let out = json!({
+                "found": result.found(),
+                "siblings": siblings,
+                "context": result.context.to_string(),
+            });
+            println!("{out}");
+        }
+        Output::Human => {
+            if !result.found() {
+                println!("not found");
+            } else if result.siblings.len() == 1 {
+                println!("{}", render_value(&result.siblings[0].value));
+            } else {
+                println!("{} siblings:", result.siblings.len());
+                for (i, s) in result.siblings.iter().enumerate() {
+                    let shown =
+                        if s.tombstone { "(deleted)".to_string() } else { render_value(&s.value) };
+                    println!(
+                        "  [{}] {shown}    (actor {}, timestamp_ms {})",
+                        i + 1,
+                        s.actor,
+                        s.timestamp_ms
+                    );
+                }
+            }
+            println!("context: {}", result.context);
+        }
+    }
+}
+
+fn render_value(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("<{} bytes of binary, base64 {}>", v.len(), STANDARD.encode(v)),
+    }
+}
+
+/// Runs `quiver put`.
+pub async fn put(args: PutArgs) -> anyhow::Result<()> {
+    let value = match (&args.value, &args.file) {
+        (Some(v), None) if v == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("cannot read the value from stdin")?;
+            buf
+        }
+        (Some(v), None) => v.as_bytes().to_vec(),
+        (None, Some(f)) => std::fs::read(f)
+            .with_context(|| format!("cannot read the value from {}", f.display()))?,
+        (None, None) => bail!("give a value, `-` for stdin, or --file FILE"),
+        (Some(_), Some(_)) => bail!("give either a value or --file, not both"),
+    };
+    let context = parse_context(args.context.as_deref())?;
+    let client = args.client.connect().await?;
+    let options = WriteOptions { timeout_ms: None, durability: wire_durability(args.durability) };
+    let ctx = client
+        .put_with(&args.bucket, args.key.as_bytes(), value, context.as_ref(), &options)
+        .await
+        .with_context(|| format!("put {}/{}", args.bucket, args.key))?;
+    print_written(&ctx, args.client.output);
+    client.close().await;
+    Ok(())
+}
+
+/// Runs `quiver delete`.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let context = parse_context(args.context.as_deref())?;
+    let client = args.client.connect().await?;
+    let options = WriteOptions { timeout_ms: None, durability: wire_durability(args.durability) };
+    let ctx = client
+        .delete_with(&args.bucket, args.key.as_bytes(), context.as_ref(), &options)
+        .await
+        .with_context(|| format!("delete {}/{}", args.bucket, args.key))?;
+    print_written(&ctx, args.client.output);
+    client.close().await;
+    Ok(())
+}
+
+fn print_written(ctx: &Context, output: Output) {
+    match output {
+        Output::Json => println!("{}", json!({ "context": ctx.to_string() })),
+        Output::Human => println!("ok\ncontext: {ctx}"),
+    }
+}

@@ -1,0 +1,201 @@
+//! Node configuration: a TOML file whose every option is also a command-line flag.
+//!
+//! Precedence: flag > config file > default. The merged result is a [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{Durability, EngineKind};
+
+/// Default address a node listens on.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7470";
+/// Default data directory, relative to the working directory.
+pub const DATA_DIR_DEFAULT: &str = "quiver-data";
+/// Default server-side deadline of a request, in milliseconds.
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Largest server-side deadline a client may ask for, in milliseconds.
+pub const REQUEST_TIMEOUT_MS_MAX: u32 = 300_000;
+
+/// Errors of configuration loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message (names the offending key).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {name}: {message}")]
+    Invalid {
+        /// Setting name.
+        name: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Options as they appear in a TOML file; every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Listen address.
+    pub listen: Option<SocketAddr>,
+    /// Node name.
+    pub node_id: Option<String>,
+    /// Default durability of writes.
+    pub durability: Option<Durability>,
+    /// Storage engine.
+    pub engine: Option<EngineKind>,
+    /// Largest value accepted, in bytes.
+    pub value_bytes_max: Option<usize>,
+    /// Concurrent streams per client connection.
+    pub streams_per_connection_max: Option<u32>,
+    /// Default request deadline, in milliseconds.
+    pub request_timeout_ms: Option<u32>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML config file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Overlays `flags` on `self`: every option set in `flags` wins.
+    pub fn overlay(self, flags: FileConfig) -> FileConfig {
+        FileConfig {
+            data_dir: flags.data_dir.or(self.data_dir),
+            listen: flags.listen.or(self.listen),
+            node_id: flags.node_id.or(self.node_id),
+            durability: flags.durability.or(self.durability),
+            engine: flags.engine.or(self.engine),
+            value_bytes_max: flags.value_bytes_max.or(self.value_bytes_max),
+            streams_per_connection_max: flags
+                .streams_per_connection_max
+                .or(self.streams_per_connection_max),
+            request_timeout_ms: flags.request_timeout_ms.or(self.request_timeout_ms),
+        }
+    }
+
+    /// Fills in defaults and validates.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let listen = match self.listen {
+            Some(l) => l,
+            None => LISTEN_DEFAULT.parse().map_err(|e| ConfigError::Invalid {
+                name: "listen",
+                message: format!("{e}"),
+            })?,
+        };
+        let node_id = self.node_id.unwrap_or_else(|| format!("node-{}", listen.port()));
+        if node_id.is_empty()
+            || node_id.len() > 64
+            || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::Invalid {
+                name: "node_id",
+                message: format!(
+                    "{node_id:?}: use 1 to 64 characters of letters, digits, '-', '_' or '.'"
+                ),
+            });
+        }
+        let value_bytes_max =
+            self.value_bytes_max.unwrap_or(quiver_core::limits::VALUE_BYTES_MAX_DEFAULT);
+        if value_bytes_max == 0 || value_bytes_max > 64 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                name: "value_bytes_max",
+                message: format!("{value_bytes_max}: must be between 1 and 67108864 (64 MiB)"),
+            });
+        }
+        let streams = self
+            .streams_per_connection_max
+            .unwrap_or(quiver_core::limits::STREAMS_PER_CONNECTION_MAX_DEFAULT);
+        if streams == 0 || streams > 65_536 {
+            return Err(ConfigError::Invalid {
+                name: "streams_per_connection_max",
+                message: format!("{streams}: must be between 1 and 65536"),
+            });
+        }
+        let timeout = self.request_timeout_ms.unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
+        if timeout == 0 || timeout > REQUEST_TIMEOUT_MS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "request_timeout_ms",
+                message: format!("{timeout}: must be between 1 and {REQUEST_TIMEOUT_MS_MAX}"),
+            });
+        }
+        Ok(NodeConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            listen,
+            node_id,
+            durability: self.durability.unwrap_or_default(),
+            engine: self.engine.unwrap_or(EngineKind::Fjall),
+            value_bytes_max,
+            streams_per_connection_max: streams,
+            request_timeout_ms: timeout,
+        })
+    }
+}
+
+/// A node's resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Data directory (storage, certificates, node identity).
+    pub data_dir: PathBuf,
+    /// UDP address the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// Node name, also the writer name in version vectors.
+    pub node_id: String,
+    /// Default durability of writes.
+    pub durability: Durability,
+    /// Storage engine.
+    pub engine: EngineKind,
+    /// Largest value accepted, in bytes.
+    pub value_bytes_max: usize,
+    /// Concurrent streams a client connection may open.
+    pub streams_per_connection_max: u32,
+    /// Default request deadline, in milliseconds.
+    pub request_timeout_ms: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_the_rest() {
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\ndurability = \"buffered\"\n")
+                .expect("valid toml");
+        let flags = FileConfig { durability: Some(Durability::Sync), ..Default::default() };
+        let cfg = file.overlay(flags).resolve().expect("valid");
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.durability, Durability::Sync);
+        assert_eq!(cfg.node_id, "node-9000");
+        assert_eq!(cfg.engine, EngineKind::Fjall);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        assert!(toml::from_str::<FileConfig>("listen_addr = \"x\"").is_err());
+        let bad = FileConfig { node_id: Some("a b".into()), ..Default::default() };
+        assert!(matches!(bad.resolve(), Err(ConfigError::Invalid { name: "node_id", .. })));
+        let bad = FileConfig { value_bytes_max: Some(0), ..Default::default() };
+        assert!(bad.resolve().is_err());
+    }
+}

@@ -1,0 +1,316 @@
+//! The key-value service of one node: validation, the coordinator write rule from the core,
+//! and record storage. Transport-agnostic: the QUIC server calls it, so could a test.
+
+use std::sync::{Mutex, MutexGuard};
+
+use quiver_core::causality::{
+    self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
+};
+use quiver_core::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX, SIBLINGS_MAX_DEFAULT};
+use quiver_core::storage::{StorageError, WriteBatch, keys};
+use quiver_sdk::wire::ErrorCode;
+
+use crate::epochs::BootEpochs;
+use crate::storage::{Durability, Store};
+
+/// Number of lock stripes serialising read-modify-write of records; a power of two so the
+/// stripe is a mask of the key hash.
+const KEY_LOCK_STRIPES: usize = 1024;
+/// Format tag of a stored [`LocalRecord`], the first byte of every data value.
+const RECORD_FORMAT_V1: u8 = 1;
+
+/// Errors of key-value operations, each mapping to a wire [`ErrorCode`].
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// Bad input.
+    #[error("{message}")]
+    Invalid {
+        /// Wire code.
+        code: ErrorCode,
+        /// Explanation with context.
+        message: String,
+    },
+    /// The key holds too many siblings.
+    #[error(
+        "bucket {bucket:?} key {key}: {count} siblings would exceed the limit of {max}; \
+         read the key and write with its context to resolve them"
+    )]
+    TooManySiblings {
+        /// Bucket.
+        bucket: String,
+        /// Key, rendered.
+        key: String,
+        /// Sibling count after the write.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Storage failed; nothing was acknowledged.
+    #[error("node {node}: bucket {bucket:?} key {key}: {source}")]
+    Storage {
+        /// Node name.
+        node: String,
+        /// Bucket.
+        bucket: String,
+        /// Key, rendered.
+        key: String,
+        /// Engine error.
+        source: StorageError,
+    },
+    /// The node's epoch space for this boot ran out; a restart starts a new one.
+    #[error("node {node}: actor epochs of this boot are exhausted; restart the node")]
+    EpochsExhausted {
+        /// Node name.
+        node: String,
+    },
+}
+
+impl KvError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            KvError::Invalid { code, .. } => *code,
+            KvError::TooManySiblings { .. } => ErrorCode::TooManySiblings,
+            KvError::Storage { .. } | KvError::EpochsExhausted { .. } => ErrorCode::Storage,
+        }
+    }
+}
+
+/// Renders a key for messages: UTF-8 text quoted, otherwise hex; long keys truncated.
+pub fn render_key(key: &[u8]) -> String {
+    const SHOWN_BYTES_MAX: usize = 64;
+    let shown = &key[..key.len().min(SHOWN_BYTES_MAX)];
+    let suffix = if key.len() > SHOWN_BYTES_MAX { "…" } else { "" };
+    match std::str::from_utf8(shown) {
+        Ok(s) if !s.chars().any(char::is_control) => format!("{s:?}{suffix}"),
+        _ => {
+            let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}{suffix}")
+        }
+    }
+}
+
+/// A validated write.
+#[derive(Debug)]
+pub struct WriteArgs<'a> {
+    /// Bucket.
+    pub bucket: &'a str,
+    /// Key.
+    pub key: &'a [u8],
+    /// Opaque client context (empty for none).
+    pub context: &'a [u8],
+    /// Value or tombstone.
+    pub op: WriteOp,
+    /// Durability for this write.
+    pub durability: Durability,
+    /// Coordinator wall clock, ms since the Unix epoch.
+    pub now_ms: u64,
+}
+
+/// The service.
+#[derive(Debug)]
+pub struct KvService {
+    me: Coordinator,
+    store: Store,
+    epochs: Mutex<BootEpochs>,
+    locks: Box<[Mutex<()>]>,
+    value_bytes_max: usize,
+}
+
+impl KvService {
+    /// Builds the service over a store whose boot has started.
+    pub fn new(node: String, store: Store, epochs: BootEpochs, value_bytes_max: usize) -> Self {
+        let me = Coordinator { node, incarnation: epochs.incarnation() };
+        let locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        KvService { me, store, epochs: Mutex::new(epochs), locks, value_bytes_max }
+    }
+
+    /// Node name.
+    pub fn node(&self) -> &str {
+        &self.me.node
+    }
+
+    /// The underlying store (for shutdown flushes and stats).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reads a key's replicated state (empty object when never written).
+    pub fn get(&self, bucket: &str, key: &[u8]) -> Result<Object, KvError> {
+        let dkey = self.validate(bucket, key)?;
+        Ok(self.read_record(bucket, key, &dkey)?.map(|r| r.object).unwrap_or_default())
+    }
+
+    /// Coordinates a put or delete. Returns the context of the new version: the client's
+    /// context plus the new dot, so that a follow-up write replaces exactly what this client
+    /// has seen and not siblings written concurrently by others.
+    pub async fn write(&self, args: WriteArgs<'_>) -> Result<VersionVector, KvError> {
+        let dkey = self.validate(args.bucket, args.key)?;
+        if let WriteOp::Put(v) = &args.op
+            && v.len() > self.value_bytes_max
+        {
+            return Err(KvError::Invalid {
+                code: ErrorCode::ValueTooLarge,
+                message: format!(
+                    "bucket {:?} key {}: value of {} bytes exceeds the {}-byte limit",
+                    args.bucket,
+                    render_key(args.key),
+                    v.len(),
+                    self.value_bytes_max
+                ),
+            });
+        }
+        let client_context =
+            causality::decode_context(args.context).map_err(|e| KvError::Invalid {
+                code: ErrorCode::InvalidContext,
+                message: format!("bucket {:?} key {}: {e}", args.bucket, render_key(args.key)),
+            })?;
+
+        let mut reply = client_context.clone();
+        {
+            // Read-modify-write of one record must not interleave with another on the same
+            // key; nothing in this block awaits, so a plain mutex stripe is enough.
+            let _guard = lock(&self.locks[stripe(&dkey)]);
+            let local = self.read_record(args.bucket, args.key, &dkey)?;
+            let (record, dot) = {
+                let mut epochs = lock(&self.epochs);
+                let trusted = local
+                    .as_ref()
+                    .and_then(|r| r.own_epoch)
+                    .is_some_and(|e| quiver_core::causality::EpochSource::is_trusted(&*epochs, e));
+                if !trusted && !epochs.has_capacity() {
+                    return Err(KvError::EpochsExhausted { node: self.me.node.clone() });
+                }
+                coordinate_write(
+                    local,
+                    &self.me,
+                    &mut *epochs,
+                    &client_context,
+                    args.op,
+                    args.now_ms,
+                )
+            };
+            let count = record.object.siblings().len();
+            if count > SIBLINGS_MAX_DEFAULT {
+                return Err(KvError::TooManySiblings {
+                    bucket: args.bucket.to_string(),
+                    key: render_key(args.key),
+                    count,
+                    max: SIBLINGS_MAX_DEFAULT,
+                });
+            }
+            let mut batch = WriteBatch::new();
+            batch.put(dkey, encode_record(&record));
+            self.store.apply(&batch).map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+            reply.add(&dot);
+        }
+        if args.durability == Durability::Sync {
+            self.store
+                .sync_applied()
+                .await
+                .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+        }
+        Ok(reply)
+    }
+
+    fn validate(&self, bucket: &str, key: &[u8]) -> Result<Vec<u8>, KvError> {
+        if bucket.is_empty() || bucket.len() > BUCKET_BYTES_MAX || bucket.chars().any(char::is_control)
+        {
+            return Err(KvError::Invalid {
+                code: ErrorCode::InvalidBucket,
+                message: format!(
+                    "bucket name {bucket:?} is invalid: use 1 to {BUCKET_BYTES_MAX} bytes of \
+                     UTF-8 without control characters"
+                ),
+            });
+        }
+        if key.is_empty() {
+            return Err(KvError::Invalid {
+                code: ErrorCode::EmptyKey,
+                message: format!("bucket {bucket:?}: the key is empty"),
+            });
+        }
+        if key.len() > KEY_BYTES_MAX {
+            return Err(KvError::Invalid {
+                code: ErrorCode::KeyTooLarge,
+                message: format!(
+                    "bucket {bucket:?}: key of {} bytes exceeds the {KEY_BYTES_MAX}-byte limit",
+                    key.len()
+                ),
+            });
+        }
+        keys::data_key(bucket.as_bytes(), key).ok_or_else(|| KvError::Invalid {
+            code: ErrorCode::InvalidBucket,
+            message: format!("bucket name {bucket:?} is too long"),
+        })
+    }
+
+    fn read_record(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        dkey: &[u8],
+    ) -> Result<Option<LocalRecord>, KvError> {
+        let Some(bytes) = self.store.get(dkey).map_err(|e| self.storage_err(bucket, key, e))?
+        else {
+            return Ok(None);
+        };
+        decode_record(&bytes)
+            .map(Some)
+            .map_err(|message| {
+                self.storage_err(
+                    bucket,
+                    key,
+                    StorageError::Corrupt {
+                        engine: self.store.engine_name().to_string(),
+                        key_hex: render_key(dkey),
+                        message,
+                    },
+                )
+            })
+    }
+
+    fn storage_err(&self, bucket: &str, key: &[u8], source: StorageError) -> KvError {
+        KvError::Storage {
+            node: self.me.node.clone(),
+            bucket: bucket.to_string(),
+            key: render_key(key),
+            source,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave the guarded data half-updated (the
+    // stripes guard `()`, the allocator only moves forward), so poisoning is safe to ignore.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn stripe(dkey: &[u8]) -> usize {
+    // FNV-1a: cheap, and good enough to spread keys over stripes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in dkey {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h as usize) & (KEY_LOCK_STRIPES - 1)
+}
+
+/// Encodes a record for storage.
+pub fn encode_record(record: &LocalRecord) -> Vec<u8> {
+    // Serializing plain data into a Vec cannot fail; an empty tail would be caught on read.
+    postcard::to_extend(record, vec![RECORD_FORMAT_V1]).unwrap_or_default()
+}
+
+/// Decodes a stored record and checks its invariants.
+pub fn decode_record(bytes: &[u8]) -> Result<LocalRecord, String> {
+    let Some((&format, body)) = bytes.split_first() else {
+        return Err("empty record".into());
+    };
+    if format != RECORD_FORMAT_V1 {
+        return Err(format!("unknown record format {format}"));
+    }
+    let record: LocalRecord = postcard::from_bytes(body).map_err(|e| e.to_string())?;
+    record.object.validate().map_err(|e| e.to_string())?;
+    Ok(record)
+}

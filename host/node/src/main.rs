@@ -1,0 +1,86 @@
+//! The `quiver` binary: parses the command line, sets up logging, runs the command, and
+//! turns any error into one clear line on stderr and a non-zero exit status.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use quiver_node::cli::{self, Cli, Command};
+use quiver_node::config::FileConfig;
+use quiver_node::server::Node;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Server(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Servers log at info by default; client commands only warn, so their stdout stays clean.
+fn init_logging(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server(args) => {
+            let file = match &args.config {
+                Some(path) => FileConfig::load(path)?,
+                None => FileConfig::default(),
+            };
+            let config = file.overlay(args.to_file_config()).resolve()?;
+            let ca_path = config.data_dir.join("ca.pem");
+            let node = Node::open(config.clone())
+                .await
+                .with_context(|| format!("cannot start node {}", config.node_id))?;
+            let addr = node.local_addr().context("cannot read the bound address")?;
+            tracing::info!(node = %config.node_id, %addr, ca = %ca_path.display(), "listening");
+            // Machine-readable readiness line for scripts and tests.
+            println!("quiver node {} listening on {addr} (ca {})", config.node_id, ca_path.display());
+            node.serve(shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Get(args) => cli::get(args).await,
+        Command::Put(args) => cli::put(args).await,
+        Command::Delete(args) => cli::delete(args).await,
+        Command::Bench(args) => quiver_node::bench::run(args).await,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,393 @@
+//! The QUIC server: opens storage, bootstraps certificates and the epoch allocator, accepts
+//! client connections and answers one request per bidirectional stream.
+//!
+//! Shutdown is graceful: when the shutdown future resolves the node stops accepting
+//! connections and streams, lets requests in flight finish (bounded by
+//! [`SHUTDOWN_DRAIN_MAX`]), flushes storage so buffered writes reach disk, then closes every
+//! connection with a "shutting down" code.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quiver_core::causality::{self, WriteOp};
+use quiver_core::limits::request_frame_bytes_max;
+use quiver_sdk::wire::{
+    self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, PROTOCOL_VERSION, Request,
+    Response, WireDurability, WireSibling,
+};
+use tokio::sync::Notify;
+
+use crate::certs::{self, CertError, NodeIdentity};
+use crate::config::NodeConfig;
+use crate::epochs::{BootEpochs, EpochError};
+use crate::kv::{KvService, WriteArgs};
+use crate::storage::{self, Durability, EngineKind, Store};
+
+/// Longest a graceful shutdown waits for requests in flight.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(30);
+/// QUIC application error code sent when the node closes connections on shutdown.
+pub const CLOSE_SHUTTING_DOWN: u32 = 1;
+/// QUIC application error code for a stream whose frame was refused unread.
+const STOP_FRAME_REFUSED: u32 = 2;
+
+/// Errors of starting or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Certificates could not be created or loaded.
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    /// Storage could not be opened or its metadata is unusable.
+    #[error("node storage in {dir}: {message}")]
+    Storage {
+        /// Data directory.
+        dir: String,
+        /// What failed.
+        message: String,
+    },
+    /// The epoch allocator could not start.
+    #[error(transparent)]
+    Epochs(#[from] EpochError),
+    /// TLS configuration was refused.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A node that is open and bound, ready to [`Node::serve`].
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    kv: Arc<KvService>,
+    config: NodeConfig,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens storage, certificates and the epoch allocator, and binds the QUIC endpoint.
+    pub async fn open(config: NodeConfig) -> Result<Node, ServerError> {
+        let dir = config.data_dir.clone();
+        let storage_err = |message: String| ServerError::Storage {
+            dir: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| storage_err(e.to_string()))?;
+        let identity = certs::bootstrap(&dir, &config.node_id, config.listen.ip())?;
+        let engine = storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
+            .map_err(|e| storage_err(e.to_string()))?;
+        let store = Store::new(engine, config.durability);
+        let epochs = BootEpochs::start(&store, rand::random::<u64>()).await?;
+        tracing::info!(
+            node = %config.node_id,
+            boot = epochs.boot(),
+            incarnation = format_args!("{:016x}", epochs.incarnation()),
+            engine = %config.engine,
+            durability = %config.durability,
+            "storage open"
+        );
+        let kv = Arc::new(KvService::new(
+            config.node_id.clone(),
+            store,
+            epochs,
+            config.value_bytes_max,
+        ));
+        let server_config = server_config(&identity, config.streams_per_connection_max)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        Ok(Node { endpoint, kv, config })
+    }
+
+    /// The address the endpoint is bound to (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, std::io::Error> {
+        self.endpoint.local_addr()
+    }
+
+    /// The key-value service (for in-process tests).
+    pub fn kv(&self) -> &Arc<KvService> {
+        &self.kv
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let inflight = Arc::new(Inflight::default());
+        let limits = Arc::new(Limits {
+            frame_bytes_max: request_frame_bytes_max(self.config.value_bytes_max),
+            default_timeout: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let kv = Arc::clone(&self.kv);
+                    let inflight = Arc::clone(&inflight);
+                    let limits = Arc::clone(&limits);
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(conn) => serve_connection(conn, kv, inflight, limits).await,
+                            Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!(node = %self.config.node_id, "shutting down: draining requests in flight");
+        self.endpoint.set_server_config(None);
+        if tokio::time::timeout(SHUTDOWN_DRAIN_MAX, inflight.drained()).await.is_err() {
+            tracing::warn!(
+                remaining = inflight.count.load(Ordering::Relaxed),
+                "requests still in flight after the drain limit"
+            );
+        }
+        if let Err(e) = self.kv.store().flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        self.endpoint.close(CLOSE_SHUTTING_DOWN.into(), b"node shutting down");
+        self.endpoint.wait_idle().await;
+        tracing::info!(node = %self.config.node_id, "stopped");
+        Ok(())
+    }
+}
+
+/// Sub-directory of the data directory that holds an engine's files.
+fn engine_dir(kind: EngineKind) -> &'static str {
+    match kind {
+        EngineKind::Fjall => "fjall",
+        EngineKind::Memory => "memory",
+    }
+}
+
+fn server_config(
+    identity: &NodeIdentity,
+    streams_per_connection_max: u32,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(quiver_sdk::tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN_CLIENT_V1.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(quiver_sdk::tls::transport_config(Some(
+        streams_per_connection_max,
+    ))));
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct Limits {
+    frame_bytes_max: usize,
+    default_timeout: Duration,
+}
+
+/// Counts requests in flight so shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Inflight {
+    fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(Arc::clone(self))
+    }
+
+    async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct InflightGuard(Arc<Inflight>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    kv: Arc<KvService>,
+    inflight: Arc<Inflight>,
+    limits: Arc<Limits>,
+) {
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, "client connected");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "client connection ended");
+                return;
+            }
+        };
+        let guard = inflight.enter();
+        let kv = Arc::clone(&kv);
+        let limits = Arc::clone(&limits);
+        tokio::spawn(async move {
+            serve_stream(send, recv, &kv, &limits).await;
+            drop(guard);
+        });
+    }
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    kv: &KvService,
+    limits: &Limits,
+) {
+    let response = match read_request(&mut recv, limits.frame_bytes_max).await {
+        Ok(request) => {
+            let timeout = request_timeout(&request).unwrap_or(limits.default_timeout);
+            match tokio::time::timeout(timeout, dispatch(kv, request)).await {
+                Ok(r) => r,
+                Err(_) => error(
+                    ErrorCode::Timeout,
+                    format!("node {}: no answer within {} ms", kv.node(), timeout.as_millis()),
+                ),
+            }
+        }
+        Err(reply) => reply,
+    };
+    let frame = match wire::encode_frame(&response) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a response");
+            return;
+        }
+    };
+    if let Err(e) = send.write_all(&frame).await {
+        tracing::debug!(error = %e, "client went away before the reply");
+        return;
+    }
+    let _ = send.finish();
+}
+
+fn error(code: ErrorCode, message: String) -> Response {
+    Response::Error(ErrorReply { code, message })
+}
+
+/// Reads one request frame; a frame that cannot become a request yields the error reply.
+async fn read_request(recv: &mut quinn::RecvStream, max: usize) -> Result<Request, Response> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    recv.read_exact(&mut header).await.map_err(|e| {
+        error(ErrorCode::MalformedRequest, format!("frame header could not be read: {e}"))
+    })?;
+    let len = wire::frame_len(header);
+    if len > max {
+        // Refuse without reading (or buffering) the body.
+        let _ = recv.stop(STOP_FRAME_REFUSED.into());
+        return Err(error(
+            ErrorCode::FrameTooLarge,
+            format!("request frame of {len} bytes exceeds this node's {max}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| {
+        error(
+            ErrorCode::MalformedRequest,
+            format!("frame declares {len} bytes but the body could not be read: {e}"),
+        )
+    })?;
+    wire::decode_body(&body).map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()))
+}
+
+fn request_timeout(request: &Request) -> Option<Duration> {
+    let ms = match request {
+        Request::Ping => None,
+        Request::Get { options, .. } => options.timeout_ms,
+        Request::Put { options, .. } | Request::Delete { options, .. } => options.timeout_ms,
+    }?;
+    Some(Duration::from_millis(u64::from(ms.clamp(1, crate::config::REQUEST_TIMEOUT_MS_MAX))))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn durability(kv: &KvService, wire: Option<WireDurability>) -> Durability {
+    match wire {
+        Some(WireDurability::Sync) => Durability::Sync,
+        Some(WireDurability::Buffered) => Durability::Buffered,
+        None => kv.store().default_durability(),
+    }
+}
+
+async fn dispatch(kv: &KvService, request: Request) -> Response {
+    let result = match request {
+        Request::Ping => {
+            return Response::Pong { node: kv.node().to_string(), protocol: PROTOCOL_VERSION };
+        }
+        Request::Get { bucket, key, .. } => kv.get(&bucket, &key).map(|object| Response::Get {
+            context: causality::encode_context(object.context()),
+            siblings: object
+                .siblings()
+                .iter()
+                .map(|s| WireSibling {
+                    value: s.value.clone(),
+                    tombstone: s.meta.tombstone,
+                    timestamp_ms: s.meta.timestamp_ms,
+                    actor: s.dot.actor.to_string(),
+                })
+                .collect(),
+        }),
+        Request::Put { bucket, key, context, value, options } => {
+            kv.write(WriteArgs {
+                bucket: &bucket,
+                key: &key,
+                context: &context,
+                op: WriteOp::Put(value),
+                durability: durability(kv, options.durability),
+                now_ms: now_ms(),
+            })
+            .await
+            .map(|ctx| Response::Written { context: causality::encode_context(&ctx) })
+        }
+        Request::Delete { bucket, key, context, options } => {
+            kv.write(WriteArgs {
+                bucket: &bucket,
+                key: &key,
+                context: &context,
+                op: WriteOp::Delete,
+                durability: durability(kv, options.durability),
+                now_ms: now_ms(),
+            })
+            .await
+            .map(|ctx| Response::Written { context: causality::encode_context(&ctx) })
+        }
+    };
+    result.unwrap_or_else(|e| {
+        if e.code() == ErrorCode::Storage {
+            tracing::error!(error = %e, "storage failure");
+        }
+        error(e.code(), e.to_string())
+    })
+}

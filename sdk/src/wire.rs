@@ -1,0 +1,247 @@
+//! The client wire protocol, shared by the SDK and the node.
+//!
+//! One request per bidirectional QUIC stream: the client writes one frame and finishes its
+//! send side; the node answers with one frame and finishes. A frame is a 4-byte big-endian
+//! length followed by that many bytes of postcard-encoded [`Request`] or [`Response`].
+//! The protocol version lives in the ALPN ([`ALPN_CLIENT_V1`]); a node refuses the handshake
+//! of a client that offers no version it speaks, so a frame is never misread by a node of
+//! another version.
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN of version 1 of the client protocol.
+pub const ALPN_CLIENT_V1: &[u8] = b"quiver-client/1";
+/// Protocol version number carried by [`ALPN_CLIENT_V1`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// TLS server name every node certificate carries; clients verify it against the cluster
+/// CA, so any node of the cluster is acceptable at any address.
+pub const NODE_SERVER_NAME: &str = "quiver-node";
+/// Bytes of the frame length prefix.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// How durable a write must be before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireDurability {
+    /// fsync (group-committed) before acknowledging.
+    Sync,
+    /// Acknowledge once the write is in the engine's memory; a crash may lose it.
+    Buffered,
+}
+
+/// Per-request options of a read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOptions {
+    /// Server-side deadline in milliseconds; the node's default when `None`.
+    pub timeout_ms: Option<u32>,
+}
+
+/// Per-request options of a write (put or delete).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOptions {
+    /// Server-side deadline in milliseconds; the node's default when `None`.
+    pub timeout_ms: Option<u32>,
+    /// Durability for this write; the node's configured default when `None`.
+    pub durability: Option<WireDurability>,
+}
+
+/// A client request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and identity check.
+    Ping,
+    /// Read every sibling of a key.
+    Get {
+        /// Bucket name (1 to 255 bytes of UTF-8).
+        bucket: String,
+        /// Key bytes (1 byte to 64 KiB).
+        key: Vec<u8>,
+        /// Options.
+        options: ReadOptions,
+    },
+    /// Write a value.
+    Put {
+        /// Bucket name.
+        bucket: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// Opaque context from an earlier get (empty for none).
+        context: Vec<u8>,
+        /// Value bytes.
+        value: Vec<u8>,
+        /// Options.
+        options: WriteOptions,
+    },
+    /// Write a tombstone.
+    Delete {
+        /// Bucket name.
+        bucket: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// Opaque context from an earlier get (empty for none).
+        context: Vec<u8>,
+        /// Options.
+        options: WriteOptions,
+    },
+}
+
+/// One sibling as sent to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSibling {
+    /// Value bytes (empty for a tombstone).
+    pub value: Vec<u8>,
+    /// True for a delete marker.
+    pub tombstone: bool,
+    /// Coordinator wall clock at write time, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The writing actor, rendered.
+    pub actor: String,
+}
+
+/// Typed error codes a node may answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame did not decode as a request.
+    MalformedRequest,
+    /// The frame's declared length exceeds the node's frame limit.
+    FrameTooLarge,
+    /// The key is empty.
+    EmptyKey,
+    /// The key exceeds the key limit.
+    KeyTooLarge,
+    /// The value exceeds the value limit.
+    ValueTooLarge,
+    /// The bucket name is empty, too long or not valid.
+    InvalidBucket,
+    /// The context bytes are not a context this cluster produced.
+    InvalidContext,
+    /// The key holds too many siblings; read it and write with its context to resolve them.
+    TooManySiblings,
+    /// The storage engine failed; the write was not acknowledged.
+    Storage,
+    /// The request's deadline passed.
+    Timeout,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// A bug in the node; the message says more.
+    Internal,
+}
+
+/// A typed error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Human-readable detail with context (node, bucket, key).
+    pub message: String,
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// The answering node's name.
+        node: String,
+        /// Its protocol version.
+        protocol: u32,
+    },
+    /// Answer to [`Request::Get`]; no siblings means the key was never written.
+    Get {
+        /// All siblings, tombstones included.
+        siblings: Vec<WireSibling>,
+        /// Opaque context covering every sibling.
+        context: Vec<u8>,
+    },
+    /// Answer to [`Request::Put`] and [`Request::Delete`].
+    Written {
+        /// Opaque context covering the client's context and this write.
+        context: Vec<u8>,
+    },
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The frame is shorter than its header or its declared length.
+    #[error("frame truncated: {0}")]
+    Truncated(String),
+    /// The declared length exceeds the limit.
+    #[error("frame of {declared} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Declared length.
+        declared: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The body is not valid postcard for the expected type.
+    #[error("frame body does not decode: {0}")]
+    Decode(String),
+}
+
+/// Encodes `msg` as one frame (length prefix + postcard body).
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    // Serialize after a zeroed header, then fill the header in: one allocation, no copy.
+    let mut out = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_BYTES])
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    let body_len = out.len() - FRAME_HEADER_BYTES;
+    let len = u32::try_from(body_len)
+        .map_err(|_| FrameError::TooLarge { declared: body_len, max: u32::MAX as usize })?;
+    out[..FRAME_HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
+/// Reads the declared body length from a frame header.
+pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> usize {
+    u32::from_be_bytes(header) as usize
+}
+
+/// Decodes a frame body (without its header).
+pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Decode(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+/// Decodes a whole frame (header and body), checking the declared length.
+pub fn decode_frame<'a, T: Deserialize<'a>>(frame: &'a [u8], max: usize) -> Result<T, FrameError> {
+    let Some((header, body)) = frame.split_first_chunk::<FRAME_HEADER_BYTES>() else {
+        return Err(FrameError::Truncated(format!("{} bytes, no header", frame.len())));
+    };
+    let declared = frame_len(*header);
+    if declared > max {
+        return Err(FrameError::TooLarge { declared, max });
+    }
+    if body.len() != declared {
+        return Err(FrameError::Truncated(format!(
+            "header declares {declared} bytes, {} arrived",
+            body.len()
+        )));
+    }
+    decode_body(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let req = Request::Put {
+            bucket: "b".into(),
+            key: b"k".to_vec(),
+            context: vec![],
+            value: vec![1, 2, 3],
+            options: WriteOptions { timeout_ms: Some(5), durability: Some(WireDurability::Sync) },
+        };
+        let frame = encode_frame(&req).expect("encodes");
+        assert_eq!(decode_frame::<Request>(&frame, 1 << 20).expect("decodes"), req);
+        assert!(matches!(decode_frame::<Request>(&frame, 2), Err(FrameError::TooLarge { .. })));
+        assert!(decode_frame::<Request>(&frame[..frame.len() - 1], 1 << 20).is_err());
+        assert!(decode_frame::<Request>(&[0, 0, 0, 2, 0xff, 0xff], 1 << 20).is_err());
+    }
+}
