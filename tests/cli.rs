@@ -13,18 +13,31 @@ fn quiver(node: &NodeProc, args: &[&str], stdin: Option<&[u8]>) -> Output {
     cmd.args(args)
         .env("QUIVER_CLUSTER", node.addr.to_string())
         .env("QUIVER_CA", node.data_dir.join("ca.pem"))
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn quiver");
     if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
     }
     child.wait_with_output().expect("quiver exits")
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "quiver failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "quiver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
 }
 
@@ -33,12 +46,32 @@ fn json_output_and_contexts_round_trip_through_the_cli() {
     let dir = tempfile::tempdir().expect("temp dir");
     let node = NodeProc::start(dir.path(), &[]);
 
-    let put = json(&quiver(&node, &["put", "b", "k", "hello", "--output", "json"], None));
+    let put = json(&quiver(
+        &node,
+        &["put", "b", "k", "hello", "--output", "json"],
+        None,
+    ));
     assert!(put["context"].as_str().is_some_and(|c| !c.is_empty()));
-    json(&quiver(&node, &["put", "b", "k", "-", "--output", "json"], Some(b"from stdin")));
+    json(&quiver(
+        &node,
+        &["put", "b", "k", "-", "--output", "json"],
+        Some(b"from stdin"),
+    ));
     let file = dir.path().join("value.bin");
     std::fs::write(&file, [0xffu8, 0x00, 0x80]).expect("write value file");
-    json(&quiver(&node, &["put", "b", "k", "--file", file.to_str().expect("utf-8 path"), "--output", "json"], None));
+    json(&quiver(
+        &node,
+        &[
+            "put",
+            "b",
+            "k",
+            "--file",
+            file.to_str().expect("utf-8 path"),
+            "--output",
+            "json",
+        ],
+        None,
+    ));
 
     let got = json(&quiver(&node, &["get", "b", "k", "--output", "json"], None));
     assert_eq!(got["found"], true);
@@ -47,7 +80,10 @@ fn json_output_and_contexts_round_trip_through_the_cli() {
     let texts: Vec<_> = siblings.iter().map(|s| s["value"].clone()).collect();
     assert!(texts.contains(&serde_json::json!("hello")));
     assert!(texts.contains(&serde_json::json!("from stdin")));
-    assert!(texts.contains(&serde_json::Value::Null), "binary value has no text form");
+    assert!(
+        texts.contains(&serde_json::Value::Null),
+        "binary value has no text form"
+    );
     assert!(siblings.iter().any(|s| s["value_base64"] == "/wCA"));
     for s in siblings {
         assert_eq!(s["tombstone"], false);
@@ -56,13 +92,30 @@ fn json_output_and_contexts_round_trip_through_the_cli() {
     }
 
     let ctx = got["context"].as_str().expect("context string").to_string();
-    json(&quiver(&node, &["put", "b", "k", "merged", "--context", &ctx, "--output", "json"], None));
+    json(&quiver(
+        &node,
+        &[
+            "put",
+            "b",
+            "k",
+            "merged",
+            "--context",
+            &ctx,
+            "--output",
+            "json",
+        ],
+        None,
+    ));
     let got = json(&quiver(&node, &["get", "b", "k", "--output", "json"], None));
     assert_eq!(got["siblings"].as_array().expect("array").len(), 1);
     assert_eq!(got["siblings"][0]["value"], "merged");
 
     let ctx = got["context"].as_str().expect("context").to_string();
-    json(&quiver(&node, &["delete", "b", "k", "--context", &ctx, "--output", "json"], None));
+    json(&quiver(
+        &node,
+        &["delete", "b", "k", "--context", &ctx, "--output", "json"],
+        None,
+    ));
     let got = json(&quiver(&node, &["get", "b", "k", "--output", "json"], None));
     assert_eq!(got["found"], false);
 
@@ -79,16 +132,29 @@ fn errors_are_one_line_with_a_nonzero_exit() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["put", "b", "", "v"], "EmptyKey"),
         (vec!["put", "b", "k", "v", "--context", "!!!"], "context"),
-        (vec!["put", "b", "k", "v", "--context", "AAAA"], "InvalidContext"),
+        (
+            vec!["put", "b", "k", "v", "--context", "AAAA"],
+            "InvalidContext",
+        ),
         (vec!["put", "b", "k"], "give a value"),
-        (vec!["get", "b", "k", "--ca", "/nonexistent/ca.pem"], "cannot read the cluster CA"),
+        (
+            vec!["get", "b", "k", "--ca", "/nonexistent/ca.pem"],
+            "cannot read the cluster CA",
+        ),
     ];
     for (args, needle) in cases {
         let out = quiver(&node, &args, None);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line, got {stderr:?}");
-        assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: one line, got {stderr:?}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} should mention {needle}"
+        );
     }
     // Server config errors are one line too.
     let out = Command::new(quiver_bin())

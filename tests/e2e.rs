@@ -32,9 +32,16 @@ async fn put_then_get_round_trips() {
     assert!(got.siblings[0].actor.starts_with("n1/"));
     assert!(got.siblings[0].timestamp_ms > 0);
     // Binary keys and values, and an empty value, are fine.
-    c.put("b", [0u8, 255, 1], vec![0u8; 3], None).await.expect("binary put");
-    assert_eq!(c.get("b", [0u8, 255, 1]).await.expect("get").values(), vec![&[0u8; 3][..]]);
-    c.put("b", "empty", Vec::new(), None).await.expect("empty value");
+    c.put("b", [0u8, 255, 1], vec![0u8; 3], None)
+        .await
+        .expect("binary put");
+    assert_eq!(
+        c.get("b", [0u8, 255, 1]).await.expect("get").values(),
+        vec![&[0u8; 3][..]]
+    );
+    c.put("b", "empty", Vec::new(), None)
+        .await
+        .expect("empty value");
     assert!(c.get("b", "empty").await.expect("get").found());
 }
 
@@ -45,25 +52,45 @@ async fn concurrent_puts_become_siblings_and_a_contextual_put_resolves_them() {
     let dir = tempdir();
     let node = NodeProc::start(dir.path(), &[]);
     let c = node.client().await;
-    c.put("carts", "alice", b"apple".to_vec(), None).await.expect("put 1");
-    c.put("carts", "alice", b"pear".to_vec(), None).await.expect("put 2");
+    c.put("carts", "alice", b"apple".to_vec(), None)
+        .await
+        .expect("put 1");
+    c.put("carts", "alice", b"pear".to_vec(), None)
+        .await
+        .expect("put 2");
     let read = c.get("carts", "alice").await.expect("get");
     let mut values = read.values();
     values.sort();
     assert_eq!(values, vec![&b"apple"[..], b"pear"]);
 
     // A write concurrent with the read's context survives the resolving write.
-    c.put("carts", "alice", b"plum".to_vec(), None).await.expect("put 3");
-    c.put("carts", "alice", b"apple+pear".to_vec(), Some(&read.context)).await.expect("resolve");
+    c.put("carts", "alice", b"plum".to_vec(), None)
+        .await
+        .expect("put 3");
+    c.put(
+        "carts",
+        "alice",
+        b"apple+pear".to_vec(),
+        Some(&read.context),
+    )
+    .await
+    .expect("resolve");
     let after = c.get("carts", "alice").await.expect("get");
     let mut values = after.values();
     values.sort();
     assert_eq!(values, vec![&b"apple+pear"[..], b"plum"]);
 
     // The context a put returns covers only what that client saw plus its own write.
-    let ctx = c.put("carts", "bob", b"x".to_vec(), None).await.expect("put");
-    c.put("carts", "bob", b"y".to_vec(), None).await.expect("concurrent put");
-    c.put("carts", "bob", b"x2".to_vec(), Some(&ctx)).await.expect("put with own ctx");
+    let ctx = c
+        .put("carts", "bob", b"x".to_vec(), None)
+        .await
+        .expect("put");
+    c.put("carts", "bob", b"y".to_vec(), None)
+        .await
+        .expect("concurrent put");
+    c.put("carts", "bob", b"x2".to_vec(), Some(&ctx))
+        .await
+        .expect("put with own ctx");
     let bob = c.get("carts", "bob").await.expect("get");
     let mut values = bob.values();
     values.sort();
@@ -77,13 +104,20 @@ async fn delete_then_get_is_not_found() {
     let c = node.client().await;
     c.put("b", "k", b"v".to_vec(), None).await.expect("put");
     let read = c.get("b", "k").await.expect("get");
-    c.delete("b", "k", Some(&read.context)).await.expect("delete");
+    c.delete("b", "k", Some(&read.context))
+        .await
+        .expect("delete");
     let gone = c.get("b", "k").await.expect("get");
     assert!(!gone.found());
     assert!(gone.siblings.iter().all(|s| s.tombstone));
     // A blind put after the delete brings the key back as a new value.
-    c.put("b", "k", b"again".to_vec(), Some(&gone.context)).await.expect("put again");
-    assert_eq!(c.get("b", "k").await.expect("get").values(), vec![&b"again"[..]]);
+    c.put("b", "k", b"again".to_vec(), Some(&gone.context))
+        .await
+        .expect("put again");
+    assert_eq!(
+        c.get("b", "k").await.expect("get").values(),
+        vec![&b"again"[..]]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,24 +127,39 @@ async fn restart_keeps_data_in_both_durability_modes() {
         let mut node = NodeProc::start(dir.path(), &["--durability", mode]);
         let c = node.client().await;
         for i in 0..50 {
-            c.put("b", format!("k{i}"), format!("v{i}").into_bytes(), None).await.expect("put");
+            c.put("b", format!("k{i}"), format!("v{i}").into_bytes(), None)
+                .await
+                .expect("put");
         }
         c.delete("b", "k0", None).await.expect("delete");
         c.clone().close().await;
-        assert!(node.terminate(), "graceful shutdown ({mode}) exits with success");
+        assert!(
+            node.terminate(),
+            "graceful shutdown ({mode}) exits with success"
+        );
 
         let node = NodeProc::start(dir.path(), &["--durability", mode]);
         let c = node.client().await;
         for i in 1..50 {
             let got = c.get("b", format!("k{i}")).await.expect("get");
-            assert_eq!(got.values(), vec![format!("v{i}").as_bytes()], "{mode}: key k{i}");
+            assert_eq!(
+                got.values(),
+                vec![format!("v{i}").as_bytes()],
+                "{mode}: key k{i}"
+            );
         }
         let k0 = c.get("b", "k0").await.expect("get k0");
         // The blind delete is concurrent with the put: both survive as siblings.
         assert_eq!(k0.siblings.len(), 2, "{mode}");
         // Writes after a restart use a fresh epoch: the next blind write is a new sibling.
-        c.put("b", "k1", b"after".to_vec(), None).await.expect("put after restart");
-        assert_eq!(c.get("b", "k1").await.expect("get").siblings.len(), 2, "{mode}");
+        c.put("b", "k1", b"after".to_vec(), None)
+            .await
+            .expect("put after restart");
+        assert_eq!(
+            c.get("b", "k1").await.expect("get").siblings.len(),
+            2,
+            "{mode}"
+        );
     }
 }
 
@@ -127,8 +176,12 @@ async fn sigkill_loses_no_acknowledged_write_in_sync_mode() {
     let reached = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        let (client, acked, count, reached) =
-            (client.clone(), acked.clone(), count.clone(), reached.clone());
+        let (client, acked, count, reached) = (
+            client.clone(),
+            acked.clone(),
+            count.clone(),
+            reached.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for i in 0.. {
                 let key = format!("w{w}-{i}");
@@ -163,12 +216,20 @@ async fn sigkill_loses_no_acknowledged_write_in_sync_mode() {
             missing.push(key.clone());
         }
     }
-    assert!(missing.is_empty(), "{} of {} acknowledged writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
 }
 
 fn code_of(r: Result<impl std::fmt::Debug, Error>) -> ErrorCode {
     match r {
-        Err(e) => e.code().unwrap_or_else(|| panic!("expected a typed server error, got {e}")),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("expected a typed server error, got {e}")),
         Ok(v) => panic!("expected an error, got {v:?}"),
     }
 }
@@ -185,37 +246,74 @@ async fn bad_inputs_get_typed_errors_and_the_node_keeps_serving() {
     let node = NodeProc::start(dir.path(), &["--value-bytes-max", "1024"]);
     let c = node.client().await;
     let bystander = node.client().await;
-    c.put("b", "k", b"precious".to_vec(), None).await.expect("put");
+    c.put("b", "k", b"precious".to_vec(), None)
+        .await
+        .expect("put");
 
-    assert_eq!(code_of(c.put("b", "", b"v".to_vec(), None).await), ErrorCode::EmptyKey);
+    assert_eq!(
+        code_of(c.put("b", "", b"v".to_vec(), None).await),
+        ErrorCode::EmptyKey
+    );
     assert_eq!(code_of(c.get("b", "").await), ErrorCode::EmptyKey);
     let big_key = vec![b'k'; quiver_core::limits::KEY_BYTES_MAX + 1];
-    assert_eq!(code_of(c.put("b", &big_key, b"v".to_vec(), None).await), ErrorCode::KeyTooLarge);
-    assert_eq!(code_of(c.put("b", "k", vec![0; 1025], None).await), ErrorCode::ValueTooLarge);
-    assert_eq!(code_of(c.put("", "k", b"v".to_vec(), None).await), ErrorCode::InvalidBucket);
-    assert_eq!(code_of(c.put(&"x".repeat(256), "k", b"v".to_vec(), None).await), ErrorCode::InvalidBucket);
-    for garbage in [vec![7u8, 1, 2, 3], vec![1, 0xff, 0xff, 0xff, 0xff], vec![1; 70_000]] {
+    assert_eq!(
+        code_of(c.put("b", &big_key, b"v".to_vec(), None).await),
+        ErrorCode::KeyTooLarge
+    );
+    assert_eq!(
+        code_of(c.put("b", "k", vec![0; 1025], None).await),
+        ErrorCode::ValueTooLarge
+    );
+    assert_eq!(
+        code_of(c.put("", "k", b"v".to_vec(), None).await),
+        ErrorCode::InvalidBucket
+    );
+    assert_eq!(
+        code_of(c.put(&"x".repeat(256), "k", b"v".to_vec(), None).await),
+        ErrorCode::InvalidBucket
+    );
+    for garbage in [
+        vec![7u8, 1, 2, 3],
+        vec![1, 0xff, 0xff, 0xff, 0xff],
+        vec![1; 70_000],
+    ] {
         let ctx = Context::from_bytes(garbage);
-        assert_eq!(code_of(c.put("b", "k", b"v".to_vec(), Some(&ctx)).await), ErrorCode::InvalidContext);
-        assert_eq!(code_of(c.delete("b", "k", Some(&ctx)).await), ErrorCode::InvalidContext);
+        assert_eq!(
+            code_of(c.put("b", "k", b"v".to_vec(), Some(&ctx)).await),
+            ErrorCode::InvalidContext
+        );
+        assert_eq!(
+            code_of(c.delete("b", "k", Some(&ctx)).await),
+            ErrorCode::InvalidContext
+        );
     }
     // A frame whose body is not a request.
     let garbage = [0u8, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0x99];
-    assert!(matches!(raw(&c, &garbage).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest));
+    assert!(
+        matches!(raw(&c, &garbage).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest)
+    );
     // A truncated frame: the header promises more than arrives.
-    assert!(matches!(raw(&c, &[0, 0, 0, 9, 1]).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest));
+    assert!(
+        matches!(raw(&c, &[0, 0, 0, 9, 1]).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest)
+    );
     // Less than a header.
-    assert!(matches!(raw(&c, &[0, 1]).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest));
+    assert!(
+        matches!(raw(&c, &[0, 1]).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest)
+    );
     // A frame that declares more than the limit is refused unread.
     let mut huge = vec![0xff, 0xff, 0xff, 0xf0];
     huge.extend_from_slice(&[0u8; 64]);
-    assert!(matches!(raw(&c, &huge).await, Response::Error(e) if e.code == ErrorCode::FrameTooLarge));
+    assert!(
+        matches!(raw(&c, &huge).await, Response::Error(e) if e.code == ErrorCode::FrameTooLarge)
+    );
     // A valid request with trailing junk in the body.
     let mut frame = wire::encode_frame(&Request::Ping).expect("encode");
     frame.push(0);
     let len = (frame.len() - 4) as u32;
     frame[..4].copy_from_slice(&len.to_be_bytes());
-    assert!(matches!(raw(&c, &frame).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest));
+    assert!(
+        matches!(raw(&c, &frame).await, Response::Error(e) if e.code == ErrorCode::MalformedRequest)
+    );
 
     // A client speaking an unknown protocol version is refused at the handshake, typed.
     let mut future = ClientConfig::new(node.ca_pem());
@@ -234,10 +332,22 @@ async fn bad_inputs_get_typed_errors_and_the_node_keeps_serving() {
     ));
 
     // After all that, the stored value is intact and both connections still work.
-    assert_eq!(c.get("b", "k").await.expect("get").values(), vec![&b"precious"[..]]);
-    assert_eq!(bystander.get("b", "k").await.expect("get").values(), vec![&b"precious"[..]]);
-    let opts = WriteOptions { timeout_ms: Some(5_000), durability: Some(quiver_sdk::Durability::Buffered) };
-    bystander.put_with("b", "k2", b"ok".to_vec(), None, &opts).await.expect("put still works");
+    assert_eq!(
+        c.get("b", "k").await.expect("get").values(),
+        vec![&b"precious"[..]]
+    );
+    assert_eq!(
+        bystander.get("b", "k").await.expect("get").values(),
+        vec![&b"precious"[..]]
+    );
+    let opts = WriteOptions {
+        timeout_ms: Some(5_000),
+        durability: Some(quiver_sdk::Durability::Buffered),
+    };
+    bystander
+        .put_with("b", "k2", b"ok".to_vec(), None, &opts)
+        .await
+        .expect("put still works");
 }
 
 // Garbage that is not even QUIC must not disturb the node.
@@ -250,5 +360,7 @@ async fn udp_garbage_is_ignored() {
         sock.send_to(&[i; 1200], node.addr).expect("send garbage");
     }
     let c = node.client().await;
-    c.put("b", "k", b"v".to_vec(), None).await.expect("put after garbage");
+    c.put("b", "k", b"v".to_vec(), None)
+        .await
+        .expect("put after garbage");
 }

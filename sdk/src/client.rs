@@ -17,9 +17,8 @@ use crate::wire::{
 /// TLS alert "no_application_protocol" (RFC 7301) as a QUIC crypto error code.
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 /// Largest reply the client accepts, in bytes: 100 siblings of 1 MiB plus headroom.
-const RESPONSE_BYTES_MAX_DEFAULT: usize = quiver_core::limits::response_frame_bytes_max(
-    quiver_core::limits::VALUE_BYTES_MAX_DEFAULT,
-);
+const RESPONSE_BYTES_MAX_DEFAULT: usize =
+    quiver_core::limits::response_frame_bytes_max(quiver_core::limits::VALUE_BYTES_MAX_DEFAULT);
 
 /// Errors of client calls.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +165,11 @@ impl GetResult {
     }
     /// The values of the non-tombstone siblings.
     pub fn values(&self) -> Vec<&[u8]> {
-        self.siblings.iter().filter(|s| !s.tombstone).map(|s| s.value.as_slice()).collect()
+        self.siblings
+            .iter()
+            .filter(|s| !s.tombstone)
+            .map(|s| s.value.as_slice())
+            .collect()
     }
 }
 
@@ -193,7 +196,11 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// Defaults: 10 s per request, the current protocol version.
     pub fn new(ca_pem: Vec<u8>) -> Self {
-        Self { ca_pem, request_timeout: Duration::from_secs(10), alpn: ALPN_CLIENT_V1.to_vec() }
+        Self {
+            ca_pem,
+            request_timeout: Duration::from_secs(10),
+            alpn: ALPN_CLIENT_V1.to_vec(),
+        }
     }
 }
 
@@ -209,7 +216,9 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -228,11 +237,16 @@ impl Client {
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| Error::Connect { addr: addr.to_string(), message: e.to_string() })?;
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
         let connecting = endpoint
             .connect_with(quic, sock, NODE_SERVER_NAME)
-            .map_err(|e| Error::Connect { addr: addr.to_string(), message: e.to_string() })?;
+            .map_err(|e| Error::Connect {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?;
         let conn = match tokio::time::timeout(config.request_timeout, connecting).await {
             Err(_) => {
                 return Err(Error::Timeout {
@@ -243,7 +257,12 @@ impl Client {
             Ok(Err(e)) => return Err(connect_error(addr, e)),
             Ok(Ok(c)) => c,
         };
-        Ok(Client { endpoint, conn, addr: addr.to_string(), timeout: config.request_timeout })
+        Ok(Client {
+            endpoint,
+            conn,
+            addr: addr.to_string(),
+            timeout: config.request_timeout,
+        })
     }
 
     /// The node address this client talks to.
@@ -307,7 +326,8 @@ impl Client {
         value: Vec<u8>,
         context: Option<&Context>,
     ) -> Result<Context, Error> {
-        self.put_with(bucket, key, value, context, &WriteOptions::default()).await
+        self.put_with(bucket, key, value, context, &WriteOptions::default())
+            .await
     }
 
     /// Writes a value.
@@ -336,7 +356,8 @@ impl Client {
         key: impl AsRef<[u8]>,
         context: Option<&Context>,
     ) -> Result<Context, Error> {
-        self.delete_with(bucket, key, context, &WriteOptions::default()).await
+        self.delete_with(bucket, key, context, &WriteOptions::default())
+            .await
     }
 
     /// Deletes a key.
@@ -385,8 +406,10 @@ impl Client {
 
     /// Sends one request on a fresh stream and reads its reply, within the deadline.
     async fn call(&self, req: &Request) -> Result<Response, Error> {
-        let frame = wire::encode_frame(req)
-            .map_err(|e| Error::Protocol { addr: self.addr.clone(), message: e.to_string() })?;
+        let frame = wire::encode_frame(req).map_err(|e| Error::Protocol {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        })?;
         match tokio::time::timeout(self.timeout, self.exchange(&frame)).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
@@ -399,18 +422,31 @@ impl Client {
     /// Writes a raw frame on a new stream and returns the decoded reply. Public for tools
     /// and tests that need to send frames the typed API would never produce.
     pub async fn exchange(&self, frame: &[u8]) -> Result<Response, Error> {
-        let conn_err = |message: String| Error::Connection { addr: self.addr.clone(), message };
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| conn_err(e.to_string()))?;
+        let conn_err = |message: String| Error::Connection {
+            addr: self.addr.clone(),
+            message,
+        };
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
         // A node that refuses an oversized frame stops reading and answers early; its reply
         // is still worth reading, so a failed write is only reported if no reply comes.
         let write_result = match send.write_all(frame).await {
             Ok(()) => send.finish().map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let reply = recv.read_to_end(FRAME_HEADER_BYTES + RESPONSE_BYTES_MAX_DEFAULT).await;
+        let reply = recv
+            .read_to_end(FRAME_HEADER_BYTES + RESPONSE_BYTES_MAX_DEFAULT)
+            .await;
         match (reply, write_result) {
-            (Ok(bytes), _) => wire::decode_frame(&bytes, RESPONSE_BYTES_MAX_DEFAULT)
-                .map_err(|e| Error::Protocol { addr: self.addr.clone(), message: e.to_string() }),
+            (Ok(bytes), _) => wire::decode_frame(&bytes, RESPONSE_BYTES_MAX_DEFAULT).map_err(|e| {
+                Error::Protocol {
+                    addr: self.addr.clone(),
+                    message: e.to_string(),
+                }
+            }),
             (Err(e), Ok(())) => Err(conn_err(e.to_string())),
             (Err(e), Err(w)) => Err(conn_err(format!("{w}; then {e}"))),
         }
@@ -430,7 +466,12 @@ fn connect_error(addr: &str, e: quinn::ConnectionError) -> Error {
     if let quinn::ConnectionError::ConnectionClosed(close) = &e
         && close.error_code == quinn::TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL)
     {
-        return Error::UnsupportedProtocol { addr: addr.to_string() };
+        return Error::UnsupportedProtocol {
+            addr: addr.to_string(),
+        };
     }
-    Error::Connect { addr: addr.to_string(), message: e.to_string() }
+    Error::Connect {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    }
 }

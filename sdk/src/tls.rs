@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +42,14 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::InvalidPem { what: what.to_string(), message: e.to_string() })?;
+        .map_err(|e| TlsError::InvalidPem {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { what: what.to_string() });
+        return Err(TlsError::NoCertificate {
+            what: what.to_string(),
+        });
     }
     Ok(certs)
 }
@@ -53,7 +58,9 @@ pub fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>
 pub fn client_config(ca_pem: &[u8], alpns: &[&[u8]]) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in parse_certs(ca_pem, "CA certificate")? {
-        roots.add(cert).map_err(|e| TlsError::Config(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

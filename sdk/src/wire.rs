@@ -186,8 +186,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_BYTES])
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     let body_len = out.len() - FRAME_HEADER_BYTES;
-    let len = u32::try_from(body_len)
-        .map_err(|_| FrameError::TooLarge { declared: body_len, max: u32::MAX as usize })?;
+    let len = u32::try_from(body_len).map_err(|_| FrameError::TooLarge {
+        declared: body_len,
+        max: u32::MAX as usize,
+    })?;
     out[..FRAME_HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
     Ok(out)
 }
@@ -210,7 +212,10 @@ pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameErr
 /// Decodes a whole frame (header and body), checking the declared length.
 pub fn decode_frame<'a, T: Deserialize<'a>>(frame: &'a [u8], max: usize) -> Result<T, FrameError> {
     let Some((header, body)) = frame.split_first_chunk::<FRAME_HEADER_BYTES>() else {
-        return Err(FrameError::Truncated(format!("{} bytes, no header", frame.len())));
+        return Err(FrameError::Truncated(format!(
+            "{} bytes, no header",
+            frame.len()
+        )));
     };
     let declared = frame_len(*header);
     if declared > max {
@@ -236,11 +241,20 @@ mod tests {
             key: b"k".to_vec(),
             context: vec![],
             value: vec![1, 2, 3],
-            options: WriteOptions { timeout_ms: Some(5), durability: Some(WireDurability::Sync) },
+            options: WriteOptions {
+                timeout_ms: Some(5),
+                durability: Some(WireDurability::Sync),
+            },
         };
         let frame = encode_frame(&req).expect("encodes");
-        assert_eq!(decode_frame::<Request>(&frame, 1 << 20).expect("decodes"), req);
-        assert!(matches!(decode_frame::<Request>(&frame, 2), Err(FrameError::TooLarge { .. })));
+        assert_eq!(
+            decode_frame::<Request>(&frame, 1 << 20).expect("decodes"),
+            req
+        );
+        assert!(matches!(
+            decode_frame::<Request>(&frame, 2),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert!(decode_frame::<Request>(&frame[..frame.len() - 1], 1 << 20).is_err());
         assert!(decode_frame::<Request>(&[0, 0, 0, 2, 0xff, 0xff], 1 << 20).is_err());
     }

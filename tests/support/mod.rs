@@ -43,7 +43,9 @@ impl NodeProc {
         let mut child = cmd.spawn().expect("spawn quiver server");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read readiness line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read readiness line");
         let addr = line
             .split_whitespace()
             .skip_while(|w| *w != "on")
@@ -54,7 +56,11 @@ impl NodeProc {
                 let status = child.wait();
                 panic!("node did not start: stdout {line:?}, status {status:?}")
             });
-        NodeProc { child: Some(child), addr, data_dir: data_dir.to_path_buf() }
+        NodeProc {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
     }
 
     /// PEM of the cluster CA this node created.
@@ -79,9 +85,14 @@ impl NodeProc {
 
     /// SIGTERM and wait for a graceful exit; returns true if it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return false };
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
         let pid = c.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
         assert!(sent.success(), "kill -TERM {pid} failed");
         c.wait().expect("wait for the node").success()
     }

@@ -219,7 +219,14 @@ impl Object {
             WriteOp::Put(v) => (v, false),
             WriteOp::Delete => (Vec::new(), true),
         };
-        let sibling = Sibling { dot, value, meta: SiblingMeta { timestamp_ms, tombstone } };
+        let sibling = Sibling {
+            dot,
+            value,
+            meta: SiblingMeta {
+                timestamp_ms,
+                tombstone,
+            },
+        };
         match self.siblings.binary_search_by(|s| s.dot.cmp(&sibling.dot)) {
             // Same dot twice means the caller broke the freshness rule; keep the result
             // deterministic rather than duplicating the dot.
@@ -241,7 +248,7 @@ impl Object {
             let b = other.siblings.get(j);
             match (a, b) {
                 (Some(x), Some(y)) if x.dot == y.dot => {
-                    let _ = y; siblings.push(x.clone());
+                    siblings.push(pick(x, y).clone());
                     i += 1;
                     j += 1;
                 }
@@ -275,12 +282,16 @@ impl Object {
     pub fn validate(&self) -> Result<(), CausalityError> {
         for pair in self.siblings.windows(2) {
             if pair[0].dot >= pair[1].dot {
-                return Err(CausalityError::InvalidObject("siblings not sorted by distinct dots"));
+                return Err(CausalityError::InvalidObject(
+                    "siblings not sorted by distinct dots",
+                ));
             }
         }
         if let Some(s) = self.siblings.iter().find(|s| !self.context.covers(&s.dot)) {
             let _ = s;
-            return Err(CausalityError::InvalidObject("context does not cover a sibling's dot"));
+            return Err(CausalityError::InvalidObject(
+                "context does not cover a sibling's dot",
+            ));
         }
         if self.siblings.iter().any(|s| s.dot.counter == 0) {
             return Err(CausalityError::InvalidObject("sibling with a zero counter"));
@@ -358,9 +369,18 @@ pub fn coordinate_write(
         Some(e) if epochs.is_trusted(e) => e,
         _ => epochs.fresh(),
     };
-    let actor = ActorId { node: me.node.clone(), incarnation: me.incarnation, epoch };
-    let dot = Dot { counter: record.object.context.get(&actor) + 1, actor };
-    record.object.apply_write(client_context, dot.clone(), op, timestamp_ms);
+    let actor = ActorId {
+        node: me.node.clone(),
+        incarnation: me.incarnation,
+        epoch,
+    };
+    let dot = Dot {
+        counter: record.object.context.get(&actor) + 1,
+        actor,
+    };
+    record
+        .object
+        .apply_write(client_context, dot.clone(), op, timestamp_ms);
     record.own_epoch = Some(epoch);
     (record, dot)
 }
@@ -401,12 +421,17 @@ pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, CausalityError> {
         )));
     }
     if format != CONTEXT_FORMAT_V1 {
-        return Err(CausalityError::InvalidContext(format!("unknown format tag {format}")));
+        return Err(CausalityError::InvalidContext(format!(
+            "unknown format tag {format}"
+        )));
     }
     let (mut vv, rest): (VersionVector, &[u8]) = postcard::take_from_bytes(body)
         .map_err(|e| CausalityError::InvalidContext(format!("undecodable: {e}")))?;
     if !rest.is_empty() {
-        return Err(CausalityError::InvalidContext(format!("{} trailing bytes", rest.len())));
+        return Err(CausalityError::InvalidContext(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     if vv.len() > CONTEXT_ACTORS_MAX {
         return Err(CausalityError::InvalidContext(format!(
@@ -437,15 +462,13 @@ mod tests {
     }
 
     fn me() -> Coordinator {
-        Coordinator { node: "n1".into(), incarnation: 7 }
+        Coordinator {
+            node: "n1".into(),
+            incarnation: 7,
+        }
     }
 
-    fn put(
-        rec: Option<LocalRecord>,
-        e: &mut Counter,
-        ctx: &VersionVector,
-        v: &str,
-    ) -> LocalRecord {
+    fn put(rec: Option<LocalRecord>, e: &mut Counter, ctx: &VersionVector, v: &str) -> LocalRecord {
         coordinate_write(rec, &me(), e, ctx, WriteOp::Put(v.into()), 1).0
     }
 
@@ -456,7 +479,10 @@ mod tests {
     // Dynamo §4.4: writes without a context are concurrent and both survive.
     #[test]
     fn blind_writes_become_siblings_and_a_covering_write_replaces_them() {
-        let mut e = Counter { next: 1, trusted_from: 1 };
+        let mut e = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
         let empty = VersionVector::new();
         let r = put(None, &mut e, &empty, "a");
         let r = put(Some(r), &mut e, &empty, "b");
@@ -468,7 +494,10 @@ mod tests {
 
     #[test]
     fn delete_leaves_a_tombstone_and_not_found() {
-        let mut e = Counter { next: 1, trusted_from: 1 };
+        let mut e = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
         let r = put(None, &mut e, &VersionVector::new(), "a");
         let ctx = r.object.context().clone();
         let (r, _) = coordinate_write(Some(r), &me(), &mut e, &ctx, WriteOp::Delete, 2);
@@ -480,9 +509,13 @@ mod tests {
     // riak_kv#679: a node that lost its copy must not reissue a dot.
     #[test]
     fn amnesia_takes_a_fresh_epoch() {
-        let mut e = Counter { next: 1, trusted_from: 1 };
+        let mut e = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
         let empty = VersionVector::new();
-        let (r1, d1) = coordinate_write(None, &me(), &mut e, &empty, WriteOp::Put(b"x".to_vec()), 1);
+        let (r1, d1) =
+            coordinate_write(None, &me(), &mut e, &empty, WriteOp::Put(b"x".to_vec()), 1);
         // The copy is lost; the next write on the same node starts from nothing.
         let (_, d2) = coordinate_write(None, &me(), &mut e, &empty, WriteOp::Put(b"y".to_vec()), 2);
         assert_ne!(d1, d2);
@@ -498,7 +531,10 @@ mod tests {
 
     #[test]
     fn contexts_round_trip_and_garbage_is_rejected() {
-        let mut e = Counter { next: 1, trusted_from: 1 };
+        let mut e = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
         let r = put(None, &mut e, &VersionVector::new(), "a");
         let bytes = encode_context(r.object.context());
         assert_eq!(&decode_context(&bytes).expect("valid"), r.object.context());

@@ -47,7 +47,10 @@ impl WriteBatch {
     }
     /// Adds a put.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(BatchOp::Put { key: key.into(), value: value.into() });
+        self.ops.push(BatchOp::Put {
+            key: key.into(),
+            value: value.into(),
+        });
         self
     }
     /// Adds a delete.
@@ -77,7 +80,9 @@ pub enum StorageError {
     },
     /// A previous sync failed; the engine refuses writes until it is reopened, because it can
     /// no longer tell which acknowledged data is on disk.
-    #[error("storage engine {engine} is poisoned after a failed sync ({cause}); restart the node to recover")]
+    #[error(
+        "storage engine {engine} is poisoned after a failed sync ({cause}); restart the node to recover"
+    )]
     Poisoned {
         /// Engine name.
         engine: String,
@@ -102,6 +107,9 @@ pub enum StorageError {
     },
 }
 
+/// Key-value pairs as returned by a scan, in ascending key order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An ordered, batch-atomic byte map. See the module docs for the contract.
 pub trait StorageEngine: Send + Sync + fmt::Debug + 'static {
     /// Short engine name for errors and metrics ("fjall", "memory", ...).
@@ -114,12 +122,8 @@ pub trait StorageEngine: Send + Sync + fmt::Debug + 'static {
     fn sync(&self) -> Result<(), StorageError>;
     /// Pairs with `start <= key < end` (no upper bound when `end` is `None`) in ascending
     /// key order, at most `limit` of them.
-    fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize)
+    -> Result<KvPairs, StorageError>;
 }
 
 /// The key layout the node uses on top of an engine.

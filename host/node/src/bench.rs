@@ -3,6 +3,12 @@
 //! Each of `--clients` tasks issues one request at a time for `--duration` seconds over a
 //! pool of `--connections` QUIC connections; latencies go to per-task HDR histograms that are
 //! merged at the end. Read and mixed workloads first load every key once, so reads hit.
+//!
+//! Puts behave like an application that keeps the causal context it last saw for a key: a
+//! shared cache holds the context returned by the latest get or put of each key, and a put
+//! sends it. Blind puts would pile up siblings on every key (each is concurrent with the
+//! last); with the cache, siblings only come from racing writers, and a put refused with
+//! `TooManySiblings` is resolved the way a client would: get, then put with that context.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use quiver_sdk::{Client, WriteOptions};
+use quiver_sdk::{Client, Context, ErrorCode, WriteOptions};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution as _, Zipf};
 use serde_json::json;
@@ -99,6 +105,79 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).context("cannot create a latency histogram")
 }
 
+/// Shards of the context cache, to keep lock contention between clients low.
+const CONTEXT_CACHE_SHARDS: usize = 64;
+
+/// The latest context seen per key index.
+struct ContextCache {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<u64, Context>>>,
+}
+
+impl ContextCache {
+    fn new() -> Self {
+        Self {
+            shards: (0..CONTEXT_CACHE_SHARDS)
+                .map(|_| Default::default())
+                .collect(),
+        }
+    }
+    fn shard(&self, k: u64) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Context>> {
+        // Only this module's closures hold the lock and none of them panics while holding it.
+        self.shards[(k as usize) % CONTEXT_CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+    fn get(&self, k: u64) -> Option<Context> {
+        self.shard(k).get(&k).cloned()
+    }
+    fn set(&self, k: u64, c: Context) {
+        self.shard(k).insert(k, c);
+    }
+}
+
+/// One put as the bench's model application does it (see the module docs).
+async fn put_with_cache(
+    client: &Client,
+    cache: &ContextCache,
+    bucket: &str,
+    k: u64,
+    value: &[u8],
+    options: &WriteOptions,
+) -> Result<(), quiver_sdk::Error> {
+    let key = key_name(k);
+    let ctx = cache.get(k);
+    match client
+        .put_with(
+            bucket,
+            key.as_bytes(),
+            value.to_vec(),
+            ctx.as_ref(),
+            options,
+        )
+        .await
+    {
+        Ok(c) => {
+            cache.set(k, c);
+            Ok(())
+        }
+        Err(e) if e.code() == Some(ErrorCode::TooManySiblings) => {
+            let read = client.get(bucket, key.as_bytes()).await?;
+            let c = client
+                .put_with(
+                    bucket,
+                    key.as_bytes(),
+                    value.to_vec(),
+                    Some(&read.context),
+                    options,
+                )
+                .await?;
+            cache.set(k, c);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn key_name(i: u64) -> String {
     format!("key{i:012}")
 }
@@ -109,7 +188,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--clients, --connections, --keys and --duration must all be at least 1");
     }
     if args.value_size > quiver_core::limits::VALUE_BYTES_MAX_DEFAULT {
-        bail!("--value-size {} exceeds the default 1 MiB value limit", args.value_size);
+        bail!(
+            "--value-size {} exceeds the default 1 MiB value limit",
+            args.value_size
+        );
     }
     let mut pool = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -133,40 +215,59 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let bucket: Arc<str> = Arc::from(args.bucket.as_str());
     let value: Arc<[u8]> = Arc::from(value);
+    let cache = Arc::new(ContextCache::new());
     let mut tasks = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let client = pool[i % pool.len()].clone();
         let bucket = Arc::clone(&bucket);
         let value = Arc::clone(&value);
         let options = options.clone();
+        let cache = Arc::clone(&cache);
         let (workload, distribution, keys) = (args.workload, args.distribution, args.keys);
-        let mut rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        let mut rng =
+            SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
         tasks.push(tokio::spawn(async move {
-            let mut out = TaskResult { gets: histogram()?, puts: histogram()?, errors: 0, first_error: None };
+            let mut out = TaskResult {
+                gets: histogram()?,
+                puts: histogram()?,
+                errors: 0,
+                first_error: None,
+            };
             while Instant::now() < deadline {
                 let k = match distribution {
                     KeyDistribution::Uniform => rng.random_range(0..keys),
                     // Zipf samples 1..=n as floats.
-                    KeyDistribution::Zipfian => (zipf.sample(&mut rng) as u64).saturating_sub(1).min(keys - 1),
+                    KeyDistribution::Zipfian => (zipf.sample(&mut rng) as u64)
+                        .saturating_sub(1)
+                        .min(keys - 1),
                 };
                 let op = match workload {
                     Workload::Write => Op::Put,
                     Workload::Read => Op::Get,
-                    Workload::Mixed => if rng.random_bool(0.5) { Op::Get } else { Op::Put },
+                    Workload::Mixed => {
+                        if rng.random_bool(0.5) {
+                            Op::Get
+                        } else {
+                            Op::Put
+                        }
+                    }
                 };
-                let key = key_name(k);
                 let t0 = Instant::now();
                 let result = match op {
-                    Op::Get => client.get(&bucket, key.as_bytes()).await.map(|_| ()),
-                    Op::Put => client
-                        .put_with(&bucket, key.as_bytes(), value.to_vec(), None, &options)
+                    Op::Get => client
+                        .get(&bucket, key_name(k).as_bytes())
                         .await
-                        .map(|_| ()),
+                        .map(|r| cache.set(k, r.context)),
+                    Op::Put => put_with_cache(&client, &cache, &bucket, k, &value, &options).await,
                 };
                 let us = (t0.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX);
                 match result {
                     Ok(()) => {
-                        let h = if op == Op::Get { &mut out.gets } else { &mut out.puts };
+                        let h = if op == Op::Get {
+                            &mut out.gets
+                        } else {
+                            &mut out.puts
+                        };
                         h.saturating_record(us);
                     }
                     Err(e) => {
@@ -195,7 +296,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut all = histogram()?;
     all.add(&gets).context("merging histograms")?;
     all.add(&puts).context("merging histograms")?;
-    report(&args, elapsed, &all, &gets, &puts, errors, first_error.as_deref());
+    report(
+        &args,
+        elapsed,
+        &all,
+        &gets,
+        &puts,
+        errors,
+        first_error.as_deref(),
+    );
     for c in pool {
         c.close().await;
     }
@@ -216,8 +325,12 @@ async fn preload(
     for i in 0..PRELOAD_CONCURRENCY.min(args.keys as usize) {
         let client = pool[i % pool.len()].clone();
         let next = Arc::clone(&next);
-        let (bucket, value, options, keys) =
-            (args.bucket.clone(), value.to_vec(), options.clone(), args.keys);
+        let (bucket, value, options, keys) = (
+            args.bucket.clone(),
+            value.to_vec(),
+            options.clone(),
+            args.keys,
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -225,7 +338,13 @@ async fn preload(
                     return anyhow::Ok(());
                 }
                 client
-                    .put_with(&bucket, key_name(k).as_bytes(), value.clone(), None, &options)
+                    .put_with(
+                        &bucket,
+                        key_name(k).as_bytes(),
+                        value.clone(),
+                        None,
+                        &options,
+                    )
                     .await
                     .with_context(|| format!("preloading {}", key_name(k)))?;
             }

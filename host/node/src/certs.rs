@@ -90,11 +90,17 @@ pub struct NodeIdentity {
 }
 
 fn gen_err(what: &'static str) -> impl Fn(rcgen::Error) -> CertError {
-    move |e| CertError::Generate { what, message: e.to_string() }
+    move |e| CertError::Generate {
+        what,
+        message: e.to_string(),
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io { path: path.to_path_buf(), source }
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn ca_params() -> Result<CertificateParams, CertError> {
@@ -133,7 +139,9 @@ pub fn ensure_ca(dir: &Path) -> Result<bool, CertError> {
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let key = KeyPair::generate().map_err(gen_err("CA key"))?;
-    let cert = ca_params()?.self_signed(&key).map_err(gen_err("CA certificate"))?;
+    let cert = ca_params()?
+        .self_signed(&key)
+        .map_err(gen_err("CA certificate"))?;
     write_file(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&paths.ca_cert, cert.pem().as_bytes(), 0o644)?;
     Ok(true)
@@ -165,7 +173,9 @@ pub fn issue_node_cert(
     dn.push(DnType::CommonName, node_id);
     params.distinguished_name = dn;
     let key = KeyPair::generate().map_err(gen_err("node key"))?;
-    let cert = params.signed_by(&key, &issuer).map_err(gen_err("node certificate"))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(gen_err("node certificate"))?;
 
     let out = CertPaths::in_dir(out_dir);
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;

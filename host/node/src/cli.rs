@@ -108,10 +108,20 @@ pub enum Output {
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Node address(es) to contact, comma-separated; the first that answers is used.
-    #[arg(long, env = "QUIVER_CLUSTER", value_name = "ADDR", default_value = "127.0.0.1:7470")]
+    #[arg(
+        long,
+        env = "QUIVER_CLUSTER",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7470"
+    )]
     pub cluster: String,
     /// The cluster CA certificate (DATA_DIR/ca.pem of a node).
-    #[arg(long, env = "QUIVER_CA", value_name = "FILE", default_value = "quiver-data/ca.pem")]
+    #[arg(
+        long,
+        env = "QUIVER_CA",
+        value_name = "FILE",
+        default_value = "quiver-data/ca.pem"
+    )]
     pub ca: PathBuf,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
@@ -133,7 +143,12 @@ impl ClientArgs {
         let mut config = ClientConfig::new(ca_pem);
         config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
         let mut last = None;
-        for addr in self.cluster.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        for addr in self
+            .cluster
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
             match Client::connect(addr, config.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
@@ -207,8 +222,11 @@ fn wire_durability(d: Option<Durability>) -> Option<WireDurability> {
 }
 
 fn parse_context(ctx: Option<&str>) -> anyhow::Result<Option<Context>> {
-    ctx.map(|c| c.parse::<Context>().context("--context is not a context printed by quiver"))
-        .transpose()
+    ctx.map(|c| {
+        c.parse::<Context>()
+            .context("--context is not a context printed by quiver")
+    })
+    .transpose()
 }
 
 /// Runs `quiver get`.
@@ -254,8 +272,11 @@ fn print_get(result: &GetResult, output: Output) {
             } else {
                 println!("{} siblings:", result.siblings.len());
                 for (i, s) in result.siblings.iter().enumerate() {
-                    let shown =
-                        if s.tombstone { "(deleted)".to_string() } else { render_value(&s.value) };
+                    let shown = if s.tombstone {
+                        "(deleted)".to_string()
+                    } else {
+                        render_value(&s.value)
+                    };
                     println!(
                         "  [{}] {shown}    (actor {}, timestamp_ms {})",
                         i + 1,
@@ -272,7 +293,11 @@ fn print_get(result: &GetResult, output: Output) {
 fn render_value(v: &[u8]) -> String {
     match std::str::from_utf8(v) {
         Ok(s) => s.to_string(),
-        Err(_) => format!("<{} bytes of binary, base64 {}>", v.len(), STANDARD.encode(v)),
+        Err(_) => format!(
+            "<{} bytes of binary, base64 {}>",
+            v.len(),
+            STANDARD.encode(v)
+        ),
     }
 }
 
@@ -281,7 +306,9 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let value = match (&args.value, &args.file) {
         (Some(v), None) if v == "-" => {
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("cannot read the value from stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read the value from stdin")?;
             buf
         }
         (Some(v), None) => v.as_bytes().to_vec(),
@@ -292,9 +319,18 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     };
     let context = parse_context(args.context.as_deref())?;
     let client = args.client.connect().await?;
-    let options = WriteOptions { timeout_ms: None, durability: wire_durability(args.durability) };
+    let options = WriteOptions {
+        timeout_ms: None,
+        durability: wire_durability(args.durability),
+    };
     let ctx = client
-        .put_with(&args.bucket, args.key.as_bytes(), value, context.as_ref(), &options)
+        .put_with(
+            &args.bucket,
+            args.key.as_bytes(),
+            value,
+            context.as_ref(),
+            &options,
+        )
         .await
         .with_context(|| format!("put {}/{}", args.bucket, args.key))?;
     print_written(&ctx, args.client.output);
@@ -306,9 +342,17 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let context = parse_context(args.context.as_deref())?;
     let client = args.client.connect().await?;
-    let options = WriteOptions { timeout_ms: None, durability: wire_durability(args.durability) };
+    let options = WriteOptions {
+        timeout_ms: None,
+        durability: wire_durability(args.durability),
+    };
     let ctx = client
-        .delete_with(&args.bucket, args.key.as_bytes(), context.as_ref(), &options)
+        .delete_with(
+            &args.bucket,
+            args.key.as_bytes(),
+            context.as_ref(),
+            &options,
+        )
         .await
         .with_context(|| format!("delete {}/{}", args.bucket, args.key))?;
     print_written(&ctx, args.client.output);

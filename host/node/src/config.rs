@@ -72,10 +72,14 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a TOML config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Overlays `flags` on `self`: every option set in `flags` wins.
@@ -103,10 +107,14 @@ impl FileConfig {
                 message: format!("{e}"),
             })?,
         };
-        let node_id = self.node_id.unwrap_or_else(|| format!("node-{}", listen.port()));
+        let node_id = self
+            .node_id
+            .unwrap_or_else(|| format!("node-{}", listen.port()));
         if node_id.is_empty()
             || node_id.len() > 64
-            || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(ConfigError::Invalid {
                 name: "node_id",
@@ -115,8 +123,9 @@ impl FileConfig {
                 ),
             });
         }
-        let value_bytes_max =
-            self.value_bytes_max.unwrap_or(quiver_core::limits::VALUE_BYTES_MAX_DEFAULT);
+        let value_bytes_max = self
+            .value_bytes_max
+            .unwrap_or(quiver_core::limits::VALUE_BYTES_MAX_DEFAULT);
         if value_bytes_max == 0 || value_bytes_max > 64 * 1024 * 1024 {
             return Err(ConfigError::Invalid {
                 name: "value_bytes_max",
@@ -132,7 +141,9 @@ impl FileConfig {
                 message: format!("{streams}: must be between 1 and 65536"),
             });
         }
-        let timeout = self.request_timeout_ms.unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
+        let timeout = self
+            .request_timeout_ms
+            .unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
         if timeout == 0 || timeout > REQUEST_TIMEOUT_MS_MAX {
             return Err(ConfigError::Invalid {
                 name: "request_timeout_ms",
@@ -140,7 +151,9 @@ impl FileConfig {
             });
         }
         Ok(NodeConfig {
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
             listen,
             node_id,
             durability: self.durability.unwrap_or_default(),
@@ -182,7 +195,10 @@ mod tests {
         let file: FileConfig =
             toml::from_str("listen = \"127.0.0.1:9000\"\ndurability = \"buffered\"\n")
                 .expect("valid toml");
-        let flags = FileConfig { durability: Some(Durability::Sync), ..Default::default() };
+        let flags = FileConfig {
+            durability: Some(Durability::Sync),
+            ..Default::default()
+        };
         let cfg = file.overlay(flags).resolve().expect("valid");
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.durability, Durability::Sync);
@@ -193,9 +209,21 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_clear_errors() {
         assert!(toml::from_str::<FileConfig>("listen_addr = \"x\"").is_err());
-        let bad = FileConfig { node_id: Some("a b".into()), ..Default::default() };
-        assert!(matches!(bad.resolve(), Err(ConfigError::Invalid { name: "node_id", .. })));
-        let bad = FileConfig { value_bytes_max: Some(0), ..Default::default() };
+        let bad = FileConfig {
+            node_id: Some("a b".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.resolve(),
+            Err(ConfigError::Invalid {
+                name: "node_id",
+                ..
+            })
+        ));
+        let bad = FileConfig {
+            value_bytes_max: Some(0),
+            ..Default::default()
+        };
         assert!(bad.resolve().is_err());
     }
 }

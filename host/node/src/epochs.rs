@@ -52,7 +52,10 @@ fn read_u64(store: &Store, name: &'static str) -> Result<Option<u64>, EpochError
             let arr: [u8; 8] = bytes
                 .as_slice()
                 .try_into()
-                .map_err(|_| EpochError::Corrupt { name, len: bytes.len() })?;
+                .map_err(|_| EpochError::Corrupt {
+                    name,
+                    len: bytes.len(),
+                })?;
             Ok(Some(u64::from_be_bytes(arr)))
         }
     }
@@ -72,14 +75,22 @@ impl BootEpochs {
         let incarnation = match incarnation {
             Some(i) => i,
             None => {
-                batch.put(keys::meta_key("incarnation"), fresh_incarnation.to_be_bytes().to_vec());
+                batch.put(
+                    keys::meta_key("incarnation"),
+                    fresh_incarnation.to_be_bytes().to_vec(),
+                );
                 fresh_incarnation
             }
         };
         batch.put(keys::meta_key("boot"), boot.to_be_bytes().to_vec());
         store.write(batch, Durability::Sync).await?;
         let next = boot << EPOCH_BITS_PER_BOOT;
-        Ok(BootEpochs { incarnation, boot, next, end: next + (1 << EPOCH_BITS_PER_BOOT) })
+        Ok(BootEpochs {
+            incarnation,
+            boot,
+            next,
+            end: next + (1 << EPOCH_BITS_PER_BOOT),
+        })
     }
 
     /// The data directory's incarnation.

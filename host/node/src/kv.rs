@@ -54,8 +54,8 @@ pub enum KvError {
         bucket: String,
         /// Key, rendered.
         key: String,
-        /// Engine error.
-        source: StorageError,
+        /// Engine error (boxed: it is large and errors are the rare path).
+        source: Box<StorageError>,
     },
     /// The node's epoch space for this boot ran out; a restart starts a new one.
     #[error("node {node}: actor epochs of this boot are exhausted; restart the node")]
@@ -80,7 +80,11 @@ impl KvError {
 pub fn render_key(key: &[u8]) -> String {
     const SHOWN_BYTES_MAX: usize = 64;
     let shown = &key[..key.len().min(SHOWN_BYTES_MAX)];
-    let suffix = if key.len() > SHOWN_BYTES_MAX { "…" } else { "" };
+    let suffix = if key.len() > SHOWN_BYTES_MAX {
+        "…"
+    } else {
+        ""
+    };
     match std::str::from_utf8(shown) {
         Ok(s) if !s.chars().any(char::is_control) => format!("{s:?}{suffix}"),
         _ => {
@@ -120,9 +124,18 @@ pub struct KvService {
 impl KvService {
     /// Builds the service over a store whose boot has started.
     pub fn new(node: String, store: Store, epochs: BootEpochs, value_bytes_max: usize) -> Self {
-        let me = Coordinator { node, incarnation: epochs.incarnation() };
+        let me = Coordinator {
+            node,
+            incarnation: epochs.incarnation(),
+        };
         let locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        KvService { me, store, epochs: Mutex::new(epochs), locks, value_bytes_max }
+        KvService {
+            me,
+            store,
+            epochs: Mutex::new(epochs),
+            locks,
+            value_bytes_max,
+        }
     }
 
     /// Node name.
@@ -138,7 +151,10 @@ impl KvService {
     /// Reads a key's replicated state (empty object when never written).
     pub fn get(&self, bucket: &str, key: &[u8]) -> Result<Object, KvError> {
         let dkey = self.validate(bucket, key)?;
-        Ok(self.read_record(bucket, key, &dkey)?.map(|r| r.object).unwrap_or_default())
+        Ok(self
+            .read_record(bucket, key, &dkey)?
+            .map(|r| r.object)
+            .unwrap_or_default())
     }
 
     /// Coordinates a put or delete. Returns the context of the new version: the client's
@@ -179,7 +195,9 @@ impl KvService {
                     .and_then(|r| r.own_epoch)
                     .is_some_and(|e| quiver_core::causality::EpochSource::is_trusted(&*epochs, e));
                 if !trusted && !epochs.has_capacity() {
-                    return Err(KvError::EpochsExhausted { node: self.me.node.clone() });
+                    return Err(KvError::EpochsExhausted {
+                        node: self.me.node.clone(),
+                    });
                 }
                 coordinate_write(
                     local,
@@ -201,7 +219,9 @@ impl KvService {
             }
             let mut batch = WriteBatch::new();
             batch.put(dkey, encode_record(&record));
-            self.store.apply(&batch).map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+            self.store
+                .apply(&batch)
+                .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
             reply.add(&dot);
         }
         if args.durability == Durability::Sync {
@@ -214,7 +234,9 @@ impl KvService {
     }
 
     fn validate(&self, bucket: &str, key: &[u8]) -> Result<Vec<u8>, KvError> {
-        if bucket.is_empty() || bucket.len() > BUCKET_BYTES_MAX || bucket.chars().any(char::is_control)
+        if bucket.is_empty()
+            || bucket.len() > BUCKET_BYTES_MAX
+            || bucket.chars().any(char::is_control)
         {
             return Err(KvError::Invalid {
                 code: ErrorCode::InvalidBucket,
@@ -251,23 +273,24 @@ impl KvService {
         key: &[u8],
         dkey: &[u8],
     ) -> Result<Option<LocalRecord>, KvError> {
-        let Some(bytes) = self.store.get(dkey).map_err(|e| self.storage_err(bucket, key, e))?
+        let Some(bytes) = self
+            .store
+            .get(dkey)
+            .map_err(|e| self.storage_err(bucket, key, e))?
         else {
             return Ok(None);
         };
-        decode_record(&bytes)
-            .map(Some)
-            .map_err(|message| {
-                self.storage_err(
-                    bucket,
-                    key,
-                    StorageError::Corrupt {
-                        engine: self.store.engine_name().to_string(),
-                        key_hex: render_key(dkey),
-                        message,
-                    },
-                )
-            })
+        decode_record(&bytes).map(Some).map_err(|message| {
+            self.storage_err(
+                bucket,
+                key,
+                StorageError::Corrupt {
+                    engine: self.store.engine_name().to_string(),
+                    key_hex: render_key(dkey),
+                    message,
+                },
+            )
+        })
     }
 
     fn storage_err(&self, bucket: &str, key: &[u8], source: StorageError) -> KvError {
@@ -275,7 +298,7 @@ impl KvService {
             node: self.me.node.clone(),
             bucket: bucket.to_string(),
             key: render_key(key),
-            source,
+            source: Box::new(source),
         }
     }
 }

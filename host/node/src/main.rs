@@ -12,7 +12,10 @@ use quiver_node::server::Node;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Server(_)));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -33,7 +36,10 @@ fn init_logging(server: bool) {
     let default = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -51,7 +57,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let addr = node.local_addr().context("cannot read the bound address")?;
             tracing::info!(node = %config.node_id, %addr, ca = %ca_path.display(), "listening");
             // Machine-readable readiness line for scripts and tests.
-            println!("quiver node {} listening on {addr} (ca {})", config.node_id, ca_path.display());
+            println!(
+                "quiver node {} listening on {addr} (ca {})",
+                config.node_id,
+                ca_path.display()
+            );
             node.serve(shutdown_signal()).await?;
             Ok(())
         }

@@ -72,7 +72,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,9 +107,17 @@ impl Node {
             config.value_bytes_max,
         ));
         let server_config = server_config(&identity, config.streams_per_connection_max)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-        Ok(Node { endpoint, kv, config })
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        Ok(Node {
+            endpoint,
+            kv,
+            config,
+        })
     }
 
     /// The address the endpoint is bound to (useful with port 0).
@@ -148,7 +158,10 @@ impl Node {
         }
         tracing::info!(node = %self.config.node_id, "shutting down: draining requests in flight");
         self.endpoint.set_server_config(None);
-        if tokio::time::timeout(SHUTDOWN_DRAIN_MAX, inflight.drained()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_DRAIN_MAX, inflight.drained())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = inflight.count.load(Ordering::Relaxed),
                 "requests still in flight after the drain limit"
@@ -157,7 +170,8 @@ impl Node {
         if let Err(e) = self.kv.store().flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
-        self.endpoint.close(CLOSE_SHUTTING_DOWN.into(), b"node shutting down");
+        self.endpoint
+            .close(CLOSE_SHUTTING_DOWN.into(), b"node shutting down");
         self.endpoint.wait_idle().await;
         tracing::info!(node = %self.config.node_id, "stopped");
         Ok(())
@@ -271,7 +285,11 @@ async fn serve_stream(
                 Ok(r) => r,
                 Err(_) => error(
                     ErrorCode::Timeout,
-                    format!("node {}: no answer within {} ms", kv.node(), timeout.as_millis()),
+                    format!(
+                        "node {}: no answer within {} ms",
+                        kv.node(),
+                        timeout.as_millis()
+                    ),
                 ),
             }
         }
@@ -299,7 +317,10 @@ fn error(code: ErrorCode, message: String) -> Response {
 async fn read_request(recv: &mut quinn::RecvStream, max: usize) -> Result<Request, Response> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| {
-        error(ErrorCode::MalformedRequest, format!("frame header could not be read: {e}"))
+        error(
+            ErrorCode::MalformedRequest,
+            format!("frame header could not be read: {e}"),
+        )
     })?;
     let len = wire::frame_len(header);
     if len > max {
@@ -326,11 +347,16 @@ fn request_timeout(request: &Request) -> Option<Duration> {
         Request::Get { options, .. } => options.timeout_ms,
         Request::Put { options, .. } | Request::Delete { options, .. } => options.timeout_ms,
     }?;
-    Some(Duration::from_millis(u64::from(ms.clamp(1, crate::config::REQUEST_TIMEOUT_MS_MAX))))
+    Some(Duration::from_millis(u64::from(
+        ms.clamp(1, crate::config::REQUEST_TIMEOUT_MS_MAX),
+    )))
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn durability(kv: &KvService, wire: Option<WireDurability>) -> Durability {
@@ -344,7 +370,10 @@ fn durability(kv: &KvService, wire: Option<WireDurability>) -> Durability {
 async fn dispatch(kv: &KvService, request: Request) -> Response {
     let result = match request {
         Request::Ping => {
-            return Response::Pong { node: kv.node().to_string(), protocol: PROTOCOL_VERSION };
+            return Response::Pong {
+                node: kv.node().to_string(),
+                protocol: PROTOCOL_VERSION,
+            };
         }
         Request::Get { bucket, key, .. } => kv.get(&bucket, &key).map(|object| Response::Get {
             context: causality::encode_context(object.context()),
@@ -359,8 +388,14 @@ async fn dispatch(kv: &KvService, request: Request) -> Response {
                 })
                 .collect(),
         }),
-        Request::Put { bucket, key, context, value, options } => {
-            kv.write(WriteArgs {
+        Request::Put {
+            bucket,
+            key,
+            context,
+            value,
+            options,
+        } => kv
+            .write(WriteArgs {
                 bucket: &bucket,
                 key: &key,
                 context: &context,
@@ -369,10 +404,16 @@ async fn dispatch(kv: &KvService, request: Request) -> Response {
                 now_ms: now_ms(),
             })
             .await
-            .map(|ctx| Response::Written { context: causality::encode_context(&ctx) })
-        }
-        Request::Delete { bucket, key, context, options } => {
-            kv.write(WriteArgs {
+            .map(|ctx| Response::Written {
+                context: causality::encode_context(&ctx),
+            }),
+        Request::Delete {
+            bucket,
+            key,
+            context,
+            options,
+        } => kv
+            .write(WriteArgs {
                 bucket: &bucket,
                 key: &key,
                 context: &context,
@@ -381,8 +422,9 @@ async fn dispatch(kv: &KvService, request: Request) -> Response {
                 now_ms: now_ms(),
             })
             .await
-            .map(|ctx| Response::Written { context: causality::encode_context(&ctx) })
-        }
+            .map(|ctx| Response::Written {
+                context: causality::encode_context(&ctx),
+            }),
     };
     result.unwrap_or_else(|e| {
         if e.code() == ErrorCode::Storage {

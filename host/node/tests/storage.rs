@@ -584,3 +584,41 @@ fn fjall_reopen_after_store_drop_is_immediate() {
         }
     }
 }
+
+/// The split API (apply under a caller's lock, then sync outside it) gives the same
+/// guarantees as `write`: counted as a synced write, refused once poisoned.
+#[test]
+fn apply_then_sync_applied() {
+    let engine = Arc::new(TestEngine::new());
+    let store = Store::new(
+        Arc::clone(&engine) as Arc<dyn StorageEngine>,
+        Durability::Sync,
+    );
+    let rt = runtime();
+    store.apply(&batch_put(b"k", b"v")).expect("apply");
+    assert_eq!(engine.syncs(), 0, "apply alone does not sync");
+    rt.block_on(store.sync_applied()).expect("sync_applied");
+    assert_eq!(
+        store.stats(),
+        StoreStats {
+            syncs: 1,
+            synced_writes: 1,
+            waiting: 0
+        }
+    );
+
+    let failing = Arc::new(TestEngine::failing());
+    let store = Store::new(
+        Arc::clone(&failing) as Arc<dyn StorageEngine>,
+        Durability::Sync,
+    );
+    store.apply(&batch_put(b"a", b"1")).expect("apply");
+    rt.block_on(store.sync_applied()).expect_err("sync fails");
+    let err = store.apply(&batch_put(b"b", b"2")).expect_err("poisoned");
+    assert!(matches!(err, StorageError::Poisoned { .. }), "{err:?}");
+    assert_eq!(
+        failing.get(b"b").expect("get"),
+        None,
+        "refused apply must not reach the engine"
+    );
+}

@@ -31,8 +31,7 @@ pub use fjall_engine::{FjallEngine, FjallOptions};
 pub use group_commit::{Store, StoreStats};
 pub use memory::MemoryEngine;
 
-/// Key-value pairs as returned by a scan, in ascending key order.
-pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+pub use quiver_core::storage::KvPairs;
 
 /// When a write counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
