@@ -76,6 +76,10 @@ pub struct ServerArgs {
     /// Default server-side deadline of a request, in ms. [default: 10000]
     #[arg(long, value_name = "MS")]
     pub request_timeout_ms: Option<u32>,
+    /// Group commit: longest a sync round is held open for the writers of the previous
+    /// round to come back, so they share one fsync (0 = never wait). [default: 1000]
+    #[arg(long, value_name = "US")]
+    pub group_commit_window_us: Option<u64>,
 }
 
 impl ServerArgs {
@@ -90,6 +94,7 @@ impl ServerArgs {
             value_bytes_max: self.value_bytes_max,
             streams_per_connection_max: self.streams_per_connection_max,
             request_timeout_ms: self.request_timeout_ms,
+            group_commit_window_us: self.group_commit_window_us,
         }
     }
 }

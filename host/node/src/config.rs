@@ -15,6 +15,8 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:7470";
 pub const DATA_DIR_DEFAULT: &str = "quiver-data";
 /// Default server-side deadline of a request, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Largest group-commit window accepted, in microseconds (longer only adds latency).
+pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
 /// Largest server-side deadline a client may ask for, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_MAX: u32 = 300_000;
 
@@ -67,6 +69,8 @@ pub struct FileConfig {
     pub streams_per_connection_max: Option<u32>,
     /// Default request deadline, in milliseconds.
     pub request_timeout_ms: Option<u32>,
+    /// Group-commit window, in microseconds.
+    pub group_commit_window_us: Option<u64>,
 }
 
 impl FileConfig {
@@ -95,6 +99,7 @@ impl FileConfig {
                 .streams_per_connection_max
                 .or(self.streams_per_connection_max),
             request_timeout_ms: flags.request_timeout_ms.or(self.request_timeout_ms),
+            group_commit_window_us: flags.group_commit_window_us.or(self.group_commit_window_us),
         }
     }
 
@@ -150,6 +155,15 @@ impl FileConfig {
                 message: format!("{timeout}: must be between 1 and {REQUEST_TIMEOUT_MS_MAX}"),
             });
         }
+        let window_us = self.group_commit_window_us.unwrap_or(
+            crate::storage::group_commit::GROUP_COMMIT_WINDOW_DEFAULT.as_micros() as u64,
+        );
+        if window_us > GROUP_COMMIT_WINDOW_US_MAX {
+            return Err(ConfigError::Invalid {
+                name: "group_commit_window_us",
+                message: format!("{window_us}: must be at most {GROUP_COMMIT_WINDOW_US_MAX}"),
+            });
+        }
         Ok(NodeConfig {
             data_dir: self
                 .data_dir
@@ -161,6 +175,7 @@ impl FileConfig {
             value_bytes_max,
             streams_per_connection_max: streams,
             request_timeout_ms: timeout,
+            group_commit_window: std::time::Duration::from_micros(window_us),
         })
     }
 }
@@ -184,6 +199,8 @@ pub struct NodeConfig {
     pub streams_per_connection_max: u32,
     /// Default request deadline, in milliseconds.
     pub request_timeout_ms: u32,
+    /// Longest a sync round waits for the writers of the previous round.
+    pub group_commit_window: std::time::Duration,
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ impl Node {
         let identity = certs::bootstrap(&dir, &config.node_id, config.listen.ip())?;
         let engine = storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
             .map_err(|e| storage_err(e.to_string()))?;
-        let store = Store::new(engine, config.durability);
+        let store = Store::with_window(engine, config.durability, config.group_commit_window);
         let epochs = BootEpochs::start(&store, rand::random::<u64>()).await?;
         tracing::info!(
             node = %config.node_id,

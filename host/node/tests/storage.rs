@@ -622,3 +622,81 @@ fn apply_then_sync_applied() {
         "refused apply must not reach the engine"
     );
 }
+
+/// The group-commit window holds a round open until as many writers as in the previous round
+/// have queued again. Deterministic: the window is far longer than the test, so a round can
+/// only start early if the window logic is broken.
+#[test]
+fn sync_round_waits_for_the_previous_rounds_writers() {
+    let (engine, entered, release) = TestEngine::holding_first_sync();
+    let engine = Arc::new(engine);
+    let store = Store::with_window(
+        Arc::clone(&engine) as Arc<dyn StorageEngine>,
+        Durability::Sync,
+        Duration::from_secs(600),
+    );
+    let rt = runtime();
+    let write = |key: &'static str| {
+        let store = store.clone();
+        rt.spawn(async move {
+            store
+                .write(batch_put(key.as_bytes(), b"v"), Durability::Sync)
+                .await
+        })
+    };
+
+    // Round 1 = {a}, held; b..e queue behind it and form round 2 (4 writers).
+    let a = write("a");
+    entered
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the first sync starts");
+    let second: Vec<_> = ["b", "c", "d", "e"].into_iter().map(write).collect();
+    wait_until("4 writers queued", || store.stats().waiting == 4);
+    release.send(()).expect("release the first sync");
+    rt.block_on(async {
+        a.await.expect("join").expect("write a");
+        for h in second {
+            h.await.expect("join").expect("write");
+        }
+    });
+    assert_eq!(engine.syncs(), 2);
+
+    // One writer alone is held until three more arrive: they share one sync.
+    let f = write("f");
+    wait_until("f queued", || store.stats().waiting == 1);
+    assert_eq!(
+        engine.syncs(),
+        2,
+        "the round must stay open for the previous round's writers"
+    );
+    let rest: Vec<_> = ["g", "h", "i"].into_iter().map(write).collect();
+    rt.block_on(async {
+        f.await.expect("join").expect("write f");
+        for h in rest {
+            h.await.expect("join").expect("write");
+        }
+    });
+    assert_eq!(engine.syncs(), 3, "f, g, h and i shared one sync");
+}
+
+/// A lone writer is never delayed by the window: with a previous round of one, it syncs at
+/// once (the window here would otherwise stall the test for ten minutes).
+#[test]
+fn a_lone_writer_is_not_held_by_the_window() {
+    let engine = Arc::new(TestEngine::new());
+    let store = Store::with_window(
+        Arc::clone(&engine) as Arc<dyn StorageEngine>,
+        Durability::Sync,
+        Duration::from_secs(600),
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        for i in 0..10u8 {
+            store
+                .write(batch_put(&[i], b"v"), Durability::Sync)
+                .await
+                .expect("write");
+        }
+    });
+    assert_eq!(engine.syncs(), 10);
+}
