@@ -165,3 +165,51 @@ fn errors_are_one_line_with_a_nonzero_exit() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("node_id"));
 }
+
+#[test]
+fn server_reads_its_settings_from_a_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nnode_id = \"from-file\"\ndurability = \"buffered\"\nengine = \"memory\"\n",
+            data.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(quiver_bin())
+        .args(["server", "--config"])
+        .arg(&config)
+        .env("QUIVER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("readiness line");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains("quiver node from-file listening on 127.0.0.1:"),
+        "{line:?}"
+    );
+    assert!(
+        data.join("ca.pem").exists(),
+        "the CA is written into the configured data_dir"
+    );
+
+    // An unknown key in the file is a one-line error naming it.
+    std::fs::write(&config, "listen_address = \"127.0.0.1:0\"\n").expect("write config");
+    let out = Command::new(quiver_bin())
+        .args(["server", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run server");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_address"));
+}

@@ -57,8 +57,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
     /// QUIC connections shared by the clients (round-robin).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 1)]
     pub connections: usize,
+    /// Runtime threads of the load generator. One is the most efficient when the bench shares
+    /// a small machine with the node (more threads mostly add scheduling delay to the tail);
+    /// raise it against a remote cluster.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Measured run time, in seconds.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
@@ -184,8 +189,13 @@ fn key_name(i: u64) -> String {
 
 /// Runs the benchmark and prints its report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.clients == 0 || args.connections == 0 || args.keys == 0 || args.duration == 0 {
-        bail!("--clients, --connections, --keys and --duration must all be at least 1");
+    if args.clients == 0
+        || args.connections == 0
+        || args.threads == 0
+        || args.keys == 0
+        || args.duration == 0
+    {
+        bail!("--clients, --connections, --threads, --keys and --duration must all be at least 1");
     }
     if args.value_size > quiver_core::limits::VALUE_BYTES_MAX_DEFAULT {
         bail!(
@@ -385,6 +395,7 @@ fn report(
                 "distribution": distribution,
                 "clients": args.clients,
                 "connections": args.connections,
+                "threads": args.threads,
                 "keys": args.keys,
                 "value_size": args.value_size,
                 "durability": args.durability.map(|d| d.to_string()),
