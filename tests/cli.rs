@@ -213,3 +213,69 @@ fn server_reads_its_settings_from_a_config_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_address"));
 }
+
+#[test]
+fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(quiver_bin())
+        .args(["dev", "--nodes", "3", "--base-port", "17470", "--dir"])
+        .arg(dir.path())
+        .env("QUIVER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn quiver dev");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        child.stdout.take().expect("stdout"),
+    ));
+    let cluster = lines.next().expect("a line").expect("utf-8");
+    let ca = lines.next().expect("a line").expect("utf-8");
+    assert_eq!(
+        cluster,
+        "export QUIVER_CLUSTER=127.0.0.1:17470,127.0.0.1:17471,127.0.0.1:17472"
+    );
+    let ca_path = ca.strip_prefix("export QUIVER_CA=").expect("CA line");
+    for (i, port) in [17470, 17471, 17472].iter().enumerate() {
+        let out = Command::new(quiver_bin())
+            .args([
+                "put",
+                "dev",
+                &format!("k{i}"),
+                "v",
+                "--w",
+                "3",
+                "--output",
+                "json",
+            ])
+            .env("QUIVER_CLUSTER", format!("127.0.0.1:{port}"))
+            .env("QUIVER_CA", ca_path)
+            .output()
+            .expect("run put");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new(quiver_bin())
+        .args(["get", "dev", "k0", "--r", "3", "--output", "json"])
+        .env("QUIVER_CLUSTER", "127.0.0.1:17472")
+        .env("QUIVER_CA", ca_path)
+        .output()
+        .expect("run get");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(got["siblings"][0]["value"], "v");
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    assert!(
+        child.wait().expect("dev exits").success(),
+        "dev stops its nodes and exits 0"
+    );
+}

@@ -343,6 +343,7 @@ async fn bad_inputs_get_typed_errors_and_the_node_keeps_serving() {
     let opts = WriteOptions {
         timeout_ms: Some(5_000),
         durability: Some(quiver_sdk::Durability::Buffered),
+        w: None,
     };
     bystander
         .put_with("b", "k2", b"ok".to_vec(), None, &opts)

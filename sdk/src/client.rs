@@ -283,6 +283,14 @@ impl Client {
         }
     }
 
+    /// The node's view of the cluster.
+    pub async fn status(&self) -> Result<crate::wire::NodeStatus, Error> {
+        match self.call(&Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Reads a key with default options.
     pub async fn get(&self, bucket: &str, key: impl AsRef<[u8]>) -> Result<GetResult, Error> {
         self.get_with(bucket, key, &ReadOptions::default()).await
@@ -456,6 +464,7 @@ impl Client {
 fn reply_name(resp: &Response) -> &'static str {
     match resp {
         Response::Pong { .. } => "Pong",
+        Response::Status(_) => "Status",
         Response::Get { .. } => "Get",
         Response::Written { .. } => "Written",
         Response::Error(_) => "Error",

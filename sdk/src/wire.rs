@@ -33,6 +33,8 @@ pub enum WireDurability {
 pub struct ReadOptions {
     /// Server-side deadline in milliseconds; the node's default when `None`.
     pub timeout_ms: Option<u32>,
+    /// Replies needed (1..=n); the cluster default when `None`.
+    pub r: Option<u8>,
 }
 
 /// Per-request options of a write (put or delete).
@@ -42,6 +44,8 @@ pub struct WriteOptions {
     pub timeout_ms: Option<u32>,
     /// Durability for this write; the node's configured default when `None`.
     pub durability: Option<WireDurability>,
+    /// Acknowledgements needed (1..=n); the cluster default when `None`.
+    pub w: Option<u8>,
 }
 
 /// A client request.
@@ -49,6 +53,8 @@ pub struct WriteOptions {
 pub enum Request {
     /// Liveness and identity check.
     Ping,
+    /// The node's view of the cluster: members, their health, hints held, quorum defaults.
+    Status,
     /// Read every sibling of a key.
     Get {
         /// Bucket name (1 to 255 bytes of UTF-8).
@@ -97,6 +103,38 @@ pub struct WireSibling {
     pub actor: String,
 }
 
+/// One member as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node name.
+    pub node: String,
+    /// Its address (empty for the answering node itself).
+    pub addr: String,
+    /// False when the answering node currently believes it down.
+    pub up: bool,
+    /// Ring partitions it owns.
+    pub partitions: u32,
+}
+
+/// A node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The answering node.
+    pub node: String,
+    /// Every member, this node included.
+    pub members: Vec<MemberStatus>,
+    /// Hints this node holds for unreachable members.
+    pub hints: u64,
+    /// Ring partitions.
+    pub partitions: u32,
+    /// Default replicas per key.
+    pub n: u8,
+    /// Default read quorum.
+    pub r: u8,
+    /// Default write quorum.
+    pub w: u8,
+}
+
 /// Typed error codes a node may answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -122,6 +160,10 @@ pub enum ErrorCode {
     Timeout,
     /// The node is shutting down.
     ShuttingDown,
+    /// Too few replicas answered; the message names how many and which failed.
+    QuorumFailed,
+    /// The requested r/w is not valid for the replication factor.
+    InvalidQuorum,
     /// A bug in the node; the message says more.
     Internal,
 }
@@ -145,6 +187,8 @@ pub enum Response {
         /// Its protocol version.
         protocol: u32,
     },
+    /// Answer to [`Request::Status`].
+    Status(NodeStatus),
     /// Answer to [`Request::Get`]; no siblings means the key was never written.
     Get {
         /// All siblings, tombstones included.
@@ -244,6 +288,7 @@ mod tests {
             options: WriteOptions {
                 timeout_ms: Some(5),
                 durability: Some(WireDurability::Sync),
+                w: Some(2),
             },
         };
         let frame = encode_frame(&req).expect("encodes");

@@ -8,10 +8,15 @@
 //! - [`causality`]: dotted version vectors, sibling sets, the coordinator's write rule and
 //!   the replica merge, per-key actor epochs that prevent dot reuse after data loss.
 //! - [`limits`]: named defaults for every size bound the node enforces.
+//! - [`quorum`]: target selection (sloppy quorum) and the read/write quorum state machines.
+//! - [`ring`]: Q equal partitions claimed in proportion to weight, spread by node and zone;
+//!   key placement, preference lists, minimal-movement rebalancing and ring diffs.
 //! - [`storage`]: the byte-level contract every storage engine implements (fjall, memory,
 //!   and later Wasm adapters), plus the key layout the node uses on top of it.
 #![deny(clippy::unwrap_used)]
 
 pub mod causality;
 pub mod limits;
+pub mod quorum;
+pub mod ring;
 pub mod storage;

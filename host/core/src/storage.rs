@@ -167,6 +167,56 @@ pub mod keys {
         Some(rest.split_at(len))
     }
 
+    /// Prefix of hint markers: a fallback's note that it holds a key for another node.
+    pub const HINT_PREFIX: u8 = b'h';
+
+    /// Engine key of a hint marker: `h`, the owner's name length, the owner, then the data
+    /// key it refers to. All hints for one owner are contiguous, for delivery scans.
+    /// Returns `None` for an owner name over 255 bytes.
+    pub fn hint_key(owner: &str, data_key: &[u8]) -> Option<Vec<u8>> {
+        let mut out = hint_prefix(owner)?;
+        out.extend_from_slice(data_key);
+        Some(out)
+    }
+
+    /// The prefix shared by every hint marker for `owner`.
+    pub fn hint_prefix(owner: &str) -> Option<Vec<u8>> {
+        let len = u8::try_from(owner.len()).ok()?;
+        let mut out = Vec::with_capacity(2 + owner.len());
+        out.push(HINT_PREFIX);
+        out.push(len);
+        out.extend_from_slice(owner.as_bytes());
+        Some(out)
+    }
+
+    /// Splits a hint marker key into `(owner, data key)`.
+    pub fn split_hint_key(engine_key: &[u8]) -> Option<(&str, &[u8])> {
+        let (&prefix, rest) = engine_key.split_first()?;
+        if prefix != HINT_PREFIX {
+            return None;
+        }
+        let (&len, rest) = rest.split_first()?;
+        let len = usize::from(len);
+        if rest.len() < len {
+            return None;
+        }
+        let (owner, dkey) = rest.split_at(len);
+        Some((std::str::from_utf8(owner).ok()?, dkey))
+    }
+
+    /// The smallest key greater than every key starting with `prefix` (for scan bounds),
+    /// or `None` when no such key exists (all bytes 0xff).
+    pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+        let mut end = prefix.to_vec();
+        while let Some(last) = end.pop() {
+            if last < u8::MAX {
+                end.push(last + 1);
+                return Some(end);
+            }
+        }
+        None
+    }
+
     /// Engine key of a node metadata entry.
     pub fn meta_key(name: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + name.len());
@@ -187,6 +237,18 @@ pub mod keys {
             let other = data_key(b"a", b"bc").expect("short bucket");
             assert_ne!(k, other);
             assert!(data_key(&[0u8; 256], b"k").is_none());
+        }
+
+        #[test]
+        fn hint_keys_round_trip_and_group_by_owner() {
+            let d = data_key(b"b", b"k").expect("short bucket");
+            let h = hint_key("n2", &d).expect("short owner");
+            assert_eq!(split_hint_key(&h), Some(("n2", d.as_slice())));
+            let p = hint_prefix("n2").expect("short owner");
+            assert!(h.starts_with(&p));
+            assert!(!hint_key("n22", &d).expect("short").starts_with(&p));
+            assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+            assert_eq!(prefix_end(&[0xff]), None);
         }
     }
 }

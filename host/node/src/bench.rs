@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// Durability of writes (default: the node's setting).
     #[arg(long, value_name = "MODE")]
     pub durability: Option<crate::storage::Durability>,
+    /// Read quorum of gets (default: the cluster's r).
+    #[arg(long)]
+    pub r: Option<u8>,
+    /// Write quorum of puts (default: the cluster's w).
+    #[arg(long)]
+    pub w: Option<u8>,
     /// Seed of the key and operation choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -213,6 +219,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             crate::storage::Durability::Sync => quiver_sdk::Durability::Sync,
             crate::storage::Durability::Buffered => quiver_sdk::Durability::Buffered,
         }),
+        w: args.w,
     };
     let value = vec![b'x'; args.value_size];
 
@@ -232,6 +239,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let bucket = Arc::clone(&bucket);
         let value = Arc::clone(&value);
         let options = options.clone();
+        let read_options = quiver_sdk::ReadOptions {
+            timeout_ms: None,
+            r: args.r,
+        };
         let cache = Arc::clone(&cache);
         let (workload, distribution, keys) = (args.workload, args.distribution, args.keys);
         let mut rng =
@@ -265,7 +276,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let t0 = Instant::now();
                 let result = match op {
                     Op::Get => client
-                        .get(&bucket, key_name(k).as_bytes())
+                        .get_with(&bucket, key_name(k).as_bytes(), &read_options)
                         .await
                         .map(|r| cache.set(k, r.context)),
                     Op::Put => put_with_cache(&client, &cache, &bucket, k, &value, &options).await,

@@ -190,17 +190,28 @@ pub fn issue_node_cert(
 
 /// First-start bootstrap: creates the CA and the node certificate when missing, then loads
 /// the node's identity.
-pub fn bootstrap(dir: &Path, node_id: &str, listen_ip: IpAddr) -> Result<NodeIdentity, CertError> {
+pub fn bootstrap(
+    dir: &Path,
+    node_id: &str,
+    listen_ip: IpAddr,
+    ca_dir: Option<&Path>,
+) -> Result<NodeIdentity, CertError> {
     let paths = CertPaths::in_dir(dir);
     if !(paths.node_cert.exists() && paths.node_key.exists()) {
-        if !paths.ca_cert.exists() {
-            ensure_ca(dir)?;
-        }
+        let ca_dir = match ca_dir {
+            Some(ca) => ca,
+            None => {
+                if !paths.ca_cert.exists() {
+                    ensure_ca(dir)?;
+                }
+                dir
+            }
+        };
         let mut ips = vec![listen_ip];
         if listen_ip.is_unspecified() || !listen_ip.is_loopback() {
             ips.push(IpAddr::from([127, 0, 0, 1]));
         }
-        issue_node_cert(dir, dir, node_id, &ips)?;
+        issue_node_cert(ca_dir, dir, node_id, &ips)?;
     }
     load_identity(&paths)
 }

@@ -39,6 +39,24 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Closed-loop load generator: prints throughput and latency percentiles.
     Bench(BenchArgs),
+    /// Start a local cluster on loopback (one process per node) and print the environment
+    /// a client needs.
+    Dev(crate::dev::DevArgs),
+    /// Cluster certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `quiver ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR, unless one exists. Start every node of a
+    /// cluster with `--ca-dir DIR` so their certificates share it.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `quiver server` options; each may also be set in the TOML file given with `--config`
@@ -80,6 +98,36 @@ pub struct ServerArgs {
     /// round to come back, so they share one fsync (0 = never wait). [default: 1000]
     #[arg(long, value_name = "US")]
     pub group_commit_window_us: Option<u64>,
+    /// Another cluster member, as ID=ADDR; repeat for each. Give every node the same list
+    /// (a node skips its own entry).
+    #[arg(long = "peer", value_name = "ID=ADDR")]
+    pub peers: Vec<String>,
+    /// Replicas per key. [default: min(3, cluster size)]
+    #[arg(long, value_name = "N")]
+    pub n: Option<usize>,
+    /// Default read quorum. [default: majority of n]
+    #[arg(long, value_name = "R")]
+    pub r: Option<usize>,
+    /// Default write quorum. [default: majority of n]
+    #[arg(long, value_name = "W")]
+    pub w: Option<usize>,
+    /// Sloppy quorum: let fallbacks stand in for unreachable primaries and keep hints.
+    /// [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub sloppy_quorum: Option<bool>,
+    /// Ring partitions, a power of two, identical on every node. [default: 256]
+    #[arg(long, value_name = "Q")]
+    pub partitions: Option<u32>,
+    /// Deadline of one node-to-node request, in ms. [default: 2000]
+    #[arg(long, value_name = "MS")]
+    pub peer_timeout_ms: Option<u32>,
+    /// Most hints kept for unreachable nodes. [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub hints_max: Option<u64>,
+    /// Cluster CA directory (holding ca.pem and ca.key, see `quiver ca init`) that signs
+    /// this node's certificate on first start. [default: a new CA in the data directory]
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -95,6 +143,15 @@ impl ServerArgs {
             streams_per_connection_max: self.streams_per_connection_max,
             request_timeout_ms: self.request_timeout_ms,
             group_commit_window_us: self.group_commit_window_us,
+            peers: Some(self.peers.clone()),
+            n: self.n,
+            r: self.r,
+            w: self.w,
+            sloppy_quorum: self.sloppy_quorum,
+            partitions: self.partitions,
+            peer_timeout_ms: self.peer_timeout_ms,
+            hints_max: self.hints_max,
+            ca_dir: self.ca_dir.clone(),
         }
     }
 }
@@ -173,6 +230,9 @@ pub struct GetArgs {
     pub bucket: String,
     /// Key.
     pub key: String,
+    /// Replica replies to wait for (default: the cluster's r).
+    #[arg(long, value_name = "R")]
+    pub r: Option<u8>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
@@ -196,6 +256,9 @@ pub struct PutArgs {
     /// Durability of this write (default: the node's setting).
     #[arg(long, value_name = "MODE")]
     pub durability: Option<Durability>,
+    /// Replica acknowledgements to wait for (default: the cluster's w).
+    #[arg(long, value_name = "W")]
+    pub w: Option<u8>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
@@ -214,6 +277,9 @@ pub struct DeleteArgs {
     /// Durability of this delete (default: the node's setting).
     #[arg(long, value_name = "MODE")]
     pub durability: Option<Durability>,
+    /// Replica acknowledgements to wait for (default: the cluster's w).
+    #[arg(long, value_name = "W")]
+    pub w: Option<u8>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
@@ -238,7 +304,14 @@ fn parse_context(ctx: Option<&str>) -> anyhow::Result<Option<Context>> {
 pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let client = args.client.connect().await?;
     let result = client
-        .get_with(&args.bucket, args.key.as_bytes(), &ReadOptions::default())
+        .get_with(
+            &args.bucket,
+            args.key.as_bytes(),
+            &ReadOptions {
+                timeout_ms: None,
+                r: args.r,
+            },
+        )
         .await
         .with_context(|| format!("get {}/{}", args.bucket, args.key))?;
     print_get(&result, args.client.output);
@@ -327,6 +400,7 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
     let options = WriteOptions {
         timeout_ms: None,
         durability: wire_durability(args.durability),
+        w: args.w,
     };
     let ctx = client
         .put_with(
@@ -350,6 +424,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let options = WriteOptions {
         timeout_ms: None,
         durability: wire_durability(args.durability),
+        w: args.w,
     };
     let ctx = client
         .delete_with(

@@ -15,6 +15,10 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:7470";
 pub const DATA_DIR_DEFAULT: &str = "quiver-data";
 /// Default server-side deadline of a request, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Default number of ring partitions.
+pub const PARTITIONS_DEFAULT: u32 = 256;
+/// Default deadline of one node-to-node request, in milliseconds.
+pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
 /// Largest group-commit window accepted, in microseconds (longer only adds latency).
 pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
 /// Largest server-side deadline a client may ask for, in milliseconds.
@@ -71,6 +75,26 @@ pub struct FileConfig {
     pub request_timeout_ms: Option<u32>,
     /// Group-commit window, in microseconds.
     pub group_commit_window_us: Option<u64>,
+    /// Cluster members other than this node, as `ID=ADDR` (this node's own entry, if
+    /// listed, is ignored so that every node can be given the same list).
+    pub peers: Option<Vec<String>>,
+    /// Replicas per key.
+    pub n: Option<usize>,
+    /// Default read quorum.
+    pub r: Option<usize>,
+    /// Default write quorum.
+    pub w: Option<usize>,
+    /// Replace unreachable primaries with fallbacks holding hints.
+    pub sloppy_quorum: Option<bool>,
+    /// Ring partitions (power of two, the same on every node).
+    pub partitions: Option<u32>,
+    /// Deadline of one node-to-node request, in milliseconds.
+    pub peer_timeout_ms: Option<u32>,
+    /// Largest number of hints this node keeps for unreachable nodes.
+    pub hints_max: Option<u64>,
+    /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
+    /// certificate on first start; without it a new CA is created.
+    pub ca_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -100,6 +124,15 @@ impl FileConfig {
                 .or(self.streams_per_connection_max),
             request_timeout_ms: flags.request_timeout_ms.or(self.request_timeout_ms),
             group_commit_window_us: flags.group_commit_window_us.or(self.group_commit_window_us),
+            peers: flags.peers.filter(|p| !p.is_empty()).or(self.peers),
+            n: flags.n.or(self.n),
+            r: flags.r.or(self.r),
+            w: flags.w.or(self.w),
+            sloppy_quorum: flags.sloppy_quorum.or(self.sloppy_quorum),
+            partitions: flags.partitions.or(self.partitions),
+            peer_timeout_ms: flags.peer_timeout_ms.or(self.peer_timeout_ms),
+            hints_max: flags.hints_max.or(self.hints_max),
+            ca_dir: flags.ca_dir.or(self.ca_dir),
         }
     }
 
@@ -164,6 +197,49 @@ impl FileConfig {
                 message: format!("{window_us}: must be at most {GROUP_COMMIT_WINDOW_US_MAX}"),
             });
         }
+        let mut peers = std::collections::BTreeMap::new();
+        for spec in self.peers.unwrap_or_default() {
+            let (id, addr) = spec.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                name: "peers",
+                message: format!("{spec:?}: expected ID=ADDR, e.g. n2=127.0.0.1:7471"),
+            })?;
+            let addr: SocketAddr = addr.trim().parse().map_err(|e| ConfigError::Invalid {
+                name: "peers",
+                message: format!("{spec:?}: bad address: {e}"),
+            })?;
+            let id = id.trim().to_string();
+            if id == node_id {
+                continue;
+            }
+            if peers.insert(id.clone(), addr).is_some() {
+                return Err(ConfigError::Invalid {
+                    name: "peers",
+                    message: format!("{id:?} is listed twice"),
+                });
+            }
+        }
+        let members = peers.len() + 1;
+        let n = self.n.unwrap_or(members.min(3));
+        let majority = n / 2 + 1;
+        let quorum = quiver_core::quorum::Quorum::new(
+            n,
+            self.r.unwrap_or(majority),
+            self.w.unwrap_or(majority),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            name: "n/r/w",
+            message: e.to_string(),
+        })?;
+        let partitions = self.partitions.unwrap_or(PARTITIONS_DEFAULT);
+        let peer_timeout_ms = self.peer_timeout_ms.unwrap_or(PEER_TIMEOUT_MS_DEFAULT);
+        if peer_timeout_ms == 0 || peer_timeout_ms > REQUEST_TIMEOUT_MS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "peer_timeout_ms",
+                message: format!(
+                    "{peer_timeout_ms}: must be between 1 and {REQUEST_TIMEOUT_MS_MAX}"
+                ),
+            });
+        }
         Ok(NodeConfig {
             data_dir: self
                 .data_dir
@@ -176,6 +252,13 @@ impl FileConfig {
             streams_per_connection_max: streams,
             request_timeout_ms: timeout,
             group_commit_window: std::time::Duration::from_micros(window_us),
+            peers,
+            quorum,
+            sloppy_quorum: self.sloppy_quorum.unwrap_or(true),
+            partitions,
+            peer_timeout: std::time::Duration::from_millis(u64::from(peer_timeout_ms)),
+            hints_max: self.hints_max.unwrap_or(crate::kv::HINTS_MAX_DEFAULT),
+            ca_dir: self.ca_dir,
         })
     }
 }
@@ -201,6 +284,20 @@ pub struct NodeConfig {
     pub request_timeout_ms: u32,
     /// Longest a sync round waits for the writers of the previous round.
     pub group_commit_window: std::time::Duration,
+    /// The other members: name → address.
+    pub peers: std::collections::BTreeMap<String, SocketAddr>,
+    /// Default n/r/w.
+    pub quorum: quiver_core::quorum::Quorum,
+    /// Sloppy quorum on or off.
+    pub sloppy_quorum: bool,
+    /// Ring partitions.
+    pub partitions: u32,
+    /// Deadline of one node-to-node request.
+    pub peer_timeout: std::time::Duration,
+    /// Largest number of hints kept.
+    pub hints_max: u64,
+    /// CA directory for the first start, if not this node's own.
+    pub ca_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

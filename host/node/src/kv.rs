@@ -57,6 +57,16 @@ pub enum KvError {
         /// Engine error (boxed: it is large and errors are the rare path).
         source: Box<StorageError>,
     },
+    /// The node holds as many hints as allowed and cannot stand in for another node.
+    #[error(
+        "node {node}: hint store full ({max} hints); cannot stand in for an unreachable replica"
+    )]
+    HintsFull {
+        /// Node name.
+        node: String,
+        /// Limit.
+        max: u64,
+    },
     /// The node's epoch space for this boot ran out; a restart starts a new one.
     #[error("node {node}: actor epochs of this boot are exhausted; restart the node")]
     EpochsExhausted {
@@ -71,7 +81,9 @@ impl KvError {
         match self {
             KvError::Invalid { code, .. } => *code,
             KvError::TooManySiblings { .. } => ErrorCode::TooManySiblings,
-            KvError::Storage { .. } | KvError::EpochsExhausted { .. } => ErrorCode::Storage,
+            KvError::Storage { .. }
+            | KvError::EpochsExhausted { .. }
+            | KvError::HintsFull { .. } => ErrorCode::Storage,
         }
     }
 }
@@ -94,6 +106,30 @@ pub fn render_key(key: &[u8]) -> String {
     }
 }
 
+/// What a coordinated write produced.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// Context for the client: its own context plus the new dot.
+    pub context: VersionVector,
+    /// The key's full state after the write, to replicate.
+    pub object: Object,
+}
+
+/// Largest number of hint markers a node keeps by default; beyond it the node refuses to
+/// stand in for unreachable primaries (the write then counts as a failed replica).
+pub const HINTS_MAX_DEFAULT: u64 = 1_000_000;
+
+/// A hinted key due for delivery.
+#[derive(Debug, Clone)]
+pub struct HintedKey {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: Vec<u8>,
+    /// The fallback's current state of the key.
+    pub object: Object,
+}
+
 /// A validated write.
 #[derive(Debug)]
 pub struct WriteArgs<'a> {
@@ -109,6 +145,8 @@ pub struct WriteArgs<'a> {
     pub durability: Durability,
     /// Coordinator wall clock, ms since the Unix epoch.
     pub now_ms: u64,
+    /// Set when this node coordinates as a fallback for an unreachable primary.
+    pub hint_for: Option<&'a str>,
 }
 
 /// The service.
@@ -119,6 +157,8 @@ pub struct KvService {
     epochs: Mutex<BootEpochs>,
     locks: Box<[Mutex<()>]>,
     value_bytes_max: usize,
+    hints: std::sync::atomic::AtomicU64,
+    hints_max: u64,
 }
 
 impl KvService {
@@ -135,7 +175,36 @@ impl KvService {
             epochs: Mutex::new(epochs),
             locks,
             value_bytes_max,
+            hints: std::sync::atomic::AtomicU64::new(0),
+            hints_max: HINTS_MAX_DEFAULT,
         }
+    }
+
+    /// Counts the hint markers on disk (at start) and sets the limit.
+    pub fn init_hints(&mut self, hints_max: u64) -> Result<u64, StorageError> {
+        const PAGE: usize = 4096;
+        let end = [keys::HINT_PREFIX + 1];
+        let mut count = 0u64;
+        let mut from = vec![keys::HINT_PREFIX];
+        loop {
+            let page = self.store.scan(&from, Some(&end), PAGE)?;
+            count += page.len() as u64;
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        *self.hints.get_mut() = count;
+        self.hints_max = hints_max;
+        Ok(count)
+    }
+
+    /// Hint markers currently held.
+    pub fn hint_count(&self) -> u64 {
+        self.hints.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Node name.
@@ -160,7 +229,7 @@ impl KvService {
     /// Coordinates a put or delete. Returns the context of the new version: the client's
     /// context plus the new dot, so that a follow-up write replaces exactly what this client
     /// has seen and not siblings written concurrently by others.
-    pub async fn write(&self, args: WriteArgs<'_>) -> Result<VersionVector, KvError> {
+    pub async fn write(&self, args: WriteArgs<'_>) -> Result<WriteOutcome, KvError> {
         let dkey = self.validate(args.bucket, args.key)?;
         if let WriteOp::Put(v) = &args.op
             && v.len() > self.value_bytes_max
@@ -183,6 +252,7 @@ impl KvService {
             })?;
 
         let mut reply = client_context.clone();
+        let object;
         {
             // Read-modify-write of one record must not interleave with another on the same
             // key; nothing in this block awaits, so a plain mutex stripe is enough.
@@ -218,11 +288,18 @@ impl KvService {
                 });
             }
             let mut batch = WriteBatch::new();
-            batch.put(dkey, encode_record(&record));
+            batch.put(dkey.clone(), encode_record(&record));
+            let new_hint =
+                self.add_hint(&mut batch, args.bucket, args.key, &dkey, args.hint_for)?;
             self.store
                 .apply(&batch)
                 .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+            if new_hint {
+                self.hints
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             reply.add(&dot);
+            object = record.object;
         }
         if args.durability == Durability::Sync {
             self.store
@@ -230,7 +307,182 @@ impl KvService {
                 .await
                 .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
         }
-        Ok(reply)
+        Ok(WriteOutcome {
+            context: reply,
+            object,
+        })
+    }
+
+    /// Adds a hint marker for `owner` to `batch` unless one exists; true if it is new.
+    fn add_hint(
+        &self,
+        batch: &mut WriteBatch,
+        bucket: &str,
+        key: &[u8],
+        dkey: &[u8],
+        owner: Option<&str>,
+    ) -> Result<bool, KvError> {
+        let Some(owner) = owner else { return Ok(false) };
+        let hkey = keys::hint_key(owner, dkey).ok_or_else(|| KvError::Invalid {
+            code: ErrorCode::Internal,
+            message: format!("node name {owner:?} is too long for a hint"),
+        })?;
+        if self
+            .store
+            .get(&hkey)
+            .map_err(|e| self.storage_err(bucket, key, e))?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        if self.hint_count() >= self.hints_max {
+            return Err(KvError::HintsFull {
+                node: self.me.node.clone(),
+                max: self.hints_max,
+            });
+        }
+        batch.put(hkey, Vec::new());
+        Ok(true)
+    }
+
+    /// Merges another replica's state of a key into the local record (replication, read
+    /// repair, hint delivery). With `hint_for`, also records a hint for that node.
+    pub async fn merge_remote(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        incoming: &Object,
+        durability: Durability,
+        hint_for: Option<&str>,
+    ) -> Result<(), KvError> {
+        let dkey = self.validate(bucket, key)?;
+        incoming.validate().map_err(|e| KvError::Invalid {
+            code: ErrorCode::MalformedRequest,
+            message: format!("bucket {bucket:?} key {}: {e}", render_key(key)),
+        })?;
+        let changed = {
+            let _guard = lock(&self.locks[stripe(&dkey)]);
+            let local = self.read_record(bucket, key, &dkey)?;
+            let mut record = local.clone().unwrap_or_default();
+            record.merge_remote(incoming);
+            let mut batch = WriteBatch::new();
+            if local.as_ref() != Some(&record) {
+                batch.put(dkey.clone(), encode_record(&record));
+            }
+            let new_hint = self.add_hint(&mut batch, bucket, key, &dkey, hint_for)?;
+            if batch.is_empty() {
+                false
+            } else {
+                self.store
+                    .apply(&batch)
+                    .map_err(|e| self.storage_err(bucket, key, e))?;
+                if new_hint {
+                    self.hints
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                true
+            }
+        };
+        if changed && durability == Durability::Sync {
+            self.store
+                .sync_applied()
+                .await
+                .map_err(|e| self.storage_err(bucket, key, e))?;
+        }
+        Ok(())
+    }
+
+    /// True when this node holds a hint for `owner` on the key.
+    pub fn has_hint(&self, owner: &str, bucket: &str, key: &[u8]) -> bool {
+        keys::data_key(bucket.as_bytes(), key)
+            .and_then(|d| keys::hint_key(owner, &d))
+            .is_some_and(|h| matches!(self.store.get(&h), Ok(Some(_))))
+    }
+
+    /// Up to `limit` keys this node holds hints for on behalf of `owner`.
+    pub fn hinted_keys(&self, owner: &str, limit: usize) -> Result<Vec<HintedKey>, StorageError> {
+        let Some(prefix) = keys::hint_prefix(owner) else {
+            return Ok(Vec::new());
+        };
+        let end = keys::prefix_end(&prefix);
+        let mut out = Vec::new();
+        for (hkey, _) in self.store.scan(&prefix, end.as_deref(), limit)? {
+            let Some((_, dkey)) = keys::split_hint_key(&hkey) else {
+                continue;
+            };
+            let Some((bucket, key)) = keys::split_data_key(dkey) else {
+                continue;
+            };
+            let Ok(bucket) = std::str::from_utf8(bucket) else {
+                continue;
+            };
+            let object = match self.store.get(dkey)? {
+                Some(bytes) => decode_record(&bytes).map(|r| r.object).map_err(|message| {
+                    StorageError::Corrupt {
+                        engine: self.store.engine_name().to_string(),
+                        key_hex: render_key(dkey),
+                        message,
+                    }
+                })?,
+                None => Object::new(),
+            };
+            out.push(HintedKey {
+                bucket: bucket.to_string(),
+                key: key.to_vec(),
+                object,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The owner acknowledged `delivered`: drop the hint marker and, when `keep_copy` is
+    /// false (this node is not a replica of the key and no other hint needs it), the local
+    /// copy too — but only if the copy did not change since it was sent: a newer write stays
+    /// until it is delivered again.
+    pub async fn hint_delivered(
+        &self,
+        owner: &str,
+        bucket: &str,
+        key: &[u8],
+        delivered: &Object,
+        keep_copy: bool,
+    ) -> Result<(), KvError> {
+        let dkey = self.validate(bucket, key)?;
+        let Some(hkey) = keys::hint_key(owner, &dkey) else {
+            return Ok(());
+        };
+        {
+            let _guard = lock(&self.locks[stripe(&dkey)]);
+            if self
+                .store
+                .get(&hkey)
+                .map_err(|e| self.storage_err(bucket, key, e))?
+                .is_none()
+            {
+                return Ok(());
+            }
+            let current = self
+                .read_record(bucket, key, &dkey)?
+                .map(|r| r.object)
+                .unwrap_or_default();
+            if &current != delivered {
+                return Ok(());
+            }
+            let mut batch = WriteBatch::new();
+            batch.delete(hkey);
+            if !keep_copy {
+                batch.delete(dkey.clone());
+            }
+            self.store
+                .apply(&batch)
+                .map_err(|e| self.storage_err(bucket, key, e))?;
+            self.hints
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.store
+            .sync_applied()
+            .await
+            .map_err(|e| self.storage_err(bucket, key, e))
     }
 
     fn validate(&self, bucket: &str, key: &[u8]) -> Result<Vec<u8>, KvError> {

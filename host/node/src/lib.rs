@@ -2,19 +2,26 @@
 //!
 //! Layout:
 //! - [`server`]: the QUIC endpoint, one request per stream, graceful shutdown.
-//! - [`kv`]: the key-value service: validation, the core's write rule, record storage.
+//! - [`cluster`]: replication: coordinating puts and gets over the preference list,
+//!   forwarding, read repair, hinted handoff.
+//! - [`peer`]: node-to-node protocol, mutual TLS, connections, local failure detection.
+//! - [`kv`]: the key-value service: validation, the core's write rule, record storage, hints.
 //! - [`epochs`]: the durable actor-epoch allocator behind per-key actors.
 //! - [`storage`]: storage engines (fjall, memory), group commit, the conformance suite.
 //! - [`certs`]: cluster CA and node certificates, created on first start.
 //! - [`config`]: TOML config file and flag overlay.
-//! - [`cli`], [`bench`]: the `quiver` command line and its load generator.
+//! - [`cli`], [`bench`], [`dev`]: the `quiver` command line, its load generator, and the
+//!   local loopback cluster.
 #![deny(clippy::unwrap_used)]
 
 pub mod bench;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod dev;
 pub mod epochs;
 pub mod kv;
+pub mod peer;
 pub mod server;
 pub mod storage;

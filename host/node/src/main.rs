@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Server(_)));
+    init_logging(matches!(cli.command, Command::Server(_) | Command::Dev(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,6 +75,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Put(args) => cli::put(args).await,
         Command::Delete(args) => cli::delete(args).await,
         Command::Bench(args) => quiver_node::bench::run(args).await,
+        Command::Dev(args) => quiver_node::dev::run(args, shutdown_signal()).await,
+        Command::Ca(cli::CaCommand::Init { dir }) => {
+            let created = quiver_node::certs::ensure_ca(&dir)?;
+            let state = if created { "created" } else { "already exists" };
+            println!("cluster CA {state}: {}", dir.join("ca.pem").display());
+            Ok(())
+        }
     }
 }
 

@@ -10,26 +10,33 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use quiver_core::causality::{self, WriteOp};
 use quiver_core::limits::request_frame_bytes_max;
+use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::wire::{
-    self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, PROTOCOL_VERSION, Request,
-    Response, WireDurability, WireSibling,
+    self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, Request, Response,
 };
 use tokio::sync::Notify;
 
 use crate::certs::{self, CertError, NodeIdentity};
+use crate::cluster::{Cluster, ReplicationConfig};
 use crate::config::NodeConfig;
 use crate::epochs::{BootEpochs, EpochError};
-use crate::kv::{KvService, WriteArgs};
-use crate::storage::{self, Durability, EngineKind, Store};
+use crate::kv::KvService;
+use crate::peer::{ALPN_PEER_V1, PeerRequest, PeerResponse, Peers, peer_client_config};
+use crate::storage::{self, EngineKind, Store};
 
 /// Longest a graceful shutdown waits for requests in flight.
 pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(30);
 /// QUIC application error code sent when the node closes connections on shutdown.
 pub const CLOSE_SHUTTING_DOWN: u32 = 1;
+/// QUIC application error code closing a peer connection that presented no certificate.
+const CLOSE_PEER_UNAUTHENTICATED: u32 = 3;
+/// How often down peers are considered for a probe (each has its own backoff).
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often hints are offered to their owners.
+const HINT_DELIVERY_INTERVAL: Duration = Duration::from_millis(500);
 /// QUIC application error code for a stream whose frame was refused unread.
 const STOP_FRAME_REFUSED: u32 = 2;
 
@@ -53,6 +60,9 @@ pub enum ServerError {
     /// TLS configuration was refused.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// The ring could not be built from the member list.
+    #[error("ring: {0}")]
+    Ring(String),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -66,7 +76,7 @@ pub enum ServerError {
 /// A node that is open and bound, ready to [`Node::serve`].
 pub struct Node {
     endpoint: quinn::Endpoint,
-    kv: Arc<KvService>,
+    cluster: Arc<Cluster>,
     config: NodeConfig,
 }
 
@@ -87,7 +97,12 @@ impl Node {
             message,
         };
         std::fs::create_dir_all(&dir).map_err(|e| storage_err(e.to_string()))?;
-        let identity = certs::bootstrap(&dir, &config.node_id, config.listen.ip())?;
+        let identity = certs::bootstrap(
+            &dir,
+            &config.node_id,
+            config.listen.ip(),
+            config.ca_dir.as_deref(),
+        )?;
         let engine = storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
             .map_err(|e| storage_err(e.to_string()))?;
         let store = Store::with_window(engine, config.durability, config.group_commit_window);
@@ -100,12 +115,19 @@ impl Node {
             durability = %config.durability,
             "storage open"
         );
-        let kv = Arc::new(KvService::new(
+        let mut kv = KvService::new(
             config.node_id.clone(),
             store,
             epochs,
             config.value_bytes_max,
-        ));
+        );
+        let hints = kv
+            .init_hints(config.hints_max)
+            .map_err(|e| storage_err(e.to_string()))?;
+        if hints > 0 {
+            tracing::info!(hints, "hints waiting for delivery");
+        }
+        let kv = Arc::new(kv);
         let server_config = server_config(&identity, config.streams_per_connection_max)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             ServerError::Bind {
@@ -113,9 +135,35 @@ impl Node {
                 source,
             }
         })?;
+        // Every node derives the same ring from the same sorted member list.
+        let mut members = vec![Member::new(config.node_id.clone())];
+        members.extend(config.peers.keys().map(|id| Member::new(id.clone())));
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let params = ClaimParams {
+            partitions: config.partitions,
+            n_val: u32::try_from(config.quorum.n).unwrap_or(u32::MAX),
+        };
+        let ring = Ring::new(members, params).map_err(|e| ServerError::Ring(e.to_string()))?;
+        let peers = Peers::new(
+            config.node_id.clone(),
+            config.peers.clone().into_iter().collect(),
+            endpoint.clone(),
+            peer_client_config(&identity).map_err(ServerError::Tls)?,
+            config.peer_timeout,
+        );
+        let cluster = Arc::new(Cluster::new(
+            kv,
+            Arc::new(peers),
+            ring,
+            ReplicationConfig {
+                quorum: config.quorum,
+                sloppy: config.sloppy_quorum,
+                forward_timeout: Duration::from_millis(u64::from(config.request_timeout_ms)),
+            },
+        ));
         Ok(Node {
             endpoint,
-            kv,
+            cluster,
             config,
         })
     }
@@ -125,9 +173,9 @@ impl Node {
         self.endpoint.local_addr()
     }
 
-    /// The key-value service (for in-process tests).
-    pub fn kv(&self) -> &Arc<KvService> {
-        &self.kv
+    /// The replication layer (for in-process tests).
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
@@ -137,18 +185,21 @@ impl Node {
             frame_bytes_max: request_frame_bytes_max(self.config.value_bytes_max),
             default_timeout: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
         });
+        let background = tokio::spawn(
+            Arc::clone(&self.cluster).run_background(PROBE_INTERVAL, HINT_DELIVERY_INTERVAL),
+        );
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let kv = Arc::clone(&self.kv);
+                    let cluster = Arc::clone(&self.cluster);
                     let inflight = Arc::clone(&inflight);
                     let limits = Arc::clone(&limits);
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(conn) => serve_connection(conn, kv, inflight, limits).await,
+                            Ok(conn) => serve_connection(conn, cluster, inflight, limits).await,
                             Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                         }
                     });
@@ -156,6 +207,7 @@ impl Node {
                 () = &mut shutdown => break,
             }
         }
+        background.abort();
         tracing::info!(node = %self.config.node_id, "shutting down: draining requests in flight");
         self.endpoint.set_server_config(None);
         if tokio::time::timeout(SHUTDOWN_DRAIN_MAX, inflight.drained())
@@ -167,7 +219,7 @@ impl Node {
                 "requests still in flight after the drain limit"
             );
         }
-        if let Err(e) = self.kv.store().flush().await {
+        if let Err(e) = self.cluster.kv().store().flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
         self.endpoint
@@ -190,13 +242,31 @@ fn server_config(
     identity: &NodeIdentity,
     streams_per_connection_max: u32,
 ) -> Result<quinn::ServerConfig, ServerError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in quiver_sdk::tls::parse_certs(&identity.ca_pem, "cluster CA")
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+    {
+        roots
+            .add(cert)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    // Client certificates are optional at the TLS layer (clients have none) but, when
+    // presented, must chain to the cluster CA; peer connections without one are closed
+    // right after the handshake (see `serve_incoming`).
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        quiver_sdk::tls::crypto_provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(quiver_sdk::tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN_CLIENT_V1.to_vec()];
+    tls.alpn_protocols = vec![ALPN_CLIENT_V1.to_vec(), ALPN_PEER_V1.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -246,13 +316,32 @@ impl Drop for InflightGuard {
     }
 }
 
+fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
 async fn serve_connection(
     conn: quinn::Connection,
-    kv: Arc<KvService>,
+    cluster: Arc<Cluster>,
     inflight: Arc<Inflight>,
     limits: Arc<Limits>,
 ) {
     let remote = conn.remote_address();
+    if negotiated_alpn(&conn).as_deref() == Some(ALPN_PEER_V1) {
+        if conn.peer_identity().is_none() {
+            tracing::warn!(%remote, "peer connection without a certificate refused");
+            conn.close(
+                CLOSE_PEER_UNAUTHENTICATED.into(),
+                b"peer certificate required",
+            );
+            return;
+        }
+        serve_peer_connection(conn, cluster, inflight, limits).await;
+        return;
+    }
     tracing::debug!(%remote, "client connected");
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -263,10 +352,49 @@ async fn serve_connection(
             }
         };
         let guard = inflight.enter();
-        let kv = Arc::clone(&kv);
+        let cluster = Arc::clone(&cluster);
         let limits = Arc::clone(&limits);
         tokio::spawn(async move {
-            serve_stream(send, recv, &kv, &limits).await;
+            serve_stream(send, recv, &cluster, &limits).await;
+            drop(guard);
+        });
+    }
+}
+
+async fn serve_peer_connection(
+    conn: quinn::Connection,
+    cluster: Arc<Cluster>,
+    inflight: Arc<Inflight>,
+    limits: Arc<Limits>,
+) {
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, "peer connected");
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "peer connection ended");
+                return;
+            }
+        };
+        let guard = inflight.enter();
+        let cluster = Arc::clone(&cluster);
+        let limits = Arc::clone(&limits);
+        tokio::spawn(async move {
+            let response = match read_frame::<PeerRequest>(&mut recv, limits.frame_bytes_max).await
+            {
+                Ok(request) => cluster.handle_peer(request).await,
+                Err(Response::Error(e)) => PeerResponse::Error(e),
+                Err(_) => PeerResponse::Error(ErrorReply {
+                    code: ErrorCode::Internal,
+                    message: "unreadable peer frame".into(),
+                }),
+            };
+            if let Ok(frame) = wire::encode_frame(&response)
+                && send.write_all(&frame).await.is_ok()
+            {
+                let _ = send.finish();
+            }
             drop(guard);
         });
     }
@@ -275,19 +403,19 @@ async fn serve_connection(
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    kv: &KvService,
+    cluster: &Arc<Cluster>,
     limits: &Limits,
 ) {
-    let response = match read_request(&mut recv, limits.frame_bytes_max).await {
+    let response = match read_frame::<Request>(&mut recv, limits.frame_bytes_max).await {
         Ok(request) => {
             let timeout = request_timeout(&request).unwrap_or(limits.default_timeout);
-            match tokio::time::timeout(timeout, dispatch(kv, request)).await {
+            match tokio::time::timeout(timeout, cluster.handle_client(request, None)).await {
                 Ok(r) => r,
                 Err(_) => error(
                     ErrorCode::Timeout,
                     format!(
                         "node {}: no answer within {} ms",
-                        kv.node(),
+                        cluster.kv().node(),
                         timeout.as_millis()
                     ),
                 ),
@@ -314,7 +442,10 @@ fn error(code: ErrorCode, message: String) -> Response {
 }
 
 /// Reads one request frame; a frame that cannot become a request yields the error reply.
-async fn read_request(recv: &mut quinn::RecvStream, max: usize) -> Result<Request, Response> {
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, Response> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| {
         error(
@@ -343,93 +474,11 @@ async fn read_request(recv: &mut quinn::RecvStream, max: usize) -> Result<Reques
 
 fn request_timeout(request: &Request) -> Option<Duration> {
     let ms = match request {
-        Request::Ping => None,
+        Request::Ping | Request::Status => None,
         Request::Get { options, .. } => options.timeout_ms,
         Request::Put { options, .. } | Request::Delete { options, .. } => options.timeout_ms,
     }?;
     Some(Duration::from_millis(u64::from(
         ms.clamp(1, crate::config::REQUEST_TIMEOUT_MS_MAX),
     )))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn durability(kv: &KvService, wire: Option<WireDurability>) -> Durability {
-    match wire {
-        Some(WireDurability::Sync) => Durability::Sync,
-        Some(WireDurability::Buffered) => Durability::Buffered,
-        None => kv.store().default_durability(),
-    }
-}
-
-async fn dispatch(kv: &KvService, request: Request) -> Response {
-    let result = match request {
-        Request::Ping => {
-            return Response::Pong {
-                node: kv.node().to_string(),
-                protocol: PROTOCOL_VERSION,
-            };
-        }
-        Request::Get { bucket, key, .. } => kv.get(&bucket, &key).map(|object| Response::Get {
-            context: causality::encode_context(object.context()),
-            siblings: object
-                .siblings()
-                .iter()
-                .map(|s| WireSibling {
-                    value: s.value.clone(),
-                    tombstone: s.meta.tombstone,
-                    timestamp_ms: s.meta.timestamp_ms,
-                    actor: s.dot.actor.to_string(),
-                })
-                .collect(),
-        }),
-        Request::Put {
-            bucket,
-            key,
-            context,
-            value,
-            options,
-        } => kv
-            .write(WriteArgs {
-                bucket: &bucket,
-                key: &key,
-                context: &context,
-                op: WriteOp::Put(value),
-                durability: durability(kv, options.durability),
-                now_ms: now_ms(),
-            })
-            .await
-            .map(|ctx| Response::Written {
-                context: causality::encode_context(&ctx),
-            }),
-        Request::Delete {
-            bucket,
-            key,
-            context,
-            options,
-        } => kv
-            .write(WriteArgs {
-                bucket: &bucket,
-                key: &key,
-                context: &context,
-                op: WriteOp::Delete,
-                durability: durability(kv, options.durability),
-                now_ms: now_ms(),
-            })
-            .await
-            .map(|ctx| Response::Written {
-                context: causality::encode_context(&ctx),
-            }),
-    };
-    result.unwrap_or_else(|e| {
-        if e.code() == ErrorCode::Storage {
-            tracing::error!(error = %e, "storage failure");
-        }
-        error(e.code(), e.to_string())
-    })
 }

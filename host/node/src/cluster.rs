@@ -1,0 +1,646 @@
+//! Replication: the coordinator side of client requests and the replica side of peer
+//! requests (Dynamo §4.5-4.6).
+//!
+//! A put is coordinated by a node of the key's preference list: it issues the dot against
+//! its own record (so per-key actor epochs keep working), then sends the new state to the
+//! other targets and answers after `w` acknowledgements. A node outside the preference list
+//! forwards the put to one inside it. A get asks every target, answers after `r` replies
+//! with their merge, and repairs stale replicas in the background once all have answered.
+//! Which targets, and when a quorum is decided, are the core's pure logic
+//! (`quiver_core::quorum`); this module only moves messages.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quiver_core::causality::{self, Object, WriteOp};
+use quiver_core::quorum::{Quorum, ReadQuorum, Status, Target, WriteQuorum, select_targets};
+use quiver_core::ring::Ring;
+use quiver_sdk::wire::{
+    ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
+    Response, WireDurability, WireSibling, WriteOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::kv::{KvError, KvService, WriteArgs};
+use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
+use crate::storage::Durability;
+
+/// Keys handed over per hint-delivery pass and owner.
+const HINT_BATCH_KEYS: usize = 256;
+
+/// Replication settings of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicationConfig {
+    /// Default n/r/w.
+    pub quorum: Quorum,
+    /// Replace unreachable primaries with fallbacks that keep hints.
+    pub sloppy: bool,
+    /// How long a node waits for a write it forwarded to be coordinated elsewhere.
+    pub forward_timeout: Duration,
+}
+
+/// The replication layer of one node.
+#[derive(Debug)]
+pub struct Cluster {
+    kv: Arc<KvService>,
+    peers: Arc<Peers>,
+    ring: Ring,
+    config: ReplicationConfig,
+}
+
+fn error(code: ErrorCode, message: String) -> Response {
+    Response::Error(ErrorReply { code, message })
+}
+
+fn kv_error(e: &KvError) -> Response {
+    if e.code() == ErrorCode::Storage {
+        tracing::error!(error = %e, "storage failure");
+    }
+    error(e.code(), e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn wire_siblings(object: &Object) -> Vec<WireSibling> {
+    object
+        .siblings()
+        .iter()
+        .map(|s| WireSibling {
+            value: s.value.clone(),
+            tombstone: s.meta.tombstone,
+            timestamp_ms: s.meta.timestamp_ms,
+            actor: s.dot.actor.to_string(),
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Wires the layer together.
+    pub fn new(
+        kv: Arc<KvService>,
+        peers: Arc<Peers>,
+        ring: Ring,
+        config: ReplicationConfig,
+    ) -> Self {
+        Cluster {
+            kv,
+            peers,
+            ring,
+            config,
+        }
+    }
+
+    /// The key-value service underneath.
+    pub fn kv(&self) -> &Arc<KvService> {
+        &self.kv
+    }
+
+    /// The peers.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    fn me(&self) -> &str {
+        self.peers.me()
+    }
+
+    /// Preference list of a key: (primaries, fallbacks) for replication factor `n`.
+    pub fn preference(&self, bucket: &str, key: &[u8], n: usize) -> (Vec<String>, Vec<String>) {
+        let list = self.ring.preference_list_for_key(bucket.as_bytes(), key, n);
+        (
+            list.primaries.iter().map(|m| m.id.clone()).collect(),
+            list.fallbacks.iter().map(|m| m.id.clone()).collect(),
+        )
+    }
+
+    fn targets(&self, bucket: &str, key: &[u8], n: usize) -> (Vec<Target>, usize) {
+        let (primaries, fallbacks) = self.preference(bucket, key, n);
+        let p: Vec<&str> = primaries.iter().map(String::as_str).collect();
+        let f: Vec<&str> = fallbacks.iter().map(String::as_str).collect();
+        let targets = select_targets(&p, &f, |node| self.peers.is_up(node), self.config.sloppy);
+        (targets, primaries.len())
+    }
+
+    fn quorum(&self, r: Option<u8>, w: Option<u8>) -> Result<Quorum, Response> {
+        let d = self.config.quorum;
+        Quorum::new(d.n, r.map_or(d.r, usize::from), w.map_or(d.w, usize::from))
+            .map_err(|e| error(ErrorCode::InvalidQuorum, e.to_string()))
+    }
+
+    fn durability(&self, wire: Option<WireDurability>) -> Durability {
+        match wire {
+            Some(WireDurability::Sync) => Durability::Sync,
+            Some(WireDurability::Buffered) => Durability::Buffered,
+            None => self.kv.store().default_durability(),
+        }
+    }
+
+    /// Answers a client request. `hint_for` is set when another node forwarded a write to
+    /// this one as a fallback for that primary.
+    pub async fn handle_client(
+        self: &Arc<Self>,
+        request: Request,
+        forwarded: Option<Option<String>>,
+    ) -> Response {
+        match request {
+            Request::Ping => Response::Pong {
+                node: self.me().to_string(),
+                protocol: PROTOCOL_VERSION,
+            },
+            Request::Status => Response::Status(self.status()),
+            Request::Get {
+                bucket,
+                key,
+                options,
+            } => self.get(&bucket, &key, &options).await,
+            Request::Put {
+                bucket,
+                key,
+                context,
+                value,
+                options,
+            } => {
+                self.put(
+                    bucket,
+                    key,
+                    context,
+                    WriteOp::Put(value),
+                    options,
+                    forwarded,
+                )
+                .await
+            }
+            Request::Delete {
+                bucket,
+                key,
+                context,
+                options,
+            } => {
+                self.put(bucket, key, context, WriteOp::Delete, options, forwarded)
+                    .await
+            }
+        }
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let mut members: Vec<MemberStatus> = std::iter::once(self.me().to_string())
+            .chain(self.peers.names().map(str::to_string))
+            .map(|node| MemberStatus {
+                addr: self
+                    .peers
+                    .addr(&node)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                up: self.peers.is_up(&node),
+                partitions: self.ring.partitions_of(&node).len() as u32,
+                node,
+            })
+            .collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        let q = self.config.quorum;
+        NodeStatus {
+            node: self.me().to_string(),
+            members,
+            hints: self.kv.hint_count(),
+            partitions: self.ring.partitions(),
+            n: q.n as u8,
+            r: q.r as u8,
+            w: q.w as u8,
+        }
+    }
+
+    async fn get(self: &Arc<Self>, bucket: &str, key: &[u8], options: &ReadOptions) -> Response {
+        let quorum = match self.quorum(options.r, None) {
+            Ok(q) => q,
+            Err(e) => return e,
+        };
+        // Validation errors are the same on every replica: answer them here, once.
+        if let Err(e) = self.kv.get(bucket, key) {
+            return kv_error(&e);
+        }
+        let (targets, n) = self.targets(bucket, key, quorum.n);
+        let mut read = ReadQuorum::new(&targets, quorum.r, n);
+        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
+        for target in &targets {
+            let (this, tx, bucket, key, node) = (
+                Arc::clone(self),
+                tx.clone(),
+                bucket.to_string(),
+                key.to_vec(),
+                target.node.clone(),
+            );
+            tokio::spawn(async move {
+                let result = this.fetch(&node, &bucket, &key).await;
+                let _ = tx.send((node, result)).await;
+            });
+        }
+        drop(tx);
+        loop {
+            match read.status() {
+                Status::Reached(merged) => {
+                    let reply = Response::Get {
+                        siblings: wire_siblings(merged),
+                        context: causality::encode_context(merged.context()),
+                    };
+                    // Late replies and read repair continue in the background.
+                    let this = Arc::clone(self);
+                    let (bucket, key) = (bucket.to_string(), key.to_vec());
+                    tokio::spawn(async move {
+                        while let Some((node, result)) = rx.recv().await {
+                            feed_read(&mut read, &node, result);
+                        }
+                        this.read_repair(&bucket, &key, &read, &targets).await;
+                    });
+                    return reply;
+                }
+                Status::Failed(f) => {
+                    return error(
+                        ErrorCode::QuorumFailed,
+                        format!(
+                            "get {bucket:?} {}: read quorum r={} not reached: {f}",
+                            crate::kv::render_key(key),
+                            quorum.r
+                        ),
+                    );
+                }
+                Status::Pending => match rx.recv().await {
+                    Some((node, result)) => feed_read(&mut read, &node, result),
+                    None => {
+                        return error(ErrorCode::Internal, "read replies ended undecided".into());
+                    }
+                },
+            }
+        }
+    }
+
+    async fn fetch(&self, node: &str, bucket: &str, key: &[u8]) -> Result<Object, String> {
+        if node == self.me() {
+            return self.kv.get(bucket, key).map_err(|e| e.to_string());
+        }
+        let req = PeerRequest::Fetch {
+            bucket: bucket.to_string(),
+            key: key.to_vec(),
+        };
+        match self.peers.call(node, &req).await {
+            Ok(PeerResponse::Fetched(o)) => Ok(o),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn read_repair(&self, bucket: &str, key: &[u8], read: &ReadQuorum, targets: &[Target]) {
+        for node in read.stale_replicas() {
+            let hint_for = targets
+                .iter()
+                .find(|t| t.node == node)
+                .and_then(|t| t.hint_for.clone());
+            let result = self
+                .store_on(
+                    node,
+                    bucket,
+                    key,
+                    read.merged(),
+                    hint_for,
+                    Durability::Buffered,
+                )
+                .await;
+            match result {
+                Ok(()) => tracing::debug!(node, bucket, "read repair"),
+                Err(e) => tracing::debug!(node, bucket, error = %e, "read repair failed"),
+            }
+        }
+    }
+
+    async fn store_on(
+        &self,
+        node: &str,
+        bucket: &str,
+        key: &[u8],
+        object: &Object,
+        hint_for: Option<String>,
+        durability: Durability,
+    ) -> Result<(), String> {
+        if node == self.me() {
+            return self
+                .kv
+                .merge_remote(bucket, key, object, durability, hint_for.as_deref())
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let req = PeerRequest::Store {
+            bucket: bucket.to_string(),
+            key: key.to_vec(),
+            object: object.clone(),
+            hint_for,
+            sync: durability == Durability::Sync,
+        };
+        match self.peers.call(node, &req).await {
+            Ok(PeerResponse::Stored) => Ok(()),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn put(
+        self: &Arc<Self>,
+        bucket: String,
+        key: Vec<u8>,
+        context: Vec<u8>,
+        op: WriteOp,
+        options: WriteOptions,
+        forwarded: Option<Option<String>>,
+    ) -> Response {
+        let quorum = match self.quorum(None, options.w) {
+            Ok(q) => q,
+            Err(e) => return e,
+        };
+        let (targets, n) = self.targets(&bucket, &key, quorum.n);
+        let me = self.me().to_string();
+        let my_target = match (&forwarded, targets.iter().find(|t| t.node == me)) {
+            (_, Some(t)) => t.clone(),
+            // Forwarded here as a fallback (the forwarder saw primaries down that this node
+            // may still believe up): coordinate as the forwarder decided.
+            (Some(hint_for), None) => Target {
+                node: me.clone(),
+                hint_for: hint_for.clone(),
+            },
+            (None, None) => {
+                let request = match op {
+                    WriteOp::Put(value) => Request::Put {
+                        bucket,
+                        key,
+                        context,
+                        value,
+                        options,
+                    },
+                    WriteOp::Delete => Request::Delete {
+                        bucket,
+                        key,
+                        context,
+                        options,
+                    },
+                };
+                return self.forward(request, &targets, quorum, n).await;
+            }
+        };
+        let durability = self.durability(options.durability);
+        let outcome = match self
+            .kv
+            .write(WriteArgs {
+                bucket: &bucket,
+                key: &key,
+                context: &context,
+                op,
+                durability,
+                now_ms: now_ms(),
+                hint_for: my_target.hint_for.as_deref(),
+            })
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => return kv_error(&e),
+        };
+        let mut all: Vec<Target> = vec![my_target];
+        all.extend(targets.into_iter().filter(|t| t.node != me));
+        let mut write = WriteQuorum::new(&all, quorum.w, n);
+        write.on_ack(&me);
+        let object = Arc::new(outcome.object);
+        // Fallbacks not yet used: a target that fails is replaced by the next one that is up
+        // (Dynamo §4.6), holding a hint for the replica it stands in for.
+        let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
+        let mut spare = fallbacks
+            .into_iter()
+            .filter(|f| !all.iter().any(|t| &t.node == f));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let spawn_store = |target: Target| {
+            let (this, tx, bucket, key, object) = (
+                Arc::clone(self),
+                tx.clone(),
+                bucket.clone(),
+                key.clone(),
+                Arc::clone(&object),
+            );
+            tokio::spawn(async move {
+                let result = this
+                    .store_on(
+                        &target.node,
+                        &bucket,
+                        &key,
+                        &object,
+                        target.hint_for.clone(),
+                        durability,
+                    )
+                    .await;
+                let _ = tx.send((target, result));
+            });
+        };
+        for target in all.iter().skip(1) {
+            spawn_store(target.clone());
+        }
+        loop {
+            match write.status() {
+                Status::Reached(()) => {
+                    return Response::Written {
+                        context: causality::encode_context(&outcome.context),
+                    };
+                }
+                Status::Failed(f) => {
+                    return error(
+                        ErrorCode::QuorumFailed,
+                        format!(
+                            "put {bucket:?} {}: write quorum w={} not reached: {f}",
+                            crate::kv::render_key(&key),
+                            quorum.w
+                        ),
+                    );
+                }
+                Status::Pending => match rx.recv().await {
+                    Some((target, Ok(()))) => write.on_ack(&target.node),
+                    Some((target, Err(e))) => {
+                        if self.config.sloppy
+                            && let Some(fallback) = spare.find(|f| self.peers.is_up(f))
+                        {
+                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
+                            write.add_target(&fallback);
+                            spawn_store(Target {
+                                node: fallback,
+                                hint_for,
+                            });
+                        }
+                        write.on_failure(&target.node, e);
+                    }
+                    None => {
+                        return error(ErrorCode::Internal, "write replies ended undecided".into());
+                    }
+                },
+            }
+        }
+    }
+
+    /// Hands a client write to a node of the preference list, trying each target in turn.
+    async fn forward(
+        &self,
+        request: Request,
+        targets: &[Target],
+        quorum: Quorum,
+        n: usize,
+    ) -> Response {
+        let mut failures = Vec::new();
+        for target in targets {
+            let req = PeerRequest::Forward {
+                request: request.clone(),
+                hint_for: target.hint_for.clone(),
+            };
+            match self
+                .peers
+                .call_within(&target.node, &req, self.config.forward_timeout)
+                .await
+            {
+                Ok(PeerResponse::Forwarded(response)) => return response,
+                Ok(other) => {
+                    failures.push((target.node.clone(), format!("unexpected reply {other:?}")))
+                }
+                Err(e) => failures.push((target.node.clone(), e.to_string())),
+            }
+        }
+        let failure = quiver_core::quorum::QuorumFailure {
+            needed: quorum.w,
+            succeeded: Vec::new(),
+            failed: failures,
+            unavailable: n.saturating_sub(targets.len()),
+        };
+        error(
+            ErrorCode::QuorumFailed,
+            format!("no replica could coordinate the write: {failure}"),
+        )
+    }
+
+    /// Answers a request from another node.
+    pub async fn handle_peer(self: &Arc<Self>, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::Ping => PeerResponse::Pong(self.me().to_string()),
+            PeerRequest::Fetch { bucket, key } => match self.kv.get(&bucket, &key) {
+                Ok(o) => PeerResponse::Fetched(o),
+                Err(e) => PeerResponse::Error(ErrorReply {
+                    code: e.code(),
+                    message: e.to_string(),
+                }),
+            },
+            PeerRequest::Store {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            } => {
+                let durability = if sync {
+                    Durability::Sync
+                } else {
+                    Durability::Buffered
+                };
+                match self
+                    .kv
+                    .merge_remote(&bucket, &key, &object, durability, hint_for.as_deref())
+                    .await
+                {
+                    Ok(()) => PeerResponse::Stored,
+                    Err(e) => PeerResponse::Error(ErrorReply {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            PeerRequest::Forward { request, hint_for } => {
+                PeerResponse::Forwarded(self.handle_client(request, Some(hint_for)).await)
+            }
+        }
+    }
+
+    /// One pass of hinted handoff: for every reachable member this node holds hints for,
+    /// send the hinted keys and drop the hints the owner acknowledged. Returns how many keys
+    /// were handed over.
+    pub async fn deliver_hints(&self) -> usize {
+        if self.kv.hint_count() == 0 {
+            return 0;
+        }
+        let mut delivered = 0;
+        let owners: Vec<String> = self.peers.names().map(str::to_string).collect();
+        for owner in owners {
+            if !self.peers.is_up(&owner) {
+                continue;
+            }
+            let batch = match self.kv.hinted_keys(&owner, HINT_BATCH_KEYS) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(owner, error = %e, "cannot read hints");
+                    continue;
+                }
+            };
+            for hinted in batch {
+                let req = PeerRequest::Store {
+                    bucket: hinted.bucket.clone(),
+                    key: hinted.key.clone(),
+                    object: hinted.object.clone(),
+                    hint_for: None,
+                    sync: true,
+                };
+                match self.peers.call(&owner, &req).await {
+                    Ok(PeerResponse::Stored) => {}
+                    Ok(_) | Err(PeerError::Refused { .. }) => continue,
+                    // The owner went away again: stop for now, it is marked down.
+                    Err(_) => break,
+                }
+                let (primaries, _) =
+                    self.preference(&hinted.bucket, &hinted.key, self.config.quorum.n);
+                let keep = primaries.iter().any(|p| p == self.me())
+                    || self.peers.names().any(|other| {
+                        other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)
+                    });
+                match self
+                    .kv
+                    .hint_delivered(&owner, &hinted.bucket, &hinted.key, &hinted.object, keep)
+                    .await
+                {
+                    Ok(()) => delivered += 1,
+                    Err(e) => tracing::error!(owner, error = %e, "cannot drop a delivered hint"),
+                }
+            }
+        }
+        if delivered > 0 {
+            tracing::info!(delivered, "hinted handoff");
+        }
+        delivered
+    }
+
+    /// Background duties until the process ends: probing down peers and delivering hints.
+    pub async fn run_background(self: Arc<Self>, probe_every: Duration, hints_every: Duration) {
+        let mut probe = tokio::time::interval(probe_every);
+        let mut hints = tokio::time::interval(hints_every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        hints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = probe.tick() => self.peers.probe_down_peers().await,
+                _ = hints.tick() => { self.deliver_hints().await; }
+            }
+        }
+    }
+}
+
+fn feed_read(read: &mut ReadQuorum, node: &str, result: Result<Object, String>) {
+    match result {
+        Ok(o) => read.on_reply(node, o),
+        Err(e) => read.on_failure(node, e),
+    }
+}

@@ -1,0 +1,147 @@
+//! `quiver dev`: a local cluster on loopback for newcomers and demos.
+//!
+//! One `quiver server` process per node (real processes, real QUIC between them), all on
+//! 127.0.0.1 with consecutive ports, sharing one CA created in `DIR/ca`. The command prints
+//! the environment a client needs, then waits; Ctrl-C or SIGTERM stops every node gracefully.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::certs;
+use crate::storage::{Durability, EngineKind};
+
+/// Largest local cluster `quiver dev` starts.
+const DEV_NODES_MAX: usize = 16;
+
+/// `quiver dev` options.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Directory for the CA and every node's data (reused across runs).
+    #[arg(long, value_name = "DIR", default_value = "quiver-dev")]
+    pub dir: PathBuf,
+    /// UDP port of the first node; the others take the following ports.
+    #[arg(long, default_value_t = 7470)]
+    pub base_port: u16,
+    /// Durability of every node.
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<Durability>,
+    /// Storage engine of every node.
+    #[arg(long, value_name = "ENGINE")]
+    pub engine: Option<EngineKind>,
+}
+
+/// Runs the cluster until `shutdown` resolves.
+pub async fn run(
+    args: DevArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if args.nodes == 0 || args.nodes > DEV_NODES_MAX {
+        bail!("--nodes must be between 1 and {DEV_NODES_MAX}");
+    }
+    if usize::from(args.base_port) + args.nodes > usize::from(u16::MAX) {
+        bail!(
+            "--base-port {} leaves no room for {} nodes",
+            args.base_port,
+            args.nodes
+        );
+    }
+    let ca_dir = args.dir.join("ca");
+    certs::ensure_ca(&ca_dir)
+        .with_context(|| format!("cannot create the CA in {}", ca_dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the quiver executable")?;
+    let addrs: Vec<String> = (0..args.nodes)
+        .map(|i| format!("127.0.0.1:{}", usize::from(args.base_port) + i))
+        .collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("n{}={a}", i + 1))
+        .collect();
+
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = format!("n{}", i + 1);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("server")
+            .arg("--data-dir")
+            .arg(args.dir.join(&id))
+            .args(["--listen", addr, "--node-id", &id, "--ca-dir"])
+            .arg(&ca_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for p in &peers {
+            cmd.args(["--peer", p]);
+        }
+        if let Some(d) = args.durability {
+            cmd.args(["--durability", d.as_str()]);
+        }
+        if let Some(e) = args.engine {
+            cmd.args(["--engine", e.as_str()]);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start node {id}"))?;
+        let stdout = child.stdout.take().context("node stdout is not piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match lines.next_line().await {
+            Ok(Some(line)) if line.contains("listening") => eprintln!("{line}"),
+            _ => {
+                let status = child.wait().await;
+                bail!("node {id} did not start ({status:?}); its log is above");
+            }
+        }
+        children.push((id, child));
+    }
+    println!("export QUIVER_CLUSTER={}", addrs.join(","));
+    println!("export QUIVER_CA={}", ca_dir.join("ca.pem").display());
+    eprintln!("{} nodes running; Ctrl-C stops them", children.len());
+
+    {
+        // Resolves when any node exits on its own.
+        let waits = children.iter_mut().map(|(id, c)| {
+            let id = id.clone();
+            Box::pin(async move { (id, c.wait().await) })
+        });
+        let exited = futures_select_all(waits.collect());
+        tokio::select! {
+            () = shutdown => eprintln!("stopping the cluster"),
+            (id, status) = exited => eprintln!("node {id} exited ({status:?}); stopping the cluster"),
+        }
+    }
+    for (id, child) in &mut children {
+        if let Some(pid) = child.id() {
+            // SIGTERM for a graceful stop (flushes storage); kill_on_drop is the fallback.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match child.wait().await {
+            Ok(status) => eprintln!("node {id} stopped ({status})"),
+            Err(e) => eprintln!("node {id}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the first of several futures (a tiny stand-in for `futures::select_all`).
+async fn futures_select_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> F::Output {
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(out) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(out);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -1,0 +1,378 @@
+//! Node-to-node transport: the peer protocol, mutual TLS, connections, and local failure
+//! detection.
+//!
+//! Peers use the same QUIC endpoint (and UDP port) as clients; the ALPN tells them apart.
+//! A peer connection must present a certificate signed by the cluster CA: rustls verifies
+//! any client certificate against the CA during the handshake, and the server closes a
+//! `quiver-peer/1` connection that presented none. Frames are the client protocol's
+//! (length + postcard), one request per bidirectional stream.
+//!
+//! Failure detection is local and only steers routing (DESIGN.md): a peer whose request
+//! fails is marked down, skipped in preference lists, and probed with exponential backoff
+//! until it answers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quiver_core::causality::Object;
+use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::certs::NodeIdentity;
+use crate::storage::Durability;
+
+/// ALPN of version 1 of the peer protocol.
+pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";
+/// First probe delay after a peer is marked down.
+pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest delay between probes of a down peer.
+pub const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Largest peer reply accepted, in bytes.
+const PEER_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// A request from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Liveness probe.
+    Ping,
+    /// Merge `object` into the replica's record of the key. With `hint_for`, the receiver is
+    /// a fallback standing in for that node: it also records a hint to hand the key over.
+    Store {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: Vec<u8>,
+        /// The coordinator's state of the key after the write.
+        object: Object,
+        /// The unreachable primary this copy is held for.
+        hint_for: Option<String>,
+        /// How durable the store must be before the ack.
+        sync: bool,
+    },
+    /// Return the replica's state of the key.
+    Fetch {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// A client write handed to a node of the key's preference list, which coordinates it.
+    Forward {
+        /// The client's request.
+        request: Request,
+        /// When the receiver was picked as a fallback: the primary it stands in for.
+        hint_for: Option<String>,
+    },
+}
+
+/// A node's answer to a [`PeerRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// Answer to Ping, with the node's name.
+    Pong(String),
+    /// The store is done (durable as asked).
+    Stored,
+    /// The replica's state of the key (empty if it holds nothing).
+    Fetched(Object),
+    /// The coordinator's answer to a forwarded client request.
+    Forwarded(Response),
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+impl PeerRequest {
+    /// Durability flag for a store.
+    pub fn sync_flag(d: Durability) -> bool {
+        d == Durability::Sync
+    }
+}
+
+/// Why a peer request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// The peer is not in the member list.
+    #[error("unknown peer {0}")]
+    Unknown(String),
+    /// Connecting or talking to the peer failed.
+    #[error("peer {node} ({addr}): {message}")]
+    Transport {
+        /// Peer name.
+        node: String,
+        /// Peer address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("peer {node}: no answer within {ms} ms")]
+    Timeout {
+        /// Peer name.
+        node: String,
+        /// Deadline.
+        ms: u128,
+    },
+    /// The peer answered with an error.
+    #[error("peer {node} refused: {message}")]
+    Refused {
+        /// Peer name.
+        node: String,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// TLS for outgoing peer connections: trust the cluster CA, present the node certificate.
+pub fn peer_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        quiver_sdk::tls::parse_certs(&identity.ca_pem, "cluster CA").map_err(|e| e.to_string())?
+    {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(quiver_sdk::tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| e.to_string())?;
+    tls.alpn_protocols = vec![ALPN_PEER_V1.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(quiver_sdk::tls::transport_config(None)));
+    Ok(config)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    down_since: Option<Instant>,
+    next_probe: Instant,
+    backoff: Duration,
+    /// When a request to the peer last succeeded.
+    last_success: Option<Instant>,
+}
+
+/// Connections to the other members and what this node believes about their health.
+#[derive(Debug)]
+pub struct Peers {
+    me: String,
+    addrs: HashMap<String, SocketAddr>,
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    /// One slot per peer, each with its own lock, so dialling an unreachable peer never
+    /// holds up requests to the others.
+    conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
+    health: Mutex<HashMap<String, Health>>,
+    timeout: Duration,
+}
+
+impl Peers {
+    /// Peers reached through `endpoint` (the node's own, so replies come from its port).
+    pub fn new(
+        me: String,
+        addrs: HashMap<String, SocketAddr>,
+        endpoint: quinn::Endpoint,
+        config: quinn::ClientConfig,
+        timeout: Duration,
+    ) -> Peers {
+        Peers {
+            me,
+            conns: addrs.keys().map(|n| (n.clone(), Arc::default())).collect(),
+            addrs,
+            endpoint,
+            config,
+            health: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Address of a member (None for this node or an unknown name).
+    pub fn addr(&self, node: &str) -> Option<SocketAddr> {
+        self.addrs.get(node).copied()
+    }
+
+    /// Names of the other members.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.addrs.keys().map(String::as_str)
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
+        // Health entries are plain values updated in one step; a panic elsewhere cannot
+        // leave one half-written, so a poisoned lock is still consistent.
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True unless `node` is a peer currently believed down. This node is always up.
+    pub fn is_up(&self, node: &str) -> bool {
+        node == self.me
+            || self
+                .health()
+                .get(node)
+                .is_none_or(|h| h.down_since.is_none())
+    }
+
+    /// Peers currently believed down.
+    pub fn down(&self) -> Vec<String> {
+        self.health()
+            .iter()
+            .filter(|(_, h)| h.down_since.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Records a failure of a request that started at `started`. A failure older than the
+    /// peer's last success says nothing about it now (a request that timed out while the
+    /// peer restarted must not undo the probe that found it back), so it is ignored.
+    fn mark_down(&self, node: &str, started: Instant) {
+        let now = Instant::now();
+        let mut health = self.health();
+        let h = health.entry(node.to_string()).or_insert(Health {
+            down_since: None,
+            next_probe: now,
+            backoff: PROBE_BACKOFF_MIN,
+            last_success: None,
+        });
+        if h.last_success.is_some_and(|t| t > started) {
+            return;
+        }
+        if h.down_since.is_none() {
+            tracing::warn!(peer = node, "peer marked down");
+            h.down_since = Some(now);
+            h.backoff = PROBE_BACKOFF_MIN;
+        } else {
+            h.backoff = (h.backoff * 2).min(PROBE_BACKOFF_MAX);
+        }
+        h.next_probe = now + h.backoff;
+    }
+
+    fn mark_up(&self, node: &str) {
+        let now = Instant::now();
+        let mut health = self.health();
+        let h = health.entry(node.to_string()).or_insert(Health {
+            down_since: None,
+            next_probe: now,
+            backoff: PROBE_BACKOFF_MIN,
+            last_success: None,
+        });
+        h.last_success = Some(now);
+        if h.down_since.take().is_some() {
+            tracing::info!(peer = node, "peer is back up");
+        }
+    }
+
+    /// Probes every down peer whose backoff has expired; called periodically.
+    pub async fn probe_down_peers(&self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .health()
+            .iter()
+            .filter(|(_, h)| h.down_since.is_some() && h.next_probe <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in due {
+            // `call` marks the peer up on success and pushes the backoff on failure.
+            let _ = self.call(&node, &PeerRequest::Ping).await;
+        }
+    }
+
+    async fn connection(&self, node: &str) -> Result<quinn::Connection, PeerError> {
+        let unknown = || PeerError::Unknown(node.to_string());
+        let addr = *self.addrs.get(node).ok_or_else(unknown)?;
+        let mut slot = self.conns.get(node).ok_or_else(unknown)?.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let transport = |message: String| PeerError::Transport {
+            node: node.to_string(),
+            addr,
+            message,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), addr, NODE_SERVER_NAME)
+            .map_err(|e| transport(e.to_string()))?;
+        let conn = tokio::time::timeout(self.timeout, connecting)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                node: node.to_string(),
+                ms: self.timeout.as_millis(),
+            })?
+            .map_err(|e| transport(e.to_string()))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends one request and waits for its answer (within the peer timeout). Failures mark
+    /// the peer down; success marks it up.
+    pub async fn call(&self, node: &str, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        self.call_within(node, req, self.timeout).await
+    }
+
+    /// [`Peers::call`] with its own deadline: a forwarded write waits for the whole
+    /// coordination on the other side, not just one peer round trip.
+    pub async fn call_within(
+        &self,
+        node: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, self.exchange(node, req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Timeout {
+                    node: node.to_string(),
+                    ms: timeout.as_millis(),
+                })
+            });
+        match &result {
+            Ok(PeerResponse::Error(e)) => {
+                // It answered, so it is up; the request itself was refused.
+                self.mark_up(node);
+                return Err(PeerError::Refused {
+                    node: node.to_string(),
+                    message: e.message.clone(),
+                });
+            }
+            Ok(_) => self.mark_up(node),
+            Err(PeerError::Refused { .. }) | Err(PeerError::Unknown(_)) => {}
+            Err(_) => {
+                self.mark_down(node, started);
+                // Drop a broken connection so the next call dials afresh.
+                if let Some(slot) = self.conns.get(node) {
+                    *slot.lock().await = None;
+                }
+            }
+        }
+        result
+    }
+
+    async fn exchange(&self, node: &str, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        let conn = self.connection(node).await?;
+        let addr = conn.remote_address();
+        let transport = |message: String| PeerError::Transport {
+            node: node.to_string(),
+            addr,
+            message,
+        };
+        let frame = wire::encode_frame(req).map_err(|e| transport(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        send.finish().map_err(|e| transport(e.to_string()))?;
+        let bytes = recv
+            .read_to_end(FRAME_HEADER_BYTES + PEER_FRAME_BYTES_MAX)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        wire::decode_frame(&bytes, PEER_FRAME_BYTES_MAX).map_err(|e| transport(e.to_string()))
+    }
+}
