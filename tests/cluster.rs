@@ -303,3 +303,65 @@ async fn a_peer_with_a_foreign_certificate_is_refused() {
     let n1 = c.client(0).await;
     assert!(!n1.get("b", "k").await.expect("get").found());
 }
+
+// Dynamo §6.4: the SDK learns the ring and sends each request straight to a replica of
+// its key, moving on to the next member when one is unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
+    let mut c = ClusterProc::start(16, 4, &["--n", "2", "--peer-timeout-ms", "500"]);
+    let ca = std::fs::read(c.ca_dir().join("ca.pem")).expect("read CA");
+    let mut config = ClientConfig::new(ca);
+    config.request_timeout = Duration::from_secs(2);
+    let client = quiver_sdk::ClusterClient::connect(&[c.addrs[3].as_str()], config)
+        .await
+        .expect("cluster client");
+    let members = (1..=4).map(|i| Member::new(format!("n{i}"))).collect();
+    let ring = Ring::new(
+        members,
+        ClaimParams {
+            partitions: 256,
+            n_val: 2,
+        },
+    )
+    .expect("ring");
+    for i in 0..20 {
+        let key = format!("k{i}");
+        let route = client.route("b", key.as_bytes()).await;
+        let list = ring.preference_list_for_key(b"b", key.as_bytes(), 2);
+        let want: Vec<String> = list
+            .nodes()
+            .map(|m| c.addrs[m.id[1..].parse::<usize>().expect("nI") - 1].clone())
+            .collect();
+        assert_eq!(
+            route, want,
+            "route of {key}: primaries first, then the rest"
+        );
+        client
+            .put_with("b", &key, b"v".to_vec(), None, &w(2))
+            .await
+            .expect("routed put");
+    }
+    // Kill the first primary of k0: requests for it go to the next member and still work
+    // (W=1, since its second replica alone remains among the primaries).
+    let first = ring.preference_list_for_key(b"b", b"k0", 2).primaries[0]
+        .id
+        .clone();
+    let idx = first[1..].parse::<usize>().expect("nI") - 1;
+    c.kill9(idx);
+    let got = client
+        .get_with("b", "k0", &r(1))
+        .await
+        .expect("routed get around a dead node");
+    assert_eq!(got.values(), vec![&b"v"[..]]);
+    client
+        .put_with("b", "k0", b"v2".to_vec(), Some(&got.context), &w(1))
+        .await
+        .expect("put");
+    let statuses = client.status().await;
+    assert_eq!(statuses.len(), 4);
+    let dead = statuses
+        .iter()
+        .find(|(n, _)| n == &first)
+        .expect("dead node listed");
+    assert!(dead.1.is_err(), "the killed node does not answer");
+}

@@ -291,6 +291,22 @@ impl Client {
         }
     }
 
+    /// The ring, every member's address, and the default replication factor.
+    pub async fn ring(
+        &self,
+    ) -> Result<(quiver_core::ring::Ring, Vec<(String, String)>, usize), Error> {
+        match self.call(&Request::Ring).await? {
+            Response::Ring { ring, members, n } => {
+                let ring = quiver_core::ring::Ring::decode(&ring).map_err(|e| Error::Protocol {
+                    addr: self.addr.clone(),
+                    message: format!("undecodable ring: {e}"),
+                })?;
+                Ok((ring, members, usize::from(n)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Reads a key with default options.
     pub async fn get(&self, bucket: &str, key: impl AsRef<[u8]>) -> Result<GetResult, Error> {
         self.get_with(bucket, key, &ReadOptions::default()).await
@@ -465,6 +481,7 @@ fn reply_name(resp: &Response) -> &'static str {
     match resp {
         Response::Pong { .. } => "Pong",
         Response::Status(_) => "Status",
+        Response::Ring { .. } => "Ring",
         Response::Get { .. } => "Get",
         Response::Written { .. } => "Written",
         Response::Error(_) => "Error",

@@ -29,13 +29,17 @@
 //! ```
 //!
 //! Layout: [`wire`] holds the protocol shared with nodes, [`tls`] the QUIC/TLS client setup,
-//! and this module the [`Client`].
+//! [`Client`] talks to one node, and [`ClusterClient`] learns the ring and sends each request
+//! straight to a replica of its key (Dynamo §6.4 client-driven coordination), falling back to
+//! the other members.
 #![deny(clippy::unwrap_used)]
 
 pub mod tls;
 pub mod wire;
 
 mod client;
+mod routing;
 
 pub use client::{Client, ClientConfig, Context, Error, GetResult, NodeInfo, Sibling};
+pub use routing::ClusterClient;
 pub use wire::{ErrorCode, ReadOptions, WireDurability as Durability, WriteOptions};

@@ -55,6 +55,8 @@ pub enum Request {
     Ping,
     /// The node's view of the cluster: members, their health, hints held, quorum defaults.
     Status,
+    /// The ring and member addresses, for clients that route requests to replicas.
+    Ring,
     /// Read every sibling of a key.
     Get {
         /// Bucket name (1 to 255 bytes of UTF-8).
@@ -189,6 +191,15 @@ pub enum Response {
     },
     /// Answer to [`Request::Status`].
     Status(NodeStatus),
+    /// Answer to [`Request::Ring`].
+    Ring {
+        /// The ring, as `quiver_core::ring::Ring::encode` bytes.
+        ring: Vec<u8>,
+        /// Every member's name and client address.
+        members: Vec<(String, String)>,
+        /// Default replicas per key.
+        n: u8,
+    },
     /// Answer to [`Request::Get`]; no siblings means the key was never written.
     Get {
         /// All siblings, tombstones included.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use quiver_sdk::{Client, Context, ErrorCode, WriteOptions};
+use quiver_sdk::{ClusterClient as Client, Context, ErrorCode, WriteOptions};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution as _, Zipf};
 use serde_json::json;

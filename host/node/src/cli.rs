@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use quiver_sdk::{Client, ClientConfig, Context, Durability as WireDurability, GetResult};
+use quiver_sdk::{ClientConfig, ClusterClient, Context, Durability as WireDurability, GetResult};
 use quiver_sdk::{ReadOptions, WriteOptions};
 use serde_json::json;
 
@@ -45,6 +45,20 @@ pub enum Command {
     /// Cluster certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Cluster membership and health.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `quiver cluster` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Every member as each reachable node sees it: up/down, partitions owned, hints held.
+    Status {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientArgs,
+    },
 }
 
 /// `quiver ca` subcommands.
@@ -195,7 +209,7 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     /// Connects to the first node of `--cluster` that answers.
-    pub async fn connect(&self) -> anyhow::Result<Client> {
+    pub async fn connect(&self) -> anyhow::Result<ClusterClient> {
         let ca_pem = std::fs::read(&self.ca).with_context(|| {
             format!(
                 "cannot read the cluster CA {} (set --ca or QUIVER_CA to a node's ca.pem)",
@@ -204,22 +218,16 @@ impl ClientArgs {
         })?;
         let mut config = ClientConfig::new(ca_pem);
         config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
-        let mut last = None;
-        for addr in self
+        let seeds: Vec<&str> = self
             .cluster
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-        {
-            match Client::connect(addr, config.clone()).await {
-                Ok(c) => return Ok(c),
-                Err(e) => last = Some(e),
-            }
+            .collect();
+        if seeds.is_empty() {
+            bail!("--cluster is empty: give at least one node address");
         }
-        match last {
-            Some(e) => Err(e.into()),
-            None => bail!("--cluster is empty: give at least one node address"),
-        }
+        Ok(ClusterClient::connect(&seeds, config).await?)
     }
 }
 
@@ -445,4 +453,69 @@ fn print_written(ctx: &Context, output: Output) {
         Output::Json => println!("{}", json!({ "context": ctx.to_string() })),
         Output::Human => println!("ok\ncontext: {ctx}"),
     }
+}
+
+/// Runs `quiver cluster status`.
+pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
+    let client = client_args.connect().await?;
+    let statuses = client.status().await;
+    match client_args.output {
+        Output::Json => {
+            let nodes: Vec<_> = statuses
+                .iter()
+                .map(|(node, st)| match st {
+                    Ok(s) => json!({
+                        "node": node,
+                        "reachable": true,
+                        "hints": s.hints,
+                        "partitions": s.partitions,
+                        "n": s.n, "r": s.r, "w": s.w,
+                        "members": s.members.iter().map(|m| json!({
+                            "node": m.node, "addr": m.addr, "up": m.up, "partitions": m.partitions,
+                        })).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => json!({ "node": node, "reachable": false, "error": e.to_string() }),
+                })
+                .collect();
+            println!("{}", json!({ "nodes": nodes }));
+        }
+        Output::Human => {
+            println!(
+                "{:<12} {:<10} {:>10} {:>7}  sees down",
+                "node", "reachable", "partitions", "hints"
+            );
+            for (node, st) in &statuses {
+                match st {
+                    Ok(s) => {
+                        let mine = s
+                            .members
+                            .iter()
+                            .find(|m| &m.node == node)
+                            .map_or(0, |m| m.partitions);
+                        let down: Vec<&str> = s
+                            .members
+                            .iter()
+                            .filter(|m| !m.up)
+                            .map(|m| m.node.as_str())
+                            .collect();
+                        let down = if down.is_empty() {
+                            "-".to_string()
+                        } else {
+                            down.join(",")
+                        };
+                        println!("{node:<12} {:<10} {mine:>10} {:>7}  {down}", "yes", s.hints);
+                    }
+                    Err(e) => println!("{node:<12} {:<10} {:>10} {:>7}  ({e})", "NO", "-", "-"),
+                }
+            }
+            if let Some((_, Ok(s))) = statuses.iter().find(|(_, s)| s.is_ok()) {
+                println!(
+                    "ring: {} partitions, n={} r={} w={}",
+                    s.partitions, s.n, s.r, s.w
+                );
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
 }

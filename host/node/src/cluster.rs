@@ -158,6 +158,20 @@ impl Cluster {
                 protocol: PROTOCOL_VERSION,
             },
             Request::Status => Response::Status(self.status()),
+            Request::Ring => match self.ring.encode() {
+                Ok(ring) => Response::Ring {
+                    ring,
+                    members: std::iter::once(self.me().to_string())
+                        .chain(self.peers.names().map(str::to_string))
+                        .map(|node| {
+                            let addr = self.peers.addr(&node).unwrap_or(self.peers.local_addr());
+                            (node, addr.to_string())
+                        })
+                        .collect(),
+                    n: self.config.quorum.n as u8,
+                },
+                Err(e) => error(ErrorCode::Internal, format!("cannot encode the ring: {e}")),
+            },
             Request::Get {
                 bucket,
                 key,

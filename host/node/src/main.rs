@@ -75,6 +75,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Put(args) => cli::put(args).await,
         Command::Delete(args) => cli::delete(args).await,
         Command::Bench(args) => quiver_node::bench::run(args).await,
+        Command::Cluster(cli::ClusterCommand::Status { client }) => {
+            cli::cluster_status(client).await
+        }
         Command::Dev(args) => quiver_node::dev::run(args, shutdown_signal()).await,
         Command::Ca(cli::CaCommand::Init { dir }) => {
             let created = quiver_node::certs::ensure_ca(&dir)?;

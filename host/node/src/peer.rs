@@ -192,6 +192,13 @@ impl Peers {
         &self.me
     }
 
+    /// This node's own address, as bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
     /// Address of a member (None for this node or an unknown name).
     pub fn addr(&self, node: &str) -> Option<SocketAddr> {
         self.addrs.get(node).copied()

@@ -474,7 +474,7 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
 
 fn request_timeout(request: &Request) -> Option<Duration> {
     let ms = match request {
-        Request::Ping | Request::Status => None,
+        Request::Ping | Request::Status | Request::Ring => None,
         Request::Get { options, .. } => options.timeout_ms,
         Request::Put { options, .. } | Request::Delete { options, .. } => options.timeout_ms,
     }?;

@@ -1,0 +1,287 @@
+//! Client-driven coordination (Dynamo §6.4): a client that knows the ring sends each request
+//! straight to a node of the key's preference list, saving the coordinator's forwarding hop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use quiver_core::ring::Ring;
+use tokio::sync::{Mutex, RwLock};
+
+use crate::client::{Client, ClientConfig, Context, Error, GetResult};
+use crate::wire::{NodeStatus, ReadOptions, WriteOptions};
+
+/// What the client knows of the cluster layout.
+#[derive(Debug)]
+struct Layout {
+    ring: Ring,
+    /// Node name → client address.
+    addrs: HashMap<String, String>,
+    n: usize,
+}
+
+/// A client for a whole cluster: routes every request to a replica of its key, falling back
+/// to the other members when a node cannot be reached. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    layout: RwLock<Layout>,
+    /// One connection per node address, opened on first use.
+    conns: Mutex<HashMap<String, Client>>,
+}
+
+impl ClusterClient {
+    /// Connects to the first of `seeds` that answers and learns the ring from it.
+    pub async fn connect<S: AsRef<str>>(seeds: &[S], config: ClientConfig) -> Result<Self, Error> {
+        let mut last = None;
+        for seed in seeds {
+            match Client::connect(seed.as_ref(), config.clone()).await {
+                Ok(client) => match client.ring().await {
+                    Ok((ring, members, n)) => {
+                        let mut conns = HashMap::new();
+                        conns.insert(client.addr().to_string(), client);
+                        let layout = Layout {
+                            ring,
+                            addrs: members.into_iter().collect(),
+                            n,
+                        };
+                        return Ok(ClusterClient {
+                            inner: Arc::new(Inner {
+                                config,
+                                layout: RwLock::new(layout),
+                                conns: Mutex::new(conns),
+                            }),
+                        });
+                    }
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config("no seed address given".into())))
+    }
+
+    /// Addresses to try for a key, best first: its primaries in preference order, then every
+    /// other member.
+    pub async fn route(&self, bucket: &str, key: &[u8]) -> Vec<String> {
+        let layout = self.inner.layout.read().await;
+        let list = layout
+            .ring
+            .preference_list_for_key(bucket.as_bytes(), key, layout.n);
+        list.nodes()
+            .filter_map(|m| layout.addrs.get(&m.id).cloned())
+            .collect()
+    }
+
+    async fn client_for(&self, addr: &str) -> Result<Client, Error> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(addr)
+            && c.connection().close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let c = Client::connect(addr, self.inner.config.clone()).await?;
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self, addr: &str) {
+        self.inner.conns.lock().await.remove(addr);
+    }
+
+    /// Runs `call` against the key's best reachable node. Writes move on to the next node
+    /// only after failures that prove the request never reached a node (cannot connect,
+    /// connection already broken): a timed-out write may have been applied, and repeating it
+    /// elsewhere would create a needless sibling. Reads also move on after a timeout.
+    async fn routed(&self, bucket: &str, key: &[u8], call: Call<'_>) -> Result<Outcome, Error> {
+        let mut last = None;
+        for addr in self.route(bucket, key).await {
+            let client = match self.client_for(&addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let result = match &call {
+                Call::Get(options) => client
+                    .get_with(bucket, key, options)
+                    .await
+                    .map(Outcome::Got),
+                Call::Put {
+                    value,
+                    context,
+                    options,
+                } => client
+                    .put_with(bucket, key, value.to_vec(), *context, options)
+                    .await
+                    .map(Outcome::Written),
+                Call::Delete { context, options } => client
+                    .delete_with(bucket, key, *context, options)
+                    .await
+                    .map(Outcome::Written),
+            };
+            match result {
+                Err(e @ (Error::Connect { .. } | Error::Connection { .. })) => {
+                    self.forget(&addr).await;
+                    last = Some(e);
+                }
+                // A silent node: its connection may be dead without knowing it, so the next
+                // request dials afresh. Reads are safe to repeat elsewhere; writes are not.
+                Err(e @ Error::Timeout { .. }) => {
+                    self.forget(&addr).await;
+                    if !matches!(call, Call::Get(_)) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config("the ring names no reachable member".into())))
+    }
+
+    /// Reads a key from a replica.
+    pub async fn get_with(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        options: &ReadOptions,
+    ) -> Result<GetResult, Error> {
+        match self
+            .routed(bucket, key.as_ref(), Call::Get(options))
+            .await?
+        {
+            Outcome::Got(r) => Ok(r),
+            Outcome::Written(_) => Err(Error::Config("internal: a get produced a write".into())),
+        }
+    }
+
+    /// Reads a key with default options.
+    pub async fn get(&self, bucket: &str, key: impl AsRef<[u8]>) -> Result<GetResult, Error> {
+        self.get_with(bucket, key, &ReadOptions::default()).await
+    }
+
+    /// Writes a value through a replica of the key.
+    pub async fn put_with(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        value: Vec<u8>,
+        context: Option<&Context>,
+        options: &WriteOptions,
+    ) -> Result<Context, Error> {
+        let call = Call::Put {
+            value: &value,
+            context,
+            options,
+        };
+        written(self.routed(bucket, key.as_ref(), call).await?)
+    }
+
+    /// Writes a value with default options.
+    pub async fn put(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        value: Vec<u8>,
+        context: Option<&Context>,
+    ) -> Result<Context, Error> {
+        self.put_with(bucket, key, value, context, &WriteOptions::default())
+            .await
+    }
+
+    /// Deletes a key through a replica of the key.
+    pub async fn delete_with(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        context: Option<&Context>,
+        options: &WriteOptions,
+    ) -> Result<Context, Error> {
+        written(
+            self.routed(bucket, key.as_ref(), Call::Delete { context, options })
+                .await?,
+        )
+    }
+
+    /// Deletes a key with default options.
+    pub async fn delete(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        context: Option<&Context>,
+    ) -> Result<Context, Error> {
+        self.delete_with(bucket, key, context, &WriteOptions::default())
+            .await
+    }
+
+    /// The status of every member that answers, keyed by node name.
+    pub async fn status(&self) -> Vec<(String, Result<NodeStatus, Error>)> {
+        let addrs: Vec<(String, String)> = {
+            let layout = self.inner.layout.read().await;
+            let mut v: Vec<_> = layout
+                .addrs
+                .iter()
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut out = Vec::with_capacity(addrs.len());
+        for (node, addr) in addrs {
+            let result = match self.client_for(&addr).await {
+                Ok(c) => c.status().await,
+                Err(e) => Err(e),
+            };
+            out.push((node, result));
+        }
+        out
+    }
+
+    /// Closes every connection.
+    pub async fn close(self) {
+        let conns: Vec<Client> = self
+            .inner
+            .conns
+            .lock()
+            .await
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in conns {
+            c.close().await;
+        }
+    }
+}
+
+/// A request [`ClusterClient::routed`] can send to any node.
+enum Call<'a> {
+    Get(&'a ReadOptions),
+    Put {
+        value: &'a [u8],
+        context: Option<&'a Context>,
+        options: &'a WriteOptions,
+    },
+    Delete {
+        context: Option<&'a Context>,
+        options: &'a WriteOptions,
+    },
+}
+
+/// What a routed request produced.
+enum Outcome {
+    Got(GetResult),
+    Written(Context),
+}
+
+fn written(o: Outcome) -> Result<Context, Error> {
+    match o {
+        Outcome::Written(c) => Ok(c),
+        Outcome::Got(_) => Err(Error::Config("internal: a write produced a read".into())),
+    }
+}
