@@ -142,7 +142,20 @@ async fn two_of_three_killed_w2_fails_with_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sloppy_quorum_and_hinted_handoff_on_five_nodes() {
     const KEYS: usize = 60;
-    let mut c = ClusterProc::start(13, 5, &["--n", "3", "--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(
+        13,
+        5,
+        &[
+            "--n",
+            "3",
+            "--peer-timeout-ms",
+            "500",
+            "--bucket",
+            "strict:sloppy_quorum=false",
+            "--bucket",
+            "single:n=1",
+        ],
+    );
     c.kill9(3);
     c.kill9(4);
     let n1 = c.client(0).await;
@@ -159,6 +172,24 @@ async fn sloppy_quorum_and_hinted_handoff_on_five_nodes() {
         .await
         .unwrap_or_else(|e| panic!("W=3 put k{i} with two nodes down: {e}"));
     }
+    // A bucket that requires primaries refuses writes whose primaries are down, and says so.
+    let mut refused = 0;
+    for i in 0..KEYS {
+        if let Err(e) = n1
+            .put_with("strict", format!("k{i}"), b"v".to_vec(), None, &w(3))
+            .await
+        {
+            quorum_message(&e);
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "some strict-bucket keys have a dead primary");
+    // Per-bucket n: W=2 is impossible with n=1.
+    let err = n1
+        .put_with("single", "k", b"v".to_vec(), None, &w(2))
+        .await
+        .expect_err("w > n");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidQuorum));
     let held: u64 = {
         let mut total = 0;
         for i in 0..3 {

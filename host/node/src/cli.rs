@@ -142,12 +142,21 @@ pub struct ServerArgs {
     /// this node's certificate on first start. [default: a new CA in the data directory]
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Replication properties of one bucket, as NAME:n=3,r=2,w=2,sloppy_quorum=false (any
+    /// subset); repeat per bucket. `sloppy_quorum=false` requires primaries only.
+    #[arg(long = "bucket", value_name = "NAME:PROPS")]
+    pub buckets: Vec<String>,
 }
 
 impl ServerArgs {
     /// The flags as a partial config, to overlay on the file.
-    pub fn to_file_config(&self) -> FileConfig {
-        FileConfig {
+    pub fn to_file_config(&self) -> Result<FileConfig, crate::config::ConfigError> {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|b| crate::config::BucketFileConfig::parse_flag(b))
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+        Ok(FileConfig {
             data_dir: self.data_dir.clone(),
             listen: self.listen,
             node_id: self.node_id.clone(),
@@ -166,7 +175,12 @@ impl ServerArgs {
             peer_timeout_ms: self.peer_timeout_ms,
             hints_max: self.hints_max,
             ca_dir: self.ca_dir.clone(),
-        }
+            buckets: if buckets.is_empty() {
+                None
+            } else {
+                Some(buckets)
+            },
+        })
     }
 }
 

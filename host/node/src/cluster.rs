@@ -29,7 +29,7 @@ use crate::storage::Durability;
 const HINT_BATCH_KEYS: usize = 256;
 
 /// Replication settings of a node.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReplicationConfig {
     /// Default n/r/w.
     pub quorum: Quorum,
@@ -37,6 +37,17 @@ pub struct ReplicationConfig {
     pub sloppy: bool,
     /// How long a node waits for a write it forwarded to be coordinated elsewhere.
     pub forward_timeout: Duration,
+    /// Buckets with their own n/r/w or sloppy-quorum setting.
+    pub buckets: std::collections::BTreeMap<String, BucketProps>,
+}
+
+/// Replication properties of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketProps {
+    /// n/r/w of the bucket.
+    pub quorum: Quorum,
+    /// False requires primaries only (Riak's pw/pr): no fallbacks, no hints.
+    pub sloppy: bool,
 }
 
 /// The replication layer of one node.
@@ -127,14 +138,27 @@ impl Cluster {
         let (primaries, fallbacks) = self.preference(bucket, key, n);
         let p: Vec<&str> = primaries.iter().map(String::as_str).collect();
         let f: Vec<&str> = fallbacks.iter().map(String::as_str).collect();
-        let targets = select_targets(&p, &f, |node| self.peers.is_up(node), self.config.sloppy);
+        let sloppy = self.props(bucket).sloppy;
+        let targets = select_targets(&p, &f, |node| self.peers.is_up(node), sloppy);
         (targets, primaries.len())
     }
 
-    fn quorum(&self, r: Option<u8>, w: Option<u8>) -> Result<Quorum, Response> {
-        let d = self.config.quorum;
+    /// The bucket's replication properties (the node defaults unless configured).
+    pub fn props(&self, bucket: &str) -> BucketProps {
+        self.config
+            .buckets
+            .get(bucket)
+            .copied()
+            .unwrap_or(BucketProps {
+                quorum: self.config.quorum,
+                sloppy: self.config.sloppy,
+            })
+    }
+
+    fn quorum(&self, bucket: &str, r: Option<u8>, w: Option<u8>) -> Result<Quorum, Response> {
+        let d = self.props(bucket).quorum;
         Quorum::new(d.n, r.map_or(d.r, usize::from), w.map_or(d.w, usize::from))
-            .map_err(|e| error(ErrorCode::InvalidQuorum, e.to_string()))
+            .map_err(|e| error(ErrorCode::InvalidQuorum, format!("bucket {bucket:?}: {e}")))
     }
 
     fn durability(&self, wire: Option<WireDurability>) -> Durability {
@@ -235,7 +259,7 @@ impl Cluster {
     }
 
     async fn get(self: &Arc<Self>, bucket: &str, key: &[u8], options: &ReadOptions) -> Response {
-        let quorum = match self.quorum(options.r, None) {
+        let quorum = match self.quorum(bucket, options.r, None) {
             Ok(q) => q,
             Err(e) => return e,
         };
@@ -375,7 +399,7 @@ impl Cluster {
         options: WriteOptions,
         forwarded: Option<Option<String>>,
     ) -> Response {
-        let quorum = match self.quorum(None, options.w) {
+        let quorum = match self.quorum(&bucket, None, options.w) {
             Ok(q) => q,
             Err(e) => return e,
         };
@@ -482,7 +506,7 @@ impl Cluster {
                 Status::Pending => match rx.recv().await {
                     Some((target, Ok(()))) => write.on_ack(&target.node),
                     Some((target, Err(e))) => {
-                        if self.config.sloppy
+                        if self.props(&bucket).sloppy
                             && let Some(fallback) = spare.find(|f| self.peers.is_up(f))
                         {
                             let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
@@ -615,8 +639,11 @@ impl Cluster {
                     // The owner went away again: stop for now, it is marked down.
                     Err(_) => break,
                 }
-                let (primaries, _) =
-                    self.preference(&hinted.bucket, &hinted.key, self.config.quorum.n);
+                let (primaries, _) = self.preference(
+                    &hinted.bucket,
+                    &hinted.key,
+                    self.props(&hinted.bucket).quorum.n,
+                );
                 let keep = primaries.iter().any(|p| p == self.me())
                     || self.peers.names().any(|other| {
                         other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)

@@ -95,6 +95,54 @@ pub struct FileConfig {
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
     pub ca_dir: Option<PathBuf>,
+    /// Per-bucket replication properties (`[buckets.NAME]` tables); the same on every node.
+    pub buckets: Option<std::collections::BTreeMap<String, BucketFileConfig>>,
+}
+
+/// A bucket's replication properties as written in the config file; unset fields take the
+/// node defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketFileConfig {
+    /// Replicas per key.
+    pub n: Option<usize>,
+    /// Read quorum.
+    pub r: Option<usize>,
+    /// Write quorum.
+    pub w: Option<usize>,
+    /// False: primaries only (no fallbacks, no hints).
+    pub sloppy_quorum: Option<bool>,
+}
+
+impl BucketFileConfig {
+    /// Parses the command-line form `NAME:n=3,r=2,w=2,sloppy_quorum=false`.
+    pub fn parse_flag(spec: &str) -> Result<(String, BucketFileConfig), ConfigError> {
+        let bad = |why: String| ConfigError::Invalid {
+            name: "bucket",
+            message: format!("{spec:?}: {why}"),
+        };
+        let (name, props) = spec
+            .split_once(':')
+            .ok_or_else(|| bad("expected NAME:n=3,r=2,w=2,sloppy_quorum=false".into()))?;
+        let mut out = BucketFileConfig::default();
+        for kv in props.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{kv:?} is not KEY=VALUE")))?;
+            let num = || v.parse::<usize>().map_err(|e| bad(format!("{k}: {e}")));
+            match k {
+                "n" => out.n = Some(num()?),
+                "r" => out.r = Some(num()?),
+                "w" => out.w = Some(num()?),
+                "sloppy_quorum" => {
+                    out.sloppy_quorum =
+                        Some(v.parse::<bool>().map_err(|e| bad(format!("{k}: {e}")))?)
+                }
+                other => return Err(bad(format!("unknown property {other:?}"))),
+            }
+        }
+        Ok((name.to_string(), out))
+    }
 }
 
 impl FileConfig {
@@ -133,6 +181,13 @@ impl FileConfig {
             peer_timeout_ms: flags.peer_timeout_ms.or(self.peer_timeout_ms),
             hints_max: flags.hints_max.or(self.hints_max),
             ca_dir: flags.ca_dir.or(self.ca_dir),
+            buckets: match (self.buckets, flags.buckets) {
+                (Some(mut file), Some(flags)) => {
+                    file.extend(flags);
+                    Some(file)
+                }
+                (file, flags) => flags.or(file),
+            },
         }
     }
 
@@ -230,6 +285,28 @@ impl FileConfig {
             name: "n/r/w",
             message: e.to_string(),
         })?;
+        let sloppy = self.sloppy_quorum.unwrap_or(true);
+        let mut buckets = std::collections::BTreeMap::new();
+        for (name, b) in self.buckets.unwrap_or_default() {
+            let bn = b.n.unwrap_or(quorum.n);
+            let majority = bn / 2 + 1;
+            let q = quiver_core::quorum::Quorum::new(
+                bn,
+                b.r.unwrap_or(if b.n.is_some() { majority } else { quorum.r }),
+                b.w.unwrap_or(if b.n.is_some() { majority } else { quorum.w }),
+            )
+            .map_err(|e| ConfigError::Invalid {
+                name: "buckets",
+                message: format!("{name:?}: {e}"),
+            })?;
+            buckets.insert(
+                name,
+                crate::cluster::BucketProps {
+                    quorum: q,
+                    sloppy: b.sloppy_quorum.unwrap_or(sloppy),
+                },
+            );
+        }
         let partitions = self.partitions.unwrap_or(PARTITIONS_DEFAULT);
         let peer_timeout_ms = self.peer_timeout_ms.unwrap_or(PEER_TIMEOUT_MS_DEFAULT);
         if peer_timeout_ms == 0 || peer_timeout_ms > REQUEST_TIMEOUT_MS_MAX {
@@ -254,7 +331,8 @@ impl FileConfig {
             group_commit_window: std::time::Duration::from_micros(window_us),
             peers,
             quorum,
-            sloppy_quorum: self.sloppy_quorum.unwrap_or(true),
+            sloppy_quorum: sloppy,
+            buckets,
             partitions,
             peer_timeout: std::time::Duration::from_millis(u64::from(peer_timeout_ms)),
             hints_max: self.hints_max.unwrap_or(crate::kv::HINTS_MAX_DEFAULT),
@@ -298,6 +376,8 @@ pub struct NodeConfig {
     pub hints_max: u64,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,
+    /// Buckets with their own replication properties.
+    pub buckets: std::collections::BTreeMap<String, crate::cluster::BucketProps>,
 }
 
 #[cfg(test)]
@@ -318,6 +398,29 @@ mod tests {
         assert_eq!(cfg.durability, Durability::Sync);
         assert_eq!(cfg.node_id, "node-9000");
         assert_eq!(cfg.engine, EngineKind::Fjall);
+    }
+
+    #[test]
+    fn bucket_properties_from_flags_and_file() {
+        let (name, b) =
+            BucketFileConfig::parse_flag("carts:n=5,w=3,sloppy_quorum=false").expect("valid flag");
+        assert_eq!(name, "carts");
+        assert_eq!(
+            (b.n, b.r, b.w, b.sloppy_quorum),
+            (Some(5), None, Some(3), Some(false))
+        );
+        assert!(BucketFileConfig::parse_flag("carts").is_err());
+        assert!(BucketFileConfig::parse_flag("carts:x=1").is_err());
+        let file: FileConfig = toml::from_str(
+            "peers = [\"a=127.0.0.1:1\", \"b=127.0.0.1:2\"]\n[buckets.carts]\nn = 1\n",
+        )
+        .expect("valid toml");
+        let cfg = file.resolve().expect("valid");
+        let carts = cfg.buckets.get("carts").expect("carts");
+        assert_eq!((carts.quorum.n, carts.quorum.r, carts.quorum.w), (1, 1, 1));
+        assert_eq!((cfg.quorum.n, cfg.quorum.r, cfg.quorum.w), (3, 2, 2));
+        let bad: FileConfig = toml::from_str("[buckets.x]\nn = 2\nw = 3\n").expect("toml");
+        assert!(bad.resolve().is_err(), "w > n is refused at start");
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(path) => FileConfig::load(path)?,
                 None => FileConfig::default(),
             };
-            let config = file.overlay(args.to_file_config()).resolve()?;
+            let config = file.overlay(args.to_file_config()?).resolve()?;
             let ca_path = config.data_dir.join("ca.pem");
             let node = Node::open(config.clone())
                 .await

@@ -159,6 +159,7 @@ impl Node {
                 quorum: config.quorum,
                 sloppy: config.sloppy_quorum,
                 forward_timeout: Duration::from_millis(u64::from(config.request_timeout_ms)),
+                buckets: config.buckets.clone(),
             },
         ));
         Ok(Node {
