@@ -360,7 +360,7 @@ impl KvService {
             code: ErrorCode::MalformedRequest,
             message: format!("bucket {bucket:?} key {}: {e}", render_key(key)),
         })?;
-        let changed = {
+        {
             let _guard = lock(&self.locks[stripe(&dkey)]);
             let local = self.read_record(bucket, key, &dkey)?;
             let mut record = local.clone().unwrap_or_default();
@@ -370,9 +370,7 @@ impl KvService {
                 batch.put(dkey.clone(), encode_record(&record));
             }
             let new_hint = self.add_hint(&mut batch, bucket, key, &dkey, hint_for)?;
-            if batch.is_empty() {
-                false
-            } else {
+            if !batch.is_empty() {
                 self.store
                     .apply(&batch)
                     .map_err(|e| self.storage_err(bucket, key, e))?;
@@ -380,10 +378,12 @@ impl KvService {
                     self.hints
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                true
             }
-        };
-        if changed && durability == Durability::Sync {
+        }
+        // Sync even when nothing changed: the record may have arrived earlier by a buffered
+        // path (read repair, or a repair that overtook this store) and not be on disk yet,
+        // while the caller counts this ack as a durable replica. Found by the simulator.
+        if durability == Durability::Sync {
             self.store
                 .sync_applied()
                 .await

@@ -1,0 +1,210 @@
+//! The checkers: pure functions over what the simulation recorded.
+//!
+//! Each returns `Err(message)` naming the key, the dot and the value at fault; the driver
+//! wraps the message with the seed and the replay command.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use quiver_core::causality::{Dot, Object, VersionVector};
+
+/// A dot some coordinator issued (from `Observation::DotIssued`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// Coordinator.
+    pub node: String,
+    /// Key.
+    pub key: String,
+    /// The dot.
+    pub dot: Dot,
+    /// The client context the write was applied with: the siblings it replaced.
+    pub context: VersionVector,
+    /// Value (empty for a tombstone).
+    pub value: Vec<u8>,
+    /// Simulated time of issue, in ms.
+    pub at_ms: u64,
+}
+
+/// A write the client saw acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckedWrite {
+    /// Client number.
+    pub client: usize,
+    /// Key.
+    pub key: String,
+    /// Its dot.
+    pub dot: Dot,
+    /// Value (empty for a delete).
+    pub value: Vec<u8>,
+    /// Simulated time of the acknowledgement, in ms.
+    pub acked_ms: u64,
+}
+
+fn render(value: &[u8]) -> String {
+    if value.is_empty() {
+        "<tombstone>".to_string()
+    } else {
+        String::from_utf8_lossy(value).into_owned()
+    }
+}
+
+/// Dots of `key` whose absence from `object` is explained: present as siblings, or covered
+/// by the client context of a write that is itself explained. Contexts are version vectors,
+/// so "covered by one of a set of contexts" is "covered by their join".
+fn justified(object: &Object, issued: &[&Issued]) -> BTreeSet<Dot> {
+    let mut set: BTreeSet<Dot> = object.siblings().iter().map(|s| s.dot.clone()).collect();
+    let mut cover = VersionVector::new();
+    for i in issued {
+        if set.contains(&i.dot) {
+            cover.join(&i.context);
+        }
+    }
+    loop {
+        let mut grew = false;
+        for i in issued {
+            if !set.contains(&i.dot) && cover.covers(&i.dot) {
+                set.insert(i.dot.clone());
+                cover.join(&i.context);
+                grew = true;
+            }
+        }
+        if !grew {
+            return set;
+        }
+    }
+}
+
+fn by_key(issued: &[Issued]) -> BTreeMap<&str, Vec<&Issued>> {
+    let mut map: BTreeMap<&str, Vec<&Issued>> = BTreeMap::new();
+    for i in issued {
+        map.entry(i.key.as_str()).or_default().push(i);
+    }
+    map
+}
+
+/// Checks `object` (a replica's state of `key`, or the merge of all replicas) against
+/// every acknowledged write of the key; `what` names the object in messages.
+fn check_object(
+    key: &str,
+    object: &Object,
+    what: &str,
+    acked: &[AckedWrite],
+    issued: &[&Issued],
+) -> Result<(), String> {
+    let ok = justified(object, issued);
+    for a in acked.iter().filter(|a| a.key == key) {
+        if !ok.contains(&a.dot) {
+            let siblings: Vec<String> = object
+                .siblings()
+                .iter()
+                .map(|s| format!("{}={}", s.dot.actor, render(&s.value)))
+                .collect();
+            return Err(format!(
+                "key {key:?}: acknowledged write {:?} (dot {}:{}, client {}, acked at {} ms) \
+                 is lost in {what}: neither a sibling nor covered by a later write that survives; \
+                 siblings there: [{}]",
+                render(&a.value),
+                a.dot.actor,
+                a.dot.counter,
+                a.client,
+                a.acked_ms,
+                siblings.join(", ")
+            ));
+        }
+    }
+    // Nothing never attempted: every surviving sibling is a write some coordinator issued.
+    for s in object.siblings() {
+        if !issued.iter().any(|i| i.dot == s.dot && i.value == s.value) {
+            return Err(format!(
+                "key {key:?}: {what} holds sibling {}:{}={:?} that no coordinator issued",
+                s.dot.actor,
+                s.dot.counter,
+                render(&s.value)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checker 1, no acknowledged write lost: for every key, the merge of every node's copy
+/// (a full read) keeps every acknowledged write as a sibling or covers it by a later write
+/// whose context covered it and which survives in turn.
+pub fn no_lost_writes(
+    full_reads: &BTreeMap<String, Object>,
+    acked: &[AckedWrite],
+    issued: &[Issued],
+) -> Result<(), String> {
+    let issued = by_key(issued);
+    let empty = Object::new();
+    let keys: BTreeSet<&str> = acked.iter().map(|a| a.key.as_str()).collect();
+    for key in keys {
+        let object = full_reads.get(key).unwrap_or(&empty);
+        let mine = issued.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        check_object(
+            key,
+            object,
+            "the full read (merge of every node)",
+            acked,
+            mine,
+        )?;
+    }
+    Ok(())
+}
+
+/// Checker 2, convergence: after healing and read repair, every primary replica of every
+/// key holds the same object, and that object keeps every acknowledged write (equality
+/// alone is not enough: last-write-wins would make replicas equal by losing data).
+pub fn convergence(
+    replicas: &BTreeMap<String, Vec<(String, Object)>>,
+    acked: &[AckedWrite],
+    issued: &[Issued],
+) -> Result<(), String> {
+    let issued = by_key(issued);
+    for (key, copies) in replicas {
+        let mine = issued.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        for (node, object) in copies {
+            check_object(key, object, &format!("primary replica {node}"), acked, mine)?;
+        }
+        if let Some((first, reference)) = copies.first()
+            && let Some((node, _)) = copies.iter().find(|(_, o)| o != reference)
+        {
+            return Err(format!(
+                "key {key:?}: primary replicas {first} and {node} still differ after heal and \
+                 read repair"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checker 3, hints drain: after healing, no node holds a hint marker.
+pub fn hints_drained(hints: &[(String, String, String)]) -> Result<(), String> {
+    match hints.first() {
+        None => Ok(()),
+        Some((node, owner, key)) => Err(format!(
+            "{} hint marker(s) left after heal, e.g. node {node} still holds key {key:?} for {owner}",
+            hints.len()
+        )),
+    }
+}
+
+/// Checker 4, dots are never issued twice for a key (riak_kv#679).
+pub fn unique_dots(issued: &[Issued]) -> Result<(), String> {
+    let mut seen: BTreeMap<(&str, &Dot), &Issued> = BTreeMap::new();
+    for i in issued {
+        if let Some(first) = seen.insert((i.key.as_str(), &i.dot), i) {
+            return Err(format!(
+                "key {:?}: dot {}:{} issued twice: by {} at {} ms for {:?} and by {} at {} ms for {:?}",
+                i.key,
+                i.dot.actor,
+                i.dot.counter,
+                first.node,
+                first.at_ms,
+                render(&first.value),
+                i.node,
+                i.at_ms,
+                render(&i.value)
+            ));
+        }
+    }
+    Ok(())
+}

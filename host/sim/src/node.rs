@@ -1,0 +1,1252 @@
+//! One simulated node: the replication logic of `host/node/src/cluster.rs` and the record
+//! rules of `host/node/src/kv.rs`, written as a pure state machine.
+//!
+//! # Shape
+//!
+//! A [`Node`] never reads a clock, never draws randomness and never does I/O. The driver
+//! feeds it inputs, each with the current time in ms, and carries out the [`Effect`]s it
+//! returns (raft-rs `RawNode` / quinn-proto `Connection` style):
+//!
+//! - [`Node::on_client`]: a client request arrived (production: `Cluster::handle_client`);
+//! - [`Node::on_message`]: a peer message arrived (`Cluster::handle_peer` for requests, the
+//!   completion of a `Peers::call` for responses);
+//! - [`Node::on_tick`]: time passed: peer-call deadlines expire (production: the
+//!   `tokio::time::timeout` in `Peers::call_within`), down peers are probed
+//!   (`Peers::probe_down_peers`), hints are handed off (`Cluster::deliver_hints`), and the
+//!   OS writes buffered data back.
+//!
+//! Every decision is the core's: [`Ring`] placement, [`select_targets`], [`WriteQuorum`] and
+//! [`ReadQuorum`], [`coordinate_write`] with a per-boot [`EpochSource`],
+//! [`LocalRecord::merge_remote`], [`causality::encode_context`]/[`causality::decode_context`].
+//! What this module adds is exactly what `cluster.rs` does with tokio tasks: it remembers
+//! which request each reply belongs to. Where the production async code awaits, this
+//! machine keeps an explicit pending operation (`PutOp`, `GetOp`, `ForwardOp`, `HintPass`).
+//!
+//! The production runtime should adopt this shape next: a node-level state machine in the
+//! core, with tokio/quinn reduced to a driver that delivers messages and timer ticks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use quiver_core::causality::{
+    self, Coordinator, Dot, EpochSource, LocalRecord, Object, VersionVector, WriteOp,
+    coordinate_write,
+};
+use quiver_core::limits::SIBLINGS_MAX_DEFAULT;
+use quiver_core::quorum::{Quorum, ReadQuorum, Status, Target, WriteQuorum, select_targets};
+use quiver_core::ring::Ring;
+
+use crate::rng::Rng;
+use crate::store::{CrashKind, Disk, Store, Tables};
+
+/// The single bucket the simulation writes to (placement hashes bucket and key).
+pub const BUCKET: &str = "sim";
+/// First probe delay after a peer is marked down (production: `PROBE_BACKOFF_MIN`).
+pub const PROBE_BACKOFF_MIN_MS: u64 = 200;
+/// Longest delay between probes of a down peer (production: `PROBE_BACKOFF_MAX`).
+pub const PROBE_BACKOFF_MAX_MS: u64 = 5_000;
+/// Keys handed over per hint-delivery pass and owner (production: `HINT_BATCH_KEYS`).
+pub const HINT_BATCH_KEYS: usize = 256;
+/// Wall-clock ms at simulated time 0, so sibling timestamps look like real ones.
+const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
+/// Bits of a call id that count calls within one life of a node; the rest is the life, so
+/// a response to a call of a previous life can never complete a call of this one.
+const CALL_ID_BITS_PER_LIFE: u32 = 40;
+/// Bits of an epoch that count within one boot (production: `EPOCH_BITS_PER_BOOT`).
+const EPOCH_BITS_PER_BOOT: u32 = 32;
+
+/// A node's name, as in the ring.
+pub type NodeId = String;
+/// Identifies one client request for the driver.
+pub type Ticket = u64;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientOp {
+    /// Read the key.
+    Get,
+    /// Write a value.
+    Put(Vec<u8>),
+    /// Write a tombstone.
+    Delete,
+}
+
+/// A client request (production: `quiver_sdk::wire::Request::{Get, Put, Delete}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientRequest {
+    /// Key in [`BUCKET`].
+    pub key: String,
+    /// The operation.
+    pub op: ClientOp,
+    /// Opaque context from an earlier reply (empty for a blind write).
+    pub context: Vec<u8>,
+    /// Read quorum override.
+    pub r: Option<usize>,
+    /// Write quorum override.
+    pub w: Option<usize>,
+    /// Durability override for a write (production: `WriteOptions::durability`).
+    pub durability: Option<Durability>,
+}
+
+/// What the client gets back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientResult {
+    /// A read reached its quorum: the merge of the replies and its context.
+    Got {
+        /// Merged object (siblings and context).
+        object: Object,
+        /// Opaque context to send with a follow-up write.
+        context: Vec<u8>,
+    },
+    /// A write reached its quorum.
+    Written {
+        /// Opaque context: the client's context plus the new dot.
+        context: Vec<u8>,
+        /// The write's dot. Production replies carry only the context; the simulator's
+        /// checker needs the dot, which the context also implies.
+        dot: Dot,
+    },
+    /// The request failed (quorum not reached, refused, no coordinator).
+    Failed(String),
+}
+
+/// Node-to-node requests (production: `peer::PeerRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerRequest {
+    /// Liveness probe.
+    Ping,
+    /// Read the replica's object of a key.
+    Fetch {
+        /// Key.
+        key: String,
+    },
+    /// Merge an object into the replica's record (replication, read repair, handoff).
+    Store {
+        /// Key.
+        key: String,
+        /// State to merge.
+        object: Object,
+        /// Keep a hint for this unreachable primary.
+        hint_for: Option<NodeId>,
+        /// Acknowledge only once durable.
+        sync: bool,
+    },
+    /// Coordinate a client write (sent by a node outside the preference list).
+    Forward {
+        /// The client's request.
+        request: ClientRequest,
+        /// The primary the receiver stands in for, if the sender chose it as a fallback.
+        hint_for: Option<NodeId>,
+    },
+}
+
+/// Node-to-node responses (production: `peer::PeerResponse`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerResponse {
+    /// Answer to `Ping`.
+    Pong,
+    /// Answer to `Fetch` (empty object when the replica holds nothing).
+    Fetched(Object),
+    /// Answer to `Store`.
+    Stored,
+    /// Answer to `Forward`: the coordinator's reply to the client.
+    Forwarded(ClientResult),
+    /// The request was refused (the peer is up).
+    Error(String),
+}
+
+/// A message on the simulated network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Message {
+    /// A request; `id` is unique per sender across its lives.
+    Request {
+        /// Call id.
+        id: u64,
+        /// Body.
+        body: PeerRequest,
+    },
+    /// The response to the request with this id.
+    Response {
+        /// Call id.
+        id: u64,
+        /// Body.
+        body: PeerResponse,
+    },
+}
+
+/// Something a node reports for checkers and metrics (production: a log line).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Observation {
+    /// `coordinate_write` issued a dot.
+    DotIssued {
+        /// Coordinator.
+        node: NodeId,
+        /// Key.
+        key: String,
+        /// The new dot.
+        dot: Dot,
+        /// The client context the write was applied with (what it replaced).
+        context: VersionVector,
+        /// Value written (empty for a tombstone).
+        value: Vec<u8>,
+    },
+    /// A read sent its merge to a stale replica.
+    ReadRepair,
+    /// A fallback's hint was acknowledged by its owner and dropped.
+    HintHandedOff,
+    /// A peer call timed out and marked the peer down.
+    PeerTimeout,
+}
+
+/// What the driver must do for a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Effect {
+    /// Send a message to a peer.
+    Send {
+        /// Receiver.
+        to: NodeId,
+        /// Message.
+        msg: Message,
+    },
+    /// Answer a client request that arrived through [`Node::on_client`].
+    Reply {
+        /// The request.
+        ticket: Ticket,
+        /// The answer.
+        result: ClientResult,
+    },
+    /// Report an observation.
+    Observe(Observation),
+}
+
+/// Durability of client writes (production: `storage::Durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// Acknowledge after fsync.
+    Sync,
+    /// Acknowledge once applied (process-crash safe, not power-loss safe).
+    Buffered,
+}
+
+/// Settings of a node, including the deliberately broken variants used to prove that the
+/// checkers can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Default n/r/w.
+    pub quorum: Quorum,
+    /// Sloppy quorum with hinted handoff.
+    pub sloppy: bool,
+    /// Durability of client writes.
+    pub durability: Durability,
+    /// Deadline of one peer call, in ms (production: `peer_timeout_ms`).
+    pub peer_timeout_ms: u64,
+    /// Deadline of a forwarded write, in ms (production: `request_timeout_ms`).
+    pub forward_timeout_ms: u64,
+    /// Interval between hint-delivery passes, in ms (production: 500).
+    pub hints_every_ms: u64,
+    /// Interval of the OS writing buffered data back, in ms.
+    pub writeback_every_ms: u64,
+    /// Offset of this node's wall clock from true time, in ms (only sibling timestamps
+    /// see it; causality must not).
+    pub clock_skew_ms: i64,
+    /// BROKEN VARIANT: acknowledge a write after the coordinator's local write only.
+    pub ack_before_quorum: bool,
+    /// BROKEN VARIANT: trust every epoch found in a local record, even after a crash.
+    pub trust_all_epochs: bool,
+    /// Fsync a `sync` Store even when the merge changed nothing. Production
+    /// (`KvService::merge_remote`) does not, which acknowledges data that may be buffered
+    /// only (see the crate docs, "Findings").
+    pub sync_unchanged_merges: bool,
+}
+
+/// The per-boot epoch allocator (production: `epochs::BootEpochs`).
+#[derive(Debug, Clone)]
+struct Epochs {
+    boot: u64,
+    next: u64,
+    trust_all: bool,
+}
+
+impl EpochSource for Epochs {
+    fn is_trusted(&self, epoch: u64) -> bool {
+        self.trust_all || (epoch >> EPOCH_BITS_PER_BOOT == self.boot && epoch < self.next)
+    }
+
+    fn fresh(&mut self) -> u64 {
+        self.next += 1;
+        self.next - 1
+    }
+}
+
+/// What a node believes about a peer (production: `peer::Health`).
+#[derive(Debug, Clone, Default)]
+struct Health {
+    down: bool,
+    next_probe_ms: u64,
+    backoff_ms: u64,
+    last_success_ms: Option<u64>,
+    probing: bool,
+}
+
+/// Who waits for the outcome of a client operation.
+#[derive(Debug, Clone)]
+enum Origin {
+    Client(Ticket),
+    Peer { from: NodeId, id: u64 },
+}
+
+/// Why a call failed (production: `PeerError`).
+#[derive(Debug, Clone)]
+enum CallError {
+    /// The peer answered with an error: it is up.
+    Refused(String),
+    /// No answer in time: the peer is marked down.
+    Timeout,
+}
+
+/// What a call's outcome is for.
+#[derive(Debug, Clone)]
+enum Purpose {
+    Probe {
+        peer: NodeId,
+    },
+    Store {
+        op: u64,
+        target: Target,
+    },
+    Fetch {
+        op: u64,
+        node: NodeId,
+    },
+    Forward {
+        op: u64,
+    },
+    Repair,
+    Hint {
+        owner: NodeId,
+        key: String,
+        object: Object,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    peer: NodeId,
+    deadline_ms: u64,
+    started_ms: u64,
+    purpose: Purpose,
+}
+
+#[derive(Debug)]
+struct PutOp {
+    /// `None` once the client has its answer.
+    origin: Option<Origin>,
+    key: String,
+    write: WriteQuorum,
+    object: Object,
+    spare: VecDeque<NodeId>,
+    sync: bool,
+    reply: VersionVector,
+    dot: Dot,
+    w: usize,
+}
+
+#[derive(Debug)]
+struct GetOp {
+    /// `None` once the client has its answer; the op then lives on for read repair.
+    origin: Option<Origin>,
+    key: String,
+    read: ReadQuorum,
+    targets: Vec<Target>,
+    r: usize,
+}
+
+#[derive(Debug)]
+struct ForwardOp {
+    origin: Origin,
+    request: ClientRequest,
+    targets: Vec<Target>,
+    next: usize,
+    failures: Vec<String>,
+    w: usize,
+}
+
+#[derive(Debug, Default)]
+struct HintPass {
+    owners: VecDeque<NodeId>,
+    owner: NodeId,
+    batch: VecDeque<(String, Object)>,
+    in_flight: bool,
+}
+
+/// One node's state machine. See the module docs for the driver contract.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    me: Coordinator,
+    ring: Arc<Ring>,
+    peers: Vec<NodeId>,
+    life: u64,
+    store: Store,
+    epochs: Epochs,
+    health: BTreeMap<NodeId, Health>,
+    next_call: u64,
+    calls: BTreeMap<u64, Call>,
+    next_op: u64,
+    puts: BTreeMap<u64, PutOp>,
+    gets: BTreeMap<u64, GetOp>,
+    forwards: BTreeMap<u64, ForwardOp>,
+    hint_pass: Option<HintPass>,
+    next_hint_pass_ms: u64,
+    next_writeback_ms: u64,
+}
+
+impl Node {
+    /// Boots a node over `disk`: bumps the durable boot counter, so epochs of earlier boots
+    /// are never continued. `life` must differ for every start of this node in a run (it
+    /// keeps call ids unique); `members` are all ring members, this node included.
+    pub fn boot(
+        name: &str,
+        members: &[NodeId],
+        ring: Arc<Ring>,
+        cfg: NodeConfig,
+        disk: Disk,
+        life: u64,
+        now_ms: u64,
+    ) -> Node {
+        let mut store = Store::open(disk);
+        let boot = store.begin_boot();
+        let (_, incarnation) = store.disk_identity();
+        Node {
+            cfg,
+            me: Coordinator {
+                node: name.to_string(),
+                incarnation,
+            },
+            ring,
+            peers: members.iter().filter(|m| *m != name).cloned().collect(),
+            life,
+            store,
+            epochs: Epochs {
+                boot,
+                next: boot << EPOCH_BITS_PER_BOOT,
+                trust_all: cfg.trust_all_epochs,
+            },
+            health: BTreeMap::new(),
+            next_call: 0,
+            calls: BTreeMap::new(),
+            next_op: 0,
+            puts: BTreeMap::new(),
+            gets: BTreeMap::new(),
+            forwards: BTreeMap::new(),
+            hint_pass: None,
+            next_hint_pass_ms: now_ms + cfg.hints_every_ms,
+            next_writeback_ms: now_ms + cfg.writeback_every_ms,
+        }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.me.node
+    }
+
+    /// The node's records and hint markers as readers see them.
+    pub fn tables(&self) -> &Tables {
+        self.store.tables()
+    }
+
+    /// Hint markers held.
+    pub fn hint_count(&self) -> usize {
+        self.store.tables().hints.len()
+    }
+
+    /// Operations still waiting for replies (puts, gets incl. read repair, forwards).
+    pub fn pending_ops(&self) -> usize {
+        self.puts.len() + self.gets.len() + self.forwards.len()
+    }
+
+    /// Peers this node currently believes down.
+    pub fn down_peers(&self) -> Vec<NodeId> {
+        self.health
+            .iter()
+            .filter(|(_, h)| h.down)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The node goes down: in-memory state is lost, the disk keeps what `kind` allows.
+    pub fn crash(self, kind: CrashKind, rng: &mut Rng, new_incarnation: u64) -> Disk {
+        self.store.crash(kind, rng, new_incarnation)
+    }
+
+    /// A client request arrived.
+    pub fn on_client(
+        &mut self,
+        now_ms: u64,
+        ticket: Ticket,
+        request: ClientRequest,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.handle_client(now_ms, Origin::Client(ticket), request, None, &mut fx);
+        fx
+    }
+
+    /// A peer message arrived.
+    pub fn on_message(&mut self, now_ms: u64, from: &str, msg: Message) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match msg {
+            Message::Request { id, body } => self.handle_peer(now_ms, from, id, body, &mut fx),
+            Message::Response { id, body } => {
+                // Unknown ids are late or duplicated responses: the call is already over.
+                if self.calls.get(&id).is_some_and(|c| c.peer == from)
+                    && let Some(call) = self.calls.remove(&id)
+                {
+                    self.mark_up(from, now_ms);
+                    let result = match body {
+                        PeerResponse::Error(e) => Err(CallError::Refused(e)),
+                        other => Ok(other),
+                    };
+                    self.dispatch(now_ms, call.purpose, result, &mut fx);
+                }
+            }
+        }
+        fx
+    }
+
+    /// Time passed: expire calls, probe down peers, hand off hints, write back buffers.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let expired: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.deadline_ms <= now_ms)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(call) = self.calls.remove(&id) {
+                self.mark_down(&call.peer, call.started_ms, now_ms);
+                fx.push(Effect::Observe(Observation::PeerTimeout));
+                self.dispatch(now_ms, call.purpose, Err(CallError::Timeout), &mut fx);
+            }
+        }
+        let due: Vec<NodeId> = self
+            .health
+            .iter()
+            .filter(|(_, h)| h.down && !h.probing && h.next_probe_ms <= now_ms)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for peer in due {
+            if let Some(h) = self.health.get_mut(&peer) {
+                h.probing = true;
+            }
+            let purpose = Purpose::Probe { peer: peer.clone() };
+            self.call(
+                now_ms,
+                &peer,
+                PeerRequest::Ping,
+                self.cfg.peer_timeout_ms,
+                purpose,
+                &mut fx,
+            );
+        }
+        if self.hint_pass.is_none() && now_ms >= self.next_hint_pass_ms {
+            if self.hint_count() == 0 {
+                self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
+            } else {
+                self.hint_pass = Some(HintPass {
+                    owners: self.peers.iter().cloned().collect(),
+                    ..HintPass::default()
+                });
+                self.hint_step(now_ms, &mut fx);
+            }
+        }
+        if now_ms >= self.next_writeback_ms {
+            self.store.sync();
+            self.next_writeback_ms = now_ms + self.cfg.writeback_every_ms;
+        }
+        fx
+    }
+
+    // ----- failure detection (production: peer.rs) -----
+
+    fn is_up(&self, node: &str) -> bool {
+        node == self.me.node || self.health.get(node).is_none_or(|h| !h.down)
+    }
+
+    fn mark_up(&mut self, node: &str, now_ms: u64) {
+        let h = self.health.entry(node.to_string()).or_default();
+        h.last_success_ms = Some(now_ms);
+        h.down = false;
+    }
+
+    fn mark_down(&mut self, node: &str, started_ms: u64, now_ms: u64) {
+        let h = self.health.entry(node.to_string()).or_default();
+        // A success after this call started proves the peer up; a slow old call does not
+        // overrule it.
+        if h.last_success_ms.is_some_and(|t| t > started_ms) {
+            return;
+        }
+        if h.down {
+            h.backoff_ms = (h.backoff_ms * 2).min(PROBE_BACKOFF_MAX_MS);
+        } else {
+            h.down = true;
+            h.backoff_ms = PROBE_BACKOFF_MIN_MS;
+        }
+        h.next_probe_ms = now_ms + h.backoff_ms;
+    }
+
+    fn call(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        body: PeerRequest,
+        timeout_ms: u64,
+        purpose: Purpose,
+        fx: &mut Vec<Effect>,
+    ) {
+        self.next_call += 1;
+        let id = (self.life << CALL_ID_BITS_PER_LIFE) | self.next_call;
+        self.calls.insert(
+            id,
+            Call {
+                peer: peer.to_string(),
+                deadline_ms: now_ms + timeout_ms,
+                started_ms: now_ms,
+                purpose,
+            },
+        );
+        fx.push(Effect::Send {
+            to: peer.to_string(),
+            msg: Message::Request { id, body },
+        });
+    }
+
+    fn dispatch(
+        &mut self,
+        now_ms: u64,
+        purpose: Purpose,
+        result: Result<PeerResponse, CallError>,
+        fx: &mut Vec<Effect>,
+    ) {
+        match purpose {
+            Purpose::Probe { peer } => {
+                if let Some(h) = self.health.get_mut(&peer) {
+                    h.probing = false;
+                }
+            }
+            Purpose::Repair => {}
+            Purpose::Store { op, target } => {
+                let result = match result {
+                    Ok(PeerResponse::Stored) => Ok(()),
+                    Ok(other) => Err(format!("unexpected reply {other:?}")),
+                    Err(CallError::Refused(e)) => Err(e),
+                    Err(CallError::Timeout) => Err("timeout".to_string()),
+                };
+                self.store_result(now_ms, op, target, result, fx);
+            }
+            Purpose::Fetch { op, node } => {
+                if let Some(get) = self.gets.get_mut(&op) {
+                    match result {
+                        Ok(PeerResponse::Fetched(o)) => get.read.on_reply(&node, o),
+                        Ok(other) => get.read.on_failure(&node, format!("unexpected {other:?}")),
+                        Err(e) => get.read.on_failure(&node, format!("{e:?}")),
+                    }
+                    self.get_progress(now_ms, op, fx);
+                }
+            }
+            Purpose::Forward { op } => {
+                if let Some(mut fwd) = self.forwards.remove(&op) {
+                    match result {
+                        Ok(PeerResponse::Forwarded(r)) => {
+                            self.reply(fwd.origin, r, fx);
+                        }
+                        other => {
+                            fwd.failures.push(format!("{other:?}"));
+                            self.forward_next(now_ms, op, fwd, fx);
+                        }
+                    }
+                }
+            }
+            Purpose::Hint { owner, key, object } => {
+                let mut stop_owner = false;
+                match result {
+                    Ok(PeerResponse::Stored) => {
+                        let (primaries, _) = self.preference(&key, self.cfg.quorum.n);
+                        let keep = primaries.contains(&self.me.node)
+                            || self
+                                .store
+                                .tables()
+                                .hints
+                                .iter()
+                                .any(|(o, k)| *o != owner && *k == key);
+                        if self.hint_delivered(&owner, &key, &object, keep) {
+                            fx.push(Effect::Observe(Observation::HintHandedOff));
+                        }
+                    }
+                    Ok(_) | Err(CallError::Refused(_)) => {}
+                    // The owner went away again: stop for now, it is marked down.
+                    Err(CallError::Timeout) => stop_owner = true,
+                }
+                if let Some(pass) = self.hint_pass.as_mut() {
+                    pass.in_flight = false;
+                    if stop_owner {
+                        pass.batch.clear();
+                    }
+                }
+                self.hint_step(now_ms, fx);
+            }
+        }
+    }
+
+    fn reply(&mut self, origin: Origin, result: ClientResult, fx: &mut Vec<Effect>) {
+        match origin {
+            Origin::Client(ticket) => fx.push(Effect::Reply { ticket, result }),
+            Origin::Peer { from, id } => fx.push(Effect::Send {
+                to: from,
+                msg: Message::Response {
+                    id,
+                    body: PeerResponse::Forwarded(result),
+                },
+            }),
+        }
+    }
+
+    // ----- placement (production: Cluster::preference / targets / quorum) -----
+
+    fn preference(&self, key: &str, n: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        let list = self
+            .ring
+            .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), n);
+        (
+            list.primaries.iter().map(|m| m.id.clone()).collect(),
+            list.fallbacks.iter().map(|m| m.id.clone()).collect(),
+        )
+    }
+
+    fn targets(&self, key: &str, n: usize) -> (Vec<Target>, usize) {
+        let (primaries, fallbacks) = self.preference(key, n);
+        let p: Vec<&str> = primaries.iter().map(String::as_str).collect();
+        let f: Vec<&str> = fallbacks.iter().map(String::as_str).collect();
+        let targets = select_targets(&p, &f, |node| self.is_up(node), self.cfg.sloppy);
+        (targets, primaries.len())
+    }
+
+    fn quorum(&self, r: Option<usize>, w: Option<usize>) -> Result<Quorum, String> {
+        let d = self.cfg.quorum;
+        Quorum::new(d.n, r.unwrap_or(d.r), w.unwrap_or(d.w)).map_err(|e| e.to_string())
+    }
+
+    fn wall_ms(&self, now_ms: u64) -> u64 {
+        let t = WALL_CLOCK_BASE_MS + now_ms as i64 + self.cfg.clock_skew_ms;
+        u64::try_from(t).unwrap_or(0)
+    }
+
+    // ----- client side (production: Cluster::handle_client, get, put, forward) -----
+
+    fn handle_client(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        request: ClientRequest,
+        forwarded: Option<Option<NodeId>>,
+        fx: &mut Vec<Effect>,
+    ) {
+        match request.op {
+            ClientOp::Get => self.start_get(now_ms, origin, request, fx),
+            ClientOp::Put(_) | ClientOp::Delete => {
+                self.start_put(now_ms, origin, request, forwarded, fx)
+            }
+        }
+    }
+
+    fn start_get(&mut self, now_ms: u64, origin: Origin, req: ClientRequest, fx: &mut Vec<Effect>) {
+        let quorum = match self.quorum(req.r, None) {
+            Ok(q) => q,
+            Err(e) => return self.reply(origin, ClientResult::Failed(e), fx),
+        };
+        let (targets, n) = self.targets(&req.key, quorum.n);
+        let mut read = ReadQuorum::new(&targets, quorum.r, n);
+        let op = self.next_op;
+        self.next_op += 1;
+        for t in &targets {
+            if t.node == self.me.node {
+                read.on_reply(&t.node, self.local_object(&req.key));
+            } else {
+                let body = PeerRequest::Fetch {
+                    key: req.key.clone(),
+                };
+                let purpose = Purpose::Fetch {
+                    op,
+                    node: t.node.clone(),
+                };
+                let node = t.node.clone();
+                self.call(now_ms, &node, body, self.cfg.peer_timeout_ms, purpose, fx);
+            }
+        }
+        self.gets.insert(
+            op,
+            GetOp {
+                origin: Some(origin),
+                key: req.key,
+                read,
+                targets,
+                r: quorum.r,
+            },
+        );
+        self.get_progress(now_ms, op, fx);
+    }
+
+    fn get_progress(&mut self, now_ms: u64, op: u64, fx: &mut Vec<Effect>) {
+        let Some(get) = self.gets.get_mut(&op) else {
+            return;
+        };
+        if get.origin.is_some() {
+            let decided = match get.read.status() {
+                Status::Pending => return,
+                Status::Reached(merged) => ClientResult::Got {
+                    object: merged.clone(),
+                    context: causality::encode_context(merged.context()),
+                },
+                Status::Failed(f) => ClientResult::Failed(format!(
+                    "get {}: read quorum r={} not reached: {f}",
+                    get.key, get.r
+                )),
+            };
+            let failed = matches!(decided, ClientResult::Failed(_));
+            if let Some(origin) = get.origin.take() {
+                self.reply(origin, decided, fx);
+            }
+            if failed {
+                // Production returns on failure; nobody waits for the rest or repairs.
+                self.gets.remove(&op);
+                return;
+            }
+        }
+        let Some(get) = self.gets.get(&op) else {
+            return;
+        };
+        if !get.read.pending().is_empty() {
+            return;
+        }
+        // Every target answered or failed: read repair (production: Cluster::read_repair).
+        let Some(get) = self.gets.remove(&op) else {
+            return;
+        };
+        let merged = get.read.merged().clone();
+        for node in get.read.stale_replicas() {
+            let hint_for = get
+                .targets
+                .iter()
+                .find(|t| t.node == node)
+                .and_then(|t| t.hint_for.clone());
+            fx.push(Effect::Observe(Observation::ReadRepair));
+            if node == self.me.node {
+                let _ = self.merge_remote(&get.key, &merged, false, hint_for.as_deref());
+            } else {
+                let body = PeerRequest::Store {
+                    key: get.key.clone(),
+                    object: merged.clone(),
+                    hint_for,
+                    sync: false,
+                };
+                self.call(
+                    now_ms,
+                    node,
+                    body,
+                    self.cfg.peer_timeout_ms,
+                    Purpose::Repair,
+                    fx,
+                );
+            }
+        }
+    }
+
+    fn local_object(&self, key: &str) -> Object {
+        self.store
+            .tables()
+            .records
+            .get(key)
+            .map(|r| r.object.clone())
+            .unwrap_or_default()
+    }
+
+    fn start_put(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        req: ClientRequest,
+        forwarded: Option<Option<NodeId>>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let quorum = match self.quorum(None, req.w) {
+            Ok(q) => q,
+            Err(e) => return self.reply(origin, ClientResult::Failed(e), fx),
+        };
+        let (targets, n) = self.targets(&req.key, quorum.n);
+        let me = self.me.node.clone();
+        let my_target = match (&forwarded, targets.iter().find(|t| t.node == me)) {
+            (_, Some(t)) => t.clone(),
+            // Forwarded here as a fallback: coordinate as the forwarder decided.
+            (Some(hint_for), None) => Target {
+                node: me.clone(),
+                hint_for: hint_for.clone(),
+            },
+            (None, None) => {
+                let op = self.next_op;
+                self.next_op += 1;
+                let fwd = ForwardOp {
+                    origin,
+                    request: req,
+                    targets,
+                    next: 0,
+                    failures: Vec::new(),
+                    w: quorum.w,
+                };
+                return self.forward_next(now_ms, op, fwd, fx);
+            }
+        };
+        let client_context = match causality::decode_context(&req.context) {
+            Ok(c) => c,
+            Err(e) => return self.reply(origin, ClientResult::Failed(e.to_string()), fx),
+        };
+        let (value, op) = match req.op {
+            ClientOp::Put(v) => (v.clone(), WriteOp::Put(v)),
+            _ => (Vec::new(), WriteOp::Delete),
+        };
+        // KvService::write: read the record, issue the dot, check the sibling limit, apply
+        // record + hint marker in one batch, fsync for `sync` durability.
+        let local = self.store.tables().records.get(&req.key).cloned();
+        let timestamp = self.wall_ms(now_ms);
+        let (record, dot) = coordinate_write(
+            local,
+            &self.me,
+            &mut self.epochs,
+            &client_context,
+            op,
+            timestamp,
+        );
+        let count = record.object.siblings().len();
+        if count > SIBLINGS_MAX_DEFAULT {
+            let msg = format!("key {}: {count} siblings exceed the limit", req.key);
+            return self.reply(origin, ClientResult::Failed(msg), fx);
+        }
+        let object = record.object.clone();
+        self.store.put_record(&req.key, record);
+        if let Some(owner) = &my_target.hint_for
+            && !self.has_hint(owner, &req.key)
+        {
+            self.store.put_hint(owner, &req.key);
+        }
+        let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
+        if sync {
+            self.store.sync();
+        }
+        fx.push(Effect::Observe(Observation::DotIssued {
+            node: me.clone(),
+            key: req.key.clone(),
+            dot: dot.clone(),
+            context: client_context.clone(),
+            value,
+        }));
+        let mut reply = client_context;
+        reply.add(&dot);
+
+        let mut all = vec![my_target];
+        all.extend(targets.into_iter().filter(|t| t.node != me));
+        let mut write = WriteQuorum::new(&all, quorum.w, n);
+        write.on_ack(&me);
+        let (_, fallbacks) = self.preference(&req.key, quorum.n);
+        let spare = fallbacks
+            .into_iter()
+            .filter(|f| !all.iter().any(|t| &t.node == f))
+            .collect();
+        let op = self.next_op;
+        self.next_op += 1;
+        let mut origin = Some(origin);
+        if self.cfg.ack_before_quorum
+            && let Some(o) = origin.take()
+        {
+            let result = ClientResult::Written {
+                context: causality::encode_context(&reply),
+                dot: dot.clone(),
+            };
+            self.reply(o, result, fx);
+        }
+        for target in all.iter().skip(1) {
+            self.send_store(now_ms, op, target.clone(), &req.key, &object, sync, fx);
+        }
+        self.puts.insert(
+            op,
+            PutOp {
+                origin,
+                key: req.key,
+                write,
+                object,
+                spare,
+                sync,
+                reply,
+                dot,
+                w: quorum.w,
+            },
+        );
+        self.put_progress(op, fx);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_store(
+        &mut self,
+        now_ms: u64,
+        op: u64,
+        target: Target,
+        key: &str,
+        object: &Object,
+        sync: bool,
+        fx: &mut Vec<Effect>,
+    ) {
+        let body = PeerRequest::Store {
+            key: key.to_string(),
+            object: object.clone(),
+            hint_for: target.hint_for.clone(),
+            sync,
+        };
+        let node = target.node.clone();
+        self.call(
+            now_ms,
+            &node,
+            body,
+            self.cfg.peer_timeout_ms,
+            Purpose::Store { op, target },
+            fx,
+        );
+    }
+
+    fn store_result(
+        &mut self,
+        now_ms: u64,
+        op: u64,
+        target: Target,
+        result: Result<(), String>,
+        fx: &mut Vec<Effect>,
+    ) {
+        // A decided put is gone: production stops listening once it has answered.
+        let Some(mut put) = self.puts.remove(&op) else {
+            return;
+        };
+        match result {
+            Ok(()) => put.write.on_ack(&target.node),
+            Err(e) => {
+                if self.cfg.sloppy {
+                    // Like production's `spare.find(is_up)`: fallbacks passed over are used up.
+                    while let Some(f) = put.spare.pop_front() {
+                        if self.is_up(&f) {
+                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
+                            put.write.add_target(&f);
+                            let replacement = Target { node: f, hint_for };
+                            let (key, object, sync) =
+                                (put.key.clone(), put.object.clone(), put.sync);
+                            self.send_store(now_ms, op, replacement, &key, &object, sync, fx);
+                            break;
+                        }
+                    }
+                }
+                put.write.on_failure(&target.node, e);
+            }
+        }
+        self.puts.insert(op, put);
+        self.put_progress(op, fx);
+    }
+
+    fn put_progress(&mut self, op: u64, fx: &mut Vec<Effect>) {
+        let Some(put) = self.puts.get_mut(&op) else {
+            return;
+        };
+        let result = match put.write.status() {
+            Status::Pending => return,
+            Status::Reached(()) => ClientResult::Written {
+                context: causality::encode_context(&put.reply),
+                dot: put.dot.clone(),
+            },
+            Status::Failed(f) => ClientResult::Failed(format!(
+                "put {}: write quorum w={} not reached: {f}",
+                put.key, put.w
+            )),
+        };
+        let origin = put.origin.take();
+        self.puts.remove(&op);
+        if let Some(origin) = origin {
+            self.reply(origin, result, fx);
+        }
+    }
+
+    fn forward_next(&mut self, now_ms: u64, op: u64, mut fwd: ForwardOp, fx: &mut Vec<Effect>) {
+        let Some(target) = fwd.targets.get(fwd.next).cloned() else {
+            let msg = format!(
+                "no replica could coordinate the write (w={}): {}",
+                fwd.w,
+                fwd.failures.join("; ")
+            );
+            return self.reply(fwd.origin, ClientResult::Failed(msg), fx);
+        };
+        fwd.next += 1;
+        let body = PeerRequest::Forward {
+            request: fwd.request.clone(),
+            hint_for: target.hint_for.clone(),
+        };
+        self.call(
+            now_ms,
+            &target.node,
+            body,
+            self.cfg.forward_timeout_ms,
+            Purpose::Forward { op },
+            fx,
+        );
+        self.forwards.insert(op, fwd);
+    }
+
+    // ----- replica side (production: Cluster::handle_peer, KvService) -----
+
+    fn handle_peer(
+        &mut self,
+        now_ms: u64,
+        from: &str,
+        id: u64,
+        body: PeerRequest,
+        fx: &mut Vec<Effect>,
+    ) {
+        let respond = |body: PeerResponse| Effect::Send {
+            to: from.to_string(),
+            msg: Message::Response { id, body },
+        };
+        match body {
+            PeerRequest::Ping => fx.push(respond(PeerResponse::Pong)),
+            PeerRequest::Fetch { key } => {
+                fx.push(respond(PeerResponse::Fetched(self.local_object(&key))))
+            }
+            PeerRequest::Store {
+                key,
+                object,
+                hint_for,
+                sync,
+            } => {
+                let body = match self.merge_remote(&key, &object, sync, hint_for.as_deref()) {
+                    Ok(()) => PeerResponse::Stored,
+                    Err(e) => PeerResponse::Error(e),
+                };
+                fx.push(respond(body));
+            }
+            PeerRequest::Forward { request, hint_for } => {
+                let origin = Origin::Peer {
+                    from: from.to_string(),
+                    id,
+                };
+                self.handle_client(now_ms, origin, request, Some(hint_for), fx);
+            }
+        }
+    }
+
+    fn has_hint(&self, owner: &str, key: &str) -> bool {
+        self.store
+            .tables()
+            .hints
+            .contains(&(owner.to_string(), key.to_string()))
+    }
+
+    /// KvService::merge_remote: merge, add a hint marker, fsync if asked and (in production)
+    /// only if something changed.
+    fn merge_remote(
+        &mut self,
+        key: &str,
+        incoming: &Object,
+        sync: bool,
+        hint_for: Option<&str>,
+    ) -> Result<(), String> {
+        incoming.validate().map_err(|e| format!("key {key}: {e}"))?;
+        let local = self.store.tables().records.get(key).cloned();
+        let mut record: LocalRecord = local.clone().unwrap_or_default();
+        record.merge_remote(incoming);
+        let mut changed = false;
+        if local.as_ref() != Some(&record) {
+            self.store.put_record(key, record);
+            changed = true;
+        }
+        if let Some(owner) = hint_for
+            && !self.has_hint(owner, key)
+        {
+            self.store.put_hint(owner, key);
+            changed = true;
+        }
+        if sync && (changed || self.cfg.sync_unchanged_merges) {
+            self.store.sync();
+        }
+        Ok(())
+    }
+
+    /// KvService::hint_delivered: drop the marker (and the copy unless `keep`) only if the
+    /// copy did not change since it was sent. True when the marker was dropped.
+    fn hint_delivered(&mut self, owner: &str, key: &str, delivered: &Object, keep: bool) -> bool {
+        if !self.has_hint(owner, key) || &self.local_object(key) != delivered {
+            return false;
+        }
+        self.store.delete_hint(owner, key);
+        if !keep {
+            self.store.delete_record(key);
+        }
+        self.store.sync();
+        true
+    }
+
+    /// One step of a hint-delivery pass (production: `Cluster::deliver_hints`, which awaits
+    /// each Store in turn; here the next Store goes out when the previous one completes).
+    fn hint_step(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        loop {
+            let Some(pass) = self.hint_pass.as_mut() else {
+                return;
+            };
+            if pass.in_flight {
+                return;
+            }
+            if let Some((key, object)) = pass.batch.pop_front() {
+                pass.in_flight = true;
+                let owner = pass.owner.clone();
+                let body = PeerRequest::Store {
+                    key: key.clone(),
+                    object: object.clone(),
+                    hint_for: None,
+                    sync: true,
+                };
+                let purpose = Purpose::Hint {
+                    owner: owner.clone(),
+                    key,
+                    object,
+                };
+                self.call(now_ms, &owner, body, self.cfg.peer_timeout_ms, purpose, fx);
+                return;
+            }
+            match pass.owners.pop_front() {
+                Some(owner) => {
+                    if !self.is_up(&owner) {
+                        continue;
+                    }
+                    let batch: VecDeque<(String, Object)> = self
+                        .store
+                        .tables()
+                        .hints
+                        .iter()
+                        .filter(|(o, _)| *o == owner)
+                        .take(HINT_BATCH_KEYS)
+                        .map(|(_, k)| (k.clone(), self.local_object(k)))
+                        .collect();
+                    if let Some(pass) = self.hint_pass.as_mut() {
+                        pass.owner = owner;
+                        pass.batch = batch;
+                    }
+                }
+                None => {
+                    self.hint_pass = None;
+                    self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1115 @@
+//! The simulated world: network, clock, faults, clients, and the run that ends in checks.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use quiver_core::causality::{self, Object};
+use quiver_core::quorum::Quorum;
+use quiver_core::ring::{ClaimParams, Member, Ring};
+
+use crate::check::{self, AckedWrite, Issued};
+use crate::node::{
+    BUCKET, ClientOp, ClientRequest, ClientResult, Durability, Effect, Message, Node, NodeConfig,
+    NodeId, Observation,
+};
+use crate::rng::Rng;
+use crate::store::{CrashKind, Disk};
+
+/// Partitions of the simulated ring: small, so that keys share partitions and nodes.
+const RING_PARTITIONS: u32 = 16;
+/// Interval of node ticks, in ms: the resolution of every node timer.
+const TICK_MS: u64 = 10;
+/// Quiesce rounds (an R=N read of every key, then a wait) before giving up on convergence.
+const QUIESCE_ROUNDS_MAX: usize = 8;
+/// Wait after each quiesce round, in ms: longer than a peer timeout plus a hint pass.
+const QUIESCE_ROUND_MS: u64 = 3_000;
+
+/// Everything a run depends on besides the seed. [`Config::random`] derives one per seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Cluster size.
+    pub nodes: usize,
+    /// Replicas per key.
+    pub n: usize,
+    /// Read quorum.
+    pub r: usize,
+    /// Write quorum.
+    pub w: usize,
+    /// Size of the key space.
+    pub keys: usize,
+    /// Concurrent clients, each with one request outstanding at a time.
+    pub clients: usize,
+    /// Length of the faulty workload phase, in simulated ms.
+    pub workload_ms: u64,
+    /// Fault-free time after healing before the quiesce reads, in ms (probes back off up to
+    /// 5 s, so this must exceed that).
+    pub settle_ms: u64,
+    /// Default durability of client writes.
+    pub durability: Durability,
+    /// Share of writes that ask for `buffered` durability explicitly. With power losses
+    /// such writes may be lost legitimately, so the lost-write checkers skip them; they
+    /// still exercise the epoch rule (a power loss rolls their coordinator's record back).
+    pub buffered_share: f64,
+    /// Sloppy quorum with hinted handoff.
+    pub sloppy: bool,
+    /// Probability that a message is lost.
+    pub loss: f64,
+    /// Probability that a message is delivered twice.
+    pub duplicate: f64,
+    /// Normal one-way delay range, in ms.
+    pub delay_ms: (u64, u64),
+    /// Probability of a delay spike (which reorders messages).
+    pub spike: f64,
+    /// Largest extra delay of a spike, in ms.
+    pub spike_ms: u64,
+    /// Node crashes (kill -9) with restart.
+    pub crashes: bool,
+    /// Crashes may be power losses (only when the default durability is `sync`:
+    /// `buffered` promises nothing across a power loss).
+    pub power_loss: bool,
+    /// Disk replacements; at most `w - 1` per run, so every acknowledged write keeps a copy.
+    pub wipes: bool,
+    /// Partitions between two random groups.
+    pub partitions: bool,
+    /// Partitions may be one-way.
+    pub one_way: bool,
+    /// Swizzle-clogging: cut random links one by one, restore them in random order.
+    pub swizzle: bool,
+    /// Largest absolute clock skew of a node, in ms.
+    pub clock_skew_ms: u64,
+    /// Time between fault starts, in ms.
+    pub fault_every_ms: (u64, u64),
+    /// Client-side deadline of a request, in ms.
+    pub client_timeout_ms: u64,
+    /// Interval of the OS writing buffered data back on every node, in ms: the window in
+    /// which a power loss loses unsynced writes.
+    pub writeback_ms: u64,
+    /// Node-side deadline of a peer call, in ms.
+    pub peer_timeout_ms: u64,
+    /// BROKEN VARIANT: acknowledge writes before W replicas have them.
+    pub ack_before_quorum: bool,
+    /// BROKEN VARIANT: continue epochs a crash may have rolled back.
+    pub trust_all_epochs: bool,
+    /// Fsync `sync` Stores that change nothing (the fix for the finding in the crate docs;
+    /// `false` reproduces production).
+    pub sync_unchanged_merges: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nodes: 5,
+            n: 3,
+            r: 2,
+            w: 2,
+            keys: 4,
+            clients: 4,
+            workload_ms: 8_000,
+            settle_ms: 7_000,
+            durability: Durability::Sync,
+            buffered_share: 0.2,
+            sloppy: true,
+            loss: 0.02,
+            duplicate: 0.01,
+            delay_ms: (1, 10),
+            spike: 0.02,
+            spike_ms: 300,
+            crashes: true,
+            power_loss: true,
+            wipes: true,
+            partitions: true,
+            one_way: true,
+            swizzle: true,
+            clock_skew_ms: 60_000,
+            fault_every_ms: (200, 1_200),
+            client_timeout_ms: 2_500,
+            writeback_ms: 1_000,
+            peer_timeout_ms: 300,
+            ack_before_quorum: false,
+            trust_all_epochs: false,
+            sync_unchanged_merges: true,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration drawn from `seed` (a stream separate from the run's own).
+    pub fn random(seed: u64) -> Config {
+        let mut rng = Rng::new(seed ^ 0x5eed_c0f1_9000_0000);
+        let nodes = rng.range(3, 6) as usize;
+        let n = if rng.chance(0.7) {
+            3
+        } else {
+            rng.range(1, 3) as usize
+        }
+        .min(nodes);
+        let durability = if rng.chance(0.7) {
+            Durability::Sync
+        } else {
+            Durability::Buffered
+        };
+        let w = rng.range(1, n as u64) as usize;
+        Config {
+            nodes,
+            n,
+            r: rng.range(1, n as u64) as usize,
+            w,
+            keys: rng.range(1, 6) as usize,
+            clients: rng.range(2, 8) as usize,
+            durability,
+            buffered_share: [0.0, 0.1, 0.5][rng.index(3)],
+            sloppy: rng.chance(0.85),
+            loss: [0.0, 0.01, 0.05, 0.15][rng.index(4)],
+            duplicate: [0.0, 0.02, 0.1][rng.index(3)],
+            delay_ms: (1, rng.range(2, 30)),
+            spike: [0.0, 0.02, 0.1][rng.index(3)],
+            crashes: rng.chance(0.7),
+            power_loss: rng.chance(0.6),
+            wipes: rng.chance(0.3),
+            partitions: rng.chance(0.6),
+            one_way: rng.chance(0.5),
+            swizzle: rng.chance(0.4),
+            clock_skew_ms: [0, 50, 60_000, 3_600_000][rng.index(4)],
+            ..Config::default()
+        }
+    }
+
+    /// One line describing the run's setting, for failure messages and summaries.
+    pub fn describe(&self) -> String {
+        let mut faults = Vec::new();
+        for (on, name) in [
+            (self.crashes, "crash"),
+            (self.crashes && self.power_loss, "power-loss"),
+            (self.wipes, "wipe"),
+            (self.partitions, "partition"),
+            (self.partitions && self.one_way, "one-way"),
+            (self.swizzle, "swizzle"),
+            (self.ack_before_quorum, "BROKEN:ack-before-quorum"),
+            (self.trust_all_epochs, "BROKEN:trust-all-epochs"),
+            (
+                !self.sync_unchanged_merges,
+                "production-unsynced-noop-merge",
+            ),
+        ] {
+            if on {
+                faults.push(name);
+            }
+        }
+        format!(
+            "nodes={} n={} r={} w={} keys={} clients={} {:?} sloppy={} loss={} dup={} delay={:?} \
+             spike={} skew={}ms buffered_share={} faults=[{}]",
+            self.nodes,
+            self.n,
+            self.r,
+            self.w,
+            self.keys,
+            self.clients,
+            self.durability,
+            self.sloppy,
+            self.loss,
+            self.duplicate,
+            self.delay_ms,
+            self.spike,
+            self.clock_skew_ms,
+            self.buffered_share,
+            faults.join(",")
+        )
+    }
+}
+
+/// Which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checker {
+    /// The configuration or ring could not be built.
+    Setup,
+    /// An acknowledged write is missing from the full read.
+    LostWrite,
+    /// Replicas do not all hold every acknowledged write after heal.
+    Convergence,
+    /// Hint markers remain after heal.
+    HintsDrain,
+    /// A dot was issued twice.
+    DuplicateDot,
+}
+
+impl fmt::Display for Checker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Checker::Setup => "setup",
+            Checker::LostWrite => "no-acknowledged-write-lost",
+            Checker::Convergence => "convergence",
+            Checker::HintsDrain => "hints-drain",
+            Checker::DuplicateDot => "unique-dots",
+        })
+    }
+}
+
+/// A failed run: the seed, the checker, what it found, and how to replay it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "quiver-sim seed {seed}: checker {checker} failed: {message}\n  config: {config}\n  \
+     replay: {replay}"
+)]
+pub struct Failure {
+    /// The seed of the run.
+    pub seed: u64,
+    /// Which checker failed.
+    pub checker: Checker,
+    /// What it found (key, dot, value).
+    pub message: String,
+    /// The run's configuration, described.
+    pub config: String,
+    /// The command that replays the run.
+    pub replay: String,
+}
+
+/// The replay command for a seed run with [`Config::random`].
+pub fn replay_command(seed: u64) -> String {
+    format!("QUIVER_SIM_SEED={seed} cargo test -p quiver-sim --test sim replay -- --nocapture")
+}
+
+/// What a successful run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Client operations issued.
+    pub operations: u64,
+    /// Writes (puts and deletes) acknowledged.
+    pub acked_writes: u64,
+    /// Reads answered.
+    pub reads: u64,
+    /// Operations that failed or timed out.
+    pub failed_operations: u64,
+    /// Faults injected (crashes, partitions, clogged links).
+    pub faults: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Messages dropped (loss, cut links, dead receivers).
+    pub dropped: u64,
+    /// Extra copies delivered.
+    pub duplicated: u64,
+    /// Dots issued.
+    pub dots: u64,
+    /// Read repairs sent.
+    pub read_repairs: u64,
+    /// Hints handed off and dropped.
+    pub hints_handed_off: u64,
+    /// Simulated time at the end, in ms.
+    pub simulated_ms: u64,
+    /// Hash of every event processed, in order: equal for two runs of one seed.
+    pub trace_hash: u64,
+}
+
+impl Report {
+    /// Adds another run's counts (for suite summaries; seed and hash are not summed).
+    pub fn accumulate(&mut self, other: &Report) {
+        self.operations += other.operations;
+        self.acked_writes += other.acked_writes;
+        self.reads += other.reads;
+        self.failed_operations += other.failed_operations;
+        self.faults += other.faults;
+        self.messages += other.messages;
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.dots += other.dots;
+        self.read_repairs += other.read_repairs;
+        self.hints_handed_off += other.hints_handed_off;
+        self.simulated_ms += other.simulated_ms;
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ops={} acked_writes={} reads={} failed_ops={} faults={} messages={} dropped={} \
+             duplicated={} dots={} read_repairs={} hints_handed_off={} simulated={:.1}s",
+            self.operations,
+            self.acked_writes,
+            self.reads,
+            self.failed_operations,
+            self.faults,
+            self.messages,
+            self.dropped,
+            self.duplicated,
+            self.dots,
+            self.read_repairs,
+            self.hints_handed_off,
+            self.simulated_ms as f64 / 1000.0
+        )
+    }
+}
+
+/// FNV-1a: a hasher whose output is fixed forever, for the determinism trace.
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash)]
+enum Event {
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: Message,
+    },
+    Tick,
+    ClientNext(usize),
+    ClientTimeout {
+        client: usize,
+        ticket: u64,
+    },
+    Fault,
+    Restart(usize),
+    Cut(Vec<(usize, usize)>),
+    Restore(Vec<(usize, usize)>),
+}
+
+struct Scheduled {
+    at_ms: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_ms, self.seq) == (other.at_ms, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    // Reversed: BinaryHeap is a max-heap and the earliest event must come first; `seq`
+    // breaks ties in scheduling order, which keeps the run deterministic.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at_ms, other.seq).cmp(&(self.at_ms, self.seq))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Written(quiver_core::causality::Dot),
+    Read,
+    Failed,
+    TimedOut,
+}
+
+#[derive(Debug, Clone)]
+struct OpRecord {
+    client: Option<usize>,
+    /// A write acknowledged with `buffered` durability in a run with power losses: it may
+    /// be lost legitimately, so the lost-write checkers skip it.
+    exempt: bool,
+    key: String,
+    value: Vec<u8>,
+    outcome: Outcome,
+    end_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct ClientState {
+    waiting: Option<u64>,
+    contexts: BTreeMap<String, Vec<u8>>,
+    seq: u64,
+}
+
+struct World {
+    cfg: Config,
+    seed: u64,
+    rng: Rng,
+    now_ms: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    names: Vec<NodeId>,
+    index: BTreeMap<NodeId, usize>,
+    ring: Arc<Ring>,
+    node_cfgs: Vec<NodeConfig>,
+    nodes: Vec<Option<Node>>,
+    disks: Vec<Option<Disk>>,
+    lives: Vec<u64>,
+    cuts: BTreeMap<(usize, usize), u32>,
+    faulty: bool,
+    wipes_left: usize,
+    clients: Vec<ClientState>,
+    history: Vec<OpRecord>,
+    issued: Vec<Issued>,
+    report: Report,
+    trace: Fnv,
+}
+
+/// Runs one simulation: a pure function of `(seed, config)`.
+pub fn run(seed: u64, config: &Config) -> Result<Report, Failure> {
+    let fail = |checker, message: String| Failure {
+        seed,
+        checker,
+        message,
+        config: config.describe(),
+        replay: replay_command(seed),
+    };
+    let mut world = World::new(seed, config).map_err(|m| fail(Checker::Setup, m))?;
+    world.workload();
+    world.heal();
+    world.quiesce();
+    world.check().map_err(|(c, m)| fail(c, m))?;
+    world.report.seed = seed;
+    world.report.simulated_ms = world.now_ms;
+    world.report.trace_hash = world.trace.finish();
+    Ok(world.report)
+}
+
+impl World {
+    fn new(seed: u64, cfg: &Config) -> Result<World, String> {
+        let quorum = Quorum::new(cfg.n, cfg.r, cfg.w).map_err(|e| e.to_string())?;
+        if cfg.n > cfg.nodes {
+            return Err(format!("n={} exceeds the {} nodes", cfg.n, cfg.nodes));
+        }
+        let names: Vec<NodeId> = (0..cfg.nodes).map(|i| format!("n{i}")).collect();
+        let members = names.iter().map(Member::new).collect();
+        let params = ClaimParams {
+            partitions: RING_PARTITIONS,
+            n_val: cfg.n as u32,
+        };
+        let ring = Arc::new(Ring::new(members, params).map_err(|e| e.to_string())?);
+        let mut rng = Rng::new(seed);
+        let skew = cfg.clock_skew_ms as i64;
+        let node_cfgs: Vec<NodeConfig> = names
+            .iter()
+            .map(|_| NodeConfig {
+                quorum,
+                sloppy: cfg.sloppy,
+                durability: cfg.durability,
+                peer_timeout_ms: cfg.peer_timeout_ms,
+                forward_timeout_ms: cfg
+                    .client_timeout_ms
+                    .saturating_sub(500)
+                    .max(cfg.peer_timeout_ms),
+                hints_every_ms: 500,
+                writeback_every_ms: cfg.writeback_ms,
+                clock_skew_ms: rng.range(0, 2 * skew as u64) as i64 - skew,
+                ack_before_quorum: cfg.ack_before_quorum,
+                trust_all_epochs: cfg.trust_all_epochs,
+                sync_unchanged_merges: cfg.sync_unchanged_merges,
+            })
+            .collect();
+        let nodes = names
+            .iter()
+            .zip(&node_cfgs)
+            .map(|(name, nc)| {
+                let disk = Disk::new(rng.next_u64());
+                Some(Node::boot(name, &names, Arc::clone(&ring), *nc, disk, 0, 0))
+            })
+            .collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        Ok(World {
+            seed,
+            rng,
+            now_ms: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            index,
+            ring,
+            node_cfgs,
+            nodes,
+            disks: (0..cfg.nodes).map(|_| None).collect(),
+            lives: vec![0; cfg.nodes],
+            cuts: BTreeMap::new(),
+            faulty: true,
+            wipes_left: if cfg.wipes {
+                cfg.w.saturating_sub(1)
+            } else {
+                0
+            },
+            clients: (0..cfg.clients).map(|_| ClientState::default()).collect(),
+            history: Vec::new(),
+            issued: Vec::new(),
+            report: Report::default(),
+            trace: Fnv(0xcbf2_9ce4_8422_2325),
+            names,
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn schedule(&mut self, at_ms: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at_ms,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    fn run_until(&mut self, end_ms: u64) {
+        while self.queue.peek().is_some_and(|s| s.at_ms <= end_ms) {
+            let Some(s) = self.queue.pop() else { break };
+            self.now_ms = s.at_ms;
+            s.at_ms.hash(&mut self.trace);
+            s.event.hash(&mut self.trace);
+            self.handle(s.event);
+        }
+        self.now_ms = end_ms;
+    }
+
+    fn key(&self, i: usize) -> String {
+        format!("k{i}")
+    }
+
+    fn any_fault_enabled(&self) -> bool {
+        self.cfg.crashes || self.cfg.partitions || self.cfg.swizzle
+    }
+
+    fn workload(&mut self) {
+        self.schedule(TICK_MS, Event::Tick);
+        for c in 0..self.cfg.clients {
+            let at = self.rng.range(0, 50);
+            self.schedule(at, Event::ClientNext(c));
+        }
+        if self.any_fault_enabled() {
+            let at = self
+                .rng
+                .range(self.cfg.fault_every_ms.0, self.cfg.fault_every_ms.1);
+            self.schedule(at, Event::Fault);
+        }
+        self.run_until(self.cfg.workload_ms);
+    }
+
+    /// Ends every fault: links restored, nodes restarted, the network reliable.
+    fn heal(&mut self) {
+        self.faulty = false;
+        self.cuts.clear();
+        for i in 0..self.nodes.len() {
+            self.restart(i);
+        }
+        self.run_until(self.now_ms + self.cfg.settle_ms);
+    }
+
+    /// Anti-entropy-free quiescence: R=N reads of every key repair stale replicas; repeat
+    /// until hints are drained and primaries agree, or the round budget is spent.
+    fn quiesce(&mut self) {
+        for _ in 0..QUIESCE_ROUNDS_MAX {
+            for k in 0..self.cfg.keys {
+                let key = self.key(k);
+                let primary = self.primaries(&key).first().copied().unwrap_or(0);
+                let request = ClientRequest {
+                    key: key.clone(),
+                    op: ClientOp::Get,
+                    context: Vec::new(),
+                    r: Some(self.cfg.n),
+                    w: None,
+                    durability: None,
+                };
+                let ticket = self.history.len() as u64;
+                self.history.push(OpRecord {
+                    client: None,
+                    exempt: false,
+                    key,
+                    value: Vec::new(),
+                    outcome: Outcome::Pending,
+                    end_ms: 0,
+                });
+                let now = self.now_ms;
+                if let Some(node) = self.nodes[primary].as_mut() {
+                    let fx = node.on_client(now, ticket, request);
+                    self.effects(primary, fx);
+                }
+            }
+            self.run_until(self.now_ms + QUIESCE_ROUND_MS);
+            if self.quiet() {
+                break;
+            }
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        let hints = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(Node::hint_count)
+            .sum::<usize>();
+        hints == 0
+            && (0..self.cfg.keys).all(|k| {
+                let key = self.key(k);
+                let copies: Vec<Object> = self
+                    .primaries(&key)
+                    .iter()
+                    .map(|&i| self.object_on(i, &key))
+                    .collect();
+                copies.windows(2).all(|w| w[0] == w[1])
+            })
+    }
+
+    fn primaries(&self, key: &str) -> Vec<usize> {
+        self.ring
+            .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), self.cfg.n)
+            .primaries
+            .iter()
+            .filter_map(|m| self.index.get(&m.id).copied())
+            .collect()
+    }
+
+    fn object_on(&self, node: usize, key: &str) -> Object {
+        self.nodes[node]
+            .as_ref()
+            .and_then(|n| n.tables().records.get(key))
+            .map(|r| r.object.clone())
+            .unwrap_or_default()
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { from, to, msg } => {
+                if self.link_cut(from, to) {
+                    self.report.dropped += 1;
+                    return;
+                }
+                let now = self.now_ms;
+                let from_name = self.names[from].clone();
+                match self.nodes[to].as_mut() {
+                    Some(node) => {
+                        let fx = node.on_message(now, &from_name, msg);
+                        self.effects(to, fx);
+                    }
+                    None => self.report.dropped += 1,
+                }
+            }
+            Event::Tick => {
+                let now = self.now_ms;
+                for i in 0..self.nodes.len() {
+                    if let Some(node) = self.nodes[i].as_mut() {
+                        let fx = node.on_tick(now);
+                        self.effects(i, fx);
+                    }
+                }
+                self.schedule(now + TICK_MS, Event::Tick);
+            }
+            Event::ClientNext(c) => self.client_next(c),
+            Event::ClientTimeout { client, ticket } => {
+                if let Some(op) = self.history.get_mut(ticket as usize)
+                    && op.outcome == Outcome::Pending
+                {
+                    op.outcome = Outcome::TimedOut;
+                    op.end_ms = self.now_ms;
+                    self.report.failed_operations += 1;
+                    self.client_done(client, ticket);
+                }
+            }
+            Event::Fault => self.fault(),
+            Event::Restart(i) => self.restart(i),
+            Event::Cut(links) => {
+                if self.faulty {
+                    for l in links {
+                        *self.cuts.entry(l).or_insert(0) += 1;
+                    }
+                }
+            }
+            Event::Restore(links) => {
+                for l in links {
+                    if let Some(c) = self.cuts.get_mut(&l) {
+                        *c -= 1;
+                        if *c == 0 {
+                            self.cuts.remove(&l);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn link_cut(&self, from: usize, to: usize) -> bool {
+        self.cuts.contains_key(&(from, to))
+    }
+
+    fn effects(&mut self, from: usize, fx: Vec<Effect>) {
+        for effect in fx {
+            match effect {
+                Effect::Send { to, msg } => self.send(from, &to, msg),
+                Effect::Reply { ticket, result } => self.client_reply(ticket, result),
+                Effect::Observe(o) => match o {
+                    Observation::DotIssued {
+                        node,
+                        key,
+                        dot,
+                        context,
+                        value,
+                    } => {
+                        self.report.dots += 1;
+                        self.issued.push(Issued {
+                            node,
+                            key,
+                            dot,
+                            context,
+                            value,
+                            at_ms: self.now_ms,
+                        });
+                    }
+                    Observation::ReadRepair => self.report.read_repairs += 1,
+                    Observation::HintHandedOff => self.report.hints_handed_off += 1,
+                    Observation::PeerTimeout => {}
+                },
+            }
+        }
+    }
+
+    fn send(&mut self, from: usize, to: &str, msg: Message) {
+        self.report.messages += 1;
+        let Some(&to) = self.index.get(to) else {
+            self.report.dropped += 1;
+            return;
+        };
+        let (loss, dup, spike) = if self.faulty {
+            (self.cfg.loss, self.cfg.duplicate, self.cfg.spike)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        if self.link_cut(from, to) || self.rng.chance(loss) {
+            self.report.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(dup) { 2 } else { 1 };
+        if copies == 2 {
+            self.report.duplicated += 1;
+        }
+        for _ in 0..copies {
+            let mut delay = self.rng.range(self.cfg.delay_ms.0, self.cfg.delay_ms.1);
+            if self.rng.chance(spike) {
+                delay += self.rng.range(0, self.cfg.spike_ms);
+            }
+            let at = self.now_ms + delay.max(1);
+            self.schedule(
+                at,
+                Event::Deliver {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    // ----- clients -----
+
+    fn client_next(&mut self, c: usize) {
+        if self.now_ms >= self.cfg.workload_ms {
+            return;
+        }
+        let k = self.rng.index(self.cfg.keys);
+        let key = self.key(k);
+        let roll = self.rng.below(100);
+        let client = &mut self.clients[c];
+        client.seq += 1;
+        let (op, value) = if roll < 35 {
+            (ClientOp::Get, Vec::new())
+        } else if roll < 85 {
+            let v = format!("c{c}-{}", client.seq).into_bytes();
+            (ClientOp::Put(v.clone()), v)
+        } else {
+            (ClientOp::Delete, Vec::new())
+        };
+        let durability = if op != ClientOp::Get && self.rng.chance(self.cfg.buffered_share) {
+            Some(Durability::Buffered)
+        } else {
+            None
+        };
+        let effective = durability.unwrap_or(self.cfg.durability);
+        let exempt = effective == Durability::Buffered && self.power_losses_possible();
+        let context = if op != ClientOp::Get && self.rng.chance(0.8) {
+            self.clients[c]
+                .contexts
+                .get(&key)
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let coordinator = self.rng.index(self.nodes.len());
+        let ticket = self.history.len() as u64;
+        self.report.operations += 1;
+        self.history.push(OpRecord {
+            client: Some(c),
+            exempt,
+            key: key.clone(),
+            value,
+            outcome: Outcome::Pending,
+            end_ms: 0,
+        });
+        let request = ClientRequest {
+            key,
+            op,
+            context,
+            r: None,
+            w: None,
+            durability,
+        };
+        let now = self.now_ms;
+        match self.nodes[coordinator].as_mut() {
+            None => {
+                // Connection refused: the client knows the request never ran.
+                self.history[ticket as usize].outcome = Outcome::Failed;
+                self.report.failed_operations += 1;
+                let at = now + self.rng.range(1, 50);
+                self.schedule(at, Event::ClientNext(c));
+            }
+            Some(node) => {
+                self.clients[c].waiting = Some(ticket);
+                let fx = node.on_client(now, ticket, request);
+                self.schedule(
+                    now + self.cfg.client_timeout_ms,
+                    Event::ClientTimeout { client: c, ticket },
+                );
+                self.effects(coordinator, fx);
+            }
+        }
+    }
+
+    fn client_reply(&mut self, ticket: u64, result: ClientResult) {
+        let now = self.now_ms;
+        let Some(op) = self.history.get_mut(ticket as usize) else {
+            return;
+        };
+        // A reply after the client gave up is not an acknowledgement the client saw.
+        if op.outcome != Outcome::Pending {
+            return;
+        }
+        op.end_ms = now;
+        let context = match result {
+            ClientResult::Got { context, .. } => {
+                op.outcome = Outcome::Read;
+                self.report.reads += 1;
+                Some(context)
+            }
+            ClientResult::Written { context, dot } => {
+                op.outcome = Outcome::Written(dot);
+                self.report.acked_writes += 1;
+                Some(context)
+            }
+            ClientResult::Failed(_) => {
+                op.outcome = Outcome::Failed;
+                self.report.failed_operations += 1;
+                None
+            }
+        };
+        let (client, key) = (op.client, op.key.clone());
+        if let Some(c) = client {
+            if let Some(ctx) = context {
+                // A context must decode: the client would send it back verbatim.
+                if causality::decode_context(&ctx).is_ok() {
+                    self.clients[c].contexts.insert(key, ctx);
+                }
+            }
+            self.client_done(c, ticket);
+        }
+    }
+
+    fn client_done(&mut self, c: usize, ticket: u64) {
+        if self.clients[c].waiting == Some(ticket) {
+            self.clients[c].waiting = None;
+            let at = self.now_ms + self.rng.range(0, 40);
+            self.schedule(at, Event::ClientNext(c));
+        }
+    }
+
+    // ----- faults -----
+
+    fn fault(&mut self) {
+        if !self.faulty || self.now_ms >= self.cfg.workload_ms {
+            return;
+        }
+        let mut kinds = Vec::new();
+        if self.cfg.crashes {
+            kinds.push(0);
+        }
+        if self.cfg.partitions {
+            kinds.push(1);
+        }
+        if self.cfg.swizzle {
+            kinds.push(2);
+        }
+        match kinds.get(self.rng.index(kinds.len())) {
+            Some(0) => self.crash(),
+            Some(1) => self.partition(),
+            Some(2) => self.swizzle(),
+            _ => {}
+        }
+        let at = self.now_ms
+            + self
+                .rng
+                .range(self.cfg.fault_every_ms.0, self.cfg.fault_every_ms.1);
+        self.schedule(at, Event::Fault);
+    }
+
+    fn power_losses_possible(&self) -> bool {
+        self.cfg.crashes && self.cfg.power_loss && self.cfg.durability == Durability::Sync
+    }
+
+    fn crash(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let i = live[self.rng.index(live.len())];
+        let kind = if self.wipes_left > 0 && self.rng.chance(0.25) {
+            self.wipes_left -= 1;
+            CrashKind::Wipe
+        } else if self.power_losses_possible() && self.rng.chance(0.6) {
+            CrashKind::PowerLoss
+        } else {
+            CrashKind::Kill
+        };
+        let incarnation = self.rng.next_u64();
+        if let Some(node) = self.nodes[i].take() {
+            self.report.faults += 1;
+            self.disks[i] = Some(node.crash(kind, &mut self.rng, incarnation));
+            let at = self.now_ms + self.rng.range(50, 3_000);
+            self.schedule(at, Event::Restart(i));
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        if self.nodes[i].is_some() {
+            return;
+        }
+        if let Some(disk) = self.disks[i].take() {
+            self.lives[i] += 1;
+            self.nodes[i] = Some(Node::boot(
+                &self.names[i],
+                &self.names,
+                Arc::clone(&self.ring),
+                self.node_cfgs[i],
+                disk,
+                self.lives[i],
+                self.now_ms,
+            ));
+        }
+    }
+
+    fn shuffled(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.rng.index(i + 1);
+            v.swap(i, j);
+        }
+        v
+    }
+
+    fn partition(&mut self) {
+        let order = self.shuffled(self.nodes.len());
+        let split = self.rng.range(1, order.len() as u64 - 1) as usize;
+        let (a, b) = order.split_at(split);
+        let one_way = self.cfg.one_way && self.rng.chance(0.5);
+        let mut links = Vec::new();
+        for &x in a {
+            for &y in b {
+                links.push((x, y));
+                if !one_way {
+                    links.push((y, x));
+                }
+            }
+        }
+        self.report.faults += 1;
+        let now = self.now_ms;
+        self.handle(Event::Cut(links.clone()));
+        let at = now + self.rng.range(200, 4_000);
+        self.schedule(at, Event::Restore(links));
+    }
+
+    fn swizzle(&mut self) {
+        let n = self.nodes.len();
+        let mut links: Vec<(usize, usize)> = Vec::new();
+        for x in 0..n {
+            for y in 0..n {
+                if x != y && self.rng.chance(0.3) {
+                    links.push((x, y));
+                }
+            }
+        }
+        self.report.faults += 1;
+        let mut at = self.now_ms;
+        for &l in &links {
+            at += self.rng.range(20, 200);
+            self.schedule(at, Event::Cut(vec![l]));
+        }
+        let order = self.shuffled(links.len());
+        for k in order {
+            at += self.rng.range(20, 400);
+            self.schedule(at, Event::Restore(vec![links[k]]));
+        }
+    }
+
+    // ----- checks -----
+
+    fn check(&self) -> Result<(), (Checker, String)> {
+        let acked: Vec<AckedWrite> = self
+            .history
+            .iter()
+            .filter(|op| !op.exempt)
+            .filter_map(|op| match (&op.outcome, op.client) {
+                (Outcome::Written(dot), Some(client)) => Some(AckedWrite {
+                    client,
+                    key: op.key.clone(),
+                    dot: dot.clone(),
+                    value: op.value.clone(),
+                    acked_ms: op.end_ms,
+                }),
+                _ => None,
+            })
+            .collect();
+        check::unique_dots(&self.issued).map_err(|m| (Checker::DuplicateDot, m))?;
+        let mut full: BTreeMap<String, Object> = BTreeMap::new();
+        let mut replicas: BTreeMap<String, Vec<(String, Object)>> = BTreeMap::new();
+        for k in 0..self.cfg.keys {
+            let key = self.key(k);
+            let mut merged = Object::new();
+            for i in 0..self.nodes.len() {
+                merged = merged.merge(&self.object_on(i, &key));
+            }
+            full.insert(key.clone(), merged);
+            let copies = self
+                .primaries(&key)
+                .into_iter()
+                .map(|i| (self.names[i].clone(), self.object_on(i, &key)))
+                .collect();
+            replicas.insert(key, copies);
+        }
+        check::no_lost_writes(&full, &acked, &self.issued).map_err(|m| (Checker::LostWrite, m))?;
+        let hints: Vec<(String, String, String)> = self
+            .nodes
+            .iter()
+            .flatten()
+            .flat_map(|n| {
+                n.tables()
+                    .hints
+                    .iter()
+                    .map(|(o, k)| (n.name().to_string(), o.clone(), k.clone()))
+            })
+            .collect();
+        check::hints_drained(&hints).map_err(|m| (Checker::HintsDrain, m))?;
+        check::convergence(&replicas, &acked, &self.issued)
+            .map_err(|m| (Checker::Convergence, m))?;
+        let _ = self.seed;
+        Ok(())
+    }
+}
