@@ -12,11 +12,12 @@
 //!
 //! # Quotas
 //!
-//! Each member's number of partitions is fixed by its weight alone, before any placement:
-//! the largest-remainder apportionment of `Q` by weight, ties broken by ascending node id
-//! ([`quotas`]). Quotas are therefore exact (no node owns more than its share rounded up),
-//! and every node that computes them from the same member list gets the same answer, which
-//! is what a gossiped ring needs. A member whose quota rounds to zero (a tiny weight next to
+//! Each member's number of partitions is fixed by its weight, before any placement: the
+//! largest-remainder apportionment of `Q` by weight ([`quotas`]). A fresh claim breaks equal
+//! remainders by ascending node id; a rebalance gives them to the members that already hold
+//! the most partitions, so rounding never moves data. Quotas are therefore exact (every node
+//! owns its share rounded down or up), and the claim is deterministic from its inputs, which
+//! is what a gossiped ring needs; a decoded ring is checked to respect the shares. A member whose quota rounds to zero (a tiny weight next to
 //! big ones) owns nothing and appears in no preference list.
 //!
 //! # Spacing
@@ -50,9 +51,9 @@
 //! [`Ring::rebalance`] keeps every assignment it can: only partitions of departed members
 //! and a node's partitions beyond its new quota move, so the number of moved partitions is
 //! exactly `sum(max(0, owned_before - new_quota))`, the least any assignment meeting the new
-//! quotas can move. With equal weights a joiner therefore takes exactly its quota
-//! (`floor` or `ceil` of `Q/(S+1)`, by the id tie-break) and a leaver's partitions are the
-//! only ones that move. Which partitions move, and to whom, is chosen greedily: a move that
+//! quotas can move. With equal weights a joiner therefore takes exactly its quota,
+//! `floor(Q/(S+1))` unless `Q/(S+1)` is whole, and a leaver's partitions are the only ones
+//! that move. Which partitions move, and to whom, is chosen greedily: a move that
 //! creates no spacing violation (or removes one) first, then the most under-quota receiver,
 //! then the most over-quota donor (a departed member's partitions go first), then the
 //! position farthest from the receiver's other partitions. A final swap search, limited to
@@ -433,7 +434,6 @@ impl Ring {
             .checked_add(1)
             .ok_or(RingError::VersionOverflow)?;
         let members = canonical_members(new_members, self.partitions)?;
-        let layout = Layout::new(&members, self.partitions, self.n_val);
         // Old member index -> new member index, FREE for members that left.
         let renumber: Vec<u32> = self
             .members
@@ -449,6 +449,13 @@ impl Ring {
             .iter()
             .map(|&o| renumber.get(o as usize).copied().unwrap_or(FREE))
             .collect();
+        let mut held = vec![0u32; members.len()];
+        for &o in &start {
+            if let Some(h) = held.get_mut(o as usize) {
+                *h += 1;
+            }
+        }
+        let layout = Layout::favouring(&members, self.partitions, self.n_val, &held);
         let owners = reassign(start, &layout.quotas, &layout.spacing());
         Self::assemble(version, self.partitions, self.n_val, members, owners)
     }
@@ -717,8 +724,24 @@ impl Ring {
                 None => return corrupt(format!("owner index {o} out of range")),
             }
         }
-        if counts != layout.quotas {
-            return corrupt("partition counts differ from the members' quotas".into());
+        // Any largest-remainder rounding is a valid claim (a rebalance breaks ties in favour
+        // of incumbents, a fresh claim by id): each count must be the floor of its exact
+        // share, or one more where the share is not whole.
+        let total: u128 = members
+            .iter()
+            .map(|m| u128::from(m.weight))
+            .sum::<u128>()
+            .max(1);
+        for (m, &c) in members.iter().zip(&counts) {
+            let share = u128::from(partitions) * u128::from(m.weight);
+            let floor = share / total;
+            let ceil = floor + u128::from(share % total != 0);
+            if u128::from(c) < floor || u128::from(c) > ceil {
+                return corrupt(format!(
+                    "{} owns {c} partitions, outside its share [{floor}, {ceil}]",
+                    m.id
+                ));
+            }
         }
         Ok(Self {
             version,
@@ -825,6 +848,15 @@ fn canonical_members(mut members: Vec<Member>, partitions: u32) -> Result<Vec<Me
 
 /// Largest-remainder apportionment for members sorted by id (so index order is id order).
 fn apportion(members: &[Member], partitions: u32) -> Vec<u32> {
+    apportion_favouring(members, partitions, &[])
+}
+
+/// [`apportion`] where equal remainders go first to the members that already hold the most
+/// partitions (`held[i]`, missing entries count as 0), then by ascending id. On a rebalance
+/// this keeps the rounding seat with an incumbent instead of handing it to a joiner whose id
+/// sorts first, so a join moves at most floor-or-exact Q/(S+1) partitions rather than the
+/// ceiling.
+fn apportion_favouring(members: &[Member], partitions: u32, held: &[u32]) -> Vec<u32> {
     let total: u128 = members.iter().map(|m| u128::from(m.weight)).sum();
     let q = u128::from(partitions);
     let mut quotas = Vec::with_capacity(members.len());
@@ -838,8 +870,15 @@ fn apportion(members: &[Member], partitions: u32) -> Vec<u32> {
     let assigned: u32 = quotas.iter().sum();
     let left = partitions.saturating_sub(assigned) as usize;
     let mut order: Vec<usize> = (0..members.len()).collect();
-    // Largest remainder first; equal remainders by ascending id (= ascending index).
-    order.sort_by(|&a, &b| remainders[b].cmp(&remainders[a]).then(a.cmp(&b)));
+    // Largest remainder first; equal remainders to the larger incumbent, then by ascending
+    // id (= ascending index).
+    let held_of = |i: usize| held.get(i).copied().unwrap_or(0);
+    order.sort_by(|&a, &b| {
+        remainders[b]
+            .cmp(&remainders[a])
+            .then(held_of(b).cmp(&held_of(a)))
+            .then(a.cmp(&b))
+    });
     for &i in order.iter().take(left) {
         quotas[i] += 1;
     }
@@ -857,7 +896,12 @@ struct Layout {
 
 impl Layout {
     fn new(members: &[Member], partitions: u32, n_val: u32) -> Self {
-        let quotas = apportion(members, partitions);
+        Self::favouring(members, partitions, n_val, &[])
+    }
+
+    /// A layout whose quotas break remainder ties in favour of current holdings.
+    fn favouring(members: &[Member], partitions: u32, n_val: u32, held: &[u32]) -> Self {
+        let quotas = apportion_favouring(members, partitions, held);
         // Labeled zones are numbered in label order, unlabeled members after them.
         let mut labels: BTreeMap<&str, u32> = BTreeMap::new();
         for m in members {

@@ -433,10 +433,9 @@ fn quota_ties_go_to_the_smallest_ids_regardless_of_input_order() {
 // Movement (Dynamo §6.2: adding a node moves ~1/(S+1) of the data)
 // ---------------------------------------------------------------------------------------
 
-/// A joiner takes exactly its quota, all of it from the existing nodes' surplus: with the
-/// joiner's id sorting last it gets floor(Q/(S+1)) <= Q/(S+1). (With its id sorting first
-/// it wins the remainder tie and takes ceil(Q/(S+1)), which at Q=256 exceeds 1.1/(S+1)
-/// for a few S near 60; see `print_ring_figures`.)
+/// A joiner takes exactly its quota, all of it from the existing nodes' surplus. Rounding
+/// seats go to incumbents on a rebalance, so whatever its id the joiner gets
+/// floor(Q/(S+1)) <= Q/(S+1).
 #[test]
 fn adding_a_node_moves_at_most_1_1_over_s_plus_1_of_the_partitions() {
     let q = 256u32;
@@ -450,9 +449,8 @@ fn adding_a_node_moves_at_most_1_1_over_s_plus_1_of_the_partitions() {
             r.s,
             r.join_last
         );
-        let first_bound = (1.1 * ideal).max(ideal.ceil());
         assert!(
-            f64::from(r.join_first) <= first_bound,
+            f64::from(r.join_first) <= 1.1 * ideal,
             "S={}: join (first id) moved {}\n{table}",
             r.s,
             r.join_first
@@ -886,12 +884,11 @@ fn corrupted_ring_bytes_never_decode_into_an_invalid_ring() {
             let mut bad = bytes.clone();
             bad[i] ^= flip;
             if let Ok(decoded) = Ring::decode(&bad) {
-                let want = match quotas(decoded.members(), decoded.partitions()) {
-                    Ok(q) => q,
-                    Err(e) => panic!("decoded ring has invalid members: {e}"),
-                };
                 let got: Vec<u32> = decoded.owned_counts().iter().map(|(_, c)| *c).collect();
-                assert_eq!(got, want, "byte {i} ^ {flip:#x}");
+                assert!(
+                    within_shares(decoded.members(), decoded.partitions(), &got),
+                    "byte {i} ^ {flip:#x}: counts {got:?} outside the weight shares"
+                );
             }
         }
         assert!(Ring::decode(&bytes[..i]).is_err(), "truncated at {i}");
@@ -985,10 +982,10 @@ proptest! {
             let got_after = after_counts.get(&t.to).copied().unwrap_or(0);
             prop_assert!(got_after > got_before, "{} received without being under quota", t.to);
         }
-        let want = quotas(&new_members, q).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        for (m, quota) in new_members.iter().zip(&want) {
-            prop_assert_eq!(after_counts.get(&m.id).copied(), Some(*quota));
-        }
+        // Every count is its exact weight share rounded down or up (a rebalance gives the
+        // rounding seats to incumbents, so they may differ from a fresh claim's `quotas`).
+        let got: Vec<u32> = new.owned_counts().iter().map(|(_, c)| *c).collect();
+        prop_assert!(within_shares(new.members(), q, &got), "counts {:?}", got);
         check_preference_lists(&new, "property after rebalance");
     }
 }
@@ -1079,4 +1076,17 @@ fn print_ring_figures() {
             primary_load_ratio(&r, 3)
         );
     }
+}
+
+/// True when each count is its member's exact weight share of `q`, rounded down or up, and
+/// the counts sum to `q`.
+fn within_shares(members: &[Member], q: u32, counts: &[u32]) -> bool {
+    let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+    counts.iter().sum::<u32>() == q
+        && members.iter().zip(counts).all(|(m, &c)| {
+            let share = u64::from(q) * u64::from(m.weight);
+            let floor = share / total;
+            let ceil = floor + u64::from(share % total != 0);
+            (floor..=ceil).contains(&u64::from(c))
+        })
 }
