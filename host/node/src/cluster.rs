@@ -264,13 +264,21 @@ impl Cluster {
             Err(e) => return e,
         };
         // Validation errors are the same on every replica: answer them here, once.
-        if let Err(e) = self.kv.get(bucket, key) {
+        if let Err(e) = self.kv.validate(bucket, key) {
             return kv_error(&e);
         }
         let (targets, n) = self.targets(bucket, key, quorum.n);
         let mut read = ReadQuorum::new(&targets, quorum.r, n);
-        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
-        for target in &targets {
+        // The local replica answers inline: no task, no channel (on a single node, or with
+        // R=1 on a replica, the read never leaves this function).
+        let me = self.me();
+        if targets.iter().any(|t| t.node == me) {
+            let local = self.kv.get(bucket, key).map_err(|e| e.to_string());
+            feed_read(&mut read, me, local);
+        }
+        let remote: Vec<&Target> = targets.iter().filter(|t| t.node != me).collect();
+        let (tx, mut rx) = mpsc::channel(remote.len().max(1));
+        for target in &remote {
             let (this, tx, bucket, key, node) = (
                 Arc::clone(self),
                 tx.clone(),
@@ -291,6 +299,9 @@ impl Cluster {
                         siblings: wire_siblings(merged),
                         context: causality::encode_context(merged.context()),
                     };
+                    if remote.is_empty() {
+                        return reply;
+                    }
                     // Late replies and read repair continue in the background.
                     let this = Arc::clone(self);
                     let (bucket, key) = (bucket.to_string(), key.to_vec());

@@ -485,7 +485,8 @@ impl KvService {
             .map_err(|e| self.storage_err(bucket, key, e))
     }
 
-    fn validate(&self, bucket: &str, key: &[u8]) -> Result<Vec<u8>, KvError> {
+    /// Checks a bucket name and key; returns the engine key.
+    pub fn validate(&self, bucket: &str, key: &[u8]) -> Result<Vec<u8>, KvError> {
         if bucket.is_empty()
             || bucket.len() > BUCKET_BYTES_MAX
             || bucket.chars().any(char::is_control)
