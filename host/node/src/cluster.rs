@@ -268,6 +268,17 @@ impl Cluster {
             return kv_error(&e);
         }
         let (targets, n) = self.targets(bucket, key, quorum.n);
+        // A key whose only replica is this node (a one-node cluster, or n=1 on a replica):
+        // nothing to count, merge or repair.
+        if n == 1 && targets.len() == 1 && targets[0].node == self.me() {
+            return match self.kv.get(bucket, key) {
+                Ok(object) => Response::Get {
+                    context: causality::encode_context(object.context()),
+                    siblings: wire_siblings(&object),
+                },
+                Err(e) => kv_error(&e),
+            };
+        }
         let mut read = ReadQuorum::new(&targets, quorum.r, n);
         // The local replica answers inline: no task, no channel (on a single node, or with
         // R=1 on a replica, the read never leaves this function).
