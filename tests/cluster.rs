@@ -396,3 +396,49 @@ async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
         .expect("dead node listed");
     assert!(dead.1.is_err(), "the killed node does not answer");
 }
+
+// Dynamo §4.6: a replica that fails after the write quorum was reached still gets its copy,
+// through a fallback that keeps a hint (with W=1 the client is answered before the store to
+// the dead replica even times out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_failing_after_the_quorum_still_gets_a_hint() {
+    let mut c = ClusterProc::start(17, 4, &["--n", "2", "--peer-timeout-ms", "500"]);
+    let members = (1..=4).map(|i| Member::new(format!("n{i}"))).collect();
+    let ring = Ring::new(
+        members,
+        ClaimParams {
+            partitions: 256,
+            n_val: 2,
+        },
+    )
+    .expect("ring");
+    let key = (0..10_000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let ids: Vec<&str> = ring
+                .preference_list_for_key(b"b", k.as_bytes(), 2)
+                .primaries
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect();
+            ids.contains(&"n1") && ids.contains(&"n4")
+        })
+        .expect("some key has primaries n1 and n4");
+    c.kill9(3);
+    let n1 = c.client(0).await;
+    n1.put_with("b", &key, b"v".to_vec(), None, &w(1))
+        .await
+        .expect("W=1 put on n1");
+    let clients = [c.client(0).await, c.client(1).await, c.client(2).await];
+    eventually("a fallback holds a hint for n4", || {
+        let clients = clients.clone();
+        async move {
+            let mut hints = 0;
+            for client in &clients {
+                hints += client.status().await.map(|s| s.hints).unwrap_or(0);
+            }
+            hints > 0
+        }
+    })
+    .await;
+}

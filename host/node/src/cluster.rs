@@ -475,76 +475,49 @@ impl Cluster {
         all.extend(targets.into_iter().filter(|t| t.node != me));
         let mut write = WriteQuorum::new(&all, quorum.w, n);
         write.on_ack(&me);
-        let object = Arc::new(outcome.object);
         // Fallbacks not yet used: a target that fails is replaced by the next one that is up
-        // (Dynamo §4.6), holding a hint for the replica it stands in for.
+        // (Dynamo §4.6), holding a hint for the replica it stands in for. This goes on after
+        // the client has its answer, so a replica that fails late still gets its copy handed
+        // over through a hint instead of waiting for a read to repair it.
         let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
-        let mut spare = fallbacks
+        let spare: std::collections::VecDeque<String> = fallbacks
             .into_iter()
-            .filter(|f| !all.iter().any(|t| &t.node == f));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let spawn_store = |target: Target| {
-            let (this, tx, bucket, key, object) = (
-                Arc::clone(self),
-                tx.clone(),
-                bucket.clone(),
-                key.clone(),
-                Arc::clone(&object),
-            );
-            tokio::spawn(async move {
-                let result = this
-                    .store_on(
-                        &target.node,
-                        &bucket,
-                        &key,
-                        &object,
-                        target.hint_for.clone(),
-                        durability,
-                    )
-                    .await;
-                let _ = tx.send((target, result));
-            });
+            .filter(|f| !all.iter().any(|t| &t.node == f))
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stores = Stores {
+            cluster: Arc::clone(self),
+            bucket: bucket.clone(),
+            key: key.clone(),
+            object: Arc::new(outcome.object),
+            durability,
+            sloppy: self.props(&bucket).sloppy,
+            spare,
+            tx,
+            rx,
+            write,
         };
-        for target in all.iter().skip(1) {
-            spawn_store(target.clone());
+        for target in all.into_iter().skip(1) {
+            stores.spawn(target);
         }
-        loop {
-            match write.status() {
-                Status::Reached(()) => {
-                    return Response::Written {
-                        context: causality::encode_context(&outcome.context),
-                    };
-                }
-                Status::Failed(f) => {
-                    return error(
-                        ErrorCode::QuorumFailed,
-                        format!(
-                            "put {bucket:?} {}: write quorum w={} not reached: {f}",
-                            crate::kv::render_key(&key),
-                            quorum.w
-                        ),
-                    );
-                }
-                Status::Pending => match rx.recv().await {
-                    Some((target, Ok(()))) => write.on_ack(&target.node),
-                    Some((target, Err(e))) => {
-                        if self.props(&bucket).sloppy
-                            && let Some(fallback) = spare.find(|f| self.peers.is_up(f))
-                        {
-                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
-                            write.add_target(&fallback);
-                            spawn_store(Target {
-                                node: fallback,
-                                hint_for,
-                            });
-                        }
-                        write.on_failure(&target.node, e);
-                    }
-                    None => {
-                        return error(ErrorCode::Internal, "write replies ended undecided".into());
-                    }
-                },
-            }
+        let decided = stores.until_decided().await;
+        // Late acks and failures (with their fallbacks) are handled in the background.
+        if !stores.write.pending().is_empty() {
+            tokio::spawn(stores.drain());
+        }
+        match decided {
+            Some(Status::Reached(())) => Response::Written {
+                context: causality::encode_context(&outcome.context),
+            },
+            Some(Status::Failed(f)) => error(
+                ErrorCode::QuorumFailed,
+                format!(
+                    "put {bucket:?} {}: write quorum w={} not reached: {f}",
+                    crate::kv::render_key(&key),
+                    quorum.w
+                ),
+            ),
+            _ => error(ErrorCode::Internal, "write replies ended undecided".into()),
         }
     }
 
@@ -697,6 +670,93 @@ impl Cluster {
                 _ = probe.tick() => self.peers.probe_down_peers().await,
                 _ = hints.tick() => { self.deliver_hints().await; }
             }
+        }
+    }
+}
+
+/// The replica stores of one put: sends them, replaces failed targets by fallbacks with
+/// hints, and tracks the write quorum, before and after the client's answer.
+struct Stores {
+    cluster: Arc<Cluster>,
+    bucket: String,
+    key: Vec<u8>,
+    object: Arc<Object>,
+    durability: Durability,
+    sloppy: bool,
+    spare: std::collections::VecDeque<String>,
+    tx: mpsc::UnboundedSender<(Target, Result<(), String>)>,
+    rx: mpsc::UnboundedReceiver<(Target, Result<(), String>)>,
+    write: WriteQuorum,
+}
+
+impl Stores {
+    fn spawn(&self, target: Target) {
+        let (cluster, tx, bucket, key, object, durability) = (
+            Arc::clone(&self.cluster),
+            self.tx.clone(),
+            self.bucket.clone(),
+            self.key.clone(),
+            Arc::clone(&self.object),
+            self.durability,
+        );
+        tokio::spawn(async move {
+            let result = cluster
+                .store_on(
+                    &target.node,
+                    &bucket,
+                    &key,
+                    &object,
+                    target.hint_for.clone(),
+                    durability,
+                )
+                .await;
+            let _ = tx.send((target, result));
+        });
+    }
+
+    /// Takes one store result into account; a failure sends the write to the next fallback
+    /// that is up, with a hint for the replica it replaces.
+    fn on_result(&mut self, target: Target, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.write.on_ack(&target.node),
+            Err(e) => {
+                if self.sloppy {
+                    while let Some(fallback) = self.spare.pop_front() {
+                        if self.cluster.peers.is_up(&fallback) {
+                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
+                            self.write.add_target(&fallback);
+                            self.spawn(Target {
+                                node: fallback,
+                                hint_for,
+                            });
+                            break;
+                        }
+                    }
+                }
+                self.write.on_failure(&target.node, e);
+            }
+        }
+    }
+
+    /// Waits until the quorum is decided (`None` only if replies stopped, a bug).
+    async fn until_decided(&mut self) -> Option<Status<()>> {
+        loop {
+            match self.write.status() {
+                Status::Pending => {}
+                decided => return Some(decided),
+            }
+            let (target, result) = self.rx.recv().await?;
+            self.on_result(target, result);
+        }
+    }
+
+    /// Handles every remaining result, so late failures still reach a fallback.
+    async fn drain(mut self) {
+        while !self.write.pending().is_empty() {
+            let Some((target, result)) = self.rx.recv().await else {
+                return;
+            };
+            self.on_result(target, result);
         }
     }
 }

@@ -1028,7 +1028,8 @@ impl Node {
         result: Result<(), String>,
         fx: &mut Vec<Effect>,
     ) {
-        // A decided put is gone: production stops listening once it has answered.
+        // A put stays until every store has answered, as in production: failures after the
+        // client's answer still go to a fallback with a hint.
         let Some(mut put) = self.puts.remove(&op) else {
             return;
         };
@@ -1072,7 +1073,9 @@ impl Node {
             )),
         };
         let origin = put.origin.take();
-        self.puts.remove(&op);
+        if put.write.pending().is_empty() {
+            self.puts.remove(&op);
+        }
         if let Some(origin) = origin {
             self.reply(origin, result, fx);
         }
