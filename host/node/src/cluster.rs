@@ -455,6 +455,16 @@ impl Cluster {
             }
         };
         let durability = self.durability(options.durability);
+        let others = targets.iter().any(|t| t.node != me);
+        // With other replicas, the local fsync runs alongside theirs instead of before them:
+        // the new version is applied here, sent out at once, and the local copy counts
+        // towards W only once it is durable. (If this node crashes before its fsync, its next
+        // boot takes a fresh epoch, so the dot sent out is never issued again.)
+        let local_durability = if others {
+            Durability::Buffered
+        } else {
+            durability
+        };
         let outcome = match self
             .kv
             .write(WriteArgs {
@@ -462,7 +472,7 @@ impl Cluster {
                 key: &key,
                 context: &context,
                 op,
-                durability,
+                durability: local_durability,
                 now_ms: now_ms(),
                 hint_for: my_target.hint_for.as_deref(),
             })
@@ -471,10 +481,13 @@ impl Cluster {
             Ok(o) => o,
             Err(e) => return kv_error(&e),
         };
-        let mut all: Vec<Target> = vec![my_target];
+        let mut all: Vec<Target> = vec![my_target.clone()];
         all.extend(targets.into_iter().filter(|t| t.node != me));
         let mut write = WriteQuorum::new(&all, quorum.w, n);
-        write.on_ack(&me);
+        let local_sync_pending = others && durability == Durability::Sync;
+        if !local_sync_pending {
+            write.on_ack(&me);
+        }
         // Fallbacks not yet used: a target that fails is replaced by the next one that is up
         // (Dynamo §4.6), holding a hint for the replica it stands in for. This goes on after
         // the client has its answer, so a replica that fails late still gets its copy handed
@@ -497,6 +510,13 @@ impl Cluster {
             rx,
             write,
         };
+        if local_sync_pending {
+            let (kv, tx) = (Arc::clone(&self.kv), stores.tx.clone());
+            tokio::spawn(async move {
+                let result = kv.store().sync_applied().await.map_err(|e| e.to_string());
+                let _ = tx.send((my_target, result));
+            });
+        }
         for target in all.into_iter().skip(1) {
             stores.spawn(target);
         }
