@@ -153,6 +153,18 @@ struct Health {
     last_success: Option<Instant>,
 }
 
+impl Health {
+    /// A peer nothing bad is known about.
+    fn up(now: Instant) -> Health {
+        Health {
+            down_since: None,
+            next_probe: now,
+            backoff: PROBE_BACKOFF_MIN,
+            last_success: None,
+        }
+    }
+}
+
 /// Connections to the other members and what this node believes about their health.
 #[derive(Debug)]
 pub struct Peers {
@@ -239,12 +251,9 @@ impl Peers {
     fn mark_down(&self, node: &str, started: Instant) {
         let now = Instant::now();
         let mut health = self.health();
-        let h = health.entry(node.to_string()).or_insert(Health {
-            down_since: None,
-            next_probe: now,
-            backoff: PROBE_BACKOFF_MIN,
-            last_success: None,
-        });
+        let h = health
+            .entry(node.to_string())
+            .or_insert_with(|| Health::up(now));
         if h.last_success.is_some_and(|t| t > started) {
             return;
         }
@@ -261,12 +270,9 @@ impl Peers {
     fn mark_up(&self, node: &str) {
         let now = Instant::now();
         let mut health = self.health();
-        let h = health.entry(node.to_string()).or_insert(Health {
-            down_since: None,
-            next_probe: now,
-            backoff: PROBE_BACKOFF_MIN,
-            last_success: None,
-        });
+        let h = health
+            .entry(node.to_string())
+            .or_insert_with(|| Health::up(now));
         h.last_success = Some(now);
         if h.down_since.take().is_some() {
             tracing::info!(peer = node, "peer is back up");
