@@ -19,7 +19,13 @@ use crate::storage::{Durability, EngineKind};
 
 /// Quiver: a Dynamo-style, always-writeable key-value store.
 #[derive(Debug, Parser)]
-#[command(name = "quiver", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "quiver",
+    version,
+    about = "Quiver: a Dynamo-style, always-writeable key-value store",
+    long_about = None,
+    propagate_version = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -197,7 +203,8 @@ pub enum Output {
 /// How client commands find and trust the cluster.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Node address(es) to contact, comma-separated; the first that answers is used.
+    /// Node address(es), comma-separated: the ring is learned from the first that answers,
+    /// then each request goes straight to a replica of its key.
     #[arg(
         long,
         env = "QUIVER_CLUSTER",

@@ -24,7 +24,9 @@ pub struct DevArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
-    /// Directory for the CA and every node's data (reused across runs).
+    /// Directory for the CA and every node's data, reused across runs so data survives a
+    /// restart. Use a fresh directory when changing --nodes: membership is static until
+    /// join/leave exist, and data is not moved between nodes.
     #[arg(long, value_name = "DIR", default_value = "quiver-dev")]
     pub dir: PathBuf,
     /// UDP port of the first node; the others take the following ports.
