@@ -481,6 +481,12 @@ impl Cluster {
             Ok(o) => o,
             Err(e) => return kv_error(&e),
         };
+        // The only replica (a one-node cluster, or n=1): the local write is the quorum.
+        if n == 1 && !others && quorum.w == 1 {
+            return Response::Written {
+                context: causality::encode_context(&outcome.context),
+            };
+        }
         let mut all: Vec<Target> = vec![my_target.clone()];
         all.extend(targets.into_iter().filter(|t| t.node != me));
         let mut write = WriteQuorum::new(&all, quorum.w, n);
