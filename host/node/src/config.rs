@@ -253,6 +253,7 @@ impl FileConfig {
             });
         }
         let mut peers = std::collections::BTreeMap::new();
+        let mut advertise = None;
         for spec in self.peers.unwrap_or_default() {
             let (id, addr) = spec.split_once('=').ok_or_else(|| ConfigError::Invalid {
                 name: "peers",
@@ -264,6 +265,8 @@ impl FileConfig {
             })?;
             let id = id.trim().to_string();
             if id == node_id {
+                // This node's own entry: the address the others (and clients) use for it.
+                advertise = Some(addr);
                 continue;
             }
             if peers.insert(id.clone(), addr).is_some() {
@@ -330,6 +333,7 @@ impl FileConfig {
             request_timeout_ms: timeout,
             group_commit_window: std::time::Duration::from_micros(window_us),
             peers,
+            advertise,
             quorum,
             sloppy_quorum: sloppy,
             buckets,
@@ -364,6 +368,9 @@ pub struct NodeConfig {
     pub group_commit_window: std::time::Duration,
     /// The other members: name → address.
     pub peers: std::collections::BTreeMap<String, SocketAddr>,
+    /// This node's address as the member list gives it (what clients are told to use);
+    /// the bound address when the list does not name this node.
+    pub advertise: Option<SocketAddr>,
     /// Default n/r/w.
     pub quorum: quiver_core::quorum::Quorum,
     /// Sloppy quorum on or off.
@@ -416,11 +423,35 @@ mod tests {
         )
         .expect("valid toml");
         let cfg = file.resolve().expect("valid");
+        assert_eq!(cfg.advertise, None, "the list does not name this node");
         let carts = cfg.buckets.get("carts").expect("carts");
         assert_eq!((carts.quorum.n, carts.quorum.r, carts.quorum.w), (1, 1, 1));
         assert_eq!((cfg.quorum.n, cfg.quorum.r, cfg.quorum.w), (3, 2, 2));
         let bad: FileConfig = toml::from_str("[buckets.x]\nn = 2\nw = 3\n").expect("toml");
         assert!(bad.resolve().is_err(), "w > n is refused at start");
+    }
+
+    #[test]
+    fn a_node_finds_its_own_address_in_the_shared_member_list() {
+        let file = FileConfig {
+            node_id: Some("n2".into()),
+            listen: Some("0.0.0.0:7471".parse().expect("addr")),
+            peers: Some(vec!["n1=127.0.8.1:7470".into(), "n2=127.0.8.2:7471".into()]),
+            ..Default::default()
+        };
+        let cfg = file.resolve().expect("valid");
+        assert_eq!(cfg.advertise, Some("127.0.8.2:7471".parse().expect("addr")));
+        assert_eq!(cfg.peers.keys().collect::<Vec<_>>(), vec!["n1"]);
+        let dup = FileConfig {
+            peers: Some(vec!["a=127.0.0.1:1".into(), "a=127.0.0.1:2".into()]),
+            ..Default::default()
+        };
+        assert!(dup.resolve().is_err(), "a member listed twice is refused");
+        let bad = FileConfig {
+            peers: Some(vec!["a:127.0.0.1:1".into()]),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
     }
 
     #[test]

@@ -177,6 +177,7 @@ pub struct Peers {
     conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
     health: Mutex<HashMap<String, Health>>,
     timeout: Duration,
+    advertise: Option<SocketAddr>,
 }
 
 impl Peers {
@@ -196,6 +197,7 @@ impl Peers {
             config,
             health: Mutex::new(HashMap::new()),
             timeout,
+            advertise: None,
         }
     }
 
@@ -204,11 +206,18 @@ impl Peers {
         &self.me
     }
 
-    /// This node's own address, as bound.
+    /// This node's address for clients: its entry in the member list, else as bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.advertise.unwrap_or_else(|| {
+            self.endpoint
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        })
+    }
+
+    /// Sets the address clients are told to use for this node (see [`Peers::local_addr`]).
+    pub fn set_advertise(&mut self, addr: Option<SocketAddr>) {
+        self.advertise = addr;
     }
 
     /// Address of a member (None for this node or an unknown name).

@@ -144,13 +144,14 @@ impl Node {
             n_val: u32::try_from(config.quorum.n).unwrap_or(u32::MAX),
         };
         let ring = Ring::new(members, params).map_err(|e| ServerError::Ring(e.to_string()))?;
-        let peers = Peers::new(
+        let mut peers = Peers::new(
             config.node_id.clone(),
             config.peers.clone().into_iter().collect(),
             endpoint.clone(),
             peer_client_config(&identity).map_err(ServerError::Tls)?,
             config.peer_timeout,
         );
+        peers.set_advertise(config.advertise);
         let cluster = Arc::new(Cluster::new(
             kv,
             Arc::new(peers),
