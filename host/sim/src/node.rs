@@ -394,6 +394,8 @@ pub struct Node {
     calls: BTreeMap<u64, Call>,
     next_op: u64,
     puts: BTreeMap<u64, PutOp>,
+    /// Puts whose coordinator copy waits for the next tick's fsync.
+    local_syncs: Vec<u64>,
     gets: BTreeMap<u64, GetOp>,
     forwards: BTreeMap<u64, ForwardOp>,
     hint_pass: Option<HintPass>,
@@ -437,6 +439,7 @@ impl Node {
             calls: BTreeMap::new(),
             next_op: 0,
             puts: BTreeMap::new(),
+            local_syncs: Vec::new(),
             gets: BTreeMap::new(),
             forwards: BTreeMap::new(),
             hint_pass: None,
@@ -516,6 +519,17 @@ impl Node {
     /// Time passed: expire calls, probe down peers, hand off hints, write back buffers.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
+        if !self.local_syncs.is_empty() {
+            // The coordinators' own fsyncs (group-committed): their copies now count.
+            self.store.sync();
+            let me = self.me.node.clone();
+            for op in std::mem::take(&mut self.local_syncs) {
+                if let Some(put) = self.puts.get_mut(&op) {
+                    put.write.on_ack(&me);
+                }
+                self.put_progress(op, &mut fx);
+            }
+        }
         let expired: Vec<u64> = self
             .calls
             .iter()
@@ -938,7 +952,12 @@ impl Node {
             self.store.put_hint(owner, &req.key);
         }
         let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
-        if sync {
+        // Like production: with other replicas the coordinator's own fsync runs alongside
+        // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
+        // towards W only once durable; alone, it syncs before answering.
+        let others = targets.iter().any(|t| t.node != me);
+        let local_sync_pending = sync && others;
+        if sync && !others {
             self.store.sync();
         }
         fx.push(Effect::Observe(Observation::DotIssued {
@@ -954,7 +973,9 @@ impl Node {
         let mut all = vec![my_target];
         all.extend(targets.into_iter().filter(|t| t.node != me));
         let mut write = WriteQuorum::new(&all, quorum.w, n);
-        write.on_ack(&me);
+        if !local_sync_pending {
+            write.on_ack(&me);
+        }
         let (_, fallbacks) = self.preference(&req.key, quorum.n);
         let spare = fallbacks
             .into_iter()
@@ -971,6 +992,9 @@ impl Node {
                 dot: dot.clone(),
             };
             self.reply(o, result, fx);
+        }
+        if local_sync_pending {
+            self.local_syncs.push(op);
         }
         for target in all.iter().skip(1) {
             self.send_store(now_ms, op, target.clone(), &req.key, &object, sync, fx);
