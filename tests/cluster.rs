@@ -40,6 +40,19 @@ where
     }
 }
 
+/// The ring every node of a `ClusterProc` of `nodes` members derives (Q=256).
+fn ring_of(nodes: usize, n_val: u32) -> Ring {
+    let members = (1..=nodes).map(|i| Member::new(format!("n{i}"))).collect();
+    Ring::new(
+        members,
+        ClaimParams {
+            partitions: 256,
+            n_val,
+        },
+    )
+    .expect("ring")
+}
+
 fn quorum_message(e: &Error) -> String {
     assert_eq!(
         e.code(),
@@ -216,15 +229,7 @@ async fn sloppy_quorum_and_hinted_handoff_on_five_nodes() {
     c.kill9(1);
     c.kill9(2);
     // The same ring every node derives from the member list.
-    let members = (1..=5).map(|i| Member::new(format!("n{i}"))).collect();
-    let ring = Ring::new(
-        members,
-        ClaimParams {
-            partitions: 256,
-            n_val: 3,
-        },
-    )
-    .expect("ring");
+    let ring = ring_of(5, 3);
     let mut checked = [0usize; 2];
     for (slot, node) in [(0, "n4"), (1, "n5")] {
         let client = c.client(if node == "n4" { 3 } else { 4 }).await;
@@ -346,15 +351,7 @@ async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
     let client = quiver_sdk::ClusterClient::connect(&[c.addrs[3].as_str()], config)
         .await
         .expect("cluster client");
-    let members = (1..=4).map(|i| Member::new(format!("n{i}"))).collect();
-    let ring = Ring::new(
-        members,
-        ClaimParams {
-            partitions: 256,
-            n_val: 2,
-        },
-    )
-    .expect("ring");
+    let ring = ring_of(4, 2);
     for i in 0..20 {
         let key = format!("k{i}");
         let route = client.route("b", key.as_bytes()).await;
@@ -403,15 +400,7 @@ async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_failing_after_the_quorum_still_gets_a_hint() {
     let mut c = ClusterProc::start(17, 4, &["--n", "2", "--peer-timeout-ms", "500"]);
-    let members = (1..=4).map(|i| Member::new(format!("n{i}"))).collect();
-    let ring = Ring::new(
-        members,
-        ClaimParams {
-            partitions: 256,
-            n_val: 2,
-        },
-    )
-    .expect("ring");
+    let ring = ring_of(4, 2);
     let key = (0..10_000)
         .map(|i| format!("k{i}"))
         .find(|k| {
