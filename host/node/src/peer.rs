@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quiver_core::causality::Object;
+use quiver_core::coordinator::FailureDetector;
 use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
 use serde::{Deserialize, Serialize};
 
@@ -25,10 +26,6 @@ use crate::storage::Durability;
 
 /// ALPN of version 1 of the peer protocol.
 pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";
-/// First probe delay after a peer is marked down.
-pub const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest delay between probes of a down peer.
-pub const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest peer reply accepted, in bytes.
 const PEER_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -144,27 +141,6 @@ pub fn peer_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig
     Ok(config)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Health {
-    down_since: Option<Instant>,
-    next_probe: Instant,
-    backoff: Duration,
-    /// When a request to the peer last succeeded.
-    last_success: Option<Instant>,
-}
-
-impl Health {
-    /// A peer nothing bad is known about.
-    fn up(now: Instant) -> Health {
-        Health {
-            down_since: None,
-            next_probe: now,
-            backoff: PROBE_BACKOFF_MIN,
-            last_success: None,
-        }
-    }
-}
-
 /// Connections to the other members and what this node believes about their health.
 #[derive(Debug)]
 pub struct Peers {
@@ -175,7 +151,9 @@ pub struct Peers {
     /// One slot per peer, each with its own lock, so dialling an unreachable peer never
     /// holds up requests to the others.
     conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
-    health: Mutex<HashMap<String, Health>>,
+    /// The core's failure detector, on milliseconds since `clock_base`.
+    health: Mutex<FailureDetector>,
+    clock_base: Instant,
     timeout: Duration,
     advertise: Option<SocketAddr>,
 }
@@ -195,7 +173,8 @@ impl Peers {
             addrs,
             endpoint,
             config,
-            health: Mutex::new(HashMap::new()),
+            health: Mutex::new(FailureDetector::new()),
+            clock_base: Instant::now(),
             timeout,
             advertise: None,
         }
@@ -230,73 +209,46 @@ impl Peers {
         self.addrs.keys().map(String::as_str)
     }
 
-    fn health(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
-        // Health entries are plain values updated in one step; a panic elsewhere cannot
-        // leave one half-written, so a poisoned lock is still consistent.
+    fn health(&self) -> std::sync::MutexGuard<'_, FailureDetector> {
+        // The detector is updated in single calls that cannot panic halfway; a panic
+        // elsewhere cannot leave it half-written, so a poisoned lock is still consistent.
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// True unless `node` is a peer currently believed down. This node is always up.
     pub fn is_up(&self, node: &str) -> bool {
-        node == self.me
-            || self
-                .health()
-                .get(node)
-                .is_none_or(|h| h.down_since.is_none())
+        node == self.me || self.health().is_up(node)
     }
 
     /// Peers currently believed down.
     pub fn down(&self) -> Vec<String> {
-        self.health()
-            .iter()
-            .filter(|(_, h)| h.down_since.is_some())
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.health().down()
     }
 
-    /// Records a failure of a request that started at `started`. A failure older than the
-    /// peer's last success says nothing about it now (a request that timed out while the
-    /// peer restarted must not undo the probe that found it back), so it is ignored.
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.clock_base).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records a failure of a request that started at `started` (see
+    /// [`FailureDetector::on_failure`]).
     fn mark_down(&self, node: &str, started: Instant) {
-        let now = Instant::now();
-        let mut health = self.health();
-        let h = health
-            .entry(node.to_string())
-            .or_insert_with(|| Health::up(now));
-        if h.last_success.is_some_and(|t| t > started) {
-            return;
-        }
-        if h.down_since.is_none() {
+        let (started_ms, now_ms) = (self.ms(started), self.ms(Instant::now()));
+        if self.health().on_failure(node, started_ms, now_ms) {
             tracing::warn!(peer = node, "peer marked down");
-            h.down_since = Some(now);
-            h.backoff = PROBE_BACKOFF_MIN;
-        } else {
-            h.backoff = (h.backoff * 2).min(PROBE_BACKOFF_MAX);
         }
-        h.next_probe = now + h.backoff;
     }
 
     fn mark_up(&self, node: &str) {
-        let now = Instant::now();
-        let mut health = self.health();
-        let h = health
-            .entry(node.to_string())
-            .or_insert_with(|| Health::up(now));
-        h.last_success = Some(now);
-        if h.down_since.take().is_some() {
+        let now_ms = self.ms(Instant::now());
+        if self.health().on_success(node, now_ms) {
             tracing::info!(peer = node, "peer is back up");
         }
     }
 
     /// Probes every down peer whose backoff has expired; called periodically.
     pub async fn probe_down_peers(&self) {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .health()
-            .iter()
-            .filter(|(_, h)| h.down_since.is_some() && h.next_probe <= now)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let now_ms = self.ms(Instant::now());
+        let due = self.health().due_probes(now_ms);
         for node in due {
             // `call` marks the peer up on success and pushes the backoff on failure.
             let _ = self.call(&node, &PeerRequest::Ping).await;

@@ -1,0 +1,655 @@
+//! The coordinator's side of replicated requests, as sans-IO state machines shared by the
+//! node runtime (`quiver-node`'s `cluster.rs`) and the simulator (`quiver-sim`).
+//!
+//! A driver owns the I/O: it sends what a machine asks for, feeds every reply, failure and
+//! timeout back in, and answers the client when the machine reports a decision. Everything
+//! that decides — who coordinates a write, which replica stands in for a failed one, when a
+//! quorum is reached or lost, which replicas a read repairs, when a peer counts as down and
+//! when to probe it — is decided here, so the simulator exercises exactly the production
+//! rules under faults.
+//!
+//! - [`route_write`]: coordinate a write here, or forward it to a replica ([`Forwarding`]).
+//! - [`PutFanout`]: a put after the coordinator applied it locally: stores to the other
+//!   targets, fallbacks with hints for failed ones (also after the answer), the W decision.
+//! - [`ReadFanout`]: a get: fetches, the R decision with the merge, then read repair.
+//! - [`FailureDetector`]: the local failure detector with exponential probe backoff.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::causality::Object;
+use crate::quorum::{QuorumFailure, ReadQuorum, Status, Target, WriteQuorum};
+
+/// Shortest wait before probing a peer that just went down, in ms.
+pub const PROBE_BACKOFF_MIN_MS: u64 = 200;
+/// Longest wait between two probes of a peer that stays down, in ms.
+pub const PROBE_BACKOFF_MAX_MS: u64 = 5_000;
+
+/// What a node does with a client write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteRoute {
+    /// Coordinate the write here, as this target (a replica, or a fallback chosen by the
+    /// node that forwarded the write). `others` says whether any other target exists.
+    Coordinate {
+        /// This node's target, with the hint it keeps when it stands in for a primary.
+        me: Target,
+        /// Whether the write goes to other replicas too.
+        others: bool,
+    },
+    /// This node holds no replica of the key: hand the write to one that does.
+    Forward,
+}
+
+impl WriteRoute {
+    /// Whether the coordinator's own copy must be durable before it is applied. With other
+    /// replicas its fsync runs alongside theirs instead (the copy counts towards W once
+    /// durable, see [`PutFanout::start`]); alone it syncs first. A crash between applying and
+    /// syncing cannot reissue the dot: the next boot never continues an earlier boot's epoch.
+    pub fn sync_before_fanout(&self, sync: bool) -> bool {
+        matches!(self, WriteRoute::Coordinate { others: false, .. }) && sync
+    }
+}
+
+/// Decides who coordinates a client write. The coordinator must be a replica, so that the
+/// per-key actor-epoch rule of [`crate::causality`] holds for every write (Riak forwards
+/// the same way). `forwarded` is `Some(hint_for)` when another node forwarded the write
+/// here, naming the primary this node stands in for as a fallback.
+pub fn route_write(me: &str, targets: &[Target], forwarded: Option<Option<String>>) -> WriteRoute {
+    let others = targets.iter().any(|t| t.node != me);
+    match (forwarded, targets.iter().find(|t| t.node == me)) {
+        (_, Some(t)) => WriteRoute::Coordinate {
+            me: t.clone(),
+            others,
+        },
+        // Forwarded here as a fallback: the forwarder saw primaries down that this node may
+        // still believe up. Coordinate as it decided.
+        (Some(hint_for), None) => WriteRoute::Coordinate {
+            me: Target {
+                node: me.to_string(),
+                hint_for,
+            },
+            others,
+        },
+        (None, None) => WriteRoute::Forward,
+    }
+}
+
+/// A write handed from a non-replica to the targets of its key, one at a time, until one
+/// coordinates it.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    targets: VecDeque<Target>,
+    failed: Vec<(String, String)>,
+    w: usize,
+    n: usize,
+}
+
+impl Forwarding {
+    /// Starts forwarding to `targets` (in preference order) a write needing `w` of `n`.
+    pub fn new(targets: &[Target], w: usize, n: usize) -> Self {
+        Forwarding {
+            targets: targets.iter().cloned().collect(),
+            failed: Vec::new(),
+            w,
+            n,
+        }
+    }
+
+    /// The next target to try, or `None` once every target failed (then answer with
+    /// [`Forwarding::failure`]).
+    pub fn next_target(&mut self) -> Option<Target> {
+        self.targets.pop_front()
+    }
+
+    /// The last target returned by [`Forwarding::next_target`] failed.
+    pub fn on_failure(&mut self, node: &str, reason: impl Into<String>) {
+        self.failed.push((node.to_string(), reason.into()));
+    }
+
+    /// Why no replica coordinated the write.
+    pub fn failure(&self) -> QuorumFailure {
+        QuorumFailure {
+            needed: self.w,
+            succeeded: Vec::new(),
+            failed: self.failed.clone(),
+            unavailable: self
+                .n
+                .saturating_sub(self.failed.len() + self.targets.len()),
+        }
+    }
+}
+
+/// One put after the coordinator applied it locally: the stores to the other targets, the
+/// fallbacks that replace failed ones, and the W decision.
+///
+/// Fallbacks not yet used replace a target that fails, holding a hint for the replica they
+/// stand in for (Dynamo §4.6). This goes on after the decision, so a replica that fails late
+/// still gets its copy through a hint instead of waiting for a read to repair it; a driver
+/// keeps feeding results until [`PutFanout::is_finished`].
+#[derive(Debug, Clone)]
+pub struct PutFanout {
+    me: Target,
+    write: WriteQuorum,
+    spare: VecDeque<String>,
+    sloppy: bool,
+    decided: bool,
+}
+
+impl PutFanout {
+    /// Starts the fan-out of a write coordinated by `me` to `targets` (which may include
+    /// `me`), needing `w` acks out of a preference list of `n` with these `fallbacks`.
+    /// With `local_sync_pending` the local copy counts only after
+    /// [`PutFanout::on_local_synced`]; otherwise it counts at once. Returns the machine and
+    /// the stores to send now.
+    pub fn start(
+        me: &Target,
+        targets: &[Target],
+        fallbacks: &[String],
+        w: usize,
+        n: usize,
+        sloppy: bool,
+        local_sync_pending: bool,
+    ) -> (PutFanout, Vec<Target>) {
+        let mut all = vec![me.clone()];
+        all.extend(targets.iter().filter(|t| t.node != me.node).cloned());
+        let mut write = WriteQuorum::new(&all, w, n);
+        if !local_sync_pending {
+            write.on_ack(&me.node);
+        }
+        let spare = fallbacks
+            .iter()
+            .filter(|f| !all.iter().any(|t| &t.node == *f))
+            .cloned()
+            .collect();
+        let stores = all.split_off(1);
+        let fanout = PutFanout {
+            me: me.clone(),
+            write,
+            spare,
+            sloppy,
+            decided: false,
+        };
+        (fanout, stores)
+    }
+
+    /// The coordinator's own fsync finished. A failed one is treated like a failed store:
+    /// the returned fallback (if any) takes a copy with a hint for this node.
+    pub fn on_local_synced(
+        &mut self,
+        result: Result<(), String>,
+        is_up: impl Fn(&str) -> bool,
+    ) -> Option<Target> {
+        let me = self.me.clone();
+        self.on_store_result(&me, result, is_up)
+    }
+
+    /// A store to `target` answered. On a failure with sloppy quorum, returns the store to
+    /// send next: the first unused fallback that `is_up`, holding a hint for the replica the
+    /// failed target stood for (fallbacks found down are used up, as they would fail too).
+    pub fn on_store_result(
+        &mut self,
+        target: &Target,
+        result: Result<(), String>,
+        is_up: impl Fn(&str) -> bool,
+    ) -> Option<Target> {
+        match result {
+            Ok(()) => {
+                self.write.on_ack(&target.node);
+                None
+            }
+            Err(e) => {
+                let mut replacement = None;
+                if self.sloppy {
+                    while let Some(fallback) = self.spare.pop_front() {
+                        if is_up(&fallback) {
+                            self.write.add_target(&fallback);
+                            replacement = Some(Target {
+                                node: fallback,
+                                hint_for: target.hint_for.clone().or(Some(target.node.clone())),
+                            });
+                            break;
+                        }
+                    }
+                }
+                self.write.on_failure(&target.node, e);
+                replacement
+            }
+        }
+    }
+
+    /// The decision, reported exactly once: `Reached` after W acks, `Failed` (with counts
+    /// and failed nodes) once W can no longer be reached.
+    pub fn decision(&mut self) -> Option<Status<()>> {
+        if self.decided {
+            return None;
+        }
+        match self.write.status() {
+            Status::Pending => None,
+            decided => {
+                self.decided = true;
+                Some(decided)
+            }
+        }
+    }
+
+    /// Every store (and the local fsync) has answered: nothing more will be sent.
+    pub fn is_finished(&self) -> bool {
+        self.write.pending().is_empty()
+    }
+}
+
+/// One stale replica to bring up to date after a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// Who receives the merged object, with the hint it keeps if it is a fallback.
+    pub target: Target,
+}
+
+/// One get: fetches from the targets, the R decision with the merge of the replies, then
+/// read repair once every target answered (Dynamo §4.5).
+#[derive(Debug, Clone)]
+pub struct ReadFanout {
+    read: ReadQuorum,
+    targets: Vec<Target>,
+    decided: bool,
+    failed: bool,
+}
+
+impl ReadFanout {
+    /// Starts a read of `targets` needing `r` replies out of a preference list of `n`.
+    /// Returns the machine and the remote targets to fetch from; when `me` is a target, the
+    /// driver reads locally and feeds that reply first.
+    pub fn start(me: &str, targets: &[Target], r: usize, n: usize) -> (ReadFanout, Vec<Target>) {
+        let fanout = ReadFanout {
+            read: ReadQuorum::new(targets, r, n),
+            targets: targets.to_vec(),
+            decided: false,
+            failed: false,
+        };
+        let remote = targets.iter().filter(|t| t.node != me).cloned().collect();
+        (fanout, remote)
+    }
+
+    /// A replica answered with its object, or failed.
+    pub fn on_reply(&mut self, node: &str, result: Result<Object, String>) {
+        match result {
+            Ok(o) => self.read.on_reply(node, o),
+            Err(e) => self.read.on_failure(node, e),
+        }
+    }
+
+    /// The decision, reported exactly once: the merge of R replies, or why R was missed.
+    pub fn decision(&mut self) -> Option<Status<Object>> {
+        if self.decided {
+            return None;
+        }
+        match self.read.status() {
+            Status::Pending => None,
+            Status::Reached(merged) => {
+                self.decided = true;
+                Some(Status::Reached(merged.clone()))
+            }
+            Status::Failed(f) => {
+                self.decided = true;
+                self.failed = true;
+                Some(Status::Failed(f))
+            }
+        }
+    }
+
+    /// Nothing more to wait for: every target answered, or the read failed (a failed read
+    /// repairs nothing: it has no trustworthy merge to spread).
+    pub fn is_finished(&self) -> bool {
+        self.failed || self.read.pending().is_empty()
+    }
+
+    /// The merge of every reply so far.
+    pub fn merged(&self) -> &Object {
+        self.read.merged()
+    }
+
+    /// Once finished: the replicas whose reply lacked something the merge has. Each gets the
+    /// merged object (merging it in can never drop anything the replica holds).
+    pub fn repairs(&self) -> Vec<Repair> {
+        if self.failed || !self.read.pending().is_empty() {
+            return Vec::new();
+        }
+        self.read
+            .stale_replicas()
+            .into_iter()
+            .filter_map(|node| self.targets.iter().find(|t| t.node == node))
+            .map(|t| Repair { target: t.clone() })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Health {
+    down: bool,
+    next_probe_ms: u64,
+    backoff_ms: u64,
+    last_success_ms: Option<u64>,
+}
+
+/// The local failure detector: a peer whose request fails (transport error, timeout) is down
+/// for routing until a probe answers; probes back off exponentially from
+/// [`PROBE_BACKOFF_MIN_MS`] to [`PROBE_BACKOFF_MAX_MS`]. A typed refusal proves a peer up.
+/// Times are milliseconds on any monotonic clock the driver chooses.
+#[derive(Debug, Clone, Default)]
+pub struct FailureDetector {
+    peers: BTreeMap<String, Health>,
+}
+
+impl FailureDetector {
+    /// A detector that believes every peer up.
+    pub fn new() -> Self {
+        FailureDetector::default()
+    }
+
+    /// Whether requests should go to `node` (unknown nodes are up).
+    pub fn is_up(&self, node: &str) -> bool {
+        self.peers.get(node).is_none_or(|h| !h.down)
+    }
+
+    /// Peers currently believed down, in name order.
+    pub fn down(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|(_, h)| h.down)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// `node` answered (with a reply or a typed error) at `now_ms`. True if it was down.
+    pub fn on_success(&mut self, node: &str, now_ms: u64) -> bool {
+        let h = self.entry(node);
+        h.last_success_ms = Some(now_ms);
+        std::mem::replace(&mut h.down, false)
+    }
+
+    /// A request to `node` started at `started_ms` failed at `now_ms`. A success after the
+    /// request started proves the peer up (a request that timed out while the peer
+    /// restarted must not undo the probe that found it back), so such a failure is ignored.
+    /// True if this marked the peer down.
+    pub fn on_failure(&mut self, node: &str, started_ms: u64, now_ms: u64) -> bool {
+        let h = self.entry(node);
+        if h.last_success_ms.is_some_and(|t| t > started_ms) {
+            return false;
+        }
+        let newly = !h.down;
+        if newly {
+            h.down = true;
+            h.backoff_ms = PROBE_BACKOFF_MIN_MS;
+        } else {
+            h.backoff_ms = (h.backoff_ms.saturating_mul(2)).min(PROBE_BACKOFF_MAX_MS);
+        }
+        h.next_probe_ms = now_ms.saturating_add(h.backoff_ms);
+        newly
+    }
+
+    /// Down peers whose probe is due at `now_ms`. Each is not due again until its probe's
+    /// outcome is fed back (a failure pushes the backoff, a success marks it up) or, if the
+    /// probe is lost without an outcome, until the longest backoff passed.
+    pub fn due_probes(&mut self, now_ms: u64) -> Vec<String> {
+        let mut due = Vec::new();
+        for (node, h) in &mut self.peers {
+            if h.down && h.next_probe_ms <= now_ms {
+                h.next_probe_ms = now_ms.saturating_add(PROBE_BACKOFF_MAX_MS);
+                due.push(node.clone());
+            }
+        }
+        due
+    }
+
+    fn entry(&mut self, node: &str) -> &mut Health {
+        self.peers.entry(node.to_string()).or_insert(Health {
+            down: false,
+            next_probe_ms: 0,
+            backoff_ms: PROBE_BACKOFF_MIN_MS,
+            last_success_ms: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
+
+    fn t(node: &str) -> Target {
+        Target {
+            node: node.to_string(),
+            hint_for: None,
+        }
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_replica_coordinates_and_a_non_replica_forwards() {
+        let targets = vec![t("a"), t("b"), t("c")];
+        assert_eq!(
+            route_write("b", &targets, None),
+            WriteRoute::Coordinate {
+                me: t("b"),
+                others: true
+            }
+        );
+        assert_eq!(route_write("d", &targets, None), WriteRoute::Forward);
+        let as_fallback = route_write("d", &targets, Some(Some("a".into())));
+        assert_eq!(
+            as_fallback,
+            WriteRoute::Coordinate {
+                me: Target {
+                    node: "d".into(),
+                    hint_for: Some("a".into())
+                },
+                others: true
+            }
+        );
+        let alone = route_write("a", &[t("a")], None);
+        assert!(alone.sync_before_fanout(true));
+        assert!(!alone.sync_before_fanout(false));
+        assert!(!route_write("a", &targets, None).sync_before_fanout(true));
+    }
+
+    #[test]
+    fn forwarding_tries_each_target_then_reports_every_failure() {
+        let mut f = Forwarding::new(&[t("a"), t("b")], 2, 3);
+        assert_eq!(f.next_target().map(|t| t.node), Some("a".into()));
+        f.on_failure("a", "timeout");
+        assert_eq!(f.next_target().map(|t| t.node), Some("b".into()));
+        f.on_failure("b", "refused");
+        assert_eq!(f.next_target(), None);
+        let failure = f.failure();
+        assert_eq!(failure.failed.len(), 2);
+        assert_eq!(failure.unavailable, 1);
+        assert_eq!(failure.needed, 2);
+    }
+
+    #[test]
+    fn a_put_is_decided_after_w_acks_and_finishes_after_every_store() {
+        let (mut put, stores) =
+            PutFanout::start(&t("a"), &[t("a"), t("b"), t("c")], &[], 2, 3, true, false);
+        assert_eq!(stores, vec![t("b"), t("c")]);
+        assert_eq!(put.decision(), None);
+        assert_eq!(put.on_store_result(&t("b"), Ok(()), |_| true), None);
+        assert_eq!(put.decision(), Some(Status::Reached(())));
+        assert_eq!(put.decision(), None, "reported once");
+        assert!(!put.is_finished());
+        put.on_store_result(&t("c"), Ok(()), |_| true);
+        assert!(put.is_finished());
+    }
+
+    #[test]
+    fn the_local_copy_counts_only_once_synced() {
+        let (mut put, _) = PutFanout::start(&t("a"), &[t("a"), t("b")], &[], 2, 2, true, true);
+        put.on_store_result(&t("b"), Ok(()), |_| true);
+        assert_eq!(put.decision(), None);
+        assert_eq!(put.on_local_synced(Ok(()), |_| true), None);
+        assert_eq!(put.decision(), Some(Status::Reached(())));
+        let (mut put, _) =
+            PutFanout::start(&t("a"), &[t("a"), t("b")], &names(&["c"]), 2, 2, true, true);
+        let stand_in = put.on_local_synced(Err("disk".into()), |_| true);
+        assert_eq!(
+            stand_in,
+            Some(Target {
+                node: "c".into(),
+                hint_for: Some("a".into())
+            })
+        );
+    }
+
+    #[test]
+    fn a_failed_store_moves_to_the_next_fallback_that_is_up_with_a_hint() {
+        let fallbacks = names(&["d", "e", "f"]);
+        let (mut put, _) = PutFanout::start(
+            &t("a"),
+            &[t("a"), t("b"), t("c")],
+            &fallbacks,
+            3,
+            3,
+            true,
+            false,
+        );
+        // d is down: skipped and used up; e stands in for b.
+        let next = put.on_store_result(&t("b"), Err("timeout".into()), |n| n != "d");
+        let e = Target {
+            node: "e".into(),
+            hint_for: Some("b".into()),
+        };
+        assert_eq!(next, Some(e.clone()));
+        // e fails too: f takes over, still holding the hint for b (not for e).
+        let next = put.on_store_result(&e, Err("timeout".into()), |_| true);
+        let f = Target {
+            node: "f".into(),
+            hint_for: Some("b".into()),
+        };
+        assert_eq!(next, Some(f.clone()));
+        put.on_store_result(&t("c"), Ok(()), |_| true);
+        assert_eq!(put.decision(), None);
+        put.on_store_result(&f, Ok(()), |_| true);
+        assert_eq!(put.decision(), Some(Status::Reached(())));
+        assert!(put.is_finished());
+    }
+
+    #[test]
+    fn without_sloppy_quorum_a_failed_store_is_not_replaced() {
+        let (mut put, _) = PutFanout::start(
+            &t("a"),
+            &[t("a"), t("b"), t("c")],
+            &names(&["d"]),
+            3,
+            3,
+            false,
+            false,
+        );
+        assert_eq!(
+            put.on_store_result(&t("b"), Err("down".into()), |_| true),
+            None
+        );
+        match put.decision() {
+            Some(Status::Failed(f)) => {
+                assert_eq!(f.needed, 3);
+                assert_eq!(f.failed[0].0, "b");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    struct Fresh(u64);
+    impl EpochSource for Fresh {
+        fn is_trusted(&self, _epoch: u64) -> bool {
+            true
+        }
+        fn fresh(&mut self) -> u64 {
+            self.0 += 1;
+            self.0
+        }
+    }
+
+    fn written(value: &[u8]) -> Object {
+        let me = Coordinator {
+            node: "x".into(),
+            incarnation: 1,
+        };
+        let (record, _) = coordinate_write(
+            None,
+            &me,
+            &mut Fresh(0),
+            &VersionVector::default(),
+            WriteOp::Put(value.to_vec()),
+            1,
+        );
+        record.object
+    }
+
+    #[test]
+    fn a_read_decides_after_r_then_repairs_stale_replicas_once_all_answered() {
+        let b_is_fallback = Target {
+            node: "d".into(),
+            hint_for: Some("b".into()),
+        };
+        let targets = vec![t("a"), b_is_fallback.clone(), t("c")];
+        let (mut read, remote) = ReadFanout::start("a", &targets, 2, 3);
+        assert_eq!(remote, vec![b_is_fallback.clone(), t("c")]);
+        let v = written(b"v");
+        read.on_reply("a", Ok(v.clone()));
+        assert_eq!(read.decision(), None);
+        read.on_reply("c", Ok(v.clone()));
+        assert_eq!(read.decision(), Some(Status::Reached(v.clone())));
+        assert!(!read.is_finished());
+        assert!(read.repairs().is_empty(), "no repair before every reply");
+        read.on_reply("d", Ok(Object::new()));
+        assert!(read.is_finished());
+        assert_eq!(
+            read.repairs(),
+            vec![Repair {
+                target: b_is_fallback
+            }]
+        );
+        assert_eq!(read.merged(), &v);
+    }
+
+    #[test]
+    fn a_failed_read_repairs_nothing() {
+        let (mut read, _) = ReadFanout::start("a", &[t("a"), t("b"), t("c")], 3, 3);
+        read.on_reply("a", Ok(written(b"v")));
+        read.on_reply("b", Err("timeout".into()));
+        assert!(matches!(read.decision(), Some(Status::Failed(_))));
+        assert!(read.is_finished());
+        assert!(read.repairs().is_empty());
+    }
+
+    #[test]
+    fn failure_detector_backs_off_and_trusts_newer_successes() {
+        let mut fd = FailureDetector::new();
+        assert!(fd.is_up("b"));
+        fd.on_failure("b", 0, 10);
+        assert!(!fd.is_up("b"));
+        assert_eq!(fd.down(), names(&["b"]));
+        assert!(fd.due_probes(10 + PROBE_BACKOFF_MIN_MS - 1).is_empty());
+        assert_eq!(fd.due_probes(10 + PROBE_BACKOFF_MIN_MS), names(&["b"]));
+        assert!(
+            fd.due_probes(10 + PROBE_BACKOFF_MIN_MS).is_empty(),
+            "not due again while its probe is out"
+        );
+        // The probe fails: the backoff doubles.
+        fd.on_failure("b", 210, 300);
+        assert!(fd.due_probes(300 + 2 * PROBE_BACKOFF_MIN_MS - 1).is_empty());
+        assert_eq!(fd.due_probes(300 + 2 * PROBE_BACKOFF_MIN_MS), names(&["b"]));
+        // Many failures: capped.
+        for i in 0..20 {
+            fd.on_failure("b", 1_000 + i, 1_000 + i);
+        }
+        assert!(fd.due_probes(1_019 + PROBE_BACKOFF_MAX_MS - 1).is_empty());
+        fd.on_success("b", 2_000);
+        assert!(fd.is_up("b"));
+        // A request started before the success fails late: the peer stays up.
+        fd.on_failure("b", 1_500, 2_500);
+        assert!(fd.is_up("b"));
+        fd.on_failure("b", 2_600, 2_700);
+        assert!(!fd.is_up("b"));
+    }
+}
