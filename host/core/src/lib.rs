@@ -12,6 +12,8 @@
 //!   node runtime and by the simulator alike.
 //! - [`limits`]: named defaults for every size bound the node enforces.
 //! - [`quorum`]: target selection (sloppy quorum) and the read/write quorum state machines.
+//! - [`replica`]: what a replica writes when it merges an incoming object, and what hinted
+//!   handoff may delete once the owner has the data.
 //! - [`ring`]: Q equal partitions claimed in proportion to weight, spread by node and zone;
 //!   key placement, preference lists, minimal-movement rebalancing and ring diffs.
 //! - [`storage`]: the byte-level contract every storage engine implements (fjall, memory,
@@ -22,5 +24,6 @@ pub mod causality;
 pub mod coordinator;
 pub mod limits;
 pub mod quorum;
+pub mod replica;
 pub mod ring;
 pub mod storage;

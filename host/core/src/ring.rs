@@ -743,13 +743,26 @@ impl Ring {
                 ));
             }
         }
+        // Who owns what is derived from the owners themselves, not from a fresh claim's
+        // quotas: a rebalance may round a small share up for an incumbent that a fresh claim
+        // would round down (found by the rebalance property test).
+        let mut owning_zones: Vec<u32> = layout
+            .zones
+            .iter()
+            .zip(&counts)
+            .filter(|&(_, &c)| c > 0)
+            .map(|(&z, _)| z)
+            .collect();
+        let owning = owning_zones.len() as u32;
+        owning_zones.sort_unstable();
+        owning_zones.dedup();
         Ok(Self {
             version,
             partitions,
             n_val,
             zones: layout.zones,
-            owning: layout.owning as u32,
-            zone_count: layout.zone_count as u32,
+            owning,
+            zone_count: owning_zones.len() as u32,
             members,
             owners,
         })

@@ -929,6 +929,32 @@ fn spec() -> impl Strategy<Value = Spec> {
     })
 }
 
+/// Found by `rebalance_moves_exactly_the_required_partitions`: a rebalance rounds a small
+/// share up for an incumbent that a fresh claim rounds down, and the ring used to count its
+/// owning nodes from the fresh claim, so preference lists missed that node.
+#[test]
+fn a_rebalance_that_rounds_up_an_incumbent_lists_every_owner() {
+    let spec = |id, weight| Spec {
+        id,
+        weight,
+        zone: None,
+    };
+    let before = [spec(23, 1)];
+    let after = [
+        spec(0, 4),
+        spec(11, 8),
+        spec(10, 2),
+        spec(12, 8),
+        spec(23, 2),
+    ];
+    let old = ring(members_of(&before, 8), 8, 1);
+    let new = match old.rebalance(members_of(&after, 8)) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    check_preference_lists(&new, "incumbent rounded up");
+}
+
 fn ring_size() -> impl Strategy<Value = u32> {
     prop::sample::select(vec![8u32, 16, 32, 64, 128, 256])
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quiver_core::causality::{self, Object, WriteOp};
 use quiver_core::coordinator::{Forwarding, PutFanout, ReadFanout, WriteRoute, route_write};
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
+use quiver_core::replica;
 use quiver_core::ring::Ring;
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
@@ -641,10 +642,12 @@ impl Cluster {
                     &hinted.key,
                     self.props(&hinted.bucket).quorum.n,
                 );
-                let keep = primaries.iter().any(|p| p == self.me())
-                    || self.peers.names().any(|other| {
+                let keep = replica::keep_copy_after_handoff(
+                    primaries.iter().any(|p| p == self.me()),
+                    self.peers.names().any(|other| {
                         other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)
-                    });
+                    }),
+                );
                 match self
                     .kv
                     .hint_delivered(&owner, &hinted.bucket, &hinted.key, &hinted.object, keep)

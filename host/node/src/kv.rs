@@ -7,6 +7,7 @@ use quiver_core::causality::{
     self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
 };
 use quiver_core::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX, SIBLINGS_MAX_DEFAULT};
+use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 use quiver_sdk::wire::ErrorCode;
 
@@ -314,6 +315,23 @@ impl KvService {
     }
 
     /// Adds a hint marker for `owner` to `batch` unless one exists; true if it is new.
+    fn hint_held(
+        &self,
+        owner: &str,
+        bucket: &str,
+        key: &[u8],
+        dkey: &[u8],
+    ) -> Result<bool, KvError> {
+        let Some(hkey) = keys::hint_key(owner, dkey) else {
+            return Ok(false);
+        };
+        Ok(self
+            .store
+            .get(&hkey)
+            .map_err(|e| self.storage_err(bucket, key, e))?
+            .is_some())
+    }
+
     fn add_hint(
         &self,
         batch: &mut WriteBatch,
@@ -363,13 +381,17 @@ impl KvService {
         {
             let _guard = lock(&self.locks[stripe(&dkey)]);
             let local = self.read_record(bucket, key, &dkey)?;
-            let mut record = local.clone().unwrap_or_default();
-            record.merge_remote(incoming);
+            let hint_held = match hint_for {
+                Some(owner) => self.hint_held(owner, bucket, key, &dkey)?,
+                None => false,
+            };
+            let plan = replica::merge_incoming(local.as_ref(), incoming, hint_for, hint_held);
             let mut batch = WriteBatch::new();
-            if local.as_ref() != Some(&record) {
-                batch.put(dkey.clone(), encode_record(&record));
+            if let Some(record) = &plan.record {
+                batch.put(dkey.clone(), encode_record(record));
             }
-            let new_hint = self.add_hint(&mut batch, bucket, key, &dkey, hint_for)?;
+            let new_hint =
+                plan.add_hint && self.add_hint(&mut batch, bucket, key, &dkey, hint_for)?;
             if !batch.is_empty() {
                 self.store
                     .apply(&batch)
@@ -453,25 +475,25 @@ impl KvService {
         };
         {
             let _guard = lock(&self.locks[stripe(&dkey)]);
-            if self
+            let held = self
                 .store
                 .get(&hkey)
                 .map_err(|e| self.storage_err(bucket, key, e))?
-                .is_none()
-            {
-                return Ok(());
-            }
+                .is_some();
             let current = self
                 .read_record(bucket, key, &dkey)?
                 .map(|r| r.object)
                 .unwrap_or_default();
-            if &current != delivered {
-                return Ok(());
-            }
             let mut batch = WriteBatch::new();
-            batch.delete(hkey);
-            if !keep_copy {
-                batch.delete(dkey.clone());
+            match replica::handoff_cleanup(held, &current, delivered, keep_copy) {
+                HandoffCleanup::Nothing => return Ok(()),
+                HandoffCleanup::DropMarker => {
+                    batch.delete(hkey);
+                }
+                HandoffCleanup::DropMarkerAndCopy => {
+                    batch.delete(hkey);
+                    batch.delete(dkey.clone());
+                }
             }
             self.store
                 .apply(&batch)

@@ -15,25 +15,31 @@
 //!   (`Peers::probe_down_peers`), hints are handed off (`Cluster::deliver_hints`), and the
 //!   OS writes buffered data back.
 //!
-//! Every decision is the core's: [`Ring`] placement, [`select_targets`], [`WriteQuorum`] and
-//! [`ReadQuorum`], [`coordinate_write`] with a per-boot [`EpochSource`],
-//! [`LocalRecord::merge_remote`], [`causality::encode_context`]/[`causality::decode_context`].
-//! What this module adds is exactly what `cluster.rs` does with tokio tasks: it remembers
-//! which request each reply belongs to. Where the production async code awaits, this
-//! machine keeps an explicit pending operation (`PutOp`, `GetOp`, `ForwardOp`, `HintPass`).
+//! Every decision is the core's, made by the same code the node runtime drives:
+//! [`Ring`] placement and [`select_targets`]; `route_write`, `Forwarding`, `PutFanout`
+//! (stores, fallbacks with hints, the W decision), `ReadFanout` (the R decision, read
+//! repair) and the `FailureDetector` from `quiver_core::coordinator`; `merge_incoming`,
+//! `handoff_cleanup` and `keep_copy_after_handoff` from `quiver_core::replica`;
+//! [`coordinate_write`] with a per-boot [`EpochSource`]. What this module adds is what
+//! `cluster.rs` adds with tokio tasks: it carries messages and remembers which request each
+//! reply belongs to. Where the production async code awaits, this machine keeps an explicit
+//! pending operation (`PutOp`, `GetOp`, `ForwardOp`, `HintPass`).
 //!
-//! The production runtime should adopt this shape next: a node-level state machine in the
-//! core, with tokio/quinn reduced to a driver that delivers messages and timer ticks.
+//! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of steps inside one
+//! request (validate, read the record, apply, fsync), the hint-delivery pass, and timeouts.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use quiver_core::causality::{
-    self, Coordinator, Dot, EpochSource, LocalRecord, Object, VersionVector, WriteOp,
-    coordinate_write,
+    self, Coordinator, Dot, EpochSource, Object, VersionVector, WriteOp, coordinate_write,
+};
+use quiver_core::coordinator::{
+    FailureDetector, Forwarding, PutFanout, ReadFanout, WriteRoute, route_write,
 };
 use quiver_core::limits::SIBLINGS_MAX_DEFAULT;
-use quiver_core::quorum::{Quorum, ReadQuorum, Status, Target, WriteQuorum, select_targets};
+use quiver_core::quorum::{Quorum, Status, Target, select_targets};
+use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::ring::Ring;
 
 use crate::rng::Rng;
@@ -41,10 +47,6 @@ use crate::store::{CrashKind, Disk, Store, Tables};
 
 /// The single bucket the simulation writes to (placement hashes bucket and key).
 pub const BUCKET: &str = "sim";
-/// First probe delay after a peer is marked down (production: `PROBE_BACKOFF_MIN`).
-pub const PROBE_BACKOFF_MIN_MS: u64 = 200;
-/// Longest delay between probes of a down peer (production: `PROBE_BACKOFF_MAX`).
-pub const PROBE_BACKOFF_MAX_MS: u64 = 5_000;
 /// Keys handed over per hint-delivery pass and owner (production: `HINT_BATCH_KEYS`).
 pub const HINT_BATCH_KEYS: usize = 256;
 /// Wall-clock ms at simulated time 0, so sibling timestamps look like real ones.
@@ -278,16 +280,6 @@ impl EpochSource for Epochs {
     }
 }
 
-/// What a node believes about a peer (production: `peer::Health`).
-#[derive(Debug, Clone, Default)]
-struct Health {
-    down: bool,
-    next_probe_ms: u64,
-    backoff_ms: u64,
-    last_success_ms: Option<u64>,
-    probing: bool,
-}
-
 /// Who waits for the outcome of a client operation.
 #[derive(Debug, Clone)]
 enum Origin {
@@ -307,9 +299,7 @@ enum CallError {
 /// What a call's outcome is for.
 #[derive(Debug, Clone)]
 enum Purpose {
-    Probe {
-        peer: NodeId,
-    },
+    Probe,
     Store {
         op: u64,
         target: Target,
@@ -342,9 +332,8 @@ struct PutOp {
     /// `None` once the client has its answer.
     origin: Option<Origin>,
     key: String,
-    write: WriteQuorum,
+    fanout: PutFanout,
     object: Object,
-    spare: VecDeque<NodeId>,
     sync: bool,
     reply: VersionVector,
     dot: Dot,
@@ -356,8 +345,7 @@ struct GetOp {
     /// `None` once the client has its answer; the op then lives on for read repair.
     origin: Option<Origin>,
     key: String,
-    read: ReadQuorum,
-    targets: Vec<Target>,
+    read: ReadFanout,
     r: usize,
 }
 
@@ -365,10 +353,9 @@ struct GetOp {
 struct ForwardOp {
     origin: Origin,
     request: ClientRequest,
-    targets: Vec<Target>,
-    next: usize,
-    failures: Vec<String>,
-    w: usize,
+    forwarding: Forwarding,
+    /// The target the forward is waiting for.
+    current: NodeId,
 }
 
 #[derive(Debug, Default)]
@@ -389,7 +376,7 @@ pub struct Node {
     life: u64,
     store: Store,
     epochs: Epochs,
-    health: BTreeMap<NodeId, Health>,
+    health: FailureDetector,
     next_call: u64,
     calls: BTreeMap<u64, Call>,
     next_op: u64,
@@ -434,7 +421,7 @@ impl Node {
                 next: boot << EPOCH_BITS_PER_BOOT,
                 trust_all: cfg.trust_all_epochs,
             },
-            health: BTreeMap::new(),
+            health: FailureDetector::new(),
             next_call: 0,
             calls: BTreeMap::new(),
             next_op: 0,
@@ -470,11 +457,7 @@ impl Node {
 
     /// Peers this node currently believes down.
     pub fn down_peers(&self) -> Vec<NodeId> {
-        self.health
-            .iter()
-            .filter(|(_, h)| h.down)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.health.down()
     }
 
     /// The node goes down: in-memory state is lost, the disk keeps what `kind` allows.
@@ -522,10 +505,14 @@ impl Node {
         if !self.local_syncs.is_empty() {
             // The coordinators' own fsyncs (group-committed): their copies now count.
             self.store.sync();
-            let me = self.me.node.clone();
             for op in std::mem::take(&mut self.local_syncs) {
-                if let Some(put) = self.puts.get_mut(&op) {
-                    put.write.on_ack(&me);
+                if let Some(mut put) = self.puts.remove(&op) {
+                    let stand_in = put.fanout.on_local_synced(Ok(()), |n| self.is_up(n));
+                    if let Some(target) = stand_in {
+                        let (key, object, sync) = (put.key.clone(), put.object.clone(), put.sync);
+                        self.send_store(now_ms, op, target, &key, &object, sync, &mut fx);
+                    }
+                    self.puts.insert(op, put);
                 }
                 self.put_progress(op, &mut fx);
             }
@@ -543,17 +530,8 @@ impl Node {
                 self.dispatch(now_ms, call.purpose, Err(CallError::Timeout), &mut fx);
             }
         }
-        let due: Vec<NodeId> = self
-            .health
-            .iter()
-            .filter(|(_, h)| h.down && !h.probing && h.next_probe_ms <= now_ms)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for peer in due {
-            if let Some(h) = self.health.get_mut(&peer) {
-                h.probing = true;
-            }
-            let purpose = Purpose::Probe { peer: peer.clone() };
+        for peer in self.health.due_probes(now_ms) {
+            let purpose = Purpose::Probe;
             self.call(
                 now_ms,
                 &peer,
@@ -584,29 +562,15 @@ impl Node {
     // ----- failure detection (production: peer.rs) -----
 
     fn is_up(&self, node: &str) -> bool {
-        node == self.me.node || self.health.get(node).is_none_or(|h| !h.down)
+        node == self.me.node || self.health.is_up(node)
     }
 
     fn mark_up(&mut self, node: &str, now_ms: u64) {
-        let h = self.health.entry(node.to_string()).or_default();
-        h.last_success_ms = Some(now_ms);
-        h.down = false;
+        self.health.on_success(node, now_ms);
     }
 
     fn mark_down(&mut self, node: &str, started_ms: u64, now_ms: u64) {
-        let h = self.health.entry(node.to_string()).or_default();
-        // A success after this call started proves the peer up; a slow old call does not
-        // overrule it.
-        if h.last_success_ms.is_some_and(|t| t > started_ms) {
-            return;
-        }
-        if h.down {
-            h.backoff_ms = (h.backoff_ms * 2).min(PROBE_BACKOFF_MAX_MS);
-        } else {
-            h.down = true;
-            h.backoff_ms = PROBE_BACKOFF_MIN_MS;
-        }
-        h.next_probe_ms = now_ms + h.backoff_ms;
+        self.health.on_failure(node, started_ms, now_ms);
     }
 
     fn call(
@@ -643,11 +607,8 @@ impl Node {
         fx: &mut Vec<Effect>,
     ) {
         match purpose {
-            Purpose::Probe { peer } => {
-                if let Some(h) = self.health.get_mut(&peer) {
-                    h.probing = false;
-                }
-            }
+            // The outcome already reached the failure detector (`on_message` / `on_tick`).
+            Purpose::Probe => {}
             Purpose::Repair => {}
             Purpose::Store { op, target } => {
                 let result = match result {
@@ -660,11 +621,12 @@ impl Node {
             }
             Purpose::Fetch { op, node } => {
                 if let Some(get) = self.gets.get_mut(&op) {
-                    match result {
-                        Ok(PeerResponse::Fetched(o)) => get.read.on_reply(&node, o),
-                        Ok(other) => get.read.on_failure(&node, format!("unexpected {other:?}")),
-                        Err(e) => get.read.on_failure(&node, format!("{e:?}")),
-                    }
+                    let reply = match result {
+                        Ok(PeerResponse::Fetched(o)) => Ok(o),
+                        Ok(other) => Err(format!("unexpected {other:?}")),
+                        Err(e) => Err(format!("{e:?}")),
+                    };
+                    get.read.on_reply(&node, reply);
                     self.get_progress(now_ms, op, fx);
                 }
             }
@@ -675,7 +637,8 @@ impl Node {
                             self.reply(fwd.origin, r, fx);
                         }
                         other => {
-                            fwd.failures.push(format!("{other:?}"));
+                            let current = fwd.current.clone();
+                            fwd.forwarding.on_failure(&current, format!("{other:?}"));
                             self.forward_next(now_ms, op, fwd, fx);
                         }
                     }
@@ -686,13 +649,14 @@ impl Node {
                 match result {
                     Ok(PeerResponse::Stored) => {
                         let (primaries, _) = self.preference(&key, self.cfg.quorum.n);
-                        let keep = primaries.contains(&self.me.node)
-                            || self
-                                .store
+                        let keep = replica::keep_copy_after_handoff(
+                            primaries.contains(&self.me.node),
+                            self.store
                                 .tables()
                                 .hints
                                 .iter()
-                                .any(|(o, k)| *o != owner && *k == key);
+                                .any(|(o, k)| *o != owner && *k == key),
+                        );
                         if self.hint_delivered(&owner, &key, &object, keep) {
                             fx.push(Effect::Observe(Observation::HintHandedOff));
                         }
@@ -779,23 +743,22 @@ impl Node {
             Err(e) => return self.reply(origin, ClientResult::Failed(e), fx),
         };
         let (targets, n) = self.targets(&req.key, quorum.n);
-        let mut read = ReadQuorum::new(&targets, quorum.r, n);
+        let me = self.me.node.clone();
+        let (mut read, remote) = ReadFanout::start(&me, &targets, quorum.r, n);
+        if remote.len() < targets.len() {
+            read.on_reply(&me, Ok(self.local_object(&req.key)));
+        }
         let op = self.next_op;
         self.next_op += 1;
-        for t in &targets {
-            if t.node == self.me.node {
-                read.on_reply(&t.node, self.local_object(&req.key));
-            } else {
-                let body = PeerRequest::Fetch {
-                    key: req.key.clone(),
-                };
-                let purpose = Purpose::Fetch {
-                    op,
-                    node: t.node.clone(),
-                };
-                let node = t.node.clone();
-                self.call(now_ms, &node, body, self.cfg.peer_timeout_ms, purpose, fx);
-            }
+        for t in remote {
+            let body = PeerRequest::Fetch {
+                key: req.key.clone(),
+            };
+            let purpose = Purpose::Fetch {
+                op,
+                node: t.node.clone(),
+            };
+            self.call(now_ms, &t.node, body, self.cfg.peer_timeout_ms, purpose, fx);
         }
         self.gets.insert(
             op,
@@ -803,7 +766,6 @@ impl Node {
                 origin: Some(origin),
                 key: req.key,
                 read,
-                targets,
                 r: quorum.r,
             },
         );
@@ -814,45 +776,33 @@ impl Node {
         let Some(get) = self.gets.get_mut(&op) else {
             return;
         };
-        if get.origin.is_some() {
-            let decided = match get.read.status() {
-                Status::Pending => return,
-                Status::Reached(merged) => ClientResult::Got {
-                    object: merged.clone(),
-                    context: causality::encode_context(merged.context()),
-                },
-                Status::Failed(f) => ClientResult::Failed(format!(
-                    "get {}: read quorum r={} not reached: {f}",
-                    get.key, get.r
-                )),
-            };
-            let failed = matches!(decided, ClientResult::Failed(_));
-            if let Some(origin) = get.origin.take() {
-                self.reply(origin, decided, fx);
-            }
-            if failed {
-                // Production returns on failure; nobody waits for the rest or repairs.
-                self.gets.remove(&op);
-                return;
-            }
-        }
-        let Some(get) = self.gets.get(&op) else {
-            return;
+        let decided = match get.read.decision() {
+            Some(Status::Reached(merged)) => Some(ClientResult::Got {
+                context: causality::encode_context(merged.context()),
+                object: merged,
+            }),
+            Some(Status::Failed(f)) => Some(ClientResult::Failed(format!(
+                "get {}: read quorum r={} not reached: {f}",
+                get.key, get.r
+            ))),
+            Some(Status::Pending) | None => None,
         };
-        if !get.read.pending().is_empty() {
+        if let Some(result) = decided
+            && let Some(origin) = get.origin.take()
+        {
+            self.reply(origin, result, fx);
+        }
+        // Every target answered (or the read failed): read repair (production:
+        // Cluster::read_repair, which repairs nothing after a failed read).
+        if !self.gets.get(&op).is_some_and(|g| g.read.is_finished()) {
             return;
         }
-        // Every target answered or failed: read repair (production: Cluster::read_repair).
         let Some(get) = self.gets.remove(&op) else {
             return;
         };
         let merged = get.read.merged().clone();
-        for node in get.read.stale_replicas() {
-            let hint_for = get
-                .targets
-                .iter()
-                .find(|t| t.node == node)
-                .and_then(|t| t.hint_for.clone());
+        for repair in get.read.repairs() {
+            let Target { node, hint_for } = repair.target;
             fx.push(Effect::Observe(Observation::ReadRepair));
             if node == self.me.node {
                 let _ = self.merge_remote(&get.key, &merged, false, hint_for.as_deref());
@@ -865,7 +815,7 @@ impl Node {
                 };
                 self.call(
                     now_ms,
-                    node,
+                    &node,
                     body,
                     self.cfg.peer_timeout_ms,
                     Purpose::Repair,
@@ -898,23 +848,17 @@ impl Node {
         };
         let (targets, n) = self.targets(&req.key, quorum.n);
         let me = self.me.node.clone();
-        let my_target = match (&forwarded, targets.iter().find(|t| t.node == me)) {
-            (_, Some(t)) => t.clone(),
-            // Forwarded here as a fallback: coordinate as the forwarder decided.
-            (Some(hint_for), None) => Target {
-                node: me.clone(),
-                hint_for: hint_for.clone(),
-            },
-            (None, None) => {
+        let route = route_write(&me, &targets, forwarded);
+        let my_target = match &route {
+            WriteRoute::Coordinate { me, .. } => me.clone(),
+            WriteRoute::Forward => {
                 let op = self.next_op;
                 self.next_op += 1;
                 let fwd = ForwardOp {
                     origin,
                     request: req,
-                    targets,
-                    next: 0,
-                    failures: Vec::new(),
-                    w: quorum.w,
+                    forwarding: Forwarding::new(&targets, quorum.w, n),
+                    current: NodeId::new(),
                 };
                 return self.forward_next(now_ms, op, fwd, fx);
             }
@@ -955,9 +899,9 @@ impl Node {
         // Like production: with other replicas the coordinator's own fsync runs alongside
         // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
         // towards W only once durable; alone, it syncs before answering.
-        let others = targets.iter().any(|t| t.node != me);
-        let local_sync_pending = sync && others;
-        if sync && !others {
+        let sync_first = route.sync_before_fanout(sync);
+        let local_sync_pending = sync && !sync_first;
+        if sync_first {
             self.store.sync();
         }
         fx.push(Effect::Observe(Observation::DotIssued {
@@ -970,17 +914,16 @@ impl Node {
         let mut reply = client_context;
         reply.add(&dot);
 
-        let mut all = vec![my_target];
-        all.extend(targets.into_iter().filter(|t| t.node != me));
-        let mut write = WriteQuorum::new(&all, quorum.w, n);
-        if !local_sync_pending {
-            write.on_ack(&me);
-        }
         let (_, fallbacks) = self.preference(&req.key, quorum.n);
-        let spare = fallbacks
-            .into_iter()
-            .filter(|f| !all.iter().any(|t| &t.node == f))
-            .collect();
+        let (fanout, sends) = PutFanout::start(
+            &my_target,
+            &targets,
+            &fallbacks,
+            quorum.w,
+            n,
+            self.cfg.sloppy,
+            local_sync_pending,
+        );
         let op = self.next_op;
         self.next_op += 1;
         let mut origin = Some(origin);
@@ -996,17 +939,16 @@ impl Node {
         if local_sync_pending {
             self.local_syncs.push(op);
         }
-        for target in all.iter().skip(1) {
-            self.send_store(now_ms, op, target.clone(), &req.key, &object, sync, fx);
+        for target in sends {
+            self.send_store(now_ms, op, target, &req.key, &object, sync, fx);
         }
         self.puts.insert(
             op,
             PutOp {
                 origin,
                 key: req.key,
-                write,
+                fanout,
                 object,
-                spare,
                 sync,
                 reply,
                 dot,
@@ -1057,25 +999,12 @@ impl Node {
         let Some(mut put) = self.puts.remove(&op) else {
             return;
         };
-        match result {
-            Ok(()) => put.write.on_ack(&target.node),
-            Err(e) => {
-                if self.cfg.sloppy {
-                    // Like production's `spare.find(is_up)`: fallbacks passed over are used up.
-                    while let Some(f) = put.spare.pop_front() {
-                        if self.is_up(&f) {
-                            let hint_for = target.hint_for.clone().or(Some(target.node.clone()));
-                            put.write.add_target(&f);
-                            let replacement = Target { node: f, hint_for };
-                            let (key, object, sync) =
-                                (put.key.clone(), put.object.clone(), put.sync);
-                            self.send_store(now_ms, op, replacement, &key, &object, sync, fx);
-                            break;
-                        }
-                    }
-                }
-                put.write.on_failure(&target.node, e);
-            }
+        if let Some(replacement) = put
+            .fanout
+            .on_store_result(&target, result, |n| self.is_up(n))
+        {
+            let (key, object, sync) = (put.key.clone(), put.object.clone(), put.sync);
+            self.send_store(now_ms, op, replacement, &key, &object, sync, fx);
         }
         self.puts.insert(op, put);
         self.put_progress(op, fx);
@@ -1085,36 +1014,38 @@ impl Node {
         let Some(put) = self.puts.get_mut(&op) else {
             return;
         };
-        let result = match put.write.status() {
-            Status::Pending => return,
-            Status::Reached(()) => ClientResult::Written {
+        let result = match put.fanout.decision() {
+            Some(Status::Reached(())) => Some(ClientResult::Written {
                 context: causality::encode_context(&put.reply),
                 dot: put.dot.clone(),
-            },
-            Status::Failed(f) => ClientResult::Failed(format!(
+            }),
+            Some(Status::Failed(f)) => Some(ClientResult::Failed(format!(
                 "put {}: write quorum w={} not reached: {f}",
                 put.key, put.w
-            )),
+            ))),
+            Some(Status::Pending) | None => None,
         };
-        let origin = put.origin.take();
-        if put.write.pending().is_empty() {
+        let origin = if result.is_some() {
+            put.origin.take()
+        } else {
+            None
+        };
+        if put.fanout.is_finished() {
             self.puts.remove(&op);
         }
-        if let Some(origin) = origin {
+        if let (Some(origin), Some(result)) = (origin, result) {
             self.reply(origin, result, fx);
         }
     }
 
     fn forward_next(&mut self, now_ms: u64, op: u64, mut fwd: ForwardOp, fx: &mut Vec<Effect>) {
-        let Some(target) = fwd.targets.get(fwd.next).cloned() else {
+        let Some(target) = fwd.forwarding.next_target() else {
             let msg = format!(
-                "no replica could coordinate the write (w={}): {}",
-                fwd.w,
-                fwd.failures.join("; ")
+                "no replica could coordinate the write: {}",
+                fwd.forwarding.failure()
             );
             return self.reply(fwd.origin, ClientResult::Failed(msg), fx);
         };
-        fwd.next += 1;
         let body = PeerRequest::Forward {
             request: fwd.request.clone(),
             hint_for: target.hint_for.clone(),
@@ -1127,6 +1058,7 @@ impl Node {
             Purpose::Forward { op },
             fx,
         );
+        fwd.current = target.node;
         self.forwards.insert(op, fwd);
     }
 
@@ -1188,19 +1120,17 @@ impl Node {
         hint_for: Option<&str>,
     ) -> Result<(), String> {
         incoming.validate().map_err(|e| format!("key {key}: {e}"))?;
-        let local = self.store.tables().records.get(key).cloned();
-        let mut record: LocalRecord = local.clone().unwrap_or_default();
-        record.merge_remote(incoming);
-        let mut changed = false;
-        if local.as_ref() != Some(&record) {
+        let local = self.store.tables().records.get(key);
+        let held = hint_for.is_some_and(|owner| self.has_hint(owner, key));
+        let plan = replica::merge_incoming(local, incoming, hint_for, held);
+        let changed = !plan.is_empty();
+        if let Some(record) = plan.record {
             self.store.put_record(key, record);
-            changed = true;
         }
         if let Some(owner) = hint_for
-            && !self.has_hint(owner, key)
+            && plan.add_hint
         {
             self.store.put_hint(owner, key);
-            changed = true;
         }
         if sync && (changed || self.cfg.sync_unchanged_merges) {
             self.store.sync();
@@ -1211,12 +1141,14 @@ impl Node {
     /// KvService::hint_delivered: drop the marker (and the copy unless `keep`) only if the
     /// copy did not change since it was sent. True when the marker was dropped.
     fn hint_delivered(&mut self, owner: &str, key: &str, delivered: &Object, keep: bool) -> bool {
-        if !self.has_hint(owner, key) || &self.local_object(key) != delivered {
-            return false;
-        }
-        self.store.delete_hint(owner, key);
-        if !keep {
-            self.store.delete_record(key);
+        let current = self.local_object(key);
+        match replica::handoff_cleanup(self.has_hint(owner, key), &current, delivered, keep) {
+            HandoffCleanup::Nothing => return false,
+            HandoffCleanup::DropMarker => self.store.delete_hint(owner, key),
+            HandoffCleanup::DropMarkerAndCopy => {
+                self.store.delete_hint(owner, key);
+                self.store.delete_record(key);
+            }
         }
         self.store.sync();
         true
