@@ -431,3 +431,63 @@ async fn a_replica_failing_after_the_quorum_still_gets_a_hint() {
     })
     .await;
 }
+
+// Runtime bucket properties are cluster metadata: set on one node, they reach every node at
+// once (push) or when a node comes back (periodic pull), survive restarts, and apply to
+// requests everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_properties_reach_every_node_and_survive_restarts() {
+    use quiver_core::meta::BucketSpec;
+    let mut c = ClusterProc::start(18, 3, &["--peer-timeout-ms", "500"]);
+    c.kill9(2);
+    let n1 = c.client(0).await;
+    let changes = BucketSpec {
+        w: Some(3),
+        sibling_threshold: Some(5),
+        ..BucketSpec::default()
+    };
+    let info = n1
+        .bucket_set("strict3", changes, None, false)
+        .await
+        .expect("bucket set with a node down");
+    assert_eq!((info.n, info.r, info.w), (3, 2, 3));
+    assert_eq!(info.sibling_threshold, 5);
+    // Bad combinations and unknown plugins are clear errors; nothing changes.
+    let too_many = BucketSpec {
+        w: Some(4),
+        ..BucketSpec::default()
+    };
+    let err = n1
+        .bucket_set("strict3", too_many, None, false)
+        .await
+        .expect_err("w=4 > n=3");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidQuorum));
+    let err = n1
+        .bucket_set("strict3", BucketSpec::default(), Some("nope"), false)
+        .await
+        .expect_err("no such plugin");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownPlugin));
+    // The bucket's w=3 now applies: with one node down, a default put fails its quorum.
+    let err = n1
+        .put("strict3", "k", b"v".to_vec(), None)
+        .await
+        .expect_err("w=3 with a node down");
+    assert_eq!(err.code(), Some(ErrorCode::QuorumFailed));
+    // The second node got the change pushed.
+    let n2 = c.client(1).await;
+    assert_eq!(n2.bucket_show("strict3").await.expect("show").w, 3);
+    // The node that was down catches up by pulling.
+    c.restart(2);
+    let n3 = c.client(2).await;
+    eventually("the restarted node to learn the bucket", || async {
+        n3.bucket_show("strict3").await.is_ok_and(|b| b.w == 3)
+    })
+    .await;
+    // A restart keeps it.
+    c.kill9(0);
+    c.restart(0);
+    let n1 = c.client(0).await;
+    let info = n1.bucket_show("strict3").await.expect("show after restart");
+    assert_eq!((info.w, info.sibling_threshold), (3, 5));
+    assert!(info.set_by.is_some());
+}

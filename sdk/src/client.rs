@@ -8,10 +8,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use quiver_core::meta::{BucketSpec, PluginInfo, PluginRef};
+
 use crate::tls;
 use crate::wire::{
-    self, ALPN_CLIENT_V1, ErrorCode, FRAME_HEADER_BYTES, NODE_SERVER_NAME, ReadOptions, Request,
-    Response, WriteOptions,
+    self, ALPN_CLIENT_V1, BucketInfo, ErrorCode, FRAME_HEADER_BYTES, NODE_SERVER_NAME, ReadOptions,
+    Request, Response, WriteOptions,
 };
 
 /// TLS alert "no_application_protocol" (RFC 7301) as a QUIC crypto error code.
@@ -171,6 +173,28 @@ impl GetResult {
             .map(|s| s.value.as_slice())
             .collect()
     }
+}
+
+/// The outcome of [`Client::plugin_upload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginUpload {
+    /// What was stored (name, content hash, size, who uploaded it when).
+    pub plugin: PluginInfo,
+    /// Merge-law violations (empty unless forced).
+    pub violations: Vec<String>,
+    /// Nodes that hold it now.
+    pub replicated_to: Vec<String>,
+    /// Nodes not reached yet; metadata sync brings it to them.
+    pub pending: Vec<String>,
+}
+
+/// Plugin versions and the buckets using them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginListing {
+    /// Versions, oldest upload first.
+    pub versions: Vec<PluginInfo>,
+    /// Buckets and the version each uses.
+    pub buckets: Vec<(String, PluginRef)>,
 }
 
 /// What a node says about itself.
@@ -401,6 +425,107 @@ impl Client {
         self.written(&req).await
     }
 
+    /// Applies `op` with the bucket reconciler's `update` at a replica (e.g. a counter
+    /// increment), with no read-modify-write here. Returns the context of the new version.
+    pub async fn update(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        op: Vec<u8>,
+        options: &WriteOptions,
+    ) -> Result<Context, Error> {
+        let req = Request::Update {
+            bucket: bucket.to_string(),
+            key: key.as_ref().to_vec(),
+            op,
+            options: options.clone(),
+        };
+        self.written(&req).await
+    }
+
+    /// Uploads a reconciler plugin (a Wasm component) to the cluster. With `force`, a
+    /// plugin whose merge breaks the laws is stored anyway (the violations are returned).
+    pub async fn plugin_upload(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        force: bool,
+    ) -> Result<PluginUpload, Error> {
+        let req = Request::PluginUpload {
+            name: name.to_string(),
+            component,
+            force,
+        };
+        match self.call(&req).await? {
+            Response::PluginUploaded {
+                plugin,
+                violations,
+                replicated_to,
+                pending,
+            } => Ok(PluginUpload {
+                plugin: *plugin,
+                violations,
+                replicated_to,
+                pending,
+            }),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Every uploaded plugin version, and which bucket uses which.
+    pub async fn plugin_list(&self) -> Result<PluginListing, Error> {
+        self.plugins(&Request::PluginList).await
+    }
+
+    /// One plugin's versions, and which bucket uses which.
+    pub async fn plugin_show(&self, name: &str) -> Result<PluginListing, Error> {
+        self.plugins(&Request::PluginShow {
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    async fn plugins(&self, req: &Request) -> Result<PluginListing, Error> {
+        match self.call(req).await? {
+            Response::Plugins { versions, buckets } => Ok(PluginListing { versions, buckets }),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Changes a bucket's properties cluster-wide: fields of `changes` left `None` keep
+    /// their value; `reconciler` attaches `NAME` or `NAME@HASH`; `detach_reconciler`
+    /// removes it.
+    pub async fn bucket_set(
+        &self,
+        bucket: &str,
+        changes: BucketSpec,
+        reconciler: Option<&str>,
+        detach_reconciler: bool,
+    ) -> Result<BucketInfo, Error> {
+        let req = Request::BucketSet {
+            bucket: bucket.to_string(),
+            changes,
+            reconciler: reconciler.map(str::to_string),
+            detach_reconciler,
+        };
+        self.bucket(&req).await
+    }
+
+    /// A bucket's properties as the node applies them.
+    pub async fn bucket_show(&self, bucket: &str) -> Result<BucketInfo, Error> {
+        self.bucket(&Request::BucketShow {
+            bucket: bucket.to_string(),
+        })
+        .await
+    }
+
+    async fn bucket(&self, req: &Request) -> Result<BucketInfo, Error> {
+        match self.call(req).await? {
+            Response::Bucket(info) => Ok(*info),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Closes the connection politely and waits for the endpoint to finish.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
@@ -484,6 +609,9 @@ fn reply_name(resp: &Response) -> &'static str {
         Response::Ring { .. } => "Ring",
         Response::Get { .. } => "Get",
         Response::Written { .. } => "Written",
+        Response::PluginUploaded { .. } => "PluginUploaded",
+        Response::Plugins { .. } => "Plugins",
+        Response::Bucket(_) => "Bucket",
         Response::Error(_) => "Error",
     }
 }

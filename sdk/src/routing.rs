@@ -124,6 +124,10 @@ impl ClusterClient {
                     .delete_with(bucket, key, *context, options)
                     .await
                     .map(Outcome::Written),
+                Call::Update { op, options } => client
+                    .update(bucket, key, op.to_vec(), options)
+                    .await
+                    .map(Outcome::Written),
             };
             match result {
                 Err(e @ (Error::Connect { .. } | Error::Connection { .. })) => {
@@ -220,6 +224,37 @@ impl ClusterClient {
             .await
     }
 
+    /// Applies `op` with the bucket reconciler's `update` at a replica of the key.
+    pub async fn update(
+        &self,
+        bucket: &str,
+        key: impl AsRef<[u8]>,
+        op: Vec<u8>,
+        options: &WriteOptions,
+    ) -> Result<Context, Error> {
+        let call = Call::Update { op: &op, options };
+        written(self.routed(bucket, key.as_ref(), call).await?)
+    }
+
+    /// A connection to the first member that answers, for cluster-wide requests (plugins,
+    /// bucket properties): any node serves them and spreads the change.
+    pub async fn any(&self) -> Result<Client, Error> {
+        let addrs: Vec<String> = {
+            let layout = self.inner.layout.read().await;
+            let mut v: Vec<String> = layout.addrs.values().cloned().collect();
+            v.sort();
+            v
+        };
+        let mut last = None;
+        for addr in addrs {
+            match self.client_for(&addr).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config("the ring names no reachable member".into())))
+    }
+
     /// The status of every member that answers, keyed by node name.
     pub async fn status(&self) -> Vec<(String, Result<NodeStatus, Error>)> {
         let addrs: Vec<(String, String)> = {
@@ -269,6 +304,10 @@ enum Call<'a> {
     },
     Delete {
         context: Option<&'a Context>,
+        options: &'a WriteOptions,
+    },
+    Update {
+        op: &'a [u8],
         options: &'a WriteOptions,
     },
 }

@@ -7,6 +7,7 @@
 //! of a client that offers no version it speaks, so a frame is never misread by a node of
 //! another version.
 
+use quiver_core::meta::{BucketSpec, PluginInfo, PluginRef, Stamp};
 use serde::{Deserialize, Serialize};
 
 /// ALPN of version 1 of the client protocol.
@@ -35,6 +36,8 @@ pub struct ReadOptions {
     pub timeout_ms: Option<u32>,
     /// Replies needed (1..=n); the cluster default when `None`.
     pub r: Option<u8>,
+    /// Return the siblings as stored, without running the bucket's reconciler.
+    pub raw: bool,
 }
 
 /// Per-request options of a write (put or delete).
@@ -90,6 +93,51 @@ pub enum Request {
         /// Options.
         options: WriteOptions,
     },
+    /// Apply an operation with the bucket reconciler's `update` at the coordinator (no
+    /// client read-modify-write): e.g. increment a counter, add an item to a cart.
+    Update {
+        /// Bucket name (must have a reconciler).
+        bucket: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// The operation, in the plugin's format.
+        op: Vec<u8>,
+        /// Options.
+        options: WriteOptions,
+    },
+    /// Upload a reconciler plugin (a Wasm component). The node validates it, checks the
+    /// merge laws (unless `force`), stores it and replicates it to every node.
+    PluginUpload {
+        /// Plugin name (1 to 64 characters: letters, digits, `-`, `_`).
+        name: String,
+        /// The component bytes.
+        component: Vec<u8>,
+        /// Store it even if the merge laws are violated.
+        force: bool,
+    },
+    /// Every uploaded plugin version.
+    PluginList,
+    /// One plugin's versions and the buckets using them.
+    PluginShow {
+        /// Plugin name.
+        name: String,
+    },
+    /// Change a bucket's runtime properties; fields left `None` keep their value.
+    BucketSet {
+        /// Bucket name.
+        bucket: String,
+        /// The changes (`reconciler` is ignored: see the next fields).
+        changes: BucketSpec,
+        /// Attach a reconciler: `NAME` (latest version) or `NAME@HASH` (a hash prefix).
+        reconciler: Option<String>,
+        /// Detach the bucket's reconciler (siblings go back to clients).
+        detach_reconciler: bool,
+    },
+    /// A bucket's properties.
+    BucketShow {
+        /// Bucket name.
+        bucket: String,
+    },
 }
 
 /// One sibling as sent to clients.
@@ -137,6 +185,30 @@ pub struct NodeStatus {
     pub w: u8,
 }
 
+/// A bucket's properties as a node applies them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketInfo {
+    /// Bucket name.
+    pub bucket: String,
+    /// Properties set at runtime (`quiver bucket set`), as replicated.
+    pub spec: BucketSpec,
+    /// Who set them last, if anyone did.
+    pub set_by: Option<Stamp>,
+    /// Effective replicas per key.
+    pub n: u8,
+    /// Effective default read quorum.
+    pub r: u8,
+    /// Effective default write quorum.
+    pub w: u8,
+    /// Effective sloppy-quorum setting.
+    pub sloppy_quorum: bool,
+    /// Effective sibling threshold of the reconciler guard.
+    pub sibling_threshold: u32,
+    /// Whether this node has the reconciler loaded (false while its bytes are still on the
+    /// way from another node, or if it failed to load here).
+    pub reconciler_loaded: bool,
+}
+
 /// Typed error codes a node may answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -166,6 +238,16 @@ pub enum ErrorCode {
     QuorumFailed,
     /// The requested r/w is not valid for the replication factor.
     InvalidQuorum,
+    /// A plugin was refused at upload: not a valid reconciler component, or its merge
+    /// breaks the laws (the message lists the violations).
+    PluginRejected,
+    /// No plugin (or version) of that name exists.
+    UnknownPlugin,
+    /// The bucket's plugin failed this call (trap, fuel, memory, output size, or its own
+    /// error); the stored data is untouched. The message names the plugin.
+    PluginFailed,
+    /// The operation needs a reconciler and the bucket has none.
+    NoReconciler,
     /// A bug in the node; the message says more.
     Internal,
 }
@@ -212,6 +294,26 @@ pub enum Response {
         /// Opaque context covering the client's context and this write.
         context: Vec<u8>,
     },
+    /// Answer to [`Request::PluginUpload`].
+    PluginUploaded {
+        /// What was stored.
+        plugin: Box<PluginInfo>,
+        /// Merge-law violations found (empty unless uploaded with `force`).
+        violations: Vec<String>,
+        /// Nodes that hold it now (the receiving node included).
+        replicated_to: Vec<String>,
+        /// Nodes that could not be reached; they get it by metadata sync when back.
+        pending: Vec<String>,
+    },
+    /// Answer to [`Request::PluginList`] and [`Request::PluginShow`].
+    Plugins {
+        /// Plugin versions, oldest upload first.
+        versions: Vec<PluginInfo>,
+        /// Buckets and the version each uses.
+        buckets: Vec<(String, PluginRef)>,
+    },
+    /// Answer to [`Request::BucketSet`] and [`Request::BucketShow`].
+    Bucket(Box<BucketInfo>),
     /// The request failed.
     Error(ErrorReply),
 }

@@ -41,7 +41,10 @@ impl NodeProc {
             .arg(data_dir)
             .args(["--listen", listen, "--node-id", id])
             .args(extra)
-            .env("QUIVER_LOG", "warn")
+            .env(
+                "QUIVER_LOG",
+                std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -364,6 +364,33 @@ pub fn coordinate_write(
     op: WriteOp,
     timestamp_ms: u64,
 ) -> (LocalRecord, Dot) {
+    let computed = coordinate_with(
+        local,
+        me,
+        epochs,
+        client_context,
+        |_, _| Ok::<_, std::convert::Infallible>(op),
+        timestamp_ms,
+    );
+    match computed {
+        Ok(done) => done,
+        Err(never) => match never {},
+    }
+}
+
+/// [`coordinate_write`] for a write whose value depends on the key's current state and on
+/// the writing actor (a server-side update such as a per-actor counter increment): `compute`
+/// gets the local object before the write and the actor of the new dot, and returns the
+/// operation to write, or an error that aborts the write (an epoch may then be spent; that
+/// is harmless, epochs are plentiful).
+pub fn coordinate_with<E>(
+    local: Option<LocalRecord>,
+    me: &Coordinator,
+    epochs: &mut dyn EpochSource,
+    client_context: &VersionVector,
+    compute: impl FnOnce(&Object, &ActorId) -> Result<WriteOp, E>,
+    timestamp_ms: u64,
+) -> Result<(LocalRecord, Dot), E> {
     let mut record = local.unwrap_or_default();
     let epoch = match record.own_epoch {
         Some(e) if epochs.is_trusted(e) => e,
@@ -374,6 +401,7 @@ pub fn coordinate_write(
         incarnation: me.incarnation,
         epoch,
     };
+    let op = compute(&record.object, &actor)?;
     let dot = Dot {
         counter: record.object.context.get(&actor) + 1,
         actor,
@@ -382,7 +410,7 @@ pub fn coordinate_write(
         .object
         .apply_write(client_context, dot.clone(), op, timestamp_ms);
     record.own_epoch = Some(epoch);
-    (record, dot)
+    Ok((record, dot))
 }
 
 /// Errors of causal data that came from outside.

@@ -11,6 +11,8 @@
 //!   fan-out with fallbacks, read fan-out with repair, the failure detector), driven by the
 //!   node runtime and by the simulator alike.
 //! - [`limits`]: named defaults for every size bound the node enforces.
+//! - [`meta`]: cluster metadata (runtime bucket properties, uploaded plugin versions) as a
+//!   last-writer-wins state that every node merges alike.
 //! - [`quorum`]: target selection (sloppy quorum) and the read/write quorum state machines.
 //! - [`replica`]: what a replica writes when it merges an incoming object, and what hinted
 //!   handoff may delete once the owner has the data.
@@ -23,6 +25,7 @@
 pub mod causality;
 pub mod coordinator;
 pub mod limits;
+pub mod meta;
 pub mod quorum;
 pub mod replica;
 pub mod ring;

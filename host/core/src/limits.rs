@@ -18,6 +18,13 @@ pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 256;
 /// (A per-bucket reconciler will merge them earlier once plugins exist.)
 pub const SIBLINGS_MAX_DEFAULT: usize = 100;
 
+/// Largest plugin component accepted at upload, in bytes (a Python or JavaScript component
+/// carries its interpreter: 12-18 MB).
+pub const PLUGIN_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Default sibling count above which a write is merged at once by the bucket's reconciler
+/// (sibling-explosion guard).
+pub const SIBLING_THRESHOLD_DEFAULT: u32 = 16;
+
 /// Largest request frame for a given value limit: key + value + context + overhead.
 pub const fn request_frame_bytes_max(value_bytes_max: usize) -> usize {
     KEY_BYTES_MAX + BUCKET_BYTES_MAX + value_bytes_max + CONTEXT_BYTES_MAX + FRAME_OVERHEAD_BYTES

@@ -242,6 +242,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let read_options = quiver_sdk::ReadOptions {
             timeout_ms: None,
             r: args.r,
+            raw: false,
         };
         let cache = Arc::clone(&cache);
         let (workload, distribution, keys) = (args.workload, args.distribution, args.keys);

@@ -54,6 +54,15 @@ pub enum Command {
     /// Cluster membership and health.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Apply an operation with the bucket reconciler's `update` at a replica (e.g. a
+    /// counter increment or a cart add), with no read-modify-write by the client.
+    Update(crate::cli_plugins::UpdateArgs),
+    /// Reconciler plugins: upload, list, show.
+    #[command(subcommand)]
+    Plugin(crate::cli_plugins::PluginCommand),
+    /// Bucket properties: reconciler, n/r/w, sibling threshold, plugin limits.
+    #[command(subcommand)]
+    Bucket(crate::cli_plugins::BucketCommand),
 }
 
 /// `quiver cluster` subcommands.
@@ -267,6 +276,9 @@ pub struct GetArgs {
     /// Replica replies to wait for (default: the cluster's r).
     #[arg(long, value_name = "R")]
     pub r: Option<u8>,
+    /// Show the siblings as stored, without the bucket's reconciler.
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
@@ -344,6 +356,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
             &ReadOptions {
                 timeout_ms: None,
                 r: args.r,
+                raw: args.raw,
             },
         )
         .await

@@ -26,8 +26,13 @@ use quiver_sdk::wire::{
 use tokio::sync::mpsc;
 
 use crate::kv::{KvError, KvService, WriteArgs};
+use crate::meta::MetaStore;
+use crate::plugins::{PluginMerged, Plugins};
+
+mod admin;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 use crate::storage::Durability;
+pub use admin::BucketView;
 
 /// Keys handed over per hint-delivery pass and owner.
 const HINT_BATCH_KEYS: usize = 256;
@@ -61,6 +66,18 @@ pub struct Cluster {
     peers: Arc<Peers>,
     ring: Ring,
     config: ReplicationConfig,
+    meta: MetaStore,
+    plugins: Plugins,
+    views: std::sync::RwLock<admin::BucketViews>,
+}
+
+/// A client write as the coordinator handles it.
+#[derive(Debug, Clone)]
+enum ClientWrite {
+    Put(Vec<u8>),
+    Delete,
+    /// A server-side operation for the bucket reconciler's `update`.
+    Update(Vec<u8>),
 }
 
 fn error(code: ErrorCode, message: String) -> Response {
@@ -101,13 +118,20 @@ impl Cluster {
         peers: Arc<Peers>,
         ring: Ring,
         config: ReplicationConfig,
+        meta: MetaStore,
+        plugins: Plugins,
     ) -> Self {
-        Cluster {
+        let cluster = Cluster {
             kv,
             peers,
             ring,
             config,
-        }
+            meta,
+            plugins,
+            views: Default::default(),
+        };
+        cluster.refresh_views();
+        cluster
     }
 
     /// The key-value service underneath.
@@ -147,8 +171,17 @@ impl Cluster {
         (targets, primaries.len())
     }
 
-    /// The bucket's replication properties (the node defaults unless configured).
+    /// The bucket's replication properties: runtime properties (`quiver bucket set`) over
+    /// the node configuration over the node defaults.
     pub fn props(&self, bucket: &str) -> BucketProps {
+        match self.view(bucket) {
+            Some(view) => view.props,
+            None => self.config_props(bucket),
+        }
+    }
+
+    /// The bucket's replication properties from the node configuration alone.
+    fn config_props(&self, bucket: &str) -> BucketProps {
         self.config
             .buckets
             .get(bucket)
@@ -216,7 +249,7 @@ impl Cluster {
                     bucket,
                     key,
                     context,
-                    WriteOp::Put(value),
+                    ClientWrite::Put(value),
                     options,
                     forwarded,
                 )
@@ -228,9 +261,49 @@ impl Cluster {
                 context,
                 options,
             } => {
-                self.put(bucket, key, context, WriteOp::Delete, options, forwarded)
+                self.put(
+                    bucket,
+                    key,
+                    context,
+                    ClientWrite::Delete,
+                    options,
+                    forwarded,
+                )
+                .await
+            }
+            Request::Update {
+                bucket,
+                key,
+                op,
+                options,
+            } => {
+                self.put(
+                    bucket,
+                    key,
+                    Vec::new(),
+                    ClientWrite::Update(op),
+                    options,
+                    forwarded,
+                )
+                .await
+            }
+            Request::PluginUpload {
+                name,
+                component,
+                force,
+            } => self.plugin_upload(name, component, force).await,
+            Request::PluginList => self.plugin_list(None),
+            Request::PluginShow { name } => self.plugin_list(Some(&name)),
+            Request::BucketSet {
+                bucket,
+                changes,
+                reconciler,
+                detach_reconciler,
+            } => {
+                self.bucket_set(bucket, changes, reconciler, detach_reconciler)
                     .await
             }
+            Request::BucketShow { bucket } => self.bucket_show(&bucket),
         }
     }
 
@@ -276,10 +349,7 @@ impl Cluster {
         // nothing to count, merge or repair.
         if n == 1 && targets.len() == 1 && targets[0].node == self.me() {
             return match self.kv.get(bucket, key) {
-                Ok(object) => Response::Get {
-                    context: causality::encode_context(object.context()),
-                    siblings: wire_siblings(&object),
-                },
+                Ok(object) => self.answer_get(bucket, key, object, options.raw).await,
                 Err(e) => kv_error(&e),
             };
         }
@@ -307,26 +377,21 @@ impl Cluster {
         loop {
             match read.decision() {
                 Some(Status::Reached(merged)) => {
-                    let reply = Response::Get {
-                        siblings: wire_siblings(&merged),
-                        context: causality::encode_context(merged.context()),
-                    };
-                    if read.is_finished() && read.repairs().is_empty() {
-                        return reply;
+                    if !(read.is_finished() && read.repairs().is_empty()) {
+                        // Late replies and read repair continue in the background.
+                        let this = Arc::clone(self);
+                        let (bucket, key) = (bucket.to_string(), key.to_vec());
+                        tokio::spawn(async move {
+                            while !read.is_finished() {
+                                let Some((node, result)) = rx.recv().await else {
+                                    return;
+                                };
+                                read.on_reply(&node, result);
+                            }
+                            this.read_repair(&bucket, &key, &read).await;
+                        });
                     }
-                    // Late replies and read repair continue in the background.
-                    let this = Arc::clone(self);
-                    let (bucket, key) = (bucket.to_string(), key.to_vec());
-                    tokio::spawn(async move {
-                        while !read.is_finished() {
-                            let Some((node, result)) = rx.recv().await else {
-                                return;
-                            };
-                            read.on_reply(&node, result);
-                        }
-                        this.read_repair(&bucket, &key, &read).await;
-                    });
-                    return reply;
+                    return self.answer_get(bucket, key, merged, options.raw).await;
                 }
                 Some(Status::Failed(f)) => {
                     return error(
@@ -344,6 +409,80 @@ impl Cluster {
                         return error(ErrorCode::Internal, "read replies ended undecided".into());
                     }
                 },
+            }
+        }
+    }
+
+    /// The answer to a get of `merged`: its siblings, or, when the bucket has a reconciler
+    /// and several siblings, their merge, written back so that it replaces them (the reply
+    /// context covers the write-back, so the client's next write supersedes it).
+    async fn answer_get(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &[u8],
+        merged: Object,
+        raw: bool,
+    ) -> Response {
+        let plain = |o: &Object| Response::Get {
+            siblings: wire_siblings(o),
+            context: causality::encode_context(o.context()),
+        };
+        if raw || merged.siblings().len() < 2 {
+            return plain(&merged);
+        }
+        let Some(attached) = self.view(bucket).and_then(|v| v.reconciler.clone()) else {
+            return plain(&merged);
+        };
+        let resolved = match attached.merge(&merged) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(bucket, key = %crate::kv::render_key(key), error = %e, "reconciler failed");
+                return error(
+                    ErrorCode::PluginFailed,
+                    format!(
+                        "node {}: bucket {bucket:?} key {}: {e}; the siblings are untouched (read with --raw to see them)",
+                        self.me(),
+                        crate::kv::render_key(key)
+                    ),
+                );
+            }
+        };
+        let sibling = WireSibling {
+            value: match &resolved {
+                PluginMerged::Value(v) => v.clone(),
+                PluginMerged::Tombstone => Vec::new(),
+            },
+            tombstone: resolved == PluginMerged::Tombstone,
+            timestamp_ms: now_ms(),
+            actor: format!("reconciled by {}", attached.plugin),
+        };
+        let write = match resolved {
+            PluginMerged::Value(v) => ClientWrite::Put(v),
+            PluginMerged::Tombstone => ClientWrite::Delete,
+        };
+        let context = causality::encode_context(merged.context());
+        let written = Box::pin(self.put(
+            bucket.to_string(),
+            key.to_vec(),
+            context.clone(),
+            write,
+            WriteOptions::default(),
+            None,
+        ))
+        .await;
+        match written {
+            Response::Written { context } => Response::Get {
+                siblings: vec![sibling],
+                context,
+            },
+            other => {
+                // The merge is still the right answer; the siblings stay until a later
+                // read or write merges them again.
+                tracing::warn!(bucket, reply = ?other, "reconciled value not written back");
+                Response::Get {
+                    siblings: vec![sibling],
+                    context,
+                }
             }
         }
     }
@@ -418,7 +557,7 @@ impl Cluster {
         bucket: String,
         key: Vec<u8>,
         context: Vec<u8>,
-        op: WriteOp,
+        write: ClientWrite,
         options: WriteOptions,
         forwarded: Option<Option<String>>,
     ) -> Response {
@@ -432,18 +571,24 @@ impl Cluster {
         let my_target = match &route {
             WriteRoute::Coordinate { me, .. } => me.clone(),
             WriteRoute::Forward => {
-                let request = match op {
-                    WriteOp::Put(value) => Request::Put {
+                let request = match write {
+                    ClientWrite::Put(value) => Request::Put {
                         bucket,
                         key,
                         context,
                         value,
                         options,
                     },
-                    WriteOp::Delete => Request::Delete {
+                    ClientWrite::Delete => Request::Delete {
                         bucket,
                         key,
                         context,
+                        options,
+                    },
+                    ClientWrite::Update(op) => Request::Update {
+                        bucket,
+                        key,
+                        op,
                         options,
                     },
                 };
@@ -458,6 +603,25 @@ impl Cluster {
         } else {
             Durability::Buffered
         };
+        let view = self.view(&bucket);
+        let reconciling = view.as_ref().and_then(|v| v.reconciler.clone());
+        let sibling_threshold = view.as_ref().map_or(u32::MAX, |v| v.sibling_threshold);
+        let (op, update_op) = match &write {
+            ClientWrite::Put(value) => (WriteOp::Put(value.clone()), None),
+            ClientWrite::Delete => (WriteOp::Delete, None),
+            ClientWrite::Update(op) => {
+                if reconciling.is_none() {
+                    return error(
+                        ErrorCode::NoReconciler,
+                        format!(
+                            "node {}: bucket {bucket:?} has no reconciler loaded here; attach one with `quiver bucket set {bucket} --reconciler NAME`",
+                            self.me()
+                        ),
+                    );
+                }
+                (WriteOp::Put(Vec::new()), Some(op.as_slice()))
+            }
+        };
         let outcome = match self
             .kv
             .write(WriteArgs {
@@ -468,6 +632,9 @@ impl Cluster {
                 durability: local_durability,
                 now_ms: now_ms(),
                 hint_for: my_target.hint_for.as_deref(),
+                reconciling,
+                update_op,
+                sibling_threshold,
             })
             .await
         {
@@ -600,6 +767,9 @@ impl Cluster {
             PeerRequest::Forward { request, hint_for } => {
                 PeerResponse::Forwarded(self.handle_client(request, Some(hint_for)).await)
             }
+            meta @ (PeerRequest::MetaDigest(_)
+            | PeerRequest::MetaPush { .. }
+            | PeerRequest::MetaBlobs(_)) => self.handle_meta_peer(meta).await,
         }
     }
 
@@ -665,15 +835,23 @@ impl Cluster {
     }
 
     /// Background duties until the process ends: probing down peers and delivering hints.
-    pub async fn run_background(self: Arc<Self>, probe_every: Duration, hints_every: Duration) {
+    pub async fn run_background(
+        self: Arc<Self>,
+        probe_every: Duration,
+        hints_every: Duration,
+        meta_every: Duration,
+    ) {
         let mut probe = tokio::time::interval(probe_every);
         let mut hints = tokio::time::interval(hints_every);
+        let mut meta = tokio::time::interval(meta_every);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         hints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        meta.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = probe.tick() => self.peers.probe_down_peers().await,
                 _ = hints.tick() => { self.deliver_hints().await; }
+                _ = meta.tick() => self.sync_meta().await,
             }
         }
     }

@@ -4,7 +4,8 @@
 use std::sync::{Mutex, MutexGuard};
 
 use quiver_core::causality::{
-    self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
+    self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_with,
+    coordinate_write,
 };
 use quiver_core::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX, SIBLINGS_MAX_DEFAULT};
 use quiver_core::replica::{self, HandoffCleanup};
@@ -12,6 +13,7 @@ use quiver_core::storage::{StorageError, WriteBatch, keys};
 use quiver_sdk::wire::ErrorCode;
 
 use crate::epochs::BootEpochs;
+use crate::plugins::Attached;
 use crate::storage::{Durability, Store};
 
 /// Number of lock stripes serialising read-modify-write of records; a power of two so the
@@ -68,6 +70,12 @@ pub enum KvError {
         /// Limit.
         max: u64,
     },
+    /// The bucket's reconciler failed; nothing was written.
+    #[error("{message}")]
+    Plugin {
+        /// What failed, naming the plugin, bucket and key.
+        message: String,
+    },
     /// The node's epoch space for this boot ran out; a restart starts a new one.
     #[error("node {node}: actor epochs of this boot are exhausted; restart the node")]
     EpochsExhausted {
@@ -82,6 +90,7 @@ impl KvError {
         match self {
             KvError::Invalid { code, .. } => *code,
             KvError::TooManySiblings { .. } => ErrorCode::TooManySiblings,
+            KvError::Plugin { .. } => ErrorCode::PluginFailed,
             KvError::Storage { .. }
             | KvError::EpochsExhausted { .. }
             | KvError::HintsFull { .. } => ErrorCode::Storage,
@@ -148,6 +157,13 @@ pub struct WriteArgs<'a> {
     pub now_ms: u64,
     /// Set when this node coordinates as a fallback for an unreachable primary.
     pub hint_for: Option<&'a str>,
+    /// The bucket's reconciler, if any: it computes `update_op` writes and merges the
+    /// siblings once more than `sibling_threshold` accumulate.
+    pub reconciling: Option<Attached>,
+    /// A server-side operation for the reconciler's `update` (then `op` is ignored).
+    pub update_op: Option<&'a [u8]>,
+    /// The sibling-explosion guard's threshold.
+    pub sibling_threshold: u32,
 }
 
 /// The service.
@@ -259,7 +275,7 @@ impl KvService {
             // key; nothing in this block awaits, so a plain mutex stripe is enough.
             let _guard = lock(&self.locks[stripe(&dkey)]);
             let local = self.read_record(args.bucket, args.key, &dkey)?;
-            let (record, dot) = {
+            let (mut record, dot) = {
                 let mut epochs = lock(&self.epochs);
                 let trusted = local
                     .as_ref()
@@ -270,15 +286,76 @@ impl KvService {
                         node: self.me.node.clone(),
                     });
                 }
-                coordinate_write(
-                    local,
-                    &self.me,
-                    &mut *epochs,
-                    &client_context,
-                    args.op,
-                    args.now_ms,
-                )
+                match (&args.reconciling, args.update_op) {
+                    (Some(attached), Some(op)) => {
+                        // A server-side update starts from everything this replica holds,
+                        // merged, so its write replaces all of it.
+                        let seen = local
+                            .as_ref()
+                            .map(|r| r.object.context().clone())
+                            .unwrap_or_default();
+                        reply.join(&seen);
+                        coordinate_with(
+                            local,
+                            &self.me,
+                            &mut *epochs,
+                            &seen,
+                            |object, actor| {
+                                let current = attached.current(object)?;
+                                let value =
+                                    attached.update(current.as_deref(), op, &actor.to_string())?;
+                                Ok(WriteOp::Put(value))
+                            },
+                            args.now_ms,
+                        )
+                        .map_err(|message: String| KvError::Plugin {
+                            message: format!(
+                                "bucket {:?} key {}: {message}",
+                                args.bucket,
+                                render_key(args.key)
+                            ),
+                        })?
+                    }
+                    _ => coordinate_write(
+                        local,
+                        &self.me,
+                        &mut *epochs,
+                        &client_context,
+                        args.op,
+                        args.now_ms,
+                    ),
+                }
             };
+            reply.add(&dot);
+            // Sibling-explosion guard: past the bucket's threshold, the reconciler merges
+            // the siblings into one version at once. If it fails, the write stands as is.
+            if let Some(attached) = &args.reconciling
+                && record.object.siblings().len() > args.sibling_threshold as usize
+            {
+                match attached.merge(&record.object) {
+                    Ok(merged) => {
+                        let seen = record.object.context().clone();
+                        let mut epochs = lock(&self.epochs);
+                        let (merged_record, merged_dot) = coordinate_write(
+                            Some(record),
+                            &self.me,
+                            &mut *epochs,
+                            &seen,
+                            merged.into_op(),
+                            args.now_ms,
+                        );
+                        record = merged_record;
+                        reply.join(&seen);
+                        reply.add(&merged_dot);
+                    }
+                    Err(e) => tracing::warn!(
+                        bucket = args.bucket,
+                        key = %render_key(args.key),
+                        error = %e,
+                        "sibling guard: merge failed, siblings kept"
+                    ),
+                }
+            }
             let count = record.object.siblings().len();
             if count > SIBLINGS_MAX_DEFAULT {
                 return Err(KvError::TooManySiblings {
@@ -299,7 +376,6 @@ impl KvService {
                 self.hints
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            reply.add(&dot);
             object = record.object;
         }
         if args.durability == Durability::Sync {
@@ -314,7 +390,7 @@ impl KvService {
         })
     }
 
-    /// Adds a hint marker for `owner` to `batch` unless one exists; true if it is new.
+    /// Whether this node holds a hint marker for `owner` on the key.
     fn hint_held(
         &self,
         owner: &str,
@@ -332,6 +408,7 @@ impl KvService {
             .is_some())
     }
 
+    /// Adds a hint marker for `owner` to `batch` unless one exists; true if it is new.
     fn add_hint(
         &self,
         batch: &mut WriteBatch,

@@ -17,11 +17,14 @@
 pub mod bench;
 pub mod certs;
 pub mod cli;
+pub mod cli_plugins;
 pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod epochs;
 pub mod kv;
+pub mod meta;
 pub mod peer;
+pub mod plugins;
 pub mod server;
 pub mod storage;

@@ -82,6 +82,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cluster(cli::ClusterCommand::Status { client }) => {
             cli::cluster_status(client).await
         }
+        Command::Update(args) => quiver_node::cli_plugins::update(args).await,
+        Command::Plugin(c) => quiver_node::cli_plugins::plugin(c).await,
+        Command::Bucket(c) => quiver_node::cli_plugins::bucket(c).await,
         Command::Dev(args) => quiver_node::dev::run(args, shutdown_signal()).await,
         Command::Ca(cli::CaCommand::Init { dir }) => {
             let created = quiver_node::certs::ensure_ca(&dir)?;

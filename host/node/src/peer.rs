@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::causality::Object;
 use quiver_core::coordinator::FailureDetector;
+use quiver_core::meta::MetaState;
 use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,18 @@ pub enum PeerRequest {
         /// When the receiver was picked as a fallback: the primary it stands in for.
         hint_for: Option<String>,
     },
+    /// Metadata sync: the sender's digest; the receiver answers with its state if it
+    /// differs.
+    MetaDigest([u8; 32]),
+    /// Metadata push after an admin change: merge `state`, keep `blobs` (hash, bytes).
+    MetaPush {
+        /// The sender's whole metadata state.
+        state: MetaState,
+        /// Plugin bytes the receiver may lack.
+        blobs: Vec<(String, Vec<u8>)>,
+    },
+    /// The bytes of these plugin versions.
+    MetaBlobs(Vec<String>),
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -75,6 +88,12 @@ pub enum PeerResponse {
     Fetched(Object),
     /// The coordinator's answer to a forwarded client request.
     Forwarded(Response),
+    /// Answer to `MetaDigest`: same digest here.
+    MetaSame,
+    /// Answer to `MetaDigest`: this node's (different) state.
+    Meta(MetaState),
+    /// Answer to `MetaBlobs`: the requested bytes this node holds.
+    Blobs(Vec<(String, Vec<u8>)>),
     /// The request failed.
     Error(ErrorReply),
 }
@@ -151,6 +170,9 @@ pub struct Peers {
     /// One slot per peer, each with its own lock, so dialling an unreachable peer never
     /// holds up requests to the others.
     conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
+    /// Separate connections for background transfers (metadata sync), so that dialling a
+    /// peer that is still starting, or a bulk transfer, never holds up requests.
+    background_conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
     /// The core's failure detector, on milliseconds since `clock_base`.
     health: Mutex<FailureDetector>,
     clock_base: Instant,
@@ -170,6 +192,7 @@ impl Peers {
         Peers {
             me,
             conns: addrs.keys().map(|n| (n.clone(), Arc::default())).collect(),
+            background_conns: addrs.keys().map(|n| (n.clone(), Arc::default())).collect(),
             addrs,
             endpoint,
             config,
@@ -255,10 +278,19 @@ impl Peers {
         }
     }
 
-    async fn connection(&self, node: &str) -> Result<quinn::Connection, PeerError> {
+    async fn connection(
+        &self,
+        node: &str,
+        background: bool,
+    ) -> Result<quinn::Connection, PeerError> {
         let unknown = || PeerError::Unknown(node.to_string());
         let addr = *self.addrs.get(node).ok_or_else(unknown)?;
-        let mut slot = self.conns.get(node).ok_or_else(unknown)?.lock().await;
+        let slots = if background {
+            &self.background_conns
+        } else {
+            &self.conns
+        };
+        let mut slot = slots.get(node).ok_or_else(unknown)?.lock().await;
         if let Some(c) = slot.as_ref()
             && c.close_reason().is_none()
         {
@@ -299,7 +331,7 @@ impl Peers {
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.exchange(node, req))
+        let result = tokio::time::timeout(timeout, self.exchange(node, req, false))
             .await
             .unwrap_or_else(|_| {
                 Err(PeerError::Timeout {
@@ -329,8 +361,43 @@ impl Peers {
         result
     }
 
-    async fn exchange(&self, node: &str, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
-        let conn = self.connection(node).await?;
+    /// A background request (metadata sync) that does not feed the failure detector: a peer
+    /// that is still starting, or slow to answer a bulk transfer, must not be marked down
+    /// for routing because of it.
+    pub async fn call_untracked(
+        &self,
+        node: &str,
+        req: &PeerRequest,
+    ) -> Result<PeerResponse, PeerError> {
+        let result = tokio::time::timeout(self.timeout, self.exchange(node, req, true))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Timeout {
+                    node: node.to_string(),
+                    ms: self.timeout.as_millis(),
+                })
+            });
+        if let Err(PeerError::Transport { .. } | PeerError::Timeout { .. }) = &result
+            && let Some(slot) = self.background_conns.get(node)
+        {
+            *slot.lock().await = None;
+        }
+        match result {
+            Ok(PeerResponse::Error(e)) => Err(PeerError::Refused {
+                node: node.to_string(),
+                message: e.message,
+            }),
+            other => other,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        node: &str,
+        req: &PeerRequest,
+        background: bool,
+    ) -> Result<PeerResponse, PeerError> {
+        let conn = self.connection(node, background).await?;
         let addr = conn.remote_address();
         let transport = |message: String| PeerError::Transport {
             node: node.to_string(),

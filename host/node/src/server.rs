@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use quiver_core::limits::request_frame_bytes_max;
+use quiver_core::limits::{FRAME_OVERHEAD_BYTES, PLUGIN_BYTES_MAX, request_frame_bytes_max};
 use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::wire::{
     self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, Request, Response,
@@ -24,7 +24,9 @@ use crate::cluster::{Cluster, ReplicationConfig};
 use crate::config::NodeConfig;
 use crate::epochs::{BootEpochs, EpochError};
 use crate::kv::KvService;
+use crate::meta::MetaStore;
 use crate::peer::{ALPN_PEER_V1, PeerRequest, PeerResponse, Peers, peer_client_config};
+use crate::plugins::{PluginEngine, Plugins};
 use crate::storage::{self, EngineKind, Store};
 
 /// Longest a graceful shutdown waits for requests in flight.
@@ -37,6 +39,10 @@ const CLOSE_PEER_UNAUTHENTICATED: u32 = 3;
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// How often hints are offered to their owners.
 const HINT_DELIVERY_INTERVAL: Duration = Duration::from_millis(500);
+/// Deadline of a plugin upload (validation compiles the component and runs the law checks).
+const PLUGIN_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a node asks its peers whether their cluster metadata differs.
+const META_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// QUIC application error code for a stream whose frame was refused unread.
 const STOP_FRAME_REFUSED: u32 = 2;
 
@@ -71,6 +77,11 @@ pub enum ServerError {
         /// I/O error.
         source: std::io::Error,
     },
+}
+
+/// The plugin engine of a node, caching compiled plugins in its data directory.
+fn plugin_engine(_config: &NodeConfig) -> Option<Arc<dyn PluginEngine>> {
+    None
 }
 
 /// A node that is open and bound, ready to [`Node::serve`].
@@ -152,6 +163,7 @@ impl Node {
             config.peer_timeout,
         );
         peers.set_advertise(config.advertise);
+        let meta = MetaStore::open(kv.store().clone()).map_err(|e| storage_err(e.to_string()))?;
         let cluster = Arc::new(Cluster::new(
             kv,
             Arc::new(peers),
@@ -162,6 +174,8 @@ impl Node {
                 forward_timeout: Duration::from_millis(u64::from(config.request_timeout_ms)),
                 buckets: config.buckets.clone(),
             },
+            meta,
+            Plugins::new(plugin_engine(&config)),
         ));
         Ok(Node {
             endpoint,
@@ -187,9 +201,11 @@ impl Node {
             frame_bytes_max: request_frame_bytes_max(self.config.value_bytes_max),
             default_timeout: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
         });
-        let background = tokio::spawn(
-            Arc::clone(&self.cluster).run_background(PROBE_INTERVAL, HINT_DELIVERY_INTERVAL),
-        );
+        let background = tokio::spawn(Arc::clone(&self.cluster).run_background(
+            PROBE_INTERVAL,
+            HINT_DELIVERY_INTERVAL,
+            META_SYNC_INTERVAL,
+        ));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -443,7 +459,21 @@ fn error(code: ErrorCode, message: String) -> Response {
     Response::Error(ErrorReply { code, message })
 }
 
+/// The first body byte of a plugin upload frame: postcard writes the enum variant index
+/// first, so an upload can be told apart before its (large) body is read.
+fn plugin_upload_tag() -> Option<u8> {
+    let probe = Request::PluginUpload {
+        name: String::new(),
+        component: Vec::new(),
+        force: false,
+    };
+    wire::encode_frame(&probe)
+        .ok()
+        .and_then(|f| f.get(FRAME_HEADER_BYTES).copied())
+}
+
 /// Reads one request frame; a frame that cannot become a request yields the error reply.
+/// Frames over `max` are refused unread, except plugin uploads up to their own limit.
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
@@ -456,6 +486,28 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
         )
     })?;
     let len = wire::frame_len(header);
+    let mut first = [0u8; 1];
+    let upload_max = PLUGIN_BYTES_MAX + FRAME_OVERHEAD_BYTES;
+    if len > max && len <= upload_max && len > 0 {
+        recv.read_exact(&mut first).await.map_err(|e| {
+            error(
+                ErrorCode::MalformedRequest,
+                format!("frame declares {len} bytes but the body could not be read: {e}"),
+            )
+        })?;
+        if Some(first[0]) == plugin_upload_tag() {
+            let mut body = vec![0u8; len];
+            body[0] = first[0];
+            recv.read_exact(&mut body[1..]).await.map_err(|e| {
+                error(
+                    ErrorCode::MalformedRequest,
+                    format!("frame declares {len} bytes but the body could not be read: {e}"),
+                )
+            })?;
+            return wire::decode_body(&body)
+                .map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()));
+        }
+    }
     if len > max {
         // Refuse without reading (or buffering) the body.
         let _ = recv.stop(STOP_FRAME_REFUSED.into());
@@ -476,9 +528,19 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
 
 fn request_timeout(request: &Request) -> Option<Duration> {
     let ms = match request {
-        Request::Ping | Request::Status | Request::Ring => None,
+        Request::Ping
+        | Request::Status
+        | Request::Ring
+        | Request::PluginList
+        | Request::PluginShow { .. }
+        | Request::BucketSet { .. }
+        | Request::BucketShow { .. } => None,
+        // Compiling and law-checking a large (e.g. Python) component takes seconds.
+        Request::PluginUpload { .. } => return Some(PLUGIN_UPLOAD_TIMEOUT),
         Request::Get { options, .. } => options.timeout_ms,
-        Request::Put { options, .. } | Request::Delete { options, .. } => options.timeout_ms,
+        Request::Put { options, .. }
+        | Request::Delete { options, .. }
+        | Request::Update { options, .. } => options.timeout_ms,
     }?;
     Some(Duration::from_millis(u64::from(
         ms.clamp(1, crate::config::REQUEST_TIMEOUT_MS_MAX),

@@ -1,0 +1,462 @@
+//! Runtime bucket properties and reconciler plugins: the admin requests, the per-bucket
+//! view every request reads, and the spreading of cluster metadata between nodes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use quiver_core::limits::{PLUGIN_BYTES_MAX, SIBLING_THRESHOLD_DEFAULT};
+use quiver_core::meta::{
+    BucketEntry, BucketSpec, MetaState, PluginInfo, PluginRef, Stamp, content_hash,
+};
+use quiver_core::quorum::Quorum;
+use quiver_sdk::wire::{BucketInfo, ErrorCode, Response};
+
+use super::{BucketProps, Cluster, error, now_ms};
+use crate::peer::{PeerRequest, PeerResponse};
+use crate::plugins::{Attached, CallLimits};
+
+/// Longest plugin name.
+const PLUGIN_NAME_CHARS_MAX: usize = 64;
+
+/// What a request needs to know about its bucket, resolved once per metadata change.
+#[derive(Debug, Clone)]
+pub struct BucketView {
+    /// Replication properties in force.
+    pub props: BucketProps,
+    /// The attached reconciler, when the bucket has one and this node has loaded it.
+    pub reconciler: Option<Attached>,
+    /// The reconciler guard's sibling threshold.
+    pub sibling_threshold: u32,
+    /// The runtime entry, if `quiver bucket set` touched the bucket.
+    pub entry: Option<BucketEntry>,
+}
+
+/// Buckets with runtime properties.
+pub(crate) type BucketViews = HashMap<String, Arc<BucketView>>;
+
+fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= PLUGIN_NAME_CHARS_MAX
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Cluster {
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            timestamp_ms: now_ms(),
+            node: self.me().to_string(),
+        }
+    }
+
+    /// The runtime view of `bucket`, if it has runtime properties.
+    pub(crate) fn view(&self, bucket: &str) -> Option<Arc<BucketView>> {
+        let views = self.views.read().unwrap_or_else(|p| p.into_inner());
+        views.get(bucket).cloned()
+    }
+
+    /// Effective properties of a bucket from its runtime spec over the configuration.
+    fn effective(&self, bucket: &str, spec: &BucketSpec) -> Result<BucketProps, String> {
+        let base = self.config_props(bucket);
+        let n = spec.n.map_or(base.quorum.n, usize::from);
+        let majority = n / 2 + 1;
+        let fallback = |set: Option<u8>, base_value: usize| match set {
+            Some(v) => usize::from(v),
+            // A changed n with an inherited r/w that no longer fits takes its majority.
+            None if base_value > n => majority,
+            None => base_value,
+        };
+        let quorum = Quorum::new(
+            n,
+            fallback(spec.r, base.quorum.r),
+            fallback(spec.w, base.quorum.w),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(BucketProps {
+            quorum,
+            sloppy: spec.sloppy_quorum.unwrap_or(base.sloppy),
+        })
+    }
+
+    /// Rebuilds every bucket view from the metadata (after a change, and at start),
+    /// loading reconcilers whose bytes are here.
+    pub(crate) fn refresh_views(&self) {
+        let state = self.meta.state();
+        let mut views = BucketViews::new();
+        for (bucket, entry) in &state.buckets {
+            let props = match self.effective(bucket, &entry.spec) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(bucket, error = %e, "invalid bucket properties ignored");
+                    self.config_props(bucket)
+                }
+            };
+            let reconciler = entry.spec.reconciler.as_ref().and_then(|plugin| {
+                let loaded = self
+                    .plugins
+                    .get_or_load(plugin, || self.meta.blob(&plugin.hash).ok().flatten());
+                match loaded {
+                    Ok(Some(reconciler)) => Some(Attached {
+                        plugin: plugin.clone(),
+                        reconciler,
+                        limits: CallLimits {
+                            fuel: entry.spec.plugin_fuel,
+                            memory_bytes: entry.spec.plugin_memory_bytes,
+                            output_bytes: entry.spec.plugin_output_bytes,
+                        },
+                    }),
+                    Ok(None) => {
+                        tracing::warn!(bucket, %plugin, "reconciler bytes not here yet");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(bucket, %plugin, error = %e, "cannot load reconciler");
+                        None
+                    }
+                }
+            });
+            views.insert(
+                bucket.clone(),
+                Arc::new(BucketView {
+                    props,
+                    reconciler,
+                    sibling_threshold: entry
+                        .spec
+                        .sibling_threshold
+                        .unwrap_or(SIBLING_THRESHOLD_DEFAULT),
+                    entry: Some(entry.clone()),
+                }),
+            );
+        }
+        *self.views.write().unwrap_or_else(|p| p.into_inner()) = views;
+    }
+
+    /// Merges metadata from elsewhere, stores it and refreshes the views if it changed.
+    async fn take_meta(
+        &self,
+        state: &MetaState,
+        blobs: &[(String, Vec<u8>)],
+    ) -> Result<(), String> {
+        let changes = self
+            .meta
+            .merge(state, blobs)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !changes.is_empty() || !blobs.is_empty() {
+            if !changes.is_empty() {
+                tracing::info!(
+                    buckets = ?changes.buckets,
+                    plugins = changes.plugins.len(),
+                    "cluster metadata updated"
+                );
+            }
+            self.refresh_views();
+        }
+        Ok(())
+    }
+
+    /// Sends this node's metadata (and `blobs`) to every peer at once. Returns the peers
+    /// that took it and those that did not (they catch up by the periodic pull).
+    async fn push_meta(
+        self: &Arc<Self>,
+        blobs: Vec<(String, Vec<u8>)>,
+    ) -> (Vec<String>, Vec<String>) {
+        let req = Arc::new(PeerRequest::MetaPush {
+            state: self.meta.state(),
+            blobs,
+        });
+        let mut calls = tokio::task::JoinSet::new();
+        for peer in self.peers.names().map(str::to_string) {
+            let (this, req) = (Arc::clone(self), Arc::clone(&req));
+            calls.spawn(async move {
+                let result = this.peers.call(&peer, &req).await;
+                (peer, result)
+            });
+        }
+        let mut done = vec![self.me().to_string()];
+        let mut pending = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            let Ok((peer, result)) = joined else { continue };
+            match result {
+                Ok(PeerResponse::Stored) => done.push(peer),
+                Ok(other) => {
+                    tracing::warn!(peer, reply = ?other, "metadata push refused");
+                    pending.push(peer);
+                }
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "metadata push failed");
+                    pending.push(peer);
+                }
+            }
+        }
+        done.sort();
+        pending.sort();
+        (done, pending)
+    }
+
+    /// One round of metadata pull: asks every peer that is up whether its metadata differs,
+    /// merges what differs and fetches plugin bytes this node lacks.
+    pub async fn sync_meta(&self) {
+        let peers: Vec<String> = self.peers.names().map(str::to_string).collect();
+        for peer in peers {
+            if !self.peers.is_up(&peer) {
+                continue;
+            }
+            let digest = self.meta.digest();
+            let state = match self
+                .peers
+                .call_untracked(&peer, &PeerRequest::MetaDigest(digest))
+                .await
+            {
+                Ok(PeerResponse::MetaSame) => None,
+                Ok(PeerResponse::Meta(state)) => Some(state),
+                Ok(other) => {
+                    tracing::debug!(peer, reply = ?other, "unexpected metadata reply");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if let Some(state) = state
+                && let Err(e) = self.take_meta(&state, &[]).await
+            {
+                tracing::error!(peer, error = %e, "cannot store cluster metadata");
+                continue;
+            }
+            let missing = self.meta.missing_blobs();
+            if missing.is_empty() {
+                continue;
+            }
+            match self
+                .peers
+                .call_untracked(&peer, &PeerRequest::MetaBlobs(missing))
+                .await
+            {
+                Ok(PeerResponse::Blobs(blobs)) if !blobs.is_empty() => {
+                    if let Err(e) = self.take_meta(&MetaState::default(), &blobs).await {
+                        tracing::error!(peer, error = %e, "cannot store plugin bytes");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The replica side of metadata requests.
+    pub(super) async fn handle_meta_peer(&self, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::MetaDigest(digest) => {
+                if self.meta.digest() == digest {
+                    PeerResponse::MetaSame
+                } else {
+                    PeerResponse::Meta(self.meta.state())
+                }
+            }
+            PeerRequest::MetaPush { state, blobs } => match self.take_meta(&state, &blobs).await {
+                Ok(()) => PeerResponse::Stored,
+                Err(e) => PeerResponse::Error(quiver_sdk::wire::ErrorReply {
+                    code: ErrorCode::Storage,
+                    message: format!("node {}: {e}", self.me()),
+                }),
+            },
+            PeerRequest::MetaBlobs(hashes) => PeerResponse::Blobs(
+                hashes
+                    .into_iter()
+                    .filter_map(|h| match self.meta.blob(&h) {
+                        Ok(Some(bytes)) => Some((h, bytes)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            other => PeerResponse::Error(quiver_sdk::wire::ErrorReply {
+                code: ErrorCode::Internal,
+                message: format!("not a metadata request: {other:?}"),
+            }),
+        }
+    }
+
+    /// `quiver plugin upload`.
+    pub(super) async fn plugin_upload(
+        self: &Arc<Self>,
+        name: String,
+        component: Vec<u8>,
+        force: bool,
+    ) -> Response {
+        if !valid_plugin_name(&name) {
+            return error(
+                ErrorCode::PluginRejected,
+                format!(
+                    "plugin name {name:?} is invalid: use 1 to {PLUGIN_NAME_CHARS_MAX} letters, digits, '-' or '_'"
+                ),
+            );
+        }
+        if component.len() > PLUGIN_BYTES_MAX {
+            return error(
+                ErrorCode::PluginRejected,
+                format!(
+                    "plugin {name}: {} bytes exceed the {PLUGIN_BYTES_MAX}-byte limit",
+                    component.len()
+                ),
+            );
+        }
+        let Some(engine) = self.plugins.engine().cloned() else {
+            return error(
+                ErrorCode::PluginRejected,
+                format!("node {}: plugins are disabled on this node", self.me()),
+            );
+        };
+        let plugin = PluginRef {
+            name: name.clone(),
+            hash: content_hash(&component),
+        };
+        // Compiling and checking laws takes milliseconds to seconds: off the async threads.
+        let (engine_plugin, bytes) = (plugin.clone(), component.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || engine.load(&engine_plugin, &bytes, true)).await;
+        let loaded = match loaded {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                return error(ErrorCode::PluginRejected, format!("plugin {plugin}: {e}"));
+            }
+            Err(e) => return error(ErrorCode::Internal, format!("plugin {plugin}: {e}")),
+        };
+        if !loaded.violations.is_empty() && !force {
+            return error(
+                ErrorCode::PluginRejected,
+                format!(
+                    "plugin {plugin} breaks the merge laws (upload with --force to store it anyway): {}",
+                    loaded.violations.join("; ")
+                ),
+            );
+        }
+        self.plugins.insert(&plugin, Arc::clone(&loaded.reconciler));
+        let info = PluginInfo {
+            plugin: plugin.clone(),
+            size: component.len() as u64,
+            uploaded: self.stamp(),
+            forced: !loaded.violations.is_empty(),
+        };
+        let incoming = MetaState {
+            buckets: Default::default(),
+            plugins: [(plugin.clone(), info)].into_iter().collect(),
+        };
+        let blobs = vec![(plugin.hash.clone(), component)];
+        if let Err(e) = self.take_meta(&incoming, &blobs).await {
+            return error(ErrorCode::Storage, format!("plugin {plugin}: {e}"));
+        }
+        let info = self.meta.state().plugins.get(&plugin).cloned();
+        let (replicated_to, pending) = self.push_meta(blobs).await;
+        match info {
+            Some(plugin) => Response::PluginUploaded {
+                plugin: Box::new(plugin),
+                violations: loaded.violations,
+                replicated_to,
+                pending,
+            },
+            None => error(ErrorCode::Internal, format!("plugin {plugin} vanished")),
+        }
+    }
+
+    /// `quiver plugin list` (no name) and `quiver plugin show NAME`.
+    pub(super) fn plugin_list(&self, name: Option<&str>) -> Response {
+        let state = self.meta.state();
+        let mut versions: Vec<PluginInfo> = state
+            .plugins
+            .values()
+            .filter(|p| name.is_none_or(|n| p.plugin.name == n))
+            .cloned()
+            .collect();
+        versions.sort_by(|a, b| (&a.plugin.name, &a.uploaded).cmp(&(&b.plugin.name, &b.uploaded)));
+        if let Some(n) = name
+            && versions.is_empty()
+        {
+            return error(ErrorCode::UnknownPlugin, format!("no plugin named {n:?}"));
+        }
+        let buckets = state
+            .buckets
+            .iter()
+            .filter_map(|(b, e)| e.spec.reconciler.clone().map(|r| (b.clone(), r)))
+            .filter(|(_, r)| name.is_none_or(|n| r.name == n))
+            .collect();
+        Response::Plugins { versions, buckets }
+    }
+
+    /// `quiver bucket set`.
+    pub(super) async fn bucket_set(
+        self: &Arc<Self>,
+        bucket: String,
+        changes: BucketSpec,
+        reconciler: Option<String>,
+        detach: bool,
+    ) -> Response {
+        if let Err(e) = self.kv.validate(&bucket, b"-") {
+            return super::kv_error(&e);
+        }
+        let state = self.meta.state();
+        let current = state
+            .buckets
+            .get(&bucket)
+            .map(|e| e.spec.clone())
+            .unwrap_or_default();
+        let mut next = current.updated(&BucketSpec {
+            reconciler: None,
+            ..changes
+        });
+        match (reconciler, detach) {
+            (Some(_), true) => {
+                return error(
+                    ErrorCode::MalformedRequest,
+                    "give either a reconciler or detach it, not both".into(),
+                );
+            }
+            (Some(spec), false) => match state.resolve(&spec) {
+                Ok(plugin) => next.reconciler = Some(plugin),
+                Err(e) => return error(ErrorCode::UnknownPlugin, e.to_string()),
+            },
+            (None, true) => next.reconciler = None,
+            (None, false) => {}
+        }
+        if let Err(e) = self.effective(&bucket, &next) {
+            return error(ErrorCode::InvalidQuorum, format!("bucket {bucket:?}: {e}"));
+        }
+        if next.sibling_threshold == Some(0) {
+            return error(
+                ErrorCode::MalformedRequest,
+                format!("bucket {bucket:?}: sibling threshold must be at least 1"),
+            );
+        }
+        let mut incoming = MetaState::default();
+        incoming.set_bucket(&bucket, next, self.stamp());
+        if let Err(e) = self.take_meta(&incoming, &[]).await {
+            return error(ErrorCode::Storage, format!("bucket {bucket:?}: {e}"));
+        }
+        let (_, pending) = self.push_meta(Vec::new()).await;
+        if !pending.is_empty() {
+            tracing::warn!(bucket, ?pending, "bucket change not yet on every node");
+        }
+        self.bucket_show(&bucket)
+    }
+
+    /// `quiver bucket show`.
+    pub(super) fn bucket_show(&self, bucket: &str) -> Response {
+        if let Err(e) = self.kv.validate(bucket, b"-") {
+            return super::kv_error(&e);
+        }
+        let view = self.view(bucket);
+        let props = self.props(bucket);
+        let entry = view.as_ref().and_then(|v| v.entry.clone());
+        Response::Bucket(Box::new(BucketInfo {
+            bucket: bucket.to_string(),
+            spec: entry.as_ref().map(|e| e.spec.clone()).unwrap_or_default(),
+            set_by: entry.map(|e| e.stamp),
+            n: props.quorum.n as u8,
+            r: props.quorum.r as u8,
+            w: props.quorum.w as u8,
+            sloppy_quorum: props.sloppy,
+            sibling_threshold: view
+                .as_ref()
+                .map_or(SIBLING_THRESHOLD_DEFAULT, |v| v.sibling_threshold),
+            reconciler_loaded: view.is_some_and(|v| v.reconciler.is_some()),
+        }))
+    }
+}

@@ -1,0 +1,216 @@
+//! Reconciler plugins as the node uses them: the engine that validates, compiles and runs
+//! components (`PluginEngine`, implemented over wasmtime by `quiver-plugin`), the loaded
+//! versions by content hash, and the conversion between stored objects and what a plugin
+//! sees.
+//!
+//! A bucket's reconciler is resolved once per metadata change (see `cluster.rs`), and every
+//! request takes an `Arc` of the version attached when it started: attaching a new version
+//! swaps it live, and requests in flight finish on the version they began with.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use quiver_core::causality::{Object, WriteOp};
+use quiver_core::meta::PluginRef;
+
+/// Per-call limits; `None` means the engine's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Fuel (deterministic instruction budget).
+    pub fuel: Option<u64>,
+    /// Linear-memory cap, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Largest value the call may return, in bytes.
+    pub output_bytes: Option<u64>,
+}
+
+/// One sibling as a reconciler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSibling {
+    /// Value bytes (empty for a tombstone).
+    pub value: Vec<u8>,
+    /// Coordinator wall clock at write time, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The writing actor, rendered.
+    pub actor: String,
+    /// The actor's counter of this version.
+    pub counter: u64,
+    /// True for a delete.
+    pub tombstone: bool,
+}
+
+/// What a merge produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginMerged {
+    /// One value replacing every sibling.
+    Value(Vec<u8>),
+    /// The key is deleted.
+    Tombstone,
+}
+
+impl PluginMerged {
+    /// The write that stores this result.
+    pub fn into_op(self) -> WriteOp {
+        match self {
+            PluginMerged::Value(v) => WriteOp::Put(v),
+            PluginMerged::Tombstone => WriteOp::Delete,
+        }
+    }
+}
+
+/// A loaded reconciler. Errors are messages that already name the plugin and say what
+/// happened (trap, out of fuel, memory, output size, or the plugin's own error).
+pub trait Reconcile: Send + Sync + fmt::Debug {
+    /// Reconciles siblings into one value.
+    fn merge(
+        &self,
+        siblings: &[PluginSibling],
+        limits: &CallLimits,
+    ) -> Result<PluginMerged, String>;
+    /// Applies a server-side operation to the current value.
+    fn update(
+        &self,
+        current: Option<&[u8]>,
+        op: &[u8],
+        actor: &str,
+        limits: &CallLimits,
+    ) -> Result<Vec<u8>, String>;
+}
+
+/// A plugin accepted by the engine.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The callable plugin.
+    pub reconciler: Arc<dyn Reconcile>,
+    /// Merge-law violations found (empty when lawful or when not checked).
+    pub violations: Vec<String>,
+}
+
+/// Validates, compiles (once per content hash) and instantiates reconciler components.
+pub trait PluginEngine: Send + Sync + fmt::Debug {
+    /// Loads `bytes` as the reconciler `plugin`; with `check_laws`, also runs the merge-law
+    /// checks through the component boundary. An `Err` means the bytes are not a valid
+    /// reconciler component (the message says why).
+    fn load(&self, plugin: &PluginRef, bytes: &[u8], check_laws: bool) -> Result<Loaded, String>;
+}
+
+/// The node's loaded plugin versions, by content hash.
+#[derive(Debug)]
+pub struct Plugins {
+    engine: Option<Arc<dyn PluginEngine>>,
+    loaded: Mutex<HashMap<String, Arc<dyn Reconcile>>>,
+}
+
+impl Plugins {
+    /// Plugins run by `engine`; `None` disables plugins (uploads are refused).
+    pub fn new(engine: Option<Arc<dyn PluginEngine>>) -> Self {
+        Plugins {
+            engine,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The engine, if plugins are enabled.
+    pub fn engine(&self) -> Option<&Arc<dyn PluginEngine>> {
+        self.engine.as_ref()
+    }
+
+    fn loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn Reconcile>>> {
+        // Entries are inserted whole; a panic elsewhere cannot leave the map inconsistent.
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loaded version `plugin`, loading it from `bytes` (when given) on first use.
+    pub fn get_or_load(
+        &self,
+        plugin: &PluginRef,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Option<Arc<dyn Reconcile>>, String> {
+        if let Some(r) = self.loaded().get(&plugin.hash) {
+            return Ok(Some(Arc::clone(r)));
+        }
+        let Some(engine) = &self.engine else {
+            return Err("plugins are disabled on this node".into());
+        };
+        let Some(bytes) = bytes() else {
+            return Ok(None);
+        };
+        let loaded = engine.load(plugin, &bytes, false)?;
+        self.loaded()
+            .insert(plugin.hash.clone(), Arc::clone(&loaded.reconciler));
+        Ok(Some(loaded.reconciler))
+    }
+
+    /// Keeps an already loaded version (after an upload validated it).
+    pub fn insert(&self, plugin: &PluginRef, reconciler: Arc<dyn Reconcile>) {
+        self.loaded().insert(plugin.hash.clone(), reconciler);
+    }
+}
+
+/// A bucket's reconciler, attached to a specific version.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// Name and hash.
+    pub plugin: PluginRef,
+    /// The loaded version.
+    pub reconciler: Arc<dyn Reconcile>,
+    /// Limits of this bucket's calls.
+    pub limits: CallLimits,
+}
+
+impl Attached {
+    /// Merges an object's siblings; errors name the plugin and the key.
+    pub fn merge(&self, object: &Object) -> Result<PluginMerged, String> {
+        self.reconciler
+            .merge(&plugin_siblings(object), &self.limits)
+            .map_err(|e| format!("plugin {}: {e}", self.plugin))
+    }
+
+    /// The value `update` starts from: none for an absent or deleted key, the value of a
+    /// single sibling, or the merge of several.
+    pub fn current(&self, object: &Object) -> Result<Option<Vec<u8>>, String> {
+        let merged = match object.siblings() {
+            [] => return Ok(None),
+            [one] => {
+                if one.meta.tombstone {
+                    PluginMerged::Tombstone
+                } else {
+                    PluginMerged::Value(one.value.clone())
+                }
+            }
+            _ => self.merge(object)?,
+        };
+        Ok(match merged {
+            PluginMerged::Value(v) => Some(v),
+            PluginMerged::Tombstone => None,
+        })
+    }
+
+    /// Runs the plugin's `update`.
+    pub fn update(
+        &self,
+        current: Option<&[u8]>,
+        op: &[u8],
+        actor: &str,
+    ) -> Result<Vec<u8>, String> {
+        self.reconciler
+            .update(current, op, actor, &self.limits)
+            .map_err(|e| format!("plugin {}: {e}", self.plugin))
+    }
+}
+
+/// An object's siblings as a plugin sees them.
+pub fn plugin_siblings(object: &Object) -> Vec<PluginSibling> {
+    object
+        .siblings()
+        .iter()
+        .map(|s| PluginSibling {
+            value: s.value.clone(),
+            timestamp_ms: s.meta.timestamp_ms,
+            actor: s.dot.actor.to_string(),
+            counter: s.dot.counter,
+            tombstone: s.meta.tombstone,
+        })
+        .collect()
+}
