@@ -183,6 +183,8 @@ pub struct NodeStatus {
     pub r: u8,
     /// Default write quorum.
     pub w: u8,
+    /// Reconciler plugin calls that failed on this node since it started.
+    pub plugin_failures: u64,
 }
 
 /// A bucket's properties as a node applies them.

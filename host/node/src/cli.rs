@@ -507,6 +507,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         "node": node,
                         "reachable": true,
                         "hints": s.hints,
+                        "plugin_failures": s.plugin_failures,
                         "partitions": s.partitions,
                         "n": s.n, "r": s.r, "w": s.w,
                         "members": s.members.iter().map(|m| json!({
@@ -520,8 +521,8 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<10} {:>10} {:>7}  sees down",
-                "node", "reachable", "partitions", "hints"
+                "{:<12} {:<10} {:>10} {:>7} {:>9}  sees down",
+                "node", "reachable", "partitions", "hints", "plugin-err"
             );
             for (node, st) in &statuses {
                 match st {
@@ -542,9 +543,15 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         } else {
                             down.join(",")
                         };
-                        println!("{node:<12} {:<10} {mine:>10} {:>7}  {down}", "yes", s.hints);
+                        println!(
+                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9}  {down}",
+                            "yes", s.hints, s.plugin_failures
+                        );
                     }
-                    Err(e) => println!("{node:<12} {:<10} {:>10} {:>7}  ({e})", "NO", "-", "-"),
+                    Err(e) => println!(
+                        "{node:<12} {:<10} {:>10} {:>7} {:>9}  ({e})",
+                        "NO", "-", "-", "-"
+                    ),
                 }
             }
             if let Some((_, Ok(s))) = statuses.iter().find(|(_, s)| s.is_ok()) {

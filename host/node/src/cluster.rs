@@ -328,6 +328,7 @@ impl Cluster {
             node: self.me().to_string(),
             members,
             hints: self.kv.hint_count(),
+            plugin_failures: self.plugins.failures(),
             partitions: self.ring.partitions(),
             n: q.n as u8,
             r: q.r as u8,

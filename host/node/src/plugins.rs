@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quiver_core::causality::{Object, WriteOp};
@@ -100,6 +101,7 @@ pub trait PluginEngine: Send + Sync + fmt::Debug {
 pub struct Plugins {
     engine: Option<Arc<dyn PluginEngine>>,
     loaded: Mutex<HashMap<String, Arc<dyn Reconcile>>>,
+    failures: Arc<AtomicU64>,
 }
 
 impl Plugins {
@@ -108,7 +110,19 @@ impl Plugins {
         Plugins {
             engine,
             loaded: Mutex::new(HashMap::new()),
+            failures: Arc::default(),
         }
+    }
+
+    /// Plugin calls that failed on this node since it started (trap, fuel, memory, output
+    /// size, or the plugin's own error).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The counter every attachment of this node reports failures to.
+    pub fn failure_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.failures)
     }
 
     /// The engine, if plugins are enabled.
@@ -157,6 +171,8 @@ pub struct Attached {
     pub reconciler: Arc<dyn Reconcile>,
     /// Limits of this bucket's calls.
     pub limits: CallLimits,
+    /// Where failed calls are counted (the node's `plugin_failures`).
+    pub failures: Arc<AtomicU64>,
 }
 
 impl Attached {
@@ -164,7 +180,7 @@ impl Attached {
     pub fn merge(&self, object: &Object) -> Result<PluginMerged, String> {
         self.reconciler
             .merge(&plugin_siblings(object), &self.limits)
-            .map_err(|e| format!("plugin {}: {e}", self.plugin))
+            .map_err(|e| self.failed(e))
     }
 
     /// The value `update` starts from: none for an absent or deleted key, the value of a
@@ -196,7 +212,12 @@ impl Attached {
     ) -> Result<Vec<u8>, String> {
         self.reconciler
             .update(current, op, actor, &self.limits)
-            .map_err(|e| format!("plugin {}: {e}", self.plugin))
+            .map_err(|e| self.failed(e))
+    }
+
+    fn failed(&self, message: String) -> String {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        format!("plugin {}: {message}", self.plugin)
     }
 }
 

@@ -105,6 +105,7 @@ impl Cluster {
                             memory_bytes: entry.spec.plugin_memory_bytes,
                             output_bytes: entry.spec.plugin_output_bytes,
                         },
+                        failures: self.plugins.failure_counter(),
                     }),
                     Ok(None) => {
                         tracing::warn!(bucket, %plugin, "reconciler bytes not here yet");
