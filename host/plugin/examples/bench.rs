@@ -19,9 +19,12 @@ const WARMUP_CALLS: usize = 200;
 /// Runtimes created to time compile and cached loads.
 const LOADS: usize = 10;
 
+/// The same merge as a plugin's, in native Rust.
+type NativeMerge = fn(&[Sibling]) -> Merged;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let limits = Limits::default();
-    let plugins: [(&str, &Path, Vec<Sibling>, fn(&[Sibling]) -> Merged); 3] = [
+    let plugins: [(&str, &Path, Vec<Sibling>, NativeMerge); 3] = [
         ("cart", quiver_guests::cart(), cart_siblings(), native_cart),
         ("lww", quiver_guests::lww(), lww_siblings(), native_lww),
         (
