@@ -105,6 +105,87 @@ fn main() {
         var,
         &read(&core_out.join(format!("{stem}.wasm"))),
     );
+
+    python_cart(&root, &target_dir, &out_dir);
+}
+
+/// componentize-py's release that fits wasmtime 48 (see the shared toolchain notes).
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// Builds the Python twin of the cart with componentize-py, installed from PyPI into a venv
+/// beside the nested target dir (shared by every profile, reinstalled only if the pinned
+/// version changes). Without Python or PyPI the twin is skipped with a warning, and
+/// `python_cart()` returns `None`; everything else still builds.
+fn python_cart(root: &Path, target_dir: &Path, out_dir: &Path) {
+    let app_dir = root.join("plugins").join("python").join("cart");
+    rerun_if_changed(&app_dir.join("app.py"));
+    let out = out_dir.join("py_cart.wasm");
+    match build_python_cart(root, &app_dir, target_dir, &out) {
+        Ok(()) => println!("cargo:rustc-env=QUIVER_GUEST_PY_CART={}", out.display()),
+        Err(why) => {
+            println!("cargo:warning=skipping the Python cart plugin: {why}");
+            println!("cargo:rustc-env=QUIVER_GUEST_PY_CART=");
+        }
+    }
+}
+
+fn build_python_cart(
+    root: &Path,
+    app_dir: &Path,
+    target_dir: &Path,
+    out: &Path,
+) -> Result<(), String> {
+    let venv = target_dir.join("python-venv");
+    let tool = venv.join("bin").join("componentize-py");
+    let marker = venv.join("quiver-installed.txt");
+    if fs::read_to_string(&marker).ok().as_deref() != Some(COMPONENTIZE_PY) {
+        run(
+            Command::new("python3")
+                .arg("-m")
+                .arg("venv")
+                .arg("--clear")
+                .arg(&venv),
+            "python3 -m venv",
+        )?;
+        run(
+            Command::new(venv.join("bin").join("pip")).args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                COMPONENTIZE_PY,
+            ]),
+            "pip install componentize-py (is PyPI reachable?)",
+        )?;
+        fs::write(&marker, COMPONENTIZE_PY)
+            .map_err(|e| format!("write {}: {e}", marker.display()))?;
+    }
+    // --stub-wasi: the interpreter's WASI imports become trapping stubs, so the component
+    // imports nothing, like every reconciler.
+    run(
+        Command::new(&tool)
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args([
+                "-w",
+                "reconciler-plugin",
+                "componentize",
+                "app",
+                "--stub-wasi",
+                "-p",
+            ])
+            .arg(app_dir)
+            .arg("-o")
+            .arg(out),
+        "componentize-py",
+    )
+}
+
+fn run(command: &mut Command, what: &str) -> Result<(), String> {
+    match command.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("{what} failed ({status})")),
+        Err(e) => Err(format!("{what} could not start: {e}")),
+    }
 }
 
 fn env_var(name: &str) -> String {

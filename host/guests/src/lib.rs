@@ -61,6 +61,13 @@ guest!(
     fixture_not_a_component, "QUIVER_GUEST_NOT_A_COMPONENT"
 );
 
+/// The Python twin of [`cart`] (componentize-py, no imports), or `None` if the build could
+/// not install componentize-py (no Python or no PyPI; the build printed a warning).
+pub fn python_cart() -> Option<&'static Path> {
+    let path = env!("QUIVER_GUEST_PY_CART");
+    (!path.is_empty()).then(|| Path::new(path))
+}
+
 /// The reconcilers that ship with Quiver, by name, for suites run against each of them.
 pub fn shipped() -> [(&'static str, &'static Path); 3] {
     [("cart", cart()), ("lww", lww()), ("counter", counter())]

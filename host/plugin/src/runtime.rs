@@ -150,7 +150,8 @@ impl PluginRuntime {
         })
     }
 
-    /// Compilations this runtime did (components not found in the on-disk cache).
+    /// Compilations this runtime did and stored in the on-disk cache (components it did not
+    /// find there).
     pub fn compile_count(&self) -> usize {
         self.cache.cache_misses()
     }

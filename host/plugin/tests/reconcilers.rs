@@ -327,3 +327,15 @@ fn merge_is_metered_deterministically() {
     assert_eq!(a, b, "same input, same result and same fuel");
     assert!(a.fuel_used > 0);
 }
+
+// ---- the Python twin ----
+
+#[test]
+fn python_cart_conforms() {
+    let Some(path) = quiver_guests::python_cart() else {
+        eprintln!("the Python cart was not built (no PyPI at build time): skipped");
+        return;
+    };
+    let (_dir, rt) = runtime();
+    conformance::run(&load(&rt, "py-cart", path), &[COMMON, CART]);
+}

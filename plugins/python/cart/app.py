@@ -1,13 +1,14 @@
-"""Shopping cart reconciler in Python: the twin of plugins/cart (Rust).
+"""Shopping cart reconciler in Python: the twin of plugins/cart (same state format, same
+operations, same canonical output; see plugins/cart/README.md).
 
-An observed-remove set whose removes stick unless a concurrent add re-adds the item. The
-state format, merge and operations are those of plugins/cart/README.md, byte for byte:
-the output is canonical JSON (keys and tags sorted, no whitespace, non-ASCII as UTF-8),
-so the Rust and Python plugins produce identical bytes and can serve the same bucket.
+An observed-remove set: every add gets a tag "actor:counter"; a remove hides the tags it
+has seen, so a concurrent add (a tag the remove has not seen) wins over the remove.
+
+Built by host/guests/build.rs with componentize-py and --stub-wasi: the component imports
+nothing, like every reconciler.
 """
 
 import json
-import re
 
 from componentize_py_types import Err
 from wit_world import exports
@@ -18,12 +19,10 @@ from wit_world.imports.types import (
     PluginError_InvalidValue,
 )
 
-# Rust's u64 parser accepts an optional '+' and ASCII digits, nothing else.
-_COUNTER = re.compile(r"\+?[0-9]+")
-_U64_MAX = 2**64 - 1
+U64_MAX = 2**64 - 1
 
 
-def _invalid(message):
+def _invalid_value(message):
     return Err(PluginError_InvalidValue(message))
 
 
@@ -32,66 +31,56 @@ def _parse_tag(tag):
     if not isinstance(tag, str) or ":" not in tag:
         return None
     actor, counter = tag.rsplit(":", 1)
-    if not _COUNTER.fullmatch(counter):
+    if not counter.isascii() or not counter.isdigit():
         return None
     value = int(counter)
-    if value > _U64_MAX:
-        return None
-    return actor, value
+    return (actor, value) if value <= U64_MAX else None
 
 
-def _tag_map(value, field):
-    """A JSON object of item -> list of tags, as a dict of sets."""
-    if not isinstance(value, dict):
-        raise _invalid(f"cart field {field!r} must be an object of tag lists")
+def _tag_map(state, field):
+    raw = state.get(field, {})
+    if not isinstance(raw, dict):
+        raise _invalid_value(f"cart field {field!r} must be an object")
     out = {}
-    for item, tags in value.items():
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _invalid(f"cart field {field!r}: item {item!r} must map to a list of tags")
+    for item, tags in raw.items():
+        if not isinstance(tags, list):
+            raise _invalid_value(f"cart tags of {item!r} must be a list")
         for tag in tags:
             if _parse_tag(tag) is None:
-                raise _invalid(f'cart tag {tag!r} is not "actor:counter"')
+                raise _invalid_value(f"cart tag {tag!r} is not \"actor:counter\"")
         out[item] = set(tags)
     return out
 
 
-def _parse(data):
+def _parse(value):
     try:
-        state = json.loads(bytes(data).decode("utf-8"))
+        state = json.loads(value.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise _invalid(f"cart state is not valid JSON: {e}")
+        raise _invalid_value(f"cart state is not valid JSON: {e}")
     if not isinstance(state, dict):
-        raise _invalid("cart state must be a JSON object")
+        raise _invalid_value("cart state must be a JSON object")
     unknown = set(state) - {"adds", "removed"}
     if unknown:
-        raise _invalid(f"cart state has unknown fields: {sorted(unknown)}")
-    adds = _tag_map(state.get("adds", {}), "adds")
-    removed = _tag_map(state.get("removed", {}), "removed")
-    return adds, removed
-
-
-def _normalize(adds, removed):
-    """Drops removed tags from adds, then empty entries (keeps merge associative)."""
-    for item, gone in removed.items():
-        if item in adds:
-            adds[item] -= gone
-    adds = {i: t for i, t in adds.items() if t}
-    removed = {i: t for i, t in removed.items() if t}
-    return adds, removed
-
-
-def _encode(adds, removed):
-    state = {
-        "adds": {i: sorted(adds[i]) for i in sorted(adds)},
-        "removed": {i: sorted(removed[i]) for i in sorted(removed)},
-    }
-    text = json.dumps(state, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8")
+        raise _invalid_value(f"unknown cart fields: {sorted(unknown)}")
+    return _tag_map(state, "adds"), _tag_map(state, "removed")
 
 
 def _absorb(into, other):
     for item, tags in other.items():
         into.setdefault(item, set()).update(tags)
+
+
+def _encode(adds, removed):
+    """Strips removed tags from adds, drops empty entries, and writes canonical JSON (sorted,
+    compact, UTF-8), so that equal carts are equal bytes, as in the Rust cart."""
+    for item, gone in removed.items():
+        if item in adds:
+            adds[item] -= gone
+    state = {
+        "adds": {item: sorted(tags) for item, tags in sorted(adds.items()) if tags},
+        "removed": {item: sorted(tags) for item, tags in sorted(removed.items()) if tags},
+    }
+    return json.dumps(state, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class Reconciler(exports.Reconciler):
@@ -104,37 +93,37 @@ class Reconciler(exports.Reconciler):
             a, r = _parse(sibling.value)
             _absorb(adds, a)
             _absorb(removed, r)
-        adds, removed = _normalize(adds, removed)
         return Merged_Value(_encode(adds, removed))
 
     def update(self, current, op, actor):
         adds, removed = _parse(current) if current is not None else ({}, {})
         try:
-            parsed = json.loads(bytes(op).decode("utf-8"))
+            parsed = json.loads(op.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise Err(PluginError_InvalidOp(f'expected {{"add":"item"}} or {{"remove":"item"}}: {e}'))
+            raise Err(PluginError_InvalidOp(f"expected {{\"add\":\"item\"}} or {{\"remove\":\"item\"}}: {e}"))
         if (
             not isinstance(parsed, dict)
             or len(parsed) != 1
             or next(iter(parsed)) not in ("add", "remove")
             or not isinstance(next(iter(parsed.values())), str)
         ):
-            raise Err(PluginError_InvalidOp('expected {"add":"item"} or {"remove":"item"}'))
+            raise Err(PluginError_InvalidOp("expected {\"add\":\"item\"} or {\"remove\":\"item\"}"))
         (kind, item), = parsed.items()
         if kind == "add":
-            highest = max(
-                (c for tags in list(adds.values()) + list(removed.values())
-                 for t in tags
-                 for (a, c) in [_parse_tag(t)] if a == actor),
-                default=0,
-            )
-            if highest >= _U64_MAX:
-                raise _invalid(f"counter of {actor!r} overflows")
-            adds.setdefault(item, set()).add(f"{actor}:{highest + 1}")
+            # One past any counter of this actor, live or removed, so a re-add is a new tag.
+            counters = [
+                parsed_tag[1]
+                for tags in list(adds.values()) + list(removed.values())
+                for parsed_tag in map(_parse_tag, tags)
+                if parsed_tag is not None and parsed_tag[0] == actor
+            ]
+            counter = max(counters, default=0) + 1
+            if counter > U64_MAX:
+                raise _invalid_value(f"counter of {actor!r} overflows")
+            adds.setdefault(item, set()).add(f"{actor}:{counter}")
         elif item in adds:
             # Removing an absent item is a no-op: the client may act on a stale view.
             removed.setdefault(item, set()).update(adds.pop(item))
-        adds, removed = _normalize(adds, removed)
         return _encode(adds, removed)
 
     def examples(self):
