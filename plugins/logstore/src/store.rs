@@ -284,12 +284,7 @@ impl LogStore {
     }
 
     /// Up to `limit` pairs with `start <= key < end`, in key order.
-    pub fn scan(
-        &mut self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: u32,
-    ) -> Result<Pairs, String> {
+    pub fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Pairs, String> {
         let upper = match end {
             // `BTreeMap::range` panics on an inverted range; the contract says it is empty.
             Some(end) if end <= start => return Ok(Vec::new()),
