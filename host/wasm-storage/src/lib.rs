@@ -18,8 +18,9 @@
 //! The guest sees exactly one directory, preopened as `/data`: the data directory given to
 //! [`WasmEngine::open`] (paths cannot escape it: `..` and symlinks out of it are refused by
 //! wasmtime-wasi's capability-based filesystem). It gets no environment variables, no
-//! arguments, an empty stdin, and stdout/stderr that discard what is written (errors come
-//! back as `result` strings, which the node logs). No network: a component that imports
+//! arguments, an empty stdin, a stdout that discards what is written, and a stderr that goes
+//! line by line to the `tracing` log (target `quiver_wasm_storage::guest`, at most 4 KiB a
+//! line). Errors come back as `result` strings. No network: a component that imports
 //! `wasi:sockets`, `wasi:http` or anything but the WASI CLI, clock, filesystem, I/O and
 //! random interfaces is refused at open, and the context denies every socket operation
 //! besides. It does see the real wall and monotonic clocks and a real random source: a
@@ -47,6 +48,7 @@
 //!   have dropped the pages it failed to write).
 
 mod runtime;
+mod stderr;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -165,7 +167,7 @@ impl WasmEngine {
             io("open")(format!("create data directory {}: {e}", data_dir.display()))
         })?;
         let loaded = LoadedComponent::load(component, cache_dir).map_err(io("open"))?;
-        let instance = Instance::open(&loaded, data_dir, limits).map_err(|e| match e {
+        let instance = Instance::open(&loaded, &name, data_dir, limits).map_err(|e| match e {
             runtime::CallError::Guest(message) => io("open")(message),
             runtime::CallError::Trap(message) => {
                 io("open")(format!("the adapter trapped: {message}"))

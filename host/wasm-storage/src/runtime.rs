@@ -20,7 +20,10 @@ use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
 use wasmtime::{Cache, CacheConfig, Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
+use quiver_core::storage::KvPairs;
+
 use crate::AdapterLimits;
+use crate::stderr::TracingStderr;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -187,6 +190,7 @@ impl Instance {
     /// Instantiates the component with `data_dir` as its only directory and opens its store.
     pub(crate) fn open(
         loaded: &LoadedComponent,
+        name: &str,
         data_dir: &Path,
         limits: &AdapterLimits,
     ) -> Result<Self, CallError> {
@@ -195,7 +199,8 @@ impl Instance {
         wasi.allow_blocking_current_thread(true)
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .stderr(TracingStderr::new(name));
         wasi.preopened_dir(data_dir, "/data", FsPerms::ReadWrite)
             .map_err(|e| {
                 CallError::Guest(format!(
@@ -259,7 +264,7 @@ impl Instance {
         start: &[u8],
         end: Option<&[u8]>,
         limit: u32,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CallError> {
+    ) -> Result<KvPairs, CallError> {
         self.prepare()?;
         let store = self.bindings.quiver_plugin_engine().store();
         run(store.call_scan(&mut self.store, self.handle, start, end, limit))?

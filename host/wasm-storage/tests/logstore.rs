@@ -418,3 +418,34 @@ fn concurrent_callers_are_serialised() {
     }
     assert_eq!(engine.scan(b"", None, usize::MAX).expect("scan").len(), 400);
 }
+
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| {
+            let path = e.expect("entry").path();
+            if path.is_dir() { files_under(&path) } else { 1 }
+        })
+        .sum()
+}
+
+/// Compiled code lands in the cache directory given at open, so the next process loads it
+/// instead of compiling again.
+#[test]
+fn compiled_code_is_cached_on_disk() {
+    let cache = tempfile::tempdir().expect("create temp dir");
+    let data = tempfile::tempdir().expect("create temp dir");
+    assert_eq!(files_under(cache.path()), 0);
+    let engine = WasmEngine::open_with_cache_dir(
+        logstore_component(),
+        data.path(),
+        &AdapterLimits::default(),
+        cache.path(),
+    )
+    .expect("open");
+    put(&engine, b"k", b"v");
+    assert!(
+        files_under(cache.path()) > 0,
+        "the compiled component must be written to the cache"
+    );
+}
