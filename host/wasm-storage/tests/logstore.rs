@@ -449,3 +449,41 @@ fn compiled_code_is_cached_on_disk() {
         "the compiled component must be written to the cache"
     );
 }
+
+/// The node applies batches from tokio tasks and syncs from the group-commit thread: the
+/// adapter must work from inside a tokio worker (wasmtime-wasi's synchronous bindings would
+/// panic there) and survive a reopen after the group commit acknowledged the writes.
+#[test]
+fn works_under_the_nodes_group_commit_in_tokio() {
+    use quiver_node::storage::{Durability, Store};
+
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build tokio runtime");
+    {
+        let engine: Arc<dyn StorageEngine> = Arc::new(open(dir.path()));
+        let store = Store::new(engine, Durability::Sync);
+        rt.block_on(async {
+            let writers: Vec<_> = (0..32u8)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let mut batch = WriteBatch::new();
+                        batch.put(vec![b'w', i], vec![i; 10]);
+                        store.write(batch, Durability::Sync).await
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.expect("join").expect("synced write");
+            }
+        });
+    }
+    let engine = open(dir.path());
+    for i in 0..32u8 {
+        assert_eq!(engine.get(&[b'w', i]).expect("get"), Some(vec![i; 10]));
+    }
+}
