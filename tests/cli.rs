@@ -279,3 +279,87 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
         "dev stops its nodes and exits 0"
     );
 }
+
+/// A user starts a plugin with one command, builds it with the printed steps, and the
+/// result validates: `plugin new`, cargo for wasm32-unknown-unknown, `plugin componentize`,
+/// `plugin validate`; and `validate` rejects a plugin that breaks the laws.
+#[test]
+fn a_new_plugin_builds_componentizes_and_validates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| {
+        Command::new(quiver_bin())
+            .args(args)
+            .output()
+            .expect("run quiver")
+    };
+    let out = run(&[
+        "plugin",
+        "new",
+        "myplug",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let project = dir.path().join("myplug");
+    assert!(project.join("wit/quiver-plugin.wit").is_file());
+    let again = run(&[
+        "plugin",
+        "new",
+        "myplug",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert!(!again.status.success(), "refuses to overwrite");
+    let bad = run(&["plugin", "new", "My Plug"]);
+    assert!(!bad.status.success(), "refuses a bad name");
+
+    // The build the README prescribes, in a target dir of its own.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-unknown-unknown"])
+        .current_dir(&project)
+        .env("CARGO_TARGET_DIR", project.join("target"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("run cargo");
+    assert!(
+        build.status.success(),
+        "the new plugin builds: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let core = project.join("target/wasm32-unknown-unknown/release/myplug.wasm");
+    let component = dir.path().join("myplug.wasm");
+    let out = run(&[
+        "plugin",
+        "componentize",
+        &core.display().to_string(),
+        "-o",
+        &component.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["plugin", "validate", &component.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "the template obeys the laws: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let garbage = quiver_guests::fixture_garbage().display().to_string();
+    let out = run(&["plugin", "validate", &garbage]);
+    assert!(!out.status.success(), "a law breaker fails validation");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("commutative"),
+        "names the broken law: {stdout}"
+    );
+}

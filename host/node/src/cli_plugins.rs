@@ -43,6 +43,37 @@ pub enum PluginCommand {
         #[allow(missing_docs)]
         client: ClientArgs,
     },
+    /// Check a plugin locally: is it a valid reconciler component, and does its merge obey
+    /// the laws (commutative, associative, idempotent, deterministic) on generated sibling
+    /// sets? Exits non-zero on any violation. Upload runs the same check.
+    Validate {
+        /// The component file (.wasm).
+        file: PathBuf,
+        /// Sibling sets to generate.
+        #[arg(long, default_value_t = 500)]
+        cases: u32,
+        /// Seed of the generated sets (the same seed checks the same sets).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Start a new Rust reconciler plugin: writes DIR/NAME with the WIT, a commented merge
+    /// to replace, and a README with the build, validate and upload commands.
+    New {
+        /// Plugin (and crate) name.
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Turn a core Wasm module built with wit-bindgen (e.g. for wasm32-unknown-unknown)
+    /// into a component that `upload` accepts.
+    Componentize {
+        /// The core module.
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 /// `quiver bucket` subcommands.
@@ -179,7 +210,94 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { client } => listing(client, None).await,
         PluginCommand::Show { name, client } => listing(client, Some(name)).await,
+        PluginCommand::Validate { file, cases, seed } => validate(&file, cases, seed),
+        PluginCommand::New { name, dir } => new_plugin(&name, &dir),
+        PluginCommand::Componentize { module, output } => componentize(&module, &output),
     }
+}
+
+fn validate(file: &std::path::Path, cases: u32, seed: u64) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file)
+        .with_context(|| format!("cannot read the plugin {}", file.display()))?;
+    let name = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_string();
+    let cache = std::env::temp_dir().join("quiver-plugin-cache");
+    let runtime = quiver_plugin::PluginRuntime::new(&cache)?;
+    let reconciler = runtime.load_reconciler(&name, &bytes)?;
+    let violations = crate::plugin_engine::law_violations(&reconciler, seed, cases);
+    if violations.is_empty() {
+        println!(
+            "{}: a valid reconciler; merge is commutative, associative, idempotent and deterministic on {cases} generated sibling sets",
+            reconciler.label()
+        );
+        return Ok(());
+    }
+    for v in &violations {
+        println!("violation: {v}");
+    }
+    bail!(
+        "{}: {} law violations (upload refuses it unless --force)",
+        reconciler.label(),
+        violations.len()
+    )
+}
+
+fn componentize(module: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let core = std::fs::read(module)
+        .with_context(|| format!("cannot read the module {}", module.display()))?;
+    let component = wit_component::ComponentEncoder::default()
+        .module(&core)
+        .and_then(|e| e.validate(true).encode())
+        .map_err(|e| anyhow::anyhow!("cannot componentize {}: {e:#}", module.display()))?;
+    std::fs::write(output, &component)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    println!("{} ({} bytes)", output.display(), component.len());
+    Ok(())
+}
+
+const TEMPLATE_WIT: &str = include_str!("../../../wit/quiver-plugin.wit");
+const TEMPLATE_LIB: &str = include_str!("plugin_template/lib.rs");
+const TEMPLATE_CARGO: &str = include_str!("plugin_template/Cargo.toml");
+const TEMPLATE_README: &str = include_str!("plugin_template/README.md");
+
+fn new_plugin(name: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !valid {
+        bail!(
+            "plugin name {name:?}: use 1 to 64 lowercase letters, digits, '-' or '_', starting with a letter"
+        );
+    }
+    let root = dir.join(name);
+    if root.exists() {
+        bail!("{} already exists", root.display());
+    }
+    let files = [
+        ("Cargo.toml", TEMPLATE_CARGO.replace("{{name}}", name)),
+        ("src/lib.rs", TEMPLATE_LIB.replace("{{name}}", name)),
+        ("wit/quiver-plugin.wit", TEMPLATE_WIT.to_string()),
+        ("README.md", TEMPLATE_README.replace("{{name}}", name)),
+    ];
+    for (path, text) in files {
+        let path = root.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "created {}; next steps are in its README.md",
+        root.display()
+    );
+    Ok(())
 }
 
 async fn listing(client: ClientArgs, name: Option<String>) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ pub mod epochs;
 pub mod kv;
 pub mod meta;
 pub mod peer;
+pub mod plugin_engine;
 pub mod plugins;
 pub mod server;
 pub mod storage;

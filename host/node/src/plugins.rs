@@ -176,7 +176,7 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Merges an object's siblings; errors name the plugin and the key.
+    /// Merges an object's siblings; errors name the plugin.
     pub fn merge(&self, object: &Object) -> Result<PluginMerged, String> {
         self.reconciler
             .merge(&plugin_siblings(object), &self.limits)
@@ -215,9 +215,10 @@ impl Attached {
             .map_err(|e| self.failed(e))
     }
 
+    /// Counts a failed call; the engine's message already names the plugin version.
     fn failed(&self, message: String) -> String {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        format!("plugin {}: {message}", self.plugin)
+        message
     }
 }
 

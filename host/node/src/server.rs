@@ -79,9 +79,18 @@ pub enum ServerError {
     },
 }
 
-/// The plugin engine of a node, caching compiled plugins in its data directory.
-fn plugin_engine(_config: &NodeConfig) -> Option<Arc<dyn PluginEngine>> {
-    None
+/// The plugin engine of a node, caching compiled plugins in `DATA_DIR/plugin-cache`. A node
+/// whose engine cannot start still serves data (buckets without reconcilers); uploads are
+/// then refused with the reason logged.
+fn plugin_engine(config: &NodeConfig) -> Option<Arc<dyn PluginEngine>> {
+    let cache = config.data_dir.join("plugin-cache");
+    match crate::plugin_engine::WasmPlugins::new(&cache) {
+        Ok(engine) => Some(Arc::new(engine)),
+        Err(e) => {
+            tracing::error!(error = %e, "plugin engine unavailable; plugins are disabled");
+            None
+        }
+    }
 }
 
 /// A node that is open and bound, ready to [`Node::serve`].

@@ -1,0 +1,340 @@
+//! Reconciler plugins on a real 3-node cluster over QUIC (127.0.19.x and 127.0.20.x):
+//! upload, attach, merge on read across coordinators and a killed node, remove semantics,
+//! server-side updates, a live version switch, and hostile plugins contained.
+//!
+//! Background work is awaited by polling for its effect; no test sleeps a guessed time.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use quiver_core::meta::BucketSpec;
+use quiver_sdk::{Client, Error, ErrorCode, ReadOptions, WriteOptions};
+use serde_json::{Value, json};
+use support::ClusterProc;
+
+fn w(n: u8) -> WriteOptions {
+    WriteOptions {
+        w: Some(n),
+        ..Default::default()
+    }
+}
+
+fn raw() -> ReadOptions {
+    ReadOptions {
+        raw: true,
+        ..Default::default()
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The same component with a custom section appended: another version (another hash)
+/// with identical behaviour.
+fn another_version(component: &[u8]) -> Vec<u8> {
+    let name = b"quiver-test-version";
+    let payload = b"2";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(payload);
+    let mut out = component.to_vec();
+    out.push(0); // custom section id
+    out.push(section.len() as u8); // LEB128 size (< 128)
+    out.extend_from_slice(&section);
+    out
+}
+
+/// The visible items of a cart state (items with a tag that is not removed).
+fn items(state: &[u8]) -> Vec<String> {
+    let v: Value = serde_json::from_slice(state).expect("cart JSON");
+    let mut out: Vec<String> = v
+        .get("adds")
+        .and_then(Value::as_object)
+        .map(|adds| {
+            adds.iter()
+                .filter(|(_, tags)| tags.as_array().is_some_and(|t| !t.is_empty()))
+                .map(|(item, _)| item.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// One merged cart from a get.
+async fn cart(client: &Client, key: &str) -> Vec<String> {
+    let got = client.get("carts", key).await.expect("get cart");
+    assert_eq!(got.siblings.len(), 1, "one merged cart: {got:?}");
+    items(&got.siblings[0].value)
+}
+
+async fn update(client: &Client, key: &str, op: Value, opts: &WriteOptions) {
+    client
+        .update("carts", key, op.to_string().into_bytes(), opts)
+        .await
+        .unwrap_or_else(|e| panic!("update {op}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cart_merges_concurrent_adds_and_removes_across_coordinators_and_a_killed_node() {
+    let mut c = ClusterProc::start(19, 3, &["--peer-timeout-ms", "500"]);
+    let n1 = c.client(0).await;
+    let up = n1
+        .plugin_upload("cart", read(quiver_guests::cart()), false)
+        .await
+        .expect("upload cart");
+    assert!(up.violations.is_empty());
+    assert_eq!(up.replicated_to, vec!["n1", "n2", "n3"]);
+    let n2 = c.client(1).await;
+    let info = n2
+        .bucket_set("carts", BucketSpec::default(), Some("cart"), false)
+        .await
+        .expect("attach cart");
+    assert_eq!(
+        info.spec.reconciler.as_ref().map(|p| p.hash.clone()),
+        Some(up.plugin.plugin.hash.clone())
+    );
+    let n3 = c.client(2).await;
+    for client in [&n1, &n2, &n3] {
+        eventually("every node to load the reconciler", || async {
+            client
+                .bucket_show("carts")
+                .await
+                .is_ok_and(|b| b.reconciler_loaded)
+        })
+        .await;
+    }
+
+    // Concurrent writers with no context on different coordinators: siblings, which a read
+    // merges into one cart.
+    n1.put(
+        "carts",
+        "c1",
+        json!({"adds": {"apple": ["w1:1"]}})
+            .to_string()
+            .into_bytes(),
+        None,
+    )
+    .await
+    .expect("put on n1");
+    n2.put(
+        "carts",
+        "c1",
+        json!({"adds": {"pear": ["w2:1"]}}).to_string().into_bytes(),
+        None,
+    )
+    .await
+    .expect("put on n2");
+    let stored = n3.get_with("carts", "c1", &raw()).await.expect("raw get");
+    assert_eq!(
+        stored.siblings.len(),
+        2,
+        "two siblings before a read merges them"
+    );
+    assert_eq!(cart(&n3, "c1").await, ["apple", "pear"]);
+    // The merge was written back: the siblings are gone.
+    let stored = n1.get_with("carts", "c1", &raw()).await.expect("raw get");
+    assert_eq!(stored.siblings.len(), 1, "write-back replaced the siblings");
+
+    // Removes are honoured: remove apple on n1 while n2 concurrently adds kiwi (both from
+    // the same read): apple stays removed, kiwi arrives.
+    let base = n1.get("carts", "c1").await.expect("get");
+    let state: Value = serde_json::from_slice(&base.siblings[0].value).expect("json");
+    let mut removed = state.clone();
+    let tags = removed["adds"]["apple"].take();
+    removed["adds"]
+        .as_object_mut()
+        .expect("adds")
+        .remove("apple");
+    removed["removed"] = json!({ "apple": tags });
+    let mut added = state.clone();
+    added["adds"]["kiwi"] = json!(["w2:2"]);
+    n1.put(
+        "carts",
+        "c1",
+        removed.to_string().into_bytes(),
+        Some(&base.context),
+    )
+    .await
+    .expect("remove apple");
+    n2.put(
+        "carts",
+        "c1",
+        added.to_string().into_bytes(),
+        Some(&base.context),
+    )
+    .await
+    .expect("add kiwi");
+    assert_eq!(cart(&n3, "c1").await, ["kiwi", "pear"]);
+
+    // Server-side updates from every coordinator, then with a node killed: nothing lost.
+    update(&n1, "c2", json!({"add": "milk"}), &WriteOptions::default()).await;
+    update(&n2, "c2", json!({"add": "eggs"}), &WriteOptions::default()).await;
+    update(
+        &n3,
+        "c2",
+        json!({"remove": "milk"}),
+        &WriteOptions::default(),
+    )
+    .await;
+    c.kill9(2);
+    update(&n1, "c2", json!({"add": "bread"}), &w(2)).await;
+    update(&n2, "c2", json!({"add": "milk"}), &w(2)).await;
+    c.restart(2);
+    let n3 = c.client(2).await;
+    eventually("the restarted node to serve the full cart", || async {
+        let got = n3
+            .get_with(
+                "carts",
+                "c2",
+                &ReadOptions {
+                    r: Some(3),
+                    ..Default::default()
+                },
+            )
+            .await;
+        got.is_ok_and(|g| {
+            g.siblings.len() == 1 && items(&g.siblings[0].value) == ["bread", "eggs", "milk"]
+        })
+    })
+    .await;
+
+    // Switch the bucket to another version live while a client keeps writing and reading.
+    let v2 = another_version(&read(quiver_guests::cart()));
+    let up2 = n1
+        .plugin_upload("cart", v2, false)
+        .await
+        .expect("upload v2");
+    assert_ne!(up2.plugin.plugin.hash, up.plugin.plugin.hash);
+    let writer = {
+        let client = c.client(1).await;
+        tokio::spawn(async move {
+            for i in 0..40 {
+                update(
+                    &client,
+                    "c3",
+                    json!({ "add": format!("item{i}") }),
+                    &WriteOptions::default(),
+                )
+                .await;
+                let got = client
+                    .get("carts", "c3")
+                    .await
+                    .expect("get during the switch");
+                assert_eq!(got.siblings.len(), 1);
+            }
+        })
+    };
+    let prefix = format!("cart@{}", &up2.plugin.plugin.hash[..12]);
+    let info = n1
+        .bucket_set("carts", BucketSpec::default(), Some(&prefix), false)
+        .await
+        .expect("switch version");
+    assert_eq!(
+        info.spec.reconciler.map(|p| p.hash),
+        Some(up2.plugin.plugin.hash.clone())
+    );
+    writer
+        .await
+        .expect("the writer kept working through the switch");
+    for i in 0..3 {
+        let client = c.client(i).await;
+        eventually("every node to run the new version", || async {
+            client.bucket_show("carts").await.is_ok_and(|b| {
+                b.reconciler_loaded
+                    && b.spec.reconciler.as_ref().map(|p| p.hash.as_str())
+                        == Some(up2.plugin.plugin.hash.as_str())
+            })
+        })
+        .await;
+    }
+    assert_eq!(cart(&n2, "c3").await.len(), 40);
+    let listing = n3.plugin_show("cart").await.expect("plugin show");
+    assert_eq!(listing.versions.len(), 2);
+}
+
+fn code(e: &Error) -> Option<ErrorCode> {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_refused_or_contained() {
+    let c = ClusterProc::start(20, 3, &["--peer-timeout-ms", "2000"]);
+    let n1 = c.client(0).await;
+    // Refused at upload: not a component, imports the filesystem, breaks the laws.
+    for (name, path) in [
+        ("core-module", quiver_guests::fixture_not_a_component()),
+        ("fs", quiver_guests::fixture_fs()),
+        ("garbage", quiver_guests::fixture_garbage()),
+    ] {
+        let err = n1
+            .plugin_upload(name, read(path), false)
+            .await
+            .expect_err(name);
+        assert_eq!(code(&err), Some(ErrorCode::PluginRejected), "{name}: {err}");
+    }
+    let err = n1
+        .plugin_upload("bad name!", read(quiver_guests::lww()), false)
+        .await
+        .expect_err("bad name");
+    assert_eq!(code(&err), Some(ErrorCode::PluginRejected));
+    // Contained at call time: uploaded with --force, attached, then a read of siblings
+    // fails with the plugin named, the siblings stay intact, the node keeps serving.
+    for (name, path) in [
+        ("loop", quiver_guests::fixture_loop()),
+        ("alloc", quiver_guests::fixture_alloc()),
+        ("trap", quiver_guests::fixture_trap()),
+        ("huge", quiver_guests::fixture_huge()),
+    ] {
+        n1.plugin_upload(name, read(path), true)
+            .await
+            .unwrap_or_else(|e| panic!("forced upload of {name}: {e}"));
+        let bucket = format!("hostile-{name}");
+        n1.bucket_set(&bucket, BucketSpec::default(), Some(name), false)
+            .await
+            .unwrap_or_else(|e| panic!("attach {name}: {e}"));
+        n1.put(&bucket, "k", b"a".to_vec(), None)
+            .await
+            .expect("put a");
+        n1.put(&bucket, "k", b"b".to_vec(), None)
+            .await
+            .expect("put b");
+        let err = n1.get(&bucket, "k").await.expect_err(name);
+        assert_eq!(code(&err), Some(ErrorCode::PluginFailed), "{name}: {err}");
+        assert!(
+            err.to_string().contains(name),
+            "the error names the plugin: {err}"
+        );
+        let kept = n1.get_with(&bucket, "k", &raw()).await.expect("raw read");
+        let mut values = kept.values();
+        values.sort();
+        assert_eq!(
+            values,
+            [b"a".as_slice(), b"b".as_slice()],
+            "{name}: siblings intact"
+        );
+        n1.ping().await.expect("node alive");
+    }
+    // Other buckets are unaffected.
+    n1.put("plain", "k", b"v".to_vec(), None)
+        .await
+        .expect("plain put");
+    assert_eq!(
+        n1.get("plain", "k").await.expect("plain get").values(),
+        [b"v".as_slice()]
+    );
+}
