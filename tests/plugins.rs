@@ -338,3 +338,64 @@ async fn hostile_plugins_are_refused_or_contained() {
         [b"v".as_slice()]
     );
 }
+
+// The sibling-explosion guard: past the bucket's threshold, a write is merged by the
+// reconciler at once, so blind writes never pile up more siblings than the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sibling_guard_merges_on_write_past_the_threshold() {
+    let c = ClusterProc::start(21, 3, &["--peer-timeout-ms", "2000"]);
+    let n1 = c.client(0).await;
+    n1.plugin_upload("counter", read(quiver_guests::counter()), false)
+        .await
+        .expect("upload counter");
+    let spec = BucketSpec {
+        sibling_threshold: Some(3),
+        ..BucketSpec::default()
+    };
+    n1.bucket_set("counts", spec, Some("counter"), false)
+        .await
+        .expect("attach counter");
+    // Ten blind writes (no context): each would add a sibling.
+    for i in 0..10u32 {
+        let state = json!({ "p": { format!("writer{i}"): 1 } }).to_string();
+        n1.put_with("counts", "k", state.into_bytes(), None, &w(3))
+            .await
+            .expect("blind write");
+    }
+    let stored = n1.get_with("counts", "k", &raw()).await.expect("raw get");
+    assert!(
+        stored.siblings.len() <= 3,
+        "the guard keeps at most the threshold: {} siblings",
+        stored.siblings.len()
+    );
+    // Nothing was lost to the early merges: the counter holds all ten increments.
+    let got = n1.get("counts", "k").await.expect("get");
+    let state: Value = serde_json::from_slice(&got.siblings[0].value).expect("counter JSON");
+    let total: i64 = state["p"]
+        .as_object()
+        .map(|p| p.values().filter_map(Value::as_i64).sum())
+        .unwrap_or(0);
+    assert_eq!(total, 10, "every increment survives: {state}");
+    // Server-side increments add up too.
+    for _ in 0..5 {
+        n1.update(
+            "counts",
+            "k",
+            br#"{"add": 2}"#.to_vec(),
+            &WriteOptions::default(),
+        )
+        .await
+        .expect("increment");
+    }
+    let got = n1.get("counts", "k").await.expect("get");
+    let state: Value = serde_json::from_slice(&got.siblings[0].value).expect("counter JSON");
+    let p: i64 = state["p"]
+        .as_object()
+        .map(|p| p.values().filter_map(Value::as_i64).sum())
+        .unwrap_or(0);
+    let n: i64 = state["n"]
+        .as_object()
+        .map(|n| n.values().filter_map(Value::as_i64).sum())
+        .unwrap_or(0);
+    assert_eq!(p - n, 20);
+}
