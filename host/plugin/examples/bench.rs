@@ -24,7 +24,7 @@ type NativeMerge = fn(&[Sibling]) -> Merged;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let limits = Limits::default();
-    let plugins: [(&str, &Path, Vec<Sibling>, NativeMerge); 3] = [
+    let mut plugins: Vec<(&str, &Path, Vec<Sibling>, NativeMerge)> = vec![
         ("cart", quiver_guests::cart(), cart_siblings(), native_cart),
         ("lww", quiver_guests::lww(), lww_siblings(), native_lww),
         (
@@ -34,6 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             native_counter,
         ),
     ];
+    // The Python twin of the cart, when the build could make it (PyPI reachable).
+    if let Some(path) = quiver_guests::python_cart() {
+        plugins.push(("cart-py", path, cart_siblings(), native_cart));
+    }
     println!(
         "merge of 3 siblings, {CALLS} calls each (fresh instance per call, fuel and memory limits on)"
     );
