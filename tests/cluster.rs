@@ -111,7 +111,7 @@ async fn one_of_three_killed_quorums_still_succeed() {
 // many replicas answered and which failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_killed_w2_fails_with_counts() {
-    let mut c = ClusterProc::start(12, 3, &["--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(12, 3, &["--peer-timeout-ms", "2000"]);
     c.kill9(1);
     c.kill9(2);
     let n1 = c.client(0).await;
@@ -162,7 +162,7 @@ async fn sloppy_quorum_and_hinted_handoff_on_five_nodes() {
             "--n",
             "3",
             "--peer-timeout-ms",
-            "500",
+            "2000",
             "--bucket",
             "strict:sloppy_quorum=false",
             "--bucket",
@@ -261,7 +261,7 @@ async fn sloppy_quorum_and_hinted_handoff_on_five_nodes() {
 // Dynamo §5: a read that sees a stale replica repairs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_repair_brings_a_stale_replica_up_to_date() {
-    let mut c = ClusterProc::start(14, 3, &["--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(14, 3, &["--peer-timeout-ms", "2000"]);
     c.kill9(2);
     let n1 = c.client(0).await;
     for i in 0..10 {
@@ -344,7 +344,7 @@ async fn a_peer_with_a_foreign_certificate_is_refused() {
 // its key, moving on to the next member when one is unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
-    let mut c = ClusterProc::start(16, 4, &["--n", "2", "--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(16, 4, &["--n", "2", "--peer-timeout-ms", "2000"]);
     let ca = std::fs::read(c.ca_dir().join("ca.pem")).expect("read CA");
     let mut config = ClientConfig::new(ca);
     config.request_timeout = Duration::from_secs(2);
@@ -399,7 +399,7 @@ async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
 // the dead replica even times out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_failing_after_the_quorum_still_gets_a_hint() {
-    let mut c = ClusterProc::start(17, 4, &["--n", "2", "--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(17, 4, &["--n", "2", "--peer-timeout-ms", "2000"]);
     let ring = ring_of(4, 2);
     let key = (0..10_000)
         .map(|i| format!("k{i}"))
@@ -438,7 +438,7 @@ async fn a_replica_failing_after_the_quorum_still_gets_a_hint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bucket_properties_reach_every_node_and_survive_restarts() {
     use quiver_core::meta::BucketSpec;
-    let mut c = ClusterProc::start(18, 3, &["--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(18, 3, &["--peer-timeout-ms", "2000"]);
     c.kill9(2);
     let n1 = c.client(0).await;
     let changes = BucketSpec {

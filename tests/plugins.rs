@@ -91,7 +91,7 @@ async fn update(client: &Client, key: &str, op: Value, opts: &WriteOptions) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cart_merges_concurrent_adds_and_removes_across_coordinators_and_a_killed_node() {
-    let mut c = ClusterProc::start(19, 3, &["--peer-timeout-ms", "500"]);
+    let mut c = ClusterProc::start(19, 3, &["--peer-timeout-ms", "2000"]);
     let n1 = c.client(0).await;
     let up = n1
         .plugin_upload("cart", read(quiver_guests::cart()), false)
