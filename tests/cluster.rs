@@ -7,11 +7,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::{Client, ClientConfig, Error, ErrorCode, ReadOptions, WriteOptions};
-use support::ClusterProc;
+use support::{ClusterProc, eventually};
 
 fn w(n: u8) -> WriteOptions {
     WriteOptions {
@@ -24,19 +24,6 @@ fn r(n: u8) -> ReadOptions {
     ReadOptions {
         r: Some(n),
         ..Default::default()
-    }
-}
-
-/// Polls `check` until it returns true, failing after 60 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

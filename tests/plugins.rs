@@ -6,12 +6,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use quiver_core::meta::BucketSpec;
 use quiver_sdk::{Client, Error, ErrorCode, ReadOptions, WriteOptions};
 use serde_json::{Value, json};
-use support::ClusterProc;
+use support::{ClusterProc, eventually};
 
 fn w(n: u8) -> WriteOptions {
     WriteOptions {
@@ -24,18 +22,6 @@ fn raw() -> ReadOptions {
     ReadOptions {
         raw: true,
         ..Default::default()
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

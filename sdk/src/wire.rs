@@ -185,6 +185,14 @@ pub struct NodeStatus {
     pub w: u8,
     /// Reconciler plugin calls that failed on this node since it started.
     pub plugin_failures: u64,
+    /// Keys in this node's anti-entropy trees.
+    pub ae_keys: u64,
+    /// Anti-entropy exchanges this node initiated since it started.
+    pub ae_exchanges: u64,
+    /// Keys repaired by those exchanges (here or at the peer).
+    pub ae_keys_repaired: u64,
+    /// Bytes of anti-entropy messages this node sent since it started.
+    pub ae_bytes_sent: u64,
 }
 
 /// A bucket's properties as a node applies them.

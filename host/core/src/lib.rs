@@ -11,6 +11,8 @@
 //!   fan-out with fallbacks, read fan-out with repair, the failure detector), driven by the
 //!   node runtime and by the simulator alike.
 //! - [`limits`]: named defaults for every size bound the node enforces.
+//! - [`merkle`]: anti-entropy hash trees (XOR leaves updated in O(1) per write, lazily
+//!   hashed inner levels) and the comparisons of an exchange.
 //! - [`meta`]: cluster metadata (runtime bucket properties, uploaded plugin versions) as a
 //!   last-writer-wins state that every node merges alike.
 //! - [`quorum`]: target selection (sloppy quorum) and the read/write quorum state machines.
@@ -25,6 +27,7 @@
 pub mod causality;
 pub mod coordinator;
 pub mod limits;
+pub mod merkle;
 pub mod meta;
 pub mod quorum;
 pub mod replica;

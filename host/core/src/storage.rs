@@ -217,6 +217,40 @@ pub mod keys {
         None
     }
 
+    /// Prefix of anti-entropy entries: the leaf level of the hash trees, kept on disk in the
+    /// same batch as the data record it describes, so the trees can never drift from the data.
+    pub const AE_PREFIX: u8 = b'a';
+
+    /// Bytes of an anti-entropy entry's key before the data key: prefix, partition, leaf.
+    const AE_HEAD: usize = 6;
+
+    /// Engine key of the anti-entropy entry of `data_key`: `a`, the partition (big-endian),
+    /// the leaf, then the data key, so that the keys of one leaf are contiguous.
+    pub fn ae_key(partition: u32, leaf: u8, data_key: &[u8]) -> Vec<u8> {
+        let mut out = ae_leaf_prefix(partition, leaf);
+        out.extend_from_slice(data_key);
+        out
+    }
+
+    /// The prefix shared by every anti-entropy entry of one leaf.
+    pub fn ae_leaf_prefix(partition: u32, leaf: u8) -> Vec<u8> {
+        let mut out = Vec::with_capacity(AE_HEAD + 32);
+        out.push(AE_PREFIX);
+        out.extend_from_slice(&partition.to_be_bytes());
+        out.push(leaf);
+        out
+    }
+
+    /// Splits an anti-entropy entry key into `(partition, leaf, data key)`.
+    pub fn split_ae_key(engine_key: &[u8]) -> Option<(u32, u8, &[u8])> {
+        if engine_key.len() < AE_HEAD || engine_key[0] != AE_PREFIX {
+            return None;
+        }
+        let mut p = [0u8; 4];
+        p.copy_from_slice(&engine_key[1..5]);
+        Some((u32::from_be_bytes(p), engine_key[5], &engine_key[AE_HEAD..]))
+    }
+
     /// Engine key of a node metadata entry.
     pub fn meta_key(name: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + name.len());
@@ -237,6 +271,16 @@ pub mod keys {
             let other = data_key(b"a", b"bc").expect("short bucket");
             assert_ne!(k, other);
             assert!(data_key(&[0u8; 256], b"k").is_none());
+        }
+
+        #[test]
+        fn ae_keys_round_trip_and_group_by_leaf() {
+            let d = data_key(b"b", b"k").expect("short bucket");
+            let a = ae_key(300, 7, &d);
+            assert_eq!(split_ae_key(&a), Some((300, 7, d.as_slice())));
+            assert!(a.starts_with(&ae_leaf_prefix(300, 7)));
+            assert!(!a.starts_with(&ae_leaf_prefix(300, 8)));
+            assert_eq!(split_ae_key(b"a12"), None);
         }
 
         #[test]

@@ -153,6 +153,17 @@ pub struct ServerArgs {
     /// Most hints kept for unreachable nodes. [default: 1000000]
     #[arg(long, value_name = "N")]
     pub hints_max: Option<u64>,
+    /// Read repair: bring replicas found stale by a read up to date. [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub read_repair: Option<bool>,
+    /// Active anti-entropy: time between hash-tree exchanges with a peer, in ms; 0 turns
+    /// it off. [default: 5000]
+    #[arg(long, value_name = "MS")]
+    pub ae_interval_ms: Option<u64>,
+    /// Keys one anti-entropy exchange repairs at most (the rest waits for the next).
+    /// [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub ae_max_keys: Option<usize>,
     /// Cluster CA directory (holding ca.pem and ca.key, see `quiver ca init`) that signs
     /// this node's certificate on first start. [default: a new CA in the data directory]
     #[arg(long, value_name = "DIR")]
@@ -194,6 +205,9 @@ impl ServerArgs {
             partitions: self.partitions,
             peer_timeout_ms: self.peer_timeout_ms,
             hints_max: self.hints_max,
+            read_repair: self.read_repair,
+            ae_interval_ms: self.ae_interval_ms,
+            ae_max_keys: self.ae_max_keys,
             ca_dir: self.ca_dir.clone(),
             buckets: if buckets.is_empty() {
                 None
@@ -508,6 +522,12 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         "reachable": true,
                         "hints": s.hints,
                         "plugin_failures": s.plugin_failures,
+                        "anti_entropy": {
+                            "keys": s.ae_keys,
+                            "exchanges": s.ae_exchanges,
+                            "keys_repaired": s.ae_keys_repaired,
+                            "bytes_sent": s.ae_bytes_sent,
+                        },
                         "partitions": s.partitions,
                         "n": s.n, "r": s.r, "w": s.w,
                         "members": s.members.iter().map(|m| json!({
@@ -521,8 +541,16 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<10} {:>10} {:>7} {:>9}  sees down",
-                "node", "reachable", "partitions", "hints", "plugin-err"
+                "{:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  sees down",
+                "node",
+                "reachable",
+                "partitions",
+                "hints",
+                "plugin-err",
+                "ae-keys",
+                "ae-exch",
+                "ae-fixed",
+                "ae-bytes"
             );
             for (node, st) in &statuses {
                 match st {
@@ -544,13 +572,20 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             down.join(",")
                         };
                         println!(
-                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9}  {down}",
-                            "yes", s.hints, s.plugin_failures
+                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  \
+                             {down}",
+                            "yes",
+                            s.hints,
+                            s.plugin_failures,
+                            s.ae_keys,
+                            s.ae_exchanges,
+                            s.ae_keys_repaired,
+                            s.ae_bytes_sent
                         );
                     }
                     Err(e) => println!(
-                        "{node:<12} {:<10} {:>10} {:>7} {:>9}  ({e})",
-                        "NO", "-", "-", "-"
+                        "{node:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  ({e})",
+                        "NO", "-", "-", "-", "-", "-", "-", "-"
                     ),
                 }
             }

@@ -30,9 +30,11 @@ use crate::meta::MetaStore;
 use crate::plugins::{PluginMerged, Plugins};
 
 mod admin;
+mod ae;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 use crate::storage::Durability;
 pub use admin::BucketView;
+pub use ae::{AeConfig, AeReport};
 
 /// Keys handed over per hint-delivery pass and owner.
 const HINT_BATCH_KEYS: usize = 256;
@@ -48,6 +50,10 @@ pub struct ReplicationConfig {
     pub forward_timeout: Duration,
     /// Buckets with their own n/r/w or sloppy-quorum setting.
     pub buckets: std::collections::BTreeMap<String, BucketProps>,
+    /// Repair stale replicas found by reads.
+    pub read_repair: bool,
+    /// Active anti-entropy.
+    pub ae: AeConfig,
 }
 
 /// Replication properties of one bucket.
@@ -69,6 +75,10 @@ pub struct Cluster {
     meta: MetaStore,
     plugins: Plugins,
     views: std::sync::RwLock<admin::BucketViews>,
+    /// Set when a bucket's replication factor changed: its anti-entropy entries move trees.
+    ae_refile_pending: std::sync::atomic::AtomicBool,
+    /// Round-robin position over peers for anti-entropy exchanges.
+    ae_next_peer: std::sync::atomic::AtomicUsize,
 }
 
 /// A client write as the coordinator handles it.
@@ -129,6 +139,8 @@ impl Cluster {
             meta,
             plugins,
             views: Default::default(),
+            ae_refile_pending: Default::default(),
+            ae_next_peer: Default::default(),
         };
         cluster.refresh_views();
         cluster
@@ -309,6 +321,7 @@ impl Cluster {
 
     /// This node's view of the cluster.
     pub fn status(&self) -> NodeStatus {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut members: Vec<MemberStatus> = std::iter::once(self.me().to_string())
             .chain(self.peers.names().map(str::to_string))
             .map(|node| MemberStatus {
@@ -329,6 +342,10 @@ impl Cluster {
             members,
             hints: self.kv.hint_count(),
             plugin_failures: self.plugins.failures(),
+            ae_keys: self.kv.ae().keys(),
+            ae_exchanges: self.kv.ae().metrics().exchanges.load(Relaxed),
+            ae_keys_repaired: self.kv.ae().metrics().keys_repaired.load(Relaxed),
+            ae_bytes_sent: self.kv.ae().metrics().bytes_sent.load(Relaxed),
             partitions: self.ring.partitions(),
             n: q.n as u8,
             r: q.r as u8,
@@ -504,6 +521,9 @@ impl Cluster {
     }
 
     async fn read_repair(&self, bucket: &str, key: &[u8], read: &ReadFanout) {
+        if !self.config.read_repair {
+            return;
+        }
         for repair in read.repairs() {
             let node = repair.target.node;
             let result = self
@@ -537,6 +557,7 @@ impl Cluster {
                 .kv
                 .merge_remote(bucket, key, object, durability, hint_for.as_deref())
                 .await
+                .map(|_| ())
                 .map_err(|e| e.to_string());
         }
         let req = PeerRequest::Store {
@@ -758,7 +779,7 @@ impl Cluster {
                     .merge_remote(&bucket, &key, &object, durability, hint_for.as_deref())
                     .await
                 {
-                    Ok(()) => PeerResponse::Stored,
+                    Ok(_) => PeerResponse::Stored,
                     Err(e) => PeerResponse::Error(ErrorReply {
                         code: e.code(),
                         message: e.to_string(),
@@ -771,6 +792,12 @@ impl Cluster {
             meta @ (PeerRequest::MetaDigest(_)
             | PeerRequest::MetaPush { .. }
             | PeerRequest::MetaBlobs(_)) => self.handle_meta_peer(meta).await,
+            ae @ (PeerRequest::AeDigest { .. }
+            | PeerRequest::AeRoots(_)
+            | PeerRequest::AeLeaves(_)
+            | PeerRequest::AeKeys(_)
+            | PeerRequest::AeFetch(_)
+            | PeerRequest::AePush(_)) => self.handle_ae_peer(ae).await,
         }
     }
 
@@ -845,14 +872,21 @@ impl Cluster {
         let mut probe = tokio::time::interval(probe_every);
         let mut hints = tokio::time::interval(hints_every);
         let mut meta = tokio::time::interval(meta_every);
+        // Off means a tick that never comes (an interval cannot be zero).
+        let ae_every = self.config.ae.interval;
+        let mut ae = tokio::time::interval(ae_every.unwrap_or(Duration::from_secs(3600)));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         hints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         meta.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick of an interval is immediate; let the cluster settle first.
+        ae.tick().await;
         loop {
             tokio::select! {
                 _ = probe.tick() => self.peers.probe_down_peers().await,
                 _ = hints.tick() => { self.deliver_hints().await; }
                 _ = meta.tick() => self.sync_meta().await,
+                _ = ae.tick(), if ae_every.is_some() => self.ae_tick(self.config.ae.max_keys).await,
             }
         }
     }

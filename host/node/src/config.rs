@@ -19,6 +19,10 @@ pub const REQUEST_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 pub const PARTITIONS_DEFAULT: u32 = 256;
 /// Default deadline of one node-to-node request, in milliseconds.
 pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
+/// Default time between anti-entropy exchanges, in ms.
+pub const AE_INTERVAL_MS_DEFAULT: u64 = 5_000;
+/// Default number of keys one anti-entropy exchange repairs at most.
+pub const AE_MAX_KEYS_DEFAULT: usize = 10_000;
 /// Largest group-commit window accepted, in microseconds (longer only adds latency).
 pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
 /// Largest server-side deadline a client may ask for, in milliseconds.
@@ -92,6 +96,12 @@ pub struct FileConfig {
     pub peer_timeout_ms: Option<u32>,
     /// Largest number of hints this node keeps for unreachable nodes.
     pub hints_max: Option<u64>,
+    /// Repair stale replicas found by reads.
+    pub read_repair: Option<bool>,
+    /// Time between anti-entropy exchanges in ms; 0 turns anti-entropy off.
+    pub ae_interval_ms: Option<u64>,
+    /// Keys one anti-entropy exchange repairs at most.
+    pub ae_max_keys: Option<usize>,
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
     pub ca_dir: Option<PathBuf>,
@@ -180,6 +190,9 @@ impl FileConfig {
             partitions: flags.partitions.or(self.partitions),
             peer_timeout_ms: flags.peer_timeout_ms.or(self.peer_timeout_ms),
             hints_max: flags.hints_max.or(self.hints_max),
+            read_repair: flags.read_repair.or(self.read_repair),
+            ae_interval_ms: flags.ae_interval_ms.or(self.ae_interval_ms),
+            ae_max_keys: flags.ae_max_keys.or(self.ae_max_keys),
             ca_dir: flags.ca_dir.or(self.ca_dir),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
@@ -320,7 +333,21 @@ impl FileConfig {
                 ),
             });
         }
+        let ae_max_keys = self.ae_max_keys.unwrap_or(AE_MAX_KEYS_DEFAULT);
+        if ae_max_keys == 0 {
+            return Err(ConfigError::Invalid {
+                name: "ae_max_keys",
+                message: "0: an exchange must be allowed to repair at least one key (turn \
+                          anti-entropy off with ae_interval_ms = 0)"
+                    .into(),
+            });
+        }
+        let ae_interval_ms = self.ae_interval_ms.unwrap_or(AE_INTERVAL_MS_DEFAULT);
         Ok(NodeConfig {
+            read_repair: self.read_repair.unwrap_or(true),
+            ae_interval: (ae_interval_ms > 0)
+                .then(|| std::time::Duration::from_millis(ae_interval_ms)),
+            ae_max_keys,
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
@@ -381,6 +408,12 @@ pub struct NodeConfig {
     pub peer_timeout: std::time::Duration,
     /// Largest number of hints kept.
     pub hints_max: u64,
+    /// Repair stale replicas found by reads.
+    pub read_repair: bool,
+    /// Time between anti-entropy exchanges; `None` when off.
+    pub ae_interval: Option<std::time::Duration>,
+    /// Keys one anti-entropy exchange repairs at most.
+    pub ae_max_keys: usize,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,
     /// Buckets with their own replication properties.

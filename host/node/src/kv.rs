@@ -12,6 +12,7 @@ use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 use quiver_sdk::wire::ErrorCode;
 
+use crate::ae::AeIndex;
 use crate::epochs::BootEpochs;
 use crate::plugins::Attached;
 use crate::storage::{Durability, Store};
@@ -176,6 +177,7 @@ pub struct KvService {
     value_bytes_max: usize,
     hints: std::sync::atomic::AtomicU64,
     hints_max: u64,
+    ae: AeIndex,
 }
 
 impl KvService {
@@ -194,7 +196,13 @@ impl KvService {
             value_bytes_max,
             hints: std::sync::atomic::AtomicU64::new(0),
             hints_max: HINTS_MAX_DEFAULT,
+            ae: AeIndex::default(),
         }
+    }
+
+    /// The anti-entropy index over this node's records.
+    pub fn ae(&self) -> &AeIndex {
+        &self.ae
     }
 
     /// Counts the hint markers on disk (at start) and sets the limit.
@@ -369,9 +377,21 @@ impl KvService {
             batch.put(dkey.clone(), encode_record(&record));
             let new_hint =
                 self.add_hint(&mut batch, args.bucket, args.key, &dkey, args.hint_for)?;
+            let staged = self
+                .ae
+                .stage(
+                    &self.store,
+                    &mut batch,
+                    args.bucket.as_bytes(),
+                    args.key,
+                    &dkey,
+                    Some(&record.object),
+                )
+                .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
             self.store
                 .apply(&batch)
                 .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+            self.ae.commit(staged);
             if new_hint {
                 self.hints
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -441,7 +461,8 @@ impl KvService {
     }
 
     /// Merges another replica's state of a key into the local record (replication, read
-    /// repair, hint delivery). With `hint_for`, also records a hint for that node.
+    /// repair, hint delivery, anti-entropy). With `hint_for`, also records a hint for that
+    /// node. Returns true when the local record changed.
     pub async fn merge_remote(
         &self,
         bucket: &str,
@@ -449,12 +470,13 @@ impl KvService {
         incoming: &Object,
         durability: Durability,
         hint_for: Option<&str>,
-    ) -> Result<(), KvError> {
+    ) -> Result<bool, KvError> {
         let dkey = self.validate(bucket, key)?;
         incoming.validate().map_err(|e| KvError::Invalid {
             code: ErrorCode::MalformedRequest,
             message: format!("bucket {bucket:?} key {}: {e}", render_key(key)),
         })?;
+        let changed;
         {
             let _guard = lock(&self.locks[stripe(&dkey)]);
             let local = self.read_record(bucket, key, &dkey)?;
@@ -464,15 +486,32 @@ impl KvService {
             };
             let plan = replica::merge_incoming(local.as_ref(), incoming, hint_for, hint_held);
             let mut batch = WriteBatch::new();
+            let mut staged = None;
             if let Some(record) = &plan.record {
                 batch.put(dkey.clone(), encode_record(record));
+                staged = Some(
+                    self.ae
+                        .stage(
+                            &self.store,
+                            &mut batch,
+                            bucket.as_bytes(),
+                            key,
+                            &dkey,
+                            Some(&record.object),
+                        )
+                        .map_err(|e| self.storage_err(bucket, key, e))?,
+                );
             }
+            changed = plan.record.is_some();
             let new_hint =
                 plan.add_hint && self.add_hint(&mut batch, bucket, key, &dkey, hint_for)?;
             if !batch.is_empty() {
                 self.store
                     .apply(&batch)
                     .map_err(|e| self.storage_err(bucket, key, e))?;
+                if let Some(staged) = staged {
+                    self.ae.commit(staged);
+                }
                 if new_hint {
                     self.hints
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -488,7 +527,53 @@ impl KvService {
                 .await
                 .map_err(|e| self.storage_err(bucket, key, e))?;
         }
+        Ok(changed)
+    }
+
+    /// Files the anti-entropy entry of an engine data key under its bucket's current
+    /// replication factor (after `quiver bucket set --n`).
+    pub fn ae_refile(&self, data_key: &[u8]) -> Result<(), KvError> {
+        let Some((bucket, key)) = keys::split_data_key(data_key) else {
+            return Ok(());
+        };
+        let bucket = String::from_utf8_lossy(bucket).into_owned();
+        let _guard = lock(&self.locks[stripe(data_key)]);
+        let record = self.read_record(&bucket, key, data_key)?;
+        let mut batch = WriteBatch::new();
+        let staged = self
+            .ae
+            .stage(
+                &self.store,
+                &mut batch,
+                bucket.as_bytes(),
+                key,
+                data_key,
+                record.as_ref().map(|r| &r.object),
+            )
+            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        self.ae.commit(staged);
         Ok(())
+    }
+
+    /// The local state of each engine data key (an empty object for one not held); keys
+    /// that are not data keys are skipped.
+    pub fn objects(&self, data_keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Object)>, KvError> {
+        let mut out = Vec::with_capacity(data_keys.len());
+        for dkey in data_keys {
+            let Some((bucket, key)) = keys::split_data_key(dkey) else {
+                continue;
+            };
+            let bucket = String::from_utf8_lossy(bucket);
+            let object = self
+                .read_record(&bucket, key, dkey)?
+                .map(|r| r.object)
+                .unwrap_or_default();
+            out.push((dkey.clone(), object));
+        }
+        Ok(out)
     }
 
     /// True when this node holds a hint for `owner` on the key.
@@ -562,6 +647,7 @@ impl KvService {
                 .map(|r| r.object)
                 .unwrap_or_default();
             let mut batch = WriteBatch::new();
+            let mut staged = None;
             match replica::handoff_cleanup(held, &current, delivered, keep_copy) {
                 HandoffCleanup::Nothing => return Ok(()),
                 HandoffCleanup::DropMarker => {
@@ -570,11 +656,19 @@ impl KvService {
                 HandoffCleanup::DropMarkerAndCopy => {
                     batch.delete(hkey);
                     batch.delete(dkey.clone());
+                    staged = Some(
+                        self.ae
+                            .stage(&self.store, &mut batch, bucket.as_bytes(), key, &dkey, None)
+                            .map_err(|e| self.storage_err(bucket, key, e))?,
+                    );
                 }
             }
             self.store
                 .apply(&batch)
                 .map_err(|e| self.storage_err(bucket, key, e))?;
+            if let Some(staged) = staged {
+                self.ae.commit(staged);
+            }
             self.hints
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }

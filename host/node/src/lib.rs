@@ -14,6 +14,7 @@
 //!   local loopback cluster.
 #![deny(clippy::unwrap_used)]
 
+pub mod ae;
 pub mod bench;
 pub mod certs;
 pub mod cli;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::causality::Object;
 use quiver_core::coordinator::FailureDetector;
+use quiver_core::merkle::Hash;
 use quiver_core::meta::MetaState;
 use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,9 @@ use crate::storage::Durability;
 pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";
 /// Largest peer reply accepted, in bytes.
 const PEER_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// The `(engine data key, object digest)` list of one anti-entropy leaf, sorted by key.
+pub type LeafKeys = Vec<(Vec<u8>, Hash)>;
 
 /// A request from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,28 @@ pub enum PeerRequest {
     },
     /// The bytes of these plugin versions.
     MetaBlobs(Vec<String>),
+    /// Anti-entropy: a digest of the roots of every tree both replicate (in order); the
+    /// receiver answers whether its own digest matches, so equal replicas exchange a few
+    /// dozen bytes.
+    AeDigest {
+        /// The sender's node name (the trees are those the two share).
+        from: String,
+        /// Trees covered.
+        trees: u32,
+        /// Digest of their `(n, partition, root)` list.
+        digest: Hash,
+    },
+    /// Anti-entropy: the sender's roots of trees `(n, partition)` both replicate; the
+    /// receiver answers with the group hashes of each tree whose root differs here.
+    AeRoots(Vec<(u8, u32, Hash)>),
+    /// Anti-entropy: the leaf hashes of these `(n, partition, group)`.
+    AeLeaves(Vec<(u8, u32, u8)>),
+    /// Anti-entropy: the `(data key, digest)` lists of these `(n, partition, leaf)`.
+    AeKeys(Vec<(u8, u32, u8)>),
+    /// Anti-entropy: the receiver's state of these engine data keys.
+    AeFetch(Vec<Vec<u8>>),
+    /// Anti-entropy: merge these `(engine data key, state)` pairs.
+    AePush(Vec<(Vec<u8>, Object)>),
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -94,6 +120,18 @@ pub enum PeerResponse {
     Meta(MetaState),
     /// Answer to `MetaBlobs`: the requested bytes this node holds.
     Blobs(Vec<(String, Vec<u8>)>),
+    /// Answer to `AeDigest`: true when the digests match.
+    AeMatch(bool),
+    /// Answer to `AeRoots`: `(n, partition, group hashes)` of the trees that differ.
+    AeGroups(Vec<(u8, u32, Vec<Hash>)>),
+    /// Answer to `AeLeaves`: `(n, partition, group, leaf hashes)`.
+    AeLeafHashes(Vec<(u8, u32, u8, Vec<Hash>)>),
+    /// Answer to `AeKeys`: `(n, partition, leaf, sorted (data key, digest) list)`.
+    AeKeyLists(Vec<(u8, u32, u8, LeafKeys)>),
+    /// Answer to `AeFetch`: `(data key, state)`, an empty state for a key not held.
+    AeObjects(Vec<(Vec<u8>, Object)>),
+    /// Answer to `AePush`: how many keys changed here.
+    AePushed(u64),
     /// The request failed.
     Error(ErrorReply),
 }

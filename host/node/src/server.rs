@@ -182,10 +182,21 @@ impl Node {
                 sloppy: config.sloppy_quorum,
                 forward_timeout: Duration::from_millis(u64::from(config.request_timeout_ms)),
                 buckets: config.buckets.clone(),
+                read_repair: config.read_repair,
+                ae: crate::cluster::AeConfig {
+                    interval: config.ae_interval,
+                    max_keys: config.ae_max_keys,
+                },
             },
             meta,
             Plugins::new(plugin_engine(&config)),
         ));
+        let indexed = cluster
+            .kv()
+            .ae()
+            .open(cluster.kv().store())
+            .map_err(|e| storage_err(e.to_string()))?;
+        tracing::info!(keys = indexed, "anti-entropy trees loaded");
         Ok(Node {
             endpoint,
             cluster,

@@ -130,7 +130,30 @@ impl Cluster {
                 }),
             );
         }
+        let mut placement = crate::ae::Placement {
+            partitions: self.ring.partitions(),
+            default_n: u8::try_from(self.config.quorum.n).unwrap_or(u8::MAX),
+            buckets: Default::default(),
+        };
+        let own_n = self
+            .config
+            .buckets
+            .iter()
+            .map(|(b, props)| (b, props.quorum.n))
+            .chain(views.iter().map(|(b, v)| (b, v.props.quorum.n)));
+        for (bucket, n) in own_n {
+            let n = u8::try_from(n).unwrap_or(u8::MAX);
+            if n != placement.default_n {
+                placement.buckets.insert(bucket.clone(), n);
+            } else {
+                placement.buckets.remove(bucket);
+            }
+        }
         *self.views.write().unwrap_or_else(|p| p.into_inner()) = views;
+        if self.kv.ae().set_placement(placement) {
+            self.ae_refile_pending
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Merges metadata from elsewhere, stores it and refreshes the views if it changed.
