@@ -211,3 +211,155 @@ async fn an_exchange_over_100k_keys_with_100_differing_moves_under_1_percent() {
         assert_eq!(got.values(), vec![&value(i, VALUE)[..]], "k{i} on n3");
     }
 }
+
+/// Waits until every listed node has initiated `more` anti-entropy exchanges (and so run as
+/// many reaping passes) beyond what it had when called: a count of rounds, not a guess of
+/// time.
+async fn ae_rounds(c: &ClusterProc, nodes: &[usize], more: u64) {
+    let mut base = Vec::new();
+    for &i in nodes {
+        base.push(status_of(c, i).await.map_or(0, |s| s.ae_exchanges));
+    }
+    for (&i, start) in nodes.iter().zip(base) {
+        eventually_within("anti-entropy rounds", Duration::from_secs(60), || async {
+            status_of(c, i)
+                .await
+                .is_some_and(|s| s.ae_exchanges >= start + more)
+        })
+        .await;
+    }
+}
+
+/// Deletes `k{i}` for `range` through `client` with write quorum `quorum`.
+async fn delete_all(client: &Client, range: std::ops::Range<usize>, quorum: u8) {
+    for i in range {
+        let key = format!("k{i}");
+        let got = client.get("b", &key).await.expect("get before delete");
+        client
+            .delete_with("b", &key, Some(&got.context), &w(quorum))
+            .await
+            .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+    }
+}
+
+/// Asserts that no node in `nodes` holds anything for the keys, and that reads find none.
+async fn assert_gone(c: &ClusterProc, nodes: &[usize], keys: std::ops::Range<usize>) {
+    for &n in nodes {
+        let s = status_of(c, n).await.expect("status");
+        assert_eq!(
+            (s.ae_keys, s.tombstones),
+            (0, 0),
+            "node {} holds nothing",
+            n + 1
+        );
+        let client = c.client(n).await;
+        for i in keys.clone() {
+            let got = client
+                .get_with("b", format!("k{i}"), &r1())
+                .await
+                .expect("get");
+            assert!(got.siblings.is_empty(), "k{i} on node {}: {got:?}", n + 1);
+        }
+        client.close().await;
+    }
+}
+
+// Cassandra's resurrection: a replica misses a delete while down. Its peers must not purge
+// the tombstones while it is away, however long that is; once it is back, anti-entropy
+// brings it the tombstones, every replica reaps, and the deleted values never return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_delete_cannot_resurrect_the_value() {
+    const KEYS: usize = 50;
+    let mut flags = FLAGS.to_vec();
+    flags.extend(["--tombstone-grace-ms", "200"]);
+    let mut c = ClusterProc::start(24, 3, &flags);
+    let n1 = c.client(0).await;
+    load(std::slice::from_ref(&n1), "b", 0..KEYS, 32, 3).await;
+    c.kill9(2);
+    delete_all(&n1, 0..KEYS, 2).await;
+    // Several reaping passes, each past the grace period, while n3 is down.
+    ae_rounds(&c, &[0, 1], 5).await;
+    for i in [0, 1] {
+        let s = status_of(&c, i).await.expect("status");
+        assert_eq!(
+            (s.tombstones, s.tombstones_reaped),
+            (KEYS as u64, 0),
+            "node {} keeps every tombstone while a replica is down",
+            i + 1
+        );
+    }
+    c.restart(2);
+    eventually_within(
+        "every replica reaps the tombstones",
+        Duration::from_secs(60),
+        || async {
+            let mut empty = true;
+            for i in 0..3 {
+                empty &= status_of(&c, i).await.is_some_and(|s| s.ae_keys == 0);
+            }
+            empty
+        },
+    )
+    .await;
+    // More rounds: nothing comes back.
+    ae_rounds(&c, &[0, 1, 2], 3).await;
+    assert_gone(&c, &[0, 1, 2], 0..KEYS).await;
+}
+
+// Riak's resurrection, with everything on (sloppy quorum, hinted handoff, read repair): a
+// primary is down during the delete, so fallbacks take the tombstones with hints. No
+// tombstone may be reaped while a hint for it is pending or its owner is away; after the
+// owner returns and every copy is the tombstone, all are reaped, and a second crash and
+// return of that replica brings nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_through_fallbacks_are_reaped_only_after_the_hints_are_delivered() {
+    const KEYS: usize = 40;
+    let mut c = ClusterProc::start(
+        25,
+        5,
+        &[
+            "--peer-timeout-ms",
+            "2000",
+            "--ae-interval-ms",
+            "300",
+            "--tombstone-grace-ms",
+            "200",
+        ],
+    );
+    let n1 = c.client(0).await;
+    load(std::slice::from_ref(&n1), "b", 0..KEYS, 32, 3).await;
+    c.kill9(2);
+    delete_all(&n1, 0..KEYS, 3).await;
+    ae_rounds(&c, &[0, 1, 3, 4], 5).await;
+    let mut held = 0;
+    for i in [0, 1, 3, 4] {
+        let s = status_of(&c, i).await.expect("status");
+        assert_eq!(
+            s.tombstones_reaped,
+            0,
+            "node {} reaped while n3 was down",
+            i + 1
+        );
+        held += s.hints;
+    }
+    assert!(held > 0, "fallbacks hold hints for n3");
+    c.restart(2);
+    eventually_within(
+        "hints delivered and every tombstone reaped",
+        Duration::from_secs(60),
+        || async {
+            let mut done = true;
+            for i in 0..5 {
+                done &= status_of(&c, i)
+                    .await
+                    .is_some_and(|s| s.ae_keys == 0 && s.hints == 0);
+            }
+            done
+        },
+    )
+    .await;
+    c.kill9(2);
+    c.restart(2);
+    ae_rounds(&c, &[0, 1, 2, 3, 4], 3).await;
+    assert_gone(&c, &[0, 1, 2, 3, 4], 0..KEYS).await;
+}

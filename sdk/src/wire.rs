@@ -193,6 +193,10 @@ pub struct NodeStatus {
     pub ae_keys_repaired: u64,
     /// Bytes of anti-entropy messages this node sent since it started.
     pub ae_bytes_sent: u64,
+    /// Keys on this node whose siblings are all tombstones (not reaped yet).
+    pub tombstones: u64,
+    /// Tombstones this node removed since it started, once every replica held them.
+    pub tombstones_reaped: u64,
 }
 
 /// A bucket's properties as a node applies them.

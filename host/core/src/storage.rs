@@ -251,6 +251,18 @@ pub mod keys {
         Some((u32::from_be_bytes(p), engine_key[5], &engine_key[AE_HEAD..]))
     }
 
+    /// Prefix of the tombstone index: one entry per key whose every sibling is a
+    /// tombstone, so the reaper never scans live data.
+    pub const REAP_PREFIX: u8 = b't';
+
+    /// Engine key of the tombstone-index entry of `data_key`.
+    pub fn reap_key(data_key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + data_key.len());
+        out.push(REAP_PREFIX);
+        out.extend_from_slice(data_key);
+        out
+    }
+
     /// Engine key of a node metadata entry.
     pub fn meta_key(name: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(1 + name.len());

@@ -13,9 +13,13 @@
 //! different replica sets, so they are compared with different peers. The entry records the
 //! `n` it was filed under, so a bucket whose `n` changes is refiled (`refile`) without
 //! guessing.
+//!
+//! Beside the entries sits the tombstone index (`keys::reap_key`): one entry per key whose
+//! siblings are all tombstones, holding the newest tombstone's timestamp, kept in the same
+//! batches. The reaper (`cluster/reap.rs`) walks it instead of the data.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use quiver_core::causality::Object;
@@ -27,8 +31,10 @@ use crate::storage::Store;
 
 /// Metadata key marking that every data record has its anti-entropy entry.
 const INDEX_MARKER: &str = "ae-index-v1";
-/// Bytes of an entry's value: the replication factor, then the object digest.
-const ENTRY_BYTES: usize = 1 + HASH_BYTES;
+/// Bytes of an entry's value: the replication factor, flags, then the object digest.
+const ENTRY_BYTES: usize = 2 + HASH_BYTES;
+/// Entry flag: every sibling of the object is a tombstone.
+const FLAG_TOMBSTONE: u8 = 1;
 /// Records per batch when (re)building entries.
 const BUILD_BATCH: usize = 1024;
 
@@ -85,27 +91,55 @@ pub struct Entry {
     pub n: u8,
     /// Digest of the object.
     pub digest: Hash,
+    /// Every sibling is a tombstone (the key is in the tombstone index).
+    pub tombstone: bool,
+}
+
+/// True for a state that is nothing but deletions: the reaper's candidates.
+pub fn is_tombstone(object: &Object) -> bool {
+    !object.siblings().is_empty() && object.siblings().iter().all(|s| s.meta.tombstone)
 }
 
 impl Entry {
+    fn of(n: u8, object: &Object) -> Entry {
+        Entry {
+            n,
+            digest: merkle::object_digest(object),
+            tombstone: is_tombstone(object),
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ENTRY_BYTES);
         out.push(self.n);
+        out.push(if self.tombstone { FLAG_TOMBSTONE } else { 0 });
         out.extend_from_slice(&self.digest);
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Entry> {
-        if bytes.len() != ENTRY_BYTES || bytes[0] == 0 {
+        if bytes.len() != ENTRY_BYTES || bytes[0] == 0 || bytes[1] & !FLAG_TOMBSTONE != 0 {
             return None;
         }
         let mut digest = [0u8; HASH_BYTES];
-        digest.copy_from_slice(&bytes[1..]);
+        digest.copy_from_slice(&bytes[2..]);
         Some(Entry {
             n: bytes[0],
             digest,
+            tombstone: bytes[1] & FLAG_TOMBSTONE != 0,
         })
     }
+}
+
+/// The newest tombstone timestamp of a tombstone-only object, as the index stores it.
+fn tombstone_stamp(object: &Object) -> Vec<u8> {
+    let newest = object
+        .siblings()
+        .iter()
+        .map(|s| s.meta.timestamp_ms)
+        .max()
+        .unwrap_or(0);
+    newest.to_be_bytes().to_vec()
 }
 
 /// A change to the trees staged in a batch; applied with [`AeIndex::commit`] once the batch
@@ -128,6 +162,8 @@ pub struct AeMetrics {
     pub keys_repaired: AtomicU64,
     /// Bytes of anti-entropy messages this node sent (requests and answers).
     pub bytes_sent: AtomicU64,
+    /// Tombstones this node removed because every replica held them.
+    pub tombstones_reaped: AtomicU64,
 }
 
 /// The trees of one node.
@@ -136,6 +172,10 @@ pub struct AeIndex {
     placement: RwLock<Placement>,
     trees: Mutex<HashMap<TreeId, Tree>>,
     metrics: AeMetrics,
+    /// Keys in the tombstone index.
+    tombstones: AtomicU64,
+    /// Where the reaper's next walk of the tombstone index starts.
+    reap_cursor: Mutex<Vec<u8>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -193,14 +233,20 @@ impl AeIndex {
     ) -> Result<Staged, StorageError> {
         let slot = self.slot(bucket, key, data_key);
         let old = store.get(&slot.entry_key)?.and_then(|b| Entry::decode(&b));
-        let new = object.map(|o| Entry {
-            n: self.placement().n(bucket),
-            digest: merkle::object_digest(o),
-        });
+        let new = object.map(|o| Entry::of(self.placement().n(bucket), o));
         match &new {
             Some(e) => batch.put(slot.entry_key.clone(), e.encode()),
             None => batch.delete(slot.entry_key.clone()),
         };
+        match (object, old.is_some_and(|e| e.tombstone)) {
+            (Some(o), _) if is_tombstone(o) => {
+                batch.put(keys::reap_key(data_key), tombstone_stamp(o));
+            }
+            (_, true) => {
+                batch.delete(keys::reap_key(data_key));
+            }
+            _ => {}
+        }
         Ok(Staged {
             partition: slot.partition,
             leaf: slot.leaf,
@@ -214,6 +260,17 @@ impl AeIndex {
     pub fn commit(&self, staged: Staged) {
         if staged.old == staged.new {
             return;
+        }
+        let was = staged.old.is_some_and(|e| e.tombstone);
+        let is = staged.new.is_some_and(|e| e.tombstone);
+        if is && !was {
+            self.tombstones.fetch_add(1, Ordering::Relaxed);
+        } else if was && !is {
+            let _ = self
+                .tombstones
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_sub(1))
+                });
         }
         let mut trees = lock(&self.trees);
         if let Some(old) = staged.old {
@@ -260,9 +317,11 @@ impl AeIndex {
     fn load(&self, store: &Store) -> Result<bool, StorageError> {
         let mut trees: HashMap<TreeId, Tree> = HashMap::new();
         let mut ok = true;
+        let mut tombstones = 0u64;
         scan_prefix(store, &[keys::AE_PREFIX], |k, v| {
             match (keys::split_ae_key(k), Entry::decode(v)) {
                 (Some((partition, leaf, dkey)), Some(entry)) => {
+                    tombstones += u64::from(entry.tombstone);
                     let h = merkle::entry_hash(dkey, &entry.digest);
                     trees
                         .entry((entry.n, partition))
@@ -279,6 +338,7 @@ impl AeIndex {
         })?;
         if ok {
             *lock(&self.trees) = trees;
+            self.tombstones.store(tombstones, Ordering::Relaxed);
         }
         Ok(ok)
     }
@@ -286,10 +346,12 @@ impl AeIndex {
     /// Drops every entry and writes one per data record.
     fn rebuild(&self, store: &Store) -> Result<u64, StorageError> {
         let mut stale = Vec::new();
-        scan_prefix(store, &[keys::AE_PREFIX], |k, _| {
-            stale.push(k.to_vec());
-            true
-        })?;
+        for prefix in [keys::AE_PREFIX, keys::REAP_PREFIX] {
+            scan_prefix(store, &[prefix], |k, _| {
+                stale.push(k.to_vec());
+                true
+            })?;
+        }
         for chunk in stale.chunks(BUILD_BATCH) {
             let mut batch = WriteBatch::new();
             for k in chunk {
@@ -317,10 +379,10 @@ impl AeIndex {
             let position = ring::key_position(bucket, key);
             let partition =
                 ring::partition_of_position(&position, placement.partitions.max(1)).unwrap_or(0);
-            let entry = Entry {
-                n: placement.n(bucket),
-                digest: merkle::object_digest(&object),
-            };
+            let entry = Entry::of(placement.n(bucket), &object);
+            if entry.tombstone {
+                batch.put(keys::reap_key(k), tombstone_stamp(&object));
+            }
             batch.put(
                 keys::ae_key(partition, merkle::leaf_of(&position), k),
                 entry.encode(),
@@ -356,6 +418,51 @@ impl AeIndex {
     /// The leaf hashes of one group of tree `id`.
     pub fn leaves(&self, id: TreeId, group: u8) -> Vec<Hash> {
         lock(&self.trees).entry(id).or_default().leaves(group)
+    }
+
+    /// Keys whose siblings are all tombstones.
+    pub fn tombstones(&self) -> u64 {
+        self.tombstones.load(Ordering::Relaxed)
+    }
+
+    /// Up to `limit` keys of the tombstone index whose newest tombstone is older than
+    /// `before_ms`, walking on from where the previous call stopped (and wrapping), so old
+    /// tombstones behind many young ones are reached too.
+    pub fn reap_candidates(
+        &self,
+        store: &Store,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StorageError> {
+        let start = std::mem::take(&mut *lock(&self.reap_cursor));
+        let mut out = Vec::new();
+        let mut seen = 0usize;
+        let mut last = None;
+        let mut visit = |k: &[u8], v: &[u8]| {
+            seen += 1;
+            let stamp = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if stamp < before_ms {
+                out.push(k[1..].to_vec());
+            }
+            last = Some(k.to_vec());
+            out.len() < limit && seen < limit * 16
+        };
+        let from = if start.is_empty() {
+            vec![keys::REAP_PREFIX]
+        } else {
+            start
+        };
+        scan_range(store, &from, Some(&[keys::REAP_PREFIX + 1]), &mut visit)?;
+        // Resume after the last key visited next time; an exhausted walk starts over.
+        let exhausted = out.len() < limit && seen < limit * 16;
+        *lock(&self.reap_cursor) = match (exhausted, last) {
+            (false, Some(mut k)) => {
+                k.push(0);
+                k
+            }
+            _ => Vec::new(),
+        };
+        Ok(out)
     }
 
     /// Keys held in every tree.
@@ -413,13 +520,23 @@ impl AeIndex {
 fn scan_prefix(
     store: &Store,
     prefix: &[u8],
+    f: impl FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), StorageError> {
+    scan_range(store, prefix, keys::prefix_end(prefix).as_deref(), f)
+}
+
+/// Calls `f` on every pair with `start <= key < end` (unbounded without `end`), in key
+/// order, until it returns false.
+fn scan_range(
+    store: &Store,
+    start: &[u8],
+    end: Option<&[u8]>,
     mut f: impl FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<(), StorageError> {
     const PAGE: usize = 1024;
-    let end = keys::prefix_end(prefix);
-    let mut from = prefix.to_vec();
+    let mut from = start.to_vec();
     loop {
-        let page = store.scan(&from, end.as_deref(), PAGE)?;
+        let page = store.scan(&from, end, PAGE)?;
         for (k, v) in &page {
             if !f(k, v) {
                 return Ok(());
@@ -444,9 +561,13 @@ mod tests {
         let e = Entry {
             n: 3,
             digest: [7; HASH_BYTES],
+            tombstone: true,
         };
         assert_eq!(Entry::decode(&e.encode()), Some(e));
         assert_eq!(Entry::decode(&[3, 1, 2]), None);
+        let mut bad_flags = e.encode();
+        bad_flags[1] = 0x80;
+        assert_eq!(Entry::decode(&bad_flags), None);
         let mut zero_n = e.encode();
         zero_n[0] = 0;
         assert_eq!(Entry::decode(&zero_n), None);

@@ -164,6 +164,11 @@ pub struct ServerArgs {
     /// [default: 10000]
     #[arg(long, value_name = "N")]
     pub ae_max_keys: Option<usize>,
+    /// Age in ms a tombstone must reach before it may be reaped; reaping runs with
+    /// anti-entropy and only once every replica holds the tombstone and no node holds a
+    /// hint for the key. [default: 60000]
+    #[arg(long, value_name = "MS")]
+    pub tombstone_grace_ms: Option<u64>,
     /// Cluster CA directory (holding ca.pem and ca.key, see `quiver ca init`) that signs
     /// this node's certificate on first start. [default: a new CA in the data directory]
     #[arg(long, value_name = "DIR")]
@@ -208,6 +213,7 @@ impl ServerArgs {
             read_repair: self.read_repair,
             ae_interval_ms: self.ae_interval_ms,
             ae_max_keys: self.ae_max_keys,
+            tombstone_grace_ms: self.tombstone_grace_ms,
             ca_dir: self.ca_dir.clone(),
             buckets: if buckets.is_empty() {
                 None
@@ -528,6 +534,8 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             "keys_repaired": s.ae_keys_repaired,
                             "bytes_sent": s.ae_bytes_sent,
                         },
+                        "tombstones": s.tombstones,
+                        "tombstones_reaped": s.tombstones_reaped,
                         "partitions": s.partitions,
                         "n": s.n, "r": s.r, "w": s.w,
                         "members": s.members.iter().map(|m| json!({
@@ -541,7 +549,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  sees down",
+                "{:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
                 "node",
                 "reachable",
                 "partitions",
@@ -550,7 +558,9 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                 "ae-keys",
                 "ae-exch",
                 "ae-fixed",
-                "ae-bytes"
+                "ae-bytes",
+                "tombs",
+                "reaped"
             );
             for (node, st) in &statuses {
                 match st {
@@ -572,20 +582,23 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             down.join(",")
                         };
                         println!(
-                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  \
-                             {down}",
+                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} \
+                             {:>7} {:>7}  {down}",
                             "yes",
                             s.hints,
                             s.plugin_failures,
                             s.ae_keys,
                             s.ae_exchanges,
                             s.ae_keys_repaired,
-                            s.ae_bytes_sent
+                            s.ae_bytes_sent,
+                            s.tombstones,
+                            s.tombstones_reaped
                         );
                     }
                     Err(e) => println!(
-                        "{node:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10}  ({e})",
-                        "NO", "-", "-", "-", "-", "-", "-", "-"
+                        "{node:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  \
+                         ({e})",
+                        "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-"
                     ),
                 }
             }

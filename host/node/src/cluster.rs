@@ -31,6 +31,7 @@ use crate::plugins::{PluginMerged, Plugins};
 
 mod admin;
 mod ae;
+mod reap;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 use crate::storage::Durability;
 pub use admin::BucketView;
@@ -346,6 +347,8 @@ impl Cluster {
             ae_exchanges: self.kv.ae().metrics().exchanges.load(Relaxed),
             ae_keys_repaired: self.kv.ae().metrics().keys_repaired.load(Relaxed),
             ae_bytes_sent: self.kv.ae().metrics().bytes_sent.load(Relaxed),
+            tombstones: self.kv.ae().tombstones(),
+            tombstones_reaped: self.kv.ae().metrics().tombstones_reaped.load(Relaxed),
             partitions: self.ring.partitions(),
             n: q.n as u8,
             r: q.r as u8,
@@ -798,6 +801,9 @@ impl Cluster {
             | PeerRequest::AeKeys(_)
             | PeerRequest::AeFetch(_)
             | PeerRequest::AePush(_)) => self.handle_ae_peer(ae).await,
+            reap @ (PeerRequest::ReapCheck(_) | PeerRequest::Reap(_)) => {
+                self.handle_reap_peer(reap)
+            }
         }
     }
 

@@ -23,6 +23,9 @@ pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
 pub const AE_INTERVAL_MS_DEFAULT: u64 = 5_000;
 /// Default number of keys one anti-entropy exchange repairs at most.
 pub const AE_MAX_KEYS_DEFAULT: usize = 10_000;
+/// Default age a tombstone must reach before it may be reaped, in ms: far beyond a request
+/// deadline, so no store or repair computed before the delete is still in flight.
+pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 60_000;
 /// Largest group-commit window accepted, in microseconds (longer only adds latency).
 pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
 /// Largest server-side deadline a client may ask for, in milliseconds.
@@ -102,6 +105,8 @@ pub struct FileConfig {
     pub ae_interval_ms: Option<u64>,
     /// Keys one anti-entropy exchange repairs at most.
     pub ae_max_keys: Option<usize>,
+    /// Age a tombstone must reach before it may be reaped, in ms.
+    pub tombstone_grace_ms: Option<u64>,
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
     pub ca_dir: Option<PathBuf>,
@@ -193,6 +198,7 @@ impl FileConfig {
             read_repair: flags.read_repair.or(self.read_repair),
             ae_interval_ms: flags.ae_interval_ms.or(self.ae_interval_ms),
             ae_max_keys: flags.ae_max_keys.or(self.ae_max_keys),
+            tombstone_grace_ms: flags.tombstone_grace_ms.or(self.tombstone_grace_ms),
             ca_dir: flags.ca_dir.or(self.ca_dir),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
@@ -348,6 +354,10 @@ impl FileConfig {
             ae_interval: (ae_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(ae_interval_ms)),
             ae_max_keys,
+            tombstone_grace: std::time::Duration::from_millis(
+                self.tombstone_grace_ms
+                    .unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT),
+            ),
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
@@ -414,6 +424,8 @@ pub struct NodeConfig {
     pub ae_interval: Option<std::time::Duration>,
     /// Keys one anti-entropy exchange repairs at most.
     pub ae_max_keys: usize,
+    /// Age a tombstone must reach before it may be reaped.
+    pub tombstone_grace: std::time::Duration,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,
     /// Buckets with their own replication properties.

@@ -8,6 +8,7 @@ use quiver_core::causality::{
     coordinate_write,
 };
 use quiver_core::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX, SIBLINGS_MAX_DEFAULT};
+use quiver_core::merkle::{self, Hash};
 use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 use quiver_sdk::wire::ErrorCode;
@@ -556,6 +557,79 @@ impl KvService {
             .map_err(|e| self.storage_err(&bucket, key, e))?;
         self.ae.commit(staged);
         Ok(())
+    }
+
+    /// What this replica says to a reaper about a tombstone: whether it holds exactly the
+    /// state with `digest`, and whether it holds a hint for the key for any of `owners`
+    /// (then a copy is still on its way somewhere and the tombstone must stay).
+    pub fn reap_status(
+        &self,
+        data_key: &[u8],
+        digest: &Hash,
+        owners: &[String],
+    ) -> Result<(bool, bool), KvError> {
+        let Some((bucket, key)) = keys::split_data_key(data_key) else {
+            return Ok((false, false));
+        };
+        let bucket = String::from_utf8_lossy(bucket).into_owned();
+        let same = self
+            .read_record(&bucket, key, data_key)?
+            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+        let hinted = self.hinted_for_any(&bucket, key, data_key, owners)?;
+        Ok((same, hinted))
+    }
+
+    fn hinted_for_any(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        data_key: &[u8],
+        owners: &[String],
+    ) -> Result<bool, KvError> {
+        for owner in owners {
+            if self.hint_held(owner, bucket, key, data_key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes a tombstone every replica holds: deletes the record if it is still exactly
+    /// the tombstone state with `digest` and no hint for the key is held here. Returns true
+    /// when it was removed.
+    pub fn reap(&self, data_key: &[u8], digest: &Hash, owners: &[String]) -> Result<bool, KvError> {
+        let Some((bucket, key)) = keys::split_data_key(data_key) else {
+            return Ok(false);
+        };
+        let bucket = String::from_utf8_lossy(bucket).into_owned();
+        let _guard = lock(&self.locks[stripe(data_key)]);
+        let Some(record) = self.read_record(&bucket, key, data_key)? else {
+            return Ok(false);
+        };
+        if !crate::ae::is_tombstone(&record.object)
+            || merkle::object_digest(&record.object) != *digest
+            || self.hinted_for_any(&bucket, key, data_key, owners)?
+        {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::new();
+        batch.delete(data_key.to_vec());
+        let staged = self
+            .ae
+            .stage(
+                &self.store,
+                &mut batch,
+                bucket.as_bytes(),
+                key,
+                data_key,
+                None,
+            )
+            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        self.ae.commit(staged);
+        Ok(true)
     }
 
     /// The local state of each engine data key (an empty object for one not held); keys

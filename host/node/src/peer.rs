@@ -101,6 +101,11 @@ pub enum PeerRequest {
     AeFetch(Vec<Vec<u8>>),
     /// Anti-entropy: merge these `(engine data key, state)` pairs.
     AePush(Vec<(Vec<u8>, Object)>),
+    /// Reaping: for each `(engine data key, digest)`, does the receiver hold exactly that
+    /// state, and does it hold a hint for the key?
+    ReapCheck(Vec<(Vec<u8>, Hash)>),
+    /// Reaping: delete these tombstones if still exactly that state and no hint is held.
+    Reap(Vec<(Vec<u8>, Hash)>),
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -132,6 +137,10 @@ pub enum PeerResponse {
     AeObjects(Vec<(Vec<u8>, Object)>),
     /// Answer to `AePush`: how many keys changed here.
     AePushed(u64),
+    /// Answer to `ReapCheck`: `(holds the same state, holds a hint)` per key, in order.
+    ReapStatus(Vec<(bool, bool)>),
+    /// Answer to `Reap`: how many tombstones were removed.
+    Reaped(u64),
     /// The request failed.
     Error(ErrorReply),
 }

@@ -186,6 +186,7 @@ impl Node {
                 ae: crate::cluster::AeConfig {
                     interval: config.ae_interval,
                     max_keys: config.ae_max_keys,
+                    tombstone_grace: config.tombstone_grace,
                 },
             },
             meta,

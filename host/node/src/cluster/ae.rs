@@ -39,6 +39,8 @@ pub struct AeConfig {
     pub interval: Option<std::time::Duration>,
     /// Keys repaired per exchange at most.
     pub max_keys: usize,
+    /// Age a tombstone must reach before it may be reaped.
+    pub tombstone_grace: std::time::Duration,
 }
 
 /// What one exchange found and did.
@@ -357,7 +359,7 @@ impl Cluster {
     }
 
     /// One background anti-entropy step: refiles entries after a replication-factor change,
-    /// then runs one exchange with the next reachable peer in turn.
+    /// runs one exchange with the next reachable peer in turn, then a reaping pass.
     pub async fn ae_tick(&self, max_keys: usize) {
         if self.ae_refile_pending.swap(false, Ordering::Relaxed) {
             self.ae_refile().await;
@@ -385,6 +387,7 @@ impl Cluster {
             Ok(_) => {}
             Err(e) => tracing::debug!(peer, error = %e, "anti-entropy exchange failed"),
         }
+        self.reap_tombstones(super::now_ms()).await;
     }
 
     async fn ae_refile(&self) {
