@@ -131,15 +131,21 @@ impl Entry {
     }
 }
 
-/// The newest tombstone timestamp of a tombstone-only object, as the index stores it.
-fn tombstone_stamp(object: &Object) -> Vec<u8> {
-    let newest = object
-        .siblings()
-        .iter()
-        .map(|s| s.meta.timestamp_ms)
-        .max()
-        .unwrap_or(0);
-    newest.to_be_bytes().to_vec()
+/// This node's wall clock, in ms since the Unix epoch, as the tombstone index stores it.
+///
+/// The index records when *this node* stored a tombstone state, not the coordinator's
+/// timestamp in the siblings: hold times are then measured on one clock each, so clock skew
+/// between nodes cannot make a fresh tombstone look old (the simulator found resurrections
+/// with skew beyond the grace when sibling timestamps were used).
+fn local_stamp() -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    now.to_be_bytes().to_vec()
+}
+
+fn decode_stamp(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
 /// A change to the trees staged in a batch; applied with [`AeIndex::commit`] once the batch
@@ -239,9 +245,11 @@ impl AeIndex {
             None => batch.delete(slot.entry_key.clone()),
         };
         match (object, old.is_some_and(|e| e.tombstone)) {
-            (Some(o), _) if is_tombstone(o) => {
-                batch.put(keys::reap_key(data_key), tombstone_stamp(o));
+            // The hold time restarts only when the state changes.
+            (Some(o), _) if is_tombstone(o) && old != new => {
+                batch.put(keys::reap_key(data_key), local_stamp());
             }
+            (Some(o), _) if is_tombstone(o) => {}
             (_, true) => {
                 batch.delete(keys::reap_key(data_key));
             }
@@ -290,13 +298,16 @@ impl AeIndex {
     }
 
     /// Loads the trees at start, first (re)building the on-disk entries from the data
-    /// records when they are absent or unreadable. Returns the number of keys indexed.
+    /// records when they are absent, unreadable, or filed for another partition count.
+    /// Returns the number of keys indexed.
     pub fn open(&self, store: &Store) -> Result<u64, StorageError> {
         let marker = keys::meta_key(INDEX_MARKER);
-        if store.get(&marker)?.is_none() || !self.load(store)? {
+        // The marker holds the partition count the entries were filed under.
+        let filed_for = self.placement().partitions.to_be_bytes().to_vec();
+        if store.get(&marker)?.as_ref() != Some(&filed_for) || !self.load(store)? {
             let built = self.rebuild(store)?;
             let mut batch = WriteBatch::new();
-            batch.put(marker, Vec::new());
+            batch.put(marker, filed_for);
             store.apply(&batch)?;
             tracing::info!(
                 keys = built,
@@ -381,7 +392,7 @@ impl AeIndex {
                 ring::partition_of_position(&position, placement.partitions.max(1)).unwrap_or(0);
             let entry = Entry::of(placement.n(bucket), &object);
             if entry.tombstone {
-                batch.put(keys::reap_key(k), tombstone_stamp(&object));
+                batch.put(keys::reap_key(k), local_stamp());
             }
             batch.put(
                 keys::ae_key(partition, merkle::leaf_of(&position), k),
@@ -425,8 +436,8 @@ impl AeIndex {
         self.tombstones.load(Ordering::Relaxed)
     }
 
-    /// Up to `limit` keys of the tombstone index whose newest tombstone is older than
-    /// `before_ms`, walking on from where the previous call stopped (and wrapping), so old
+    /// Up to `limit` keys of the tombstone index whose state this node has held since
+    /// before `before_ms` (by its own clock), walking on from where the previous call stopped (and wrapping), so old
     /// tombstones behind many young ones are reached too.
     pub fn reap_candidates(
         &self,
@@ -440,8 +451,7 @@ impl AeIndex {
         let mut last = None;
         let mut visit = |k: &[u8], v: &[u8]| {
             seen += 1;
-            let stamp = v.try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if stamp < before_ms {
+            if decode_stamp(v) < before_ms {
                 out.push(k[1..].to_vec());
             }
             last = Some(k.to_vec());
@@ -465,9 +475,28 @@ impl AeIndex {
         Ok(out)
     }
 
+    /// When this node stored its current tombstone state of `data_key` (its own clock, ms),
+    /// if the key is a tombstone here.
+    pub fn held_since(&self, store: &Store, data_key: &[u8]) -> Result<Option<u64>, StorageError> {
+        Ok(store
+            .get(&keys::reap_key(data_key))?
+            .map(|v| decode_stamp(&v)))
+    }
+
     /// Keys held in every tree.
     pub fn keys(&self) -> u64 {
         lock(&self.trees).values().map(Tree::keys).sum()
+    }
+
+    /// The trees that hold at least one key, in order.
+    pub fn tree_ids(&self) -> Vec<TreeId> {
+        let mut ids: Vec<TreeId> = lock(&self.trees)
+            .iter()
+            .filter(|(_, t)| t.keys() > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Keys held in tree `id`.

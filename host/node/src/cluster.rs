@@ -802,7 +802,7 @@ impl Cluster {
             | PeerRequest::AeFetch(_)
             | PeerRequest::AePush(_)) => self.handle_ae_peer(ae).await,
             reap @ (PeerRequest::ReapCheck(_) | PeerRequest::Reap(_)) => {
-                self.handle_reap_peer(reap)
+                self.handle_reap_peer(reap).await
             }
         }
     }

@@ -559,24 +559,38 @@ impl KvService {
         Ok(())
     }
 
-    /// What this replica says to a reaper about a tombstone: whether it holds exactly the
-    /// state with `digest`, and whether it holds a hint for the key for any of `owners`
-    /// (then a copy is still on its way somewhere and the tombstone must stay).
+    /// What this replica says to a reaper about a tombstone: for how long (ms, by its own
+    /// clock `now_ms`) it has held exactly the tombstone state with `digest` (`None` if it
+    /// does not hold it), and whether it holds a hint for the key for any of `owners` (then
+    /// a copy is still on its way somewhere and the tombstone must stay). Call after making
+    /// applied writes durable, so a confirmed tombstone cannot be lost to a power failure.
     pub fn reap_status(
         &self,
         data_key: &[u8],
         digest: &Hash,
         owners: &[String],
-    ) -> Result<(bool, bool), KvError> {
+        now_ms: u64,
+    ) -> Result<(Option<u64>, bool), KvError> {
         let Some((bucket, key)) = keys::split_data_key(data_key) else {
-            return Ok((false, false));
+            return Ok((None, false));
         };
         let bucket = String::from_utf8_lossy(bucket).into_owned();
-        let same = self
-            .read_record(&bucket, key, data_key)?
-            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+        let held = {
+            let _guard = lock(&self.locks[stripe(data_key)]);
+            let same = self
+                .read_record(&bucket, key, data_key)?
+                .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+            let since = self
+                .ae
+                .held_since(&self.store, data_key)
+                .map_err(|e| self.storage_err(&bucket, key, e))?;
+            match (same, since) {
+                (true, Some(since)) => Some(now_ms.saturating_sub(since)),
+                _ => None,
+            }
+        };
         let hinted = self.hinted_for_any(&bucket, key, data_key, owners)?;
-        Ok((same, hinted))
+        Ok((held, hinted))
     }
 
     fn hinted_for_any(

@@ -101,8 +101,8 @@ pub enum PeerRequest {
     AeFetch(Vec<Vec<u8>>),
     /// Anti-entropy: merge these `(engine data key, state)` pairs.
     AePush(Vec<(Vec<u8>, Object)>),
-    /// Reaping: for each `(engine data key, digest)`, does the receiver hold exactly that
-    /// state, and does it hold a hint for the key?
+    /// Reaping: for each `(engine data key, digest)`, for how long has the receiver held
+    /// exactly that state (made durable first), and does it hold a hint for the key?
     ReapCheck(Vec<(Vec<u8>, Hash)>),
     /// Reaping: delete these tombstones if still exactly that state and no hint is held.
     Reap(Vec<(Vec<u8>, Hash)>),
@@ -137,8 +137,9 @@ pub enum PeerResponse {
     AeObjects(Vec<(Vec<u8>, Object)>),
     /// Answer to `AePush`: how many keys changed here.
     AePushed(u64),
-    /// Answer to `ReapCheck`: `(holds the same state, holds a hint)` per key, in order.
-    ReapStatus(Vec<(bool, bool)>),
+    /// Answer to `ReapCheck`: `(ms it has held the same state, by its own clock, or None;
+    /// holds a hint)` per key, in order.
+    ReapStatus(Vec<(Option<u64>, bool)>),
     /// Answer to `Reap`: how many tombstones were removed.
     Reaped(u64),
     /// The request failed.

@@ -358,6 +358,12 @@ impl Cluster {
         response
     }
 
+    /// Asks the next tick to refile entries whose bucket's replication factor differs from
+    /// the one they were filed under (called at start: `n` may have changed while down).
+    pub fn request_refile(&self) {
+        self.ae_refile_pending.store(true, Ordering::Relaxed);
+    }
+
     /// One background anti-entropy step: refiles entries after a replication-factor change,
     /// runs one exchange with the next reachable peer in turn, then a reaping pass.
     pub async fn ae_tick(&self, max_keys: usize) {

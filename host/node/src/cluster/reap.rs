@@ -3,11 +3,14 @@
 //! deleted value is left anywhere to come back (the resurrection Riak and Cassandra suffer
 //! when a replica that missed the delete returns after the tombstones were purged).
 //!
-//! The key's first primary reaps. For old-enough tombstones (the grace period outlasts any
-//! repair or store still in flight) it asks every member — not only the replicas, since a
-//! fallback may hold a hint — whether it holds the same state and whether it holds a hint.
-//! Only when every member answers, every replica agrees and nobody holds a hint does it tell
-//! the other replicas to reap, and then reaps itself. A replica reaps only if its state is
+//! The key's first primary reaps. For tombstones it has held for the grace period (which
+//! outlasts any repair or store still in flight) it asks every member — not only the
+//! replicas, since a fallback may hold a hint — for how long it has held the same state and
+//! whether it holds a hint. Hold times are measured by each node on its own clock, so clock
+//! skew between nodes cannot shorten the grace; every node makes its applied writes durable
+//! before it answers, so a counted tombstone cannot be lost to a power failure. Only when
+//! every member answers, every replica has held it for the grace and nobody holds a hint
+//! does it tell the other replicas to reap, and then reaps itself. A replica reaps only if its state is
 //! still that exact tombstone, so a write that arrived meanwhile survives. A member that is
 //! down blocks reaping of every key until it is back (or removed from the cluster): the
 //! price of never resurrecting data.
@@ -72,11 +75,16 @@ impl Cluster {
         if mine.is_empty() {
             return 0;
         }
+        if let Err(e) = self.kv.store().sync_applied().await {
+            tracing::error!(error = %e, "cannot make tombstones durable before reaping");
+            return 0;
+        }
         let asked: Vec<(Vec<u8>, Hash)> = mine.iter().map(|(k, d, _)| (k.clone(), *d)).collect();
         let mut confirmed = vec![true; mine.len()];
+        let long_enough = |held: Option<u64>| held.is_some_and(|ms| ms >= grace);
         for (i, (dkey, digest, _)) in mine.iter().enumerate() {
-            match self.kv.reap_status(dkey, digest, &members) {
-                Ok((true, false)) => {}
+            match self.kv.reap_status(dkey, digest, &members, now_ms) {
+                Ok((held, false)) if long_enough(held) => {}
                 _ => confirmed[i] = false,
             }
         }
@@ -92,9 +100,9 @@ impl Cluster {
             if answers.len() != mine.len() {
                 return 0;
             }
-            for (i, (same, hinted)) in answers.into_iter().enumerate() {
+            for (i, (held, hinted)) in answers.into_iter().enumerate() {
                 let replica = mine[i].2.iter().any(|p| p == member);
-                if hinted || (replica && !same) {
+                if hinted || (replica && !long_enough(held)) {
                     confirmed[i] = false;
                 }
             }
@@ -141,20 +149,29 @@ impl Cluster {
     }
 
     /// The replica side of reaping.
-    pub(crate) fn handle_reap_peer(&self, request: PeerRequest) -> PeerResponse {
+    pub(crate) async fn handle_reap_peer(&self, request: PeerRequest) -> PeerResponse {
         let members: Vec<String> = self.peers.names().map(str::to_string).collect();
         match request {
-            PeerRequest::ReapCheck(asked) => PeerResponse::ReapStatus(
-                asked
-                    .iter()
-                    .map(|(dkey, digest)| {
-                        // A failed read answers "not the same", which keeps the tombstone.
-                        self.kv
-                            .reap_status(dkey, digest, &members)
-                            .unwrap_or((false, true))
-                    })
-                    .collect(),
-            ),
+            PeerRequest::ReapCheck(asked) => {
+                if let Err(e) = self.kv.store().sync_applied().await {
+                    return PeerResponse::Error(quiver_sdk::wire::ErrorReply {
+                        code: quiver_sdk::wire::ErrorCode::Storage,
+                        message: format!("node {}: {e}", self.me()),
+                    });
+                }
+                let now = super::now_ms();
+                PeerResponse::ReapStatus(
+                    asked
+                        .iter()
+                        .map(|(dkey, digest)| {
+                            // A failed read answers "not held, hinted": the tombstone stays.
+                            self.kv
+                                .reap_status(dkey, digest, &members, now)
+                                .unwrap_or((None, true))
+                        })
+                        .collect(),
+                )
+            }
             PeerRequest::Reap(keys) => {
                 let mut reaped = 0;
                 for (dkey, digest) in &keys {
