@@ -386,6 +386,10 @@ fn unchanged_sync_store_must_still_fsync() {
             ack_before_quorum: false,
             trust_all_epochs: false,
             sync_unchanged_merges: fixed,
+            read_repair: true,
+            ae_every_ms: None,
+            tombstone_grace_ms: None,
+            reap_without_checks: false,
         };
         let mut b = Node::boot("b", &names, Arc::clone(&ring), cfg, Disk::new(2), 0, 0);
         let store = |id, sync| Message::Request {
@@ -417,4 +421,63 @@ fn unchanged_sync_store_must_still_fsync() {
             "sync_unchanged_merges={fixed}: an acknowledged sync Store survived a power loss: {survived}"
         );
     }
+}
+
+/// Random seeds per CI run for each anti-entropy scenario (see `ae_only_seeds`).
+const AE_SEEDS_DEFAULT: u64 = 300;
+
+// Convergence by anti-entropy alone: read repair and hinted handoff (sloppy quorum) off,
+// faults during the workload, then heal and let exchanges run. Every primary must end with
+// every acknowledged write, and every node's trees must match its records.
+#[test]
+fn ae_only_seeds() {
+    let count = env_u64("QUIVER_SIM_AE_SEEDS").unwrap_or(AE_SEEDS_DEFAULT);
+    let base = env_u64("QUIVER_SIM_BASE").unwrap_or(2_000_000);
+    let mut cases: Vec<(u64, Config)> = (0..10).map(|s| (s, Config::ae_only(s))).collect();
+    cases.extend((base..base + count).map(|s| (s, Config::ae_only(s))));
+    let total = run_and_summarise("ae-only", cases);
+    assert!(total.ae_repaired > 0, "anti-entropy never repaired a key");
+    assert_eq!(total.read_repairs, 0, "read repair ran although it is off");
+    assert_eq!(
+        total.hints_handed_off, 0,
+        "hints were handed off although they are off"
+    );
+}
+
+// Deletes with reaping on (2 s grace): no value an acknowledged delete overwrote comes back,
+// no acknowledged write is lost, and once the cluster is whole old tombstones are reaped.
+#[test]
+fn reaping_seeds() {
+    let count = env_u64("QUIVER_SIM_AE_SEEDS").unwrap_or(AE_SEEDS_DEFAULT);
+    let base = env_u64("QUIVER_SIM_BASE").unwrap_or(3_000_000);
+    let mut cases: Vec<(u64, Config)> = (0..10).map(|s| (s, Config::reaping(s))).collect();
+    cases.extend((base..base + count).map(|s| (s, Config::reaping(s))));
+    let total = run_and_summarise("reaping", cases);
+    assert!(total.tombstones_reaped > 0, "no tombstone was ever reaped");
+}
+
+// Proves the resurrection checker can fail: a first primary that reaps its tombstone
+// without asking the other members whether they hold it (and without the hint check)
+// lets a replica or a fallback that missed the delete bring the old value back.
+#[test]
+fn broken_reap_without_checks_is_caught() {
+    let caught: Vec<Failure> = (0..100)
+        .filter_map(|s| {
+            let config = Config {
+                reap_without_checks: true,
+                ..Config::reaping(s)
+            };
+            run(s, &config).err()
+        })
+        .filter(|f| f.checker == Checker::Resurrection)
+        .collect();
+    assert!(
+        !caught.is_empty(),
+        "reaping without asking the replicas went unnoticed for seeds 0..100"
+    );
+    println!(
+        "reap-without-checks caught on {} of 100 seeds, e.g.\n{}",
+        caught.len(),
+        caught[0]
+    );
 }
