@@ -30,7 +30,8 @@
 //!   heal/quiesce phase. [`sim::Config::random`] derives a configuration from a seed.
 //! - [`check`]: the checkers, pure functions over the recorded history: (1) no
 //!   acknowledged write lost, (2) convergence (every primary holds every acknowledged
-//!   write, and primaries agree), (3) hints drain, (4) no dot issued twice.
+//!   write, and primaries agree), (3) hints drain, (4) no dot issued twice, (5) no
+//!   resurrection, (6) tombstones reaped; plus each node's AE trees match its records.
 //! - [`rng`]: SplitMix64, the only source of randomness.
 //!
 //! # What is modelled
@@ -47,10 +48,13 @@
 //!
 //! # What is not modelled
 //!
-//! Anti-entropy (not built yet: the quiesce phase uses R=N reads instead), membership
-//! changes and handoff of partitions, Wasm reconcilers, the hint-store limit, fsync
-//! latency and failures (a poisoned store), QUIC connection state (a lost message is a
-//! timeout; a "connection refused" fast failure is not modelled), and tombstone reaping.
+//! Membership changes and handoff of partitions, Wasm reconcilers, the hint-store limit,
+//! fsync latency and failures (a poisoned store), QUIC connection state (a lost message is
+//! a timeout; a "connection refused" fast failure is not modelled), the `--ae-max-keys`
+//! paging of large exchanges and refiling after a change of `n` (one bucket, one `n`).
+//! Anti-entropy and tombstone reaping are modelled (`node::ae`, off by default; see
+//! [`sim::Config::ae_only`] and [`sim::Config::reaping`]), as are the checkers (5) no
+//! resurrection and (6) old tombstones reaped once the cluster is whole.
 //!
 //! # Findings
 //!

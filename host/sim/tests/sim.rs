@@ -481,3 +481,39 @@ fn broken_reap_without_checks_is_caught() {
         caught[0]
     );
 }
+
+// The grace period is load-bearing: with no grace, a tombstone is reaped while a store or
+// repair computed before the delete is still in flight, and that stale copy brings the
+// deleted value back although every replica and member was asked.
+#[test]
+fn reaping_without_grace_resurrects() {
+    let caught: Vec<Failure> = [211, 235]
+        .into_iter()
+        .filter_map(|s| {
+            let config = Config {
+                tombstone_grace_ms: Some(0),
+                ..Config::reaping(s)
+            };
+            run(s, &config).err()
+        })
+        .filter(|f| f.checker == Checker::Resurrection)
+        .collect();
+    assert_eq!(caught.len(), 2, "grace 0 no longer resurrects: {caught:?}");
+}
+
+// FINDING (production behaviour): the grace period is measured on sibling timestamps, i.e.
+// on the writers' and the reaper's wall clocks. With clocks more than the grace apart
+// (here the 2 s grace against 60 s and 1 h skews), a tombstone written by a node whose
+// clock runs behind looks old at once and is reaped while the stale copies the grace
+// should outlast are still in flight: resurrection, with no crash or partition at all.
+#[test]
+fn grace_on_skewed_clocks_resurrects() {
+    for seed in [99, 187] {
+        let config = Config {
+            clock_skew_ms: Config::random(seed).clock_skew_ms,
+            ..Config::reaping(seed)
+        };
+        let failure = run(seed, &config).expect_err("skewed clocks no longer resurrect");
+        assert_eq!(failure.checker, Checker::Resurrection, "{failure}");
+    }
+}
