@@ -280,17 +280,34 @@ pub fn no_resurrection(
     Ok(())
 }
 
-/// Checker 6, reaping makes progress: with the whole cluster up and in agreement, no node
-/// still holds a tombstone-only state older than `older_than_ms` (a wall-clock timestamp:
-/// the grace period plus slack before the reaper stopped). `held` lists
-/// `(node, key, newest timestamp)` of the tombstone-only records.
+/// Checker 6, reaping makes progress: with the whole cluster up and in agreement, no key
+/// is still held as a tombstone-only state that every holder has held since before
+/// `older_than_ms` (simulated ms: the grace period plus slack before the reaper stopped).
+/// `held` lists `(node, key, simulated ms at which the node stored its tombstone state)`;
+/// a key counts from its latest holder, since the reaper waits for every replica's grace.
 pub fn tombstones_reaped(held: &[(String, String, u64)], older_than_ms: u64) -> Result<(), String> {
-    match held.iter().find(|(_, _, t)| *t < older_than_ms) {
+    let mut latest: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    for (node, key, t) in held {
+        let e = latest.entry(key.as_str()).or_insert((node.as_str(), *t));
+        if *t > e.1 {
+            *e = (node.as_str(), *t);
+        }
+    }
+    match latest.iter().find(|(_, (_, t))| *t < older_than_ms) {
         None => Ok(()),
-        Some((node, key, t)) => Err(format!(
-            "node {node} still holds the tombstone of key {key:?} from {t} ms ({} ms before the \
-             deadline {older_than_ms} ms) although every replica is up",
-            older_than_ms - t
-        )),
+        Some((key, (node, t))) => {
+            let holders: Vec<String> = held
+                .iter()
+                .filter(|(_, k, _)| k == key)
+                .map(|(n, _, t)| format!("{n} since {t} ms"))
+                .collect();
+            Err(format!(
+                "key {key:?} is still held as a tombstone by every holder since {t} ms at the \
+                 latest (node {node}; {} ms before the deadline {older_than_ms} ms) although \
+                 every replica is up; holders: {}",
+                older_than_ms - t,
+                holders.join(", ")
+            ))
+        }
     }
 }

@@ -41,7 +41,8 @@
 //! from skewed clocks (the lost-write checker would catch a timestamp-based merge, since
 //! skews reach an hour), client contexts from gets and puts, blind writes, deletes.
 //! A kill keeps applied writes (they are in the OS); a power loss keeps the durable part
-//! plus a random prefix of unsynced writes; a wipe (at most `w - 1` per run) keeps nothing.
+//! plus a random prefix of unsynced write batches (a batch, e.g. a record with its hint
+//! marker, is kept whole or not at all); a wipe (at most `w - 1` per run) keeps nothing.
 //! Writes acknowledged with `buffered` durability in runs with power losses are exempt
 //! from the lost-write checkers (they promise nothing across a power loss) but still
 //! count for dot uniqueness.

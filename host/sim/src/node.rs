@@ -48,7 +48,7 @@ use quiver_core::ring::Ring;
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk, Store, Tables};
 
-pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone, newest_timestamp};
+pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
 
 /// The single bucket the simulation writes to (placement hashes bucket and key).
 pub const BUCKET: &str = "sim";
@@ -166,7 +166,8 @@ pub enum PeerRequest {
     AeFetch(Vec<Vec<u8>>),
     /// Anti-entropy: merge these states.
     AePush(Vec<(Vec<u8>, Object)>),
-    /// Reaping: does the receiver hold exactly these states, and a hint for the key?
+    /// Reaping: does the receiver hold exactly these states (and since how long, by its own
+    /// clock), and a hint for the key? The receiver makes its applied writes durable first.
     ReapCheck(Vec<(Vec<u8>, Hash)>),
     /// Reaping: remove these tombstones if still exactly these states.
     Reap(Vec<(Vec<u8>, Hash)>),
@@ -197,8 +198,9 @@ pub enum PeerResponse {
     AeObjects(Vec<(Vec<u8>, Object)>),
     /// Answer to `AePush`: keys whose state changed.
     AePushed(u64),
-    /// Answer to `ReapCheck`: (same state, hint held) per key.
-    ReapStatus(Vec<(bool, bool)>),
+    /// Answer to `ReapCheck`: (same state, hint held, ms the same state has been held by
+    /// the answering node's clock, 0 if not the same) per key.
+    ReapStatus(Vec<(bool, bool, u64)>),
     /// Answer to `Reap`: tombstones removed.
     Reaped(u64),
 }
@@ -323,11 +325,15 @@ pub struct NodeConfig {
     pub read_repair: bool,
     /// Interval of anti-entropy ticks (one exchange, one reaping pass), in ms; `None` off.
     pub ae_every_ms: Option<u64>,
-    /// Tombstone grace period, in ms of the node's wall clock; `None` never reaps.
+    /// Tombstone grace period: how long every replica must have held a tombstone state,
+    /// each measured on its own clock, before it is reaped; `None` never reaps.
     pub tombstone_grace_ms: Option<u64>,
     /// BROKEN VARIANT: reap without asking the other members (no "all members up", no
-    /// digest and no hint check).
+    /// digest, hold-time and hint check).
     pub reap_without_checks: bool,
+    /// BROKEN VARIANT: answer `ReapCheck` (and check locally before reaping) without first
+    /// making the applied writes durable.
+    pub reap_check_without_sync: bool,
 }
 
 /// The per-boot epoch allocator (production: `epochs::BootEpochs`).
@@ -472,6 +478,8 @@ pub struct Node {
     ae_next_peer: usize,
     next_bg: u64,
     reaping_paused: bool,
+    /// Simulated time of the input being handled (the node's clock for store times).
+    clock_ms: u64,
 }
 
 impl Node {
@@ -523,6 +531,7 @@ impl Node {
             ae_next_peer: 0,
             next_bg: 0,
             reaping_paused: false,
+            clock_ms: now_ms,
         };
         node.rebuild_ae();
         node
@@ -566,6 +575,7 @@ impl Node {
         request: ClientRequest,
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         self.handle_client(now_ms, Origin::Client(ticket), request, None, &mut fx);
         fx
     }
@@ -573,6 +583,7 @@ impl Node {
     /// A peer message arrived.
     pub fn on_message(&mut self, now_ms: u64, from: &str, msg: Message) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         match msg {
             Message::Request { id, body } => self.handle_peer(now_ms, from, id, body, &mut fx),
             Message::Response { id, body } => {
@@ -598,6 +609,7 @@ impl Node {
     /// Time passed: expire calls, probe down peers, hand off hints, write back buffers.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         if !self.local_syncs.is_empty() {
             // The coordinators' own fsyncs (group-committed): their copies now count.
             self.store.sync();
@@ -1030,12 +1042,14 @@ impl Node {
             return self.reply(origin, ClientResult::Failed(msg), fx);
         }
         let object = record.object.clone();
+        self.store.begin_batch();
         self.put_record(&req.key, record);
         if let Some(owner) = &my_target.hint_for
             && !self.has_hint(owner, &req.key)
         {
             self.store.put_hint(owner, &req.key);
         }
+        self.store.end_batch();
         let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
         // Like production: with other replicas the coordinator's own fsync runs alongside
         // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
@@ -1270,6 +1284,8 @@ impl Node {
         let held = hint_for.is_some_and(|owner| self.has_hint(owner, key));
         let plan = replica::merge_incoming(local, incoming, hint_for, held);
         let changed = !plan.is_empty();
+        // Record and hint marker in one batch (a power loss keeps both or neither).
+        self.store.begin_batch();
         if let Some(record) = plan.record {
             self.put_record(key, record);
         }
@@ -1278,6 +1294,7 @@ impl Node {
         {
             self.store.put_hint(owner, key);
         }
+        self.store.end_batch();
         if sync && (changed || self.cfg.sync_unchanged_merges) {
             self.store.sync();
         }

@@ -13,7 +13,7 @@ use quiver_core::ring::{ClaimParams, Member, Ring};
 use crate::check::{self, AckedWrite, Issued};
 use crate::node::{
     BUCKET, ClientOp, ClientRequest, ClientResult, Durability, Effect, Message, Node, NodeConfig,
-    NodeId, Observation, WALL_CLOCK_BASE_MS, is_tombstone, newest_timestamp,
+    NodeId, Observation,
 };
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk};
@@ -29,8 +29,9 @@ const QUIESCE_ROUND_MS: u64 = 3_000;
 /// With reaping: how long the whole, quiet cluster runs after every tombstone is past its
 /// grace period, before reaping is paused for the checks.
 const REAP_SETTLE_MS: u64 = 3_000;
-/// Of that time, how long a tombstone must have been past its grace period (plus twice the
-/// largest clock skew) to count as one that reaping had to remove: ten AE ticks of 200 ms.
+/// Of that time, how long every holder of a tombstone must have held it past the grace
+/// period (each by its own clock) for it to count as one reaping had to remove: ten AE
+/// ticks of 200 ms.
 const REAP_DEADLINE_SLACK_MS: u64 = 2_000;
 
 /// Everything a run depends on besides the seed. [`Config::random`] derives one per seed.
@@ -113,10 +114,13 @@ pub struct Config {
     /// Interval of anti-entropy ticks on every node, in ms; `None` turns anti-entropy (and
     /// reaping) off.
     pub ae_every_ms: Option<u64>,
-    /// Tombstone grace period, in ms; `None` never reaps. Reaping runs on the AE tick.
+    /// Tombstone grace period, in ms: how long every replica must have held a tombstone
+    /// state by its own clock; `None` never reaps. Reaping runs on the AE tick.
     pub tombstone_grace_ms: Option<u64>,
     /// BROKEN VARIANT: the first primary reaps without asking the other members.
     pub reap_without_checks: bool,
+    /// BROKEN VARIANT: reaping checks count states that are not yet durable.
+    pub reap_check_without_sync: bool,
 }
 
 impl Default for Config {
@@ -158,6 +162,7 @@ impl Default for Config {
             ae_every_ms: None,
             tombstone_grace_ms: None,
             reap_without_checks: false,
+            reap_check_without_sync: false,
         }
     }
 }
@@ -216,18 +221,17 @@ impl Config {
         }
     }
 
-    /// The reaping scenario for `seed`: [`Config::random`] with anti-entropy every 200 ms,
-    /// tombstone reaping after a 2 s grace, and clocks within 50 ms of each other (the
-    /// grace period is measured on sibling timestamps, as in production).
+    /// The reaping scenario for `seed`: [`Config::random`] (clock skews included: every
+    /// node measures the grace period on its own clock, as hold time) with anti-entropy
+    /// every 200 ms and tombstone reaping after a 2 s grace.
     pub fn reaping(seed: u64) -> Config {
         let base = Config::random(seed);
         Config {
             ae_every_ms: Some(200),
             tombstone_grace_ms: Some(2_000),
-            delete_pct: 35,
+            delete_pct: 45,
             read_before_delete: true,
             clients: base.clients.min(4),
-            clock_skew_ms: base.clock_skew_ms.min(50),
             ..base
         }
     }
@@ -599,6 +603,7 @@ impl World {
                 ae_every_ms: cfg.ae_every_ms,
                 tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
                 reap_without_checks: cfg.reap_without_checks,
+                reap_check_without_sync: cfg.reap_check_without_sync,
             })
             .collect();
         let nodes = names
@@ -1247,22 +1252,19 @@ impl World {
         check::convergence(&replicas, &acked, &self.issued, &self.reaped)
             .map_err(|m| (Checker::Convergence, m))?;
         if let (Some(grace), Some(paused)) = (self.reaping_grace(), self.reaping_paused_ms) {
+            // (node, key, simulated ms at which the node stored its tombstone state): hold
+            // times are each node's own, so skew does not enter the deadline.
             let held: Vec<(String, String, u64)> = self
                 .nodes
                 .iter()
                 .flatten()
                 .flat_map(|n| {
-                    n.tables()
-                        .records
-                        .iter()
-                        .filter(|(_, r)| is_tombstone(&r.object))
-                        .map(|(k, r)| {
-                            (n.name().to_string(), k.clone(), newest_timestamp(&r.object))
-                        })
+                    n.tombstones_held_since()
+                        .into_iter()
+                        .map(|(k, t)| (n.name().to_string(), k, t))
                 })
                 .collect();
-            let deadline = (WALL_CLOCK_BASE_MS as u64 + paused)
-                .saturating_sub(REAP_DEADLINE_SLACK_MS + grace + 2 * self.cfg.clock_skew_ms);
+            let deadline = paused.saturating_sub(REAP_DEADLINE_SLACK_MS + grace);
             check::tombstones_reaped(&held, deadline)
                 .map_err(|m| (Checker::TombstonesReaped, m))?;
         }

@@ -71,16 +71,6 @@ pub fn is_tombstone(object: &Object) -> bool {
     !object.siblings().is_empty() && object.siblings().iter().all(|s| s.meta.tombstone)
 }
 
-/// The newest sibling timestamp of an object (the tombstone index's stamp in production).
-pub fn newest_timestamp(object: &Object) -> u64 {
-    object
-        .siblings()
-        .iter()
-        .map(|s| s.meta.timestamp_ms)
-        .max()
-        .unwrap_or(0)
-}
-
 impl AeIndex {
     /// The index of `tables`, built from scratch (at boot).
     pub(super) fn build(ring: &Ring, n: u8, tables: &Tables) -> AeIndex {
@@ -203,10 +193,50 @@ impl Node {
 
     /// Writes a record and files its new entry (production: the record's batch with its
     /// entry, then `AeIndex::commit`).
+    ///
+    /// The tombstone index keeps the node's own wall-clock time at which it stored a
+    /// tombstone-only state; a write of the same state (same digest) keeps that time, any
+    /// other state resets it (or drops the entry when the state is not tombstone-only).
     pub(super) fn put_record(&mut self, key: &str, record: quiver_core::causality::LocalRecord) {
         let n = self.tree_n();
+        let held_since = is_tombstone(&record.object).then(|| {
+            let tables = self.store.tables();
+            let same = tables.records.get(key).is_some_and(|old| {
+                merkle::object_digest(&old.object) == merkle::object_digest(&record.object)
+            });
+            match tables.tombstones.get(key) {
+                Some(&t) if same => t,
+                _ => self.wall_ms(self.clock_ms),
+            }
+        });
         self.ae.set(&self.ring, n, key, Some(&record.object));
-        self.store.put_record(key, record);
+        self.store.put_record(key, record, held_since);
+    }
+
+    /// How long this node has held exactly the tombstone state `digest` of `key`, by its own
+    /// clock (0 when it holds another state or no tombstone index entry).
+    fn held_ms(&self, key: &str, digest: &Hash) -> u64 {
+        let tables = self.store.tables();
+        let same = tables
+            .records
+            .get(key)
+            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+        match tables.tombstones.get(key) {
+            Some(&since) if same => self.wall_ms(self.clock_ms).saturating_sub(since),
+            _ => 0,
+        }
+    }
+
+    /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
+    /// state), for the liveness check of reaping.
+    pub fn tombstones_held_since(&self) -> Vec<(String, u64)> {
+        let offset = super::WALL_CLOCK_BASE_MS + self.cfg.clock_skew_ms;
+        self.store
+            .tables()
+            .tombstones
+            .iter()
+            .map(|(k, &t)| (k.clone(), u64::try_from(t as i64 - offset).unwrap_or(0)))
+            .collect()
     }
 
     /// Deletes a record and its entry.
@@ -520,12 +550,19 @@ impl Node {
                     .collect(),
             ),
             PeerRequest::AePush(objects) => PeerResponse::AePushed(self.ae_merge(&objects)),
-            PeerRequest::ReapCheck(asked) => PeerResponse::ReapStatus(
-                asked
-                    .iter()
-                    .map(|(dkey, digest)| self.reap_status(dkey, digest))
-                    .collect(),
-            ),
+            PeerRequest::ReapCheck(asked) => {
+                // Durable before confirming: a state counted towards a reap must survive a
+                // power loss (production: `KvService::reap_status` syncs first).
+                if !self.cfg.reap_check_without_sync {
+                    self.store.sync();
+                }
+                PeerResponse::ReapStatus(
+                    asked
+                        .iter()
+                        .map(|(dkey, digest)| self.reap_status(dkey, digest))
+                        .collect(),
+                )
+            }
             PeerRequest::Reap(list) => {
                 let mut reaped = 0;
                 for (dkey, digest) in &list {
@@ -543,10 +580,11 @@ impl Node {
         self.store.tables().hints.iter().any(|(_, k)| k == key)
     }
 
-    /// `KvService::reap_status`: (holds exactly this state, holds a hint for the key).
-    fn reap_status(&self, dkey: &[u8], digest: &Hash) -> (bool, bool) {
+    /// `KvService::reap_status`: (holds exactly this state, holds a hint for the key, how
+    /// long it has held exactly this state by its own clock, 0 if not the same).
+    fn reap_status(&self, dkey: &[u8], digest: &Hash) -> (bool, bool, u64) {
         let Some(key) = key_of(dkey) else {
-            return (false, false);
+            return (false, false, 0);
         };
         let same = self
             .store
@@ -554,7 +592,8 @@ impl Node {
             .records
             .get(&key)
             .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
-        (same, self.hinted(&key))
+        let held = if same { self.held_ms(&key, digest) } else { 0 };
+        (same, self.hinted(&key), held)
     }
 
     /// `KvService::reap`: deletes the record if it is still exactly that tombstone and (when
@@ -593,18 +632,24 @@ impl Node {
         let Some(grace) = self.cfg.tombstone_grace_ms else {
             return;
         };
-        let Some(before) = self.wall_ms(now_ms).checked_sub(grace) else {
-            return;
-        };
         let members = self.peers.clone();
         let broken = self.cfg.reap_without_checks;
         if !broken && members.iter().any(|m| !self.is_up(m)) {
             return;
         }
         let n = self.cfg.quorum.n;
+        let now_wall = self.wall_ms(now_ms);
         let mut mine = Vec::new();
-        for (key, record) in &self.store.tables().records {
-            if !is_tombstone(&record.object) || newest_timestamp(&record.object) >= before {
+        let tables = self.store.tables();
+        for (key, record) in &tables.records {
+            // Hold time is local: the reaper itself must have held this exact state for the
+            // grace period by its own clock (production: the tombstone index's stamp).
+            let held = tables
+                .tombstones
+                .get(key)
+                .map_or(0, |&since| now_wall.saturating_sub(since));
+            if !is_tombstone(&record.object) || !tables.tombstones.contains_key(key) || held < grace
+            {
                 continue;
             }
             let (primaries, _) = self.preference(key, n);
@@ -625,9 +670,16 @@ impl Node {
         if mine.is_empty() {
             return;
         }
+        // Durable before confirming: the reaper's own copy too.
+        if !broken && !self.cfg.reap_check_without_sync {
+            self.store.sync();
+        }
         let confirmed: Vec<bool> = mine
             .iter()
-            .map(|(_, d, digest, _)| broken || self.reap_status(d, digest) == (true, false))
+            .map(|(_, d, digest, _)| {
+                let (same, hinted, held) = self.reap_status(d, digest);
+                broken || (same && !hinted && held >= grace)
+            })
             .collect();
         let id = self.next_bg_id();
         let mut pass = ReapPass {
@@ -722,9 +774,12 @@ impl Node {
         }
         match result {
             Ok(PeerResponse::ReapStatus(answers)) if answers.len() == pass.mine.len() => {
-                for (i, (same, hinted)) in answers.into_iter().enumerate() {
+                // Every other replica must have held exactly this state for the grace period
+                // by its own clock; no member may hold a hint for the key.
+                let grace = self.cfg.tombstone_grace_ms.unwrap_or(u64::MAX);
+                for (i, (same, hinted, held)) in answers.into_iter().enumerate() {
                     let replica = pass.mine[i].3.iter().any(|p| p == peer);
-                    if hinted || (replica && !same) {
+                    if hinted || (replica && !(same && held >= grace)) {
                         pass.confirmed[i] = false;
                     }
                 }
