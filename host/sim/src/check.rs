@@ -47,12 +47,17 @@ fn render(value: &[u8]) -> String {
     }
 }
 
-/// Dots of `key` whose absence from `object` is explained: present as siblings, or covered
-/// by the client context of a write that is itself explained. Contexts are version vectors,
+/// Dots of `key` whose absence from `object` is explained: present as siblings, removed as
+/// a tombstone every replica held (reaped), or covered by the client context of a write
+/// that is itself explained, or by a reaped state's context. Contexts are version vectors,
 /// so "covered by one of a set of contexts" is "covered by their join".
-fn justified(object: &Object, issued: &[&Issued]) -> BTreeSet<Dot> {
+fn justified(object: &Object, issued: &[&Issued], reaped: &[&Object]) -> BTreeSet<Dot> {
     let mut set: BTreeSet<Dot> = object.siblings().iter().map(|s| s.dot.clone()).collect();
     let mut cover = VersionVector::new();
+    for r in reaped {
+        set.extend(r.siblings().iter().map(|s| s.dot.clone()));
+        cover.join(r.context());
+    }
     for i in issued {
         if set.contains(&i.dot) {
             cover.join(&i.context);
@@ -73,6 +78,15 @@ fn justified(object: &Object, issued: &[&Issued]) -> BTreeSet<Dot> {
     }
 }
 
+/// Tombstone states removed by reaping, by key.
+fn reaped_by_key(reaped: &[(String, Object)]) -> BTreeMap<&str, Vec<&Object>> {
+    let mut map: BTreeMap<&str, Vec<&Object>> = BTreeMap::new();
+    for (key, object) in reaped {
+        map.entry(key.as_str()).or_default().push(object);
+    }
+    map
+}
+
 fn by_key(issued: &[Issued]) -> BTreeMap<&str, Vec<&Issued>> {
     let mut map: BTreeMap<&str, Vec<&Issued>> = BTreeMap::new();
     for i in issued {
@@ -89,8 +103,9 @@ fn check_object(
     what: &str,
     acked: &[AckedWrite],
     issued: &[&Issued],
+    reaped: &[&Object],
 ) -> Result<(), String> {
-    let ok = justified(object, issued);
+    let ok = justified(object, issued, reaped);
     for a in acked.iter().filter(|a| a.key == key) {
         if !ok.contains(&a.dot) {
             let siblings: Vec<String> = object
@@ -127,24 +142,30 @@ fn check_object(
 
 /// Checker 1, no acknowledged write lost: for every key, the merge of every node's copy
 /// (a full read) keeps every acknowledged write as a sibling or covers it by a later write
-/// whose context covered it and which survives in turn.
+/// whose context covered it and which survives in turn. With reaping, a delete may be
+/// gone: a tombstone removed because every replica held it (`reaped`) explains its own
+/// absence and that of what it overwrote (the resurrection checker covers the rest).
 pub fn no_lost_writes(
     full_reads: &BTreeMap<String, Object>,
     acked: &[AckedWrite],
     issued: &[Issued],
+    reaped: &[(String, Object)],
 ) -> Result<(), String> {
     let issued = by_key(issued);
+    let reaped = reaped_by_key(reaped);
     let empty = Object::new();
     let keys: BTreeSet<&str> = acked.iter().map(|a| a.key.as_str()).collect();
     for key in keys {
         let object = full_reads.get(key).unwrap_or(&empty);
         let mine = issued.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        let gone = reaped.get(key).map(Vec::as_slice).unwrap_or(&[]);
         check_object(
             key,
             object,
             "the full read (merge of every node)",
             acked,
             mine,
+            gone,
         )?;
     }
     Ok(())
@@ -157,12 +178,16 @@ pub fn convergence(
     replicas: &BTreeMap<String, Vec<(String, Object)>>,
     acked: &[AckedWrite],
     issued: &[Issued],
+    reaped: &[(String, Object)],
 ) -> Result<(), String> {
     let issued = by_key(issued);
+    let reaped = reaped_by_key(reaped);
     for (key, copies) in replicas {
         let mine = issued.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let gone = reaped.get(key.as_str()).map(Vec::as_slice).unwrap_or(&[]);
         for (node, object) in copies {
-            check_object(key, object, &format!("primary replica {node}"), acked, mine)?;
+            let what = format!("primary replica {node}");
+            check_object(key, object, &what, acked, mine, gone)?;
         }
         if let Some((first, reference)) = copies.first()
             && let Some((node, _)) = copies.iter().find(|(_, o)| o != reference)
@@ -207,4 +232,82 @@ pub fn unique_dots(issued: &[Issued]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Checker 5, no resurrection: a value an acknowledged delete overwrote (its dot is covered
+/// by the context the delete was issued with) is never a live sibling of the final read.
+///
+/// This is the causal form of "a key whose last acknowledged write is a delete reads as
+/// deleted": it also covers keys written concurrently with the delete (their values are
+/// not covered and may legitimately survive as siblings) and keys written again later.
+/// Without reaping no merge can bring such a value back (every copy of the tombstone's
+/// context drops it); with reaping, a stale copy arriving after every replica forgot the
+/// tombstone would.
+pub fn no_resurrection(
+    final_reads: &BTreeMap<String, Object>,
+    acked: &[AckedWrite],
+    issued: &[Issued],
+) -> Result<(), String> {
+    let empty = Object::new();
+    for delete in acked.iter().filter(|a| a.value.is_empty()) {
+        let Some(context) = issued
+            .iter()
+            .find(|i| i.key == delete.key && i.dot == delete.dot)
+            .map(|i| &i.context)
+        else {
+            continue;
+        };
+        let object = final_reads.get(&delete.key).unwrap_or(&empty);
+        if let Some(s) = object
+            .siblings()
+            .iter()
+            .find(|s| !s.meta.tombstone && context.covers(&s.dot))
+        {
+            return Err(format!(
+                "key {:?}: value {:?} (dot {}:{}) is readable again although the delete \
+                 {}:{} acknowledged at {} ms (client {}) overwrote it",
+                delete.key,
+                render(&s.value),
+                s.dot.actor,
+                s.dot.counter,
+                delete.dot.actor,
+                delete.dot.counter,
+                delete.acked_ms,
+                delete.client
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checker 6, reaping makes progress: with the whole cluster up and in agreement, no key
+/// is still held as a tombstone-only state that every holder has held since before
+/// `older_than_ms` (simulated ms: the grace period plus slack before the reaper stopped).
+/// `held` lists `(node, key, simulated ms at which the node stored its tombstone state)`;
+/// a key counts from its latest holder, since the reaper waits for every replica's grace.
+pub fn tombstones_reaped(held: &[(String, String, u64)], older_than_ms: u64) -> Result<(), String> {
+    let mut latest: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    for (node, key, t) in held {
+        let e = latest.entry(key.as_str()).or_insert((node.as_str(), *t));
+        if *t > e.1 {
+            *e = (node.as_str(), *t);
+        }
+    }
+    match latest.iter().find(|(_, (_, t))| *t < older_than_ms) {
+        None => Ok(()),
+        Some((key, (node, t))) => {
+            let holders: Vec<String> = held
+                .iter()
+                .filter(|(_, k, _)| k == key)
+                .map(|(n, _, t)| format!("{n} since {t} ms"))
+                .collect();
+            Err(format!(
+                "key {key:?} is still held as a tombstone by every holder since {t} ms at the \
+                 latest (node {node}; {} ms before the deadline {older_than_ms} ms) although \
+                 every replica is up; holders: {}",
+                older_than_ms - t,
+                holders.join(", ")
+            ))
+        }
+    }
 }

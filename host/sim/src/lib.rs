@@ -30,7 +30,8 @@
 //!   heal/quiesce phase. [`sim::Config::random`] derives a configuration from a seed.
 //! - [`check`]: the checkers, pure functions over the recorded history: (1) no
 //!   acknowledged write lost, (2) convergence (every primary holds every acknowledged
-//!   write, and primaries agree), (3) hints drain, (4) no dot issued twice.
+//!   write, and primaries agree), (3) hints drain, (4) no dot issued twice, (5) no
+//!   resurrection, (6) tombstones reaped; plus each node's AE trees match its records.
 //! - [`rng`]: SplitMix64, the only source of randomness.
 //!
 //! # What is modelled
@@ -40,17 +41,21 @@
 //! from skewed clocks (the lost-write checker would catch a timestamp-based merge, since
 //! skews reach an hour), client contexts from gets and puts, blind writes, deletes.
 //! A kill keeps applied writes (they are in the OS); a power loss keeps the durable part
-//! plus a random prefix of unsynced writes; a wipe (at most `w - 1` per run) keeps nothing.
+//! plus a random prefix of unsynced write batches (a batch, e.g. a record with its hint
+//! marker, is kept whole or not at all); a wipe (at most `w - 1` per run) keeps nothing.
 //! Writes acknowledged with `buffered` durability in runs with power losses are exempt
 //! from the lost-write checkers (they promise nothing across a power loss) but still
 //! count for dot uniqueness.
 //!
 //! # What is not modelled
 //!
-//! Anti-entropy (not built yet: the quiesce phase uses R=N reads instead), membership
-//! changes and handoff of partitions, Wasm reconcilers, the hint-store limit, fsync
-//! latency and failures (a poisoned store), QUIC connection state (a lost message is a
-//! timeout; a "connection refused" fast failure is not modelled), and tombstone reaping.
+//! Membership changes and handoff of partitions, Wasm reconcilers, the hint-store limit,
+//! fsync latency and failures (a poisoned store), QUIC connection state (a lost message is
+//! a timeout; a "connection refused" fast failure is not modelled), the `--ae-max-keys`
+//! paging of large exchanges and refiling after a change of `n` (one bucket, one `n`).
+//! Anti-entropy and tombstone reaping are modelled (`node::ae`, off by default; see
+//! [`sim::Config::ae_only`] and [`sim::Config::reaping`]), as are the checkers (5) no
+//! resurrection and (6) old tombstones reaped once the cluster is whole.
 //!
 //! # Findings
 //!

@@ -28,6 +28,8 @@
 //! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of steps inside one
 //! request (validate, read the record, apply, fsync), the hint-delivery pass, and timeouts.
 
+mod ae;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -38,6 +40,7 @@ use quiver_core::coordinator::{
     FailureDetector, Forwarding, PutFanout, ReadFanout, WriteRoute, route_write,
 };
 use quiver_core::limits::SIBLINGS_MAX_DEFAULT;
+use quiver_core::merkle::Hash;
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
 use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::ring::Ring;
@@ -45,17 +48,22 @@ use quiver_core::ring::Ring;
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk, Store, Tables};
 
+pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
+
 /// The single bucket the simulation writes to (placement hashes bucket and key).
 pub const BUCKET: &str = "sim";
 /// Keys handed over per hint-delivery pass and owner (production: `HINT_BATCH_KEYS`).
 pub const HINT_BATCH_KEYS: usize = 256;
 /// Wall-clock ms at simulated time 0, so sibling timestamps look like real ones.
-const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
+pub const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
 /// Bits of a call id that count calls within one life of a node; the rest is the life, so
 /// a response to a call of a previous life can never complete a call of this one.
 const CALL_ID_BITS_PER_LIFE: u32 = 40;
 /// Bits of an epoch that count within one boot (production: `EPOCH_BITS_PER_BOOT`).
 const EPOCH_BITS_PER_BOOT: u32 = 32;
+
+/// A leaf's keys as an exchange lists them: `(data key, object digest)`, sorted.
+pub type KeyList = Vec<(Vec<u8>, Hash)>;
 
 /// A node's name, as in the ring.
 pub type NodeId = String;
@@ -140,6 +148,29 @@ pub enum PeerRequest {
         /// The primary the receiver stands in for, if the sender chose it as a fallback.
         hint_for: Option<NodeId>,
     },
+    /// Anti-entropy: the number of trees both replicate and the digest of their roots.
+    AeDigest {
+        /// Trees compared.
+        trees: u32,
+        /// `merkle::roots_digest` of their roots.
+        digest: Hash,
+    },
+    /// Anti-entropy: the initiator's roots; the peer answers with its groups of the trees
+    /// whose roots differ.
+    AeRoots(Vec<(u8, u32, Hash)>),
+    /// Anti-entropy: leaf hashes of these groups.
+    AeLeaves(Vec<(u8, u32, u8)>),
+    /// Anti-entropy: `(data key, digest)` lists of these leaves.
+    AeKeys(Vec<(u8, u32, u8)>),
+    /// Anti-entropy: the states of these data keys.
+    AeFetch(Vec<Vec<u8>>),
+    /// Anti-entropy: merge these states.
+    AePush(Vec<(Vec<u8>, Object)>),
+    /// Reaping: does the receiver hold exactly these states (and since how long, by its own
+    /// clock), and a hint for the key? The receiver makes its applied writes durable first.
+    ReapCheck(Vec<(Vec<u8>, Hash)>),
+    /// Reaping: remove these tombstones if still exactly these states.
+    Reap(Vec<(Vec<u8>, Hash)>),
 }
 
 /// Node-to-node responses (production: `peer::PeerResponse`).
@@ -155,6 +186,23 @@ pub enum PeerResponse {
     Forwarded(ClientResult),
     /// The request was refused (the peer is up).
     Error(String),
+    /// Answer to `AeDigest`: equal.
+    AeMatch(bool),
+    /// Answer to `AeRoots`: groups of the differing trees.
+    AeGroups(Vec<(u8, u32, Vec<Hash>)>),
+    /// Answer to `AeLeaves`.
+    AeLeafHashes(Vec<(u8, u32, u8, Vec<Hash>)>),
+    /// Answer to `AeKeys`.
+    AeKeyLists(Vec<(u8, u32, u8, KeyList)>),
+    /// Answer to `AeFetch`.
+    AeObjects(Vec<(Vec<u8>, Object)>),
+    /// Answer to `AePush`: keys whose state changed.
+    AePushed(u64),
+    /// Answer to `ReapCheck`: (same state, hint held, ms the same state has been held by
+    /// the answering node's clock, 0 if not the same) per key.
+    ReapStatus(Vec<(bool, bool, u64)>),
+    /// Answer to `Reap`: tombstones removed.
+    Reaped(u64),
 }
 
 /// A message on the simulated network.
@@ -198,6 +246,20 @@ pub enum Observation {
     HintHandedOff,
     /// A peer call timed out and marked the peer down.
     PeerTimeout,
+    /// An anti-entropy exchange completed (as initiator).
+    AeExchange {
+        /// Keys whose state changed here or at the peer.
+        repaired: u64,
+    },
+    /// A tombstone was removed.
+    Reaped {
+        /// The node.
+        node: NodeId,
+        /// Key.
+        key: String,
+        /// The state removed.
+        object: Object,
+    },
 }
 
 /// What the driver must do for a node.
@@ -259,6 +321,19 @@ pub struct NodeConfig {
     /// (`KvService::merge_remote`) does not, which acknowledges data that may be buffered
     /// only (see the crate docs, "Findings").
     pub sync_unchanged_merges: bool,
+    /// Read repair after every read (production: always on).
+    pub read_repair: bool,
+    /// Interval of anti-entropy ticks (one exchange, one reaping pass), in ms; `None` off.
+    pub ae_every_ms: Option<u64>,
+    /// Tombstone grace period: how long every replica must have held a tombstone state,
+    /// each measured on its own clock, before it is reaped; `None` never reaps.
+    pub tombstone_grace_ms: Option<u64>,
+    /// BROKEN VARIANT: reap without asking the other members (no "all members up", no
+    /// digest, hold-time and hint check).
+    pub reap_without_checks: bool,
+    /// BROKEN VARIANT: answer `ReapCheck` (and check locally before reaping) without first
+    /// making the applied writes durable.
+    pub reap_check_without_sync: bool,
 }
 
 /// The per-boot epoch allocator (production: `epochs::BootEpochs`).
@@ -317,6 +392,12 @@ enum Purpose {
         key: String,
         object: Object,
     },
+    Ae {
+        exchange: u64,
+    },
+    Reap {
+        pass: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +406,8 @@ struct Call {
     deadline_ms: u64,
     started_ms: u64,
     purpose: Purpose,
+    /// Feeds the failure detector (background anti-entropy calls do not).
+    tracked: bool,
 }
 
 #[derive(Debug)]
@@ -388,6 +471,15 @@ pub struct Node {
     hint_pass: Option<HintPass>,
     next_hint_pass_ms: u64,
     next_writeback_ms: u64,
+    ae: ae::AeIndex,
+    exchange: Option<ae::Exchange>,
+    reap_pass: Option<ae::ReapPass>,
+    next_ae_ms: u64,
+    ae_next_peer: usize,
+    next_bg: u64,
+    reaping_paused: bool,
+    /// Simulated time of the input being handled (the node's clock for store times).
+    clock_ms: u64,
 }
 
 impl Node {
@@ -406,7 +498,7 @@ impl Node {
         let mut store = Store::open(disk);
         let boot = store.begin_boot();
         let (_, incarnation) = store.disk_identity();
-        Node {
+        let mut node = Node {
             cfg,
             me: Coordinator {
                 node: name.to_string(),
@@ -432,7 +524,17 @@ impl Node {
             hint_pass: None,
             next_hint_pass_ms: now_ms + cfg.hints_every_ms,
             next_writeback_ms: now_ms + cfg.writeback_every_ms,
-        }
+            ae: ae::AeIndex::default(),
+            exchange: None,
+            reap_pass: None,
+            next_ae_ms: now_ms + cfg.ae_every_ms.unwrap_or(0),
+            ae_next_peer: 0,
+            next_bg: 0,
+            reaping_paused: false,
+            clock_ms: now_ms,
+        };
+        node.rebuild_ae();
+        node
     }
 
     /// The node's name.
@@ -473,6 +575,7 @@ impl Node {
         request: ClientRequest,
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         self.handle_client(now_ms, Origin::Client(ticket), request, None, &mut fx);
         fx
     }
@@ -480,6 +583,7 @@ impl Node {
     /// A peer message arrived.
     pub fn on_message(&mut self, now_ms: u64, from: &str, msg: Message) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         match msg {
             Message::Request { id, body } => self.handle_peer(now_ms, from, id, body, &mut fx),
             Message::Response { id, body } => {
@@ -487,12 +591,15 @@ impl Node {
                 if self.calls.get(&id).is_some_and(|c| c.peer == from)
                     && let Some(call) = self.calls.remove(&id)
                 {
-                    self.mark_up(from, now_ms);
+                    if call.tracked {
+                        self.mark_up(from, now_ms);
+                    }
+                    let peer = call.peer.clone();
                     let result = match body {
                         PeerResponse::Error(e) => Err(CallError::Refused(e)),
                         other => Ok(other),
                     };
-                    self.dispatch(now_ms, call.purpose, result, &mut fx);
+                    self.dispatch(now_ms, &peer, call.purpose, result, &mut fx);
                 }
             }
         }
@@ -502,6 +609,7 @@ impl Node {
     /// Time passed: expire calls, probe down peers, hand off hints, write back buffers.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
+        self.clock_ms = now_ms;
         if !self.local_syncs.is_empty() {
             // The coordinators' own fsyncs (group-committed): their copies now count.
             self.store.sync();
@@ -525,9 +633,18 @@ impl Node {
             .collect();
         for id in expired {
             if let Some(call) = self.calls.remove(&id) {
-                self.mark_down(&call.peer, call.started_ms, now_ms);
-                fx.push(Effect::Observe(Observation::PeerTimeout));
-                self.dispatch(now_ms, call.purpose, Err(CallError::Timeout), &mut fx);
+                if call.tracked {
+                    self.mark_down(&call.peer, call.started_ms, now_ms);
+                    fx.push(Effect::Observe(Observation::PeerTimeout));
+                }
+                let peer = call.peer.clone();
+                self.dispatch(
+                    now_ms,
+                    &peer,
+                    call.purpose,
+                    Err(CallError::Timeout),
+                    &mut fx,
+                );
             }
         }
         for peer in self.health.due_probes(now_ms) {
@@ -552,6 +669,7 @@ impl Node {
                 self.hint_step(now_ms, &mut fx);
             }
         }
+        self.ae_tick(now_ms, &mut fx);
         if now_ms >= self.next_writeback_ms {
             self.store.sync();
             self.next_writeback_ms = now_ms + self.cfg.writeback_every_ms;
@@ -582,6 +700,34 @@ impl Node {
         purpose: Purpose,
         fx: &mut Vec<Effect>,
     ) {
+        self.call_with(now_ms, peer, body, timeout_ms, purpose, true, fx);
+    }
+
+    /// A call whose outcome does not reach the failure detector (production:
+    /// `Peers::call_untracked`, used by anti-entropy and reaping).
+    fn call_untracked(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        body: PeerRequest,
+        timeout_ms: u64,
+        purpose: Purpose,
+        fx: &mut Vec<Effect>,
+    ) {
+        self.call_with(now_ms, peer, body, timeout_ms, purpose, false, fx);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call_with(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        body: PeerRequest,
+        timeout_ms: u64,
+        purpose: Purpose,
+        tracked: bool,
+        fx: &mut Vec<Effect>,
+    ) {
         self.next_call += 1;
         let id = (self.life << CALL_ID_BITS_PER_LIFE) | self.next_call;
         self.calls.insert(
@@ -591,6 +737,7 @@ impl Node {
                 deadline_ms: now_ms + timeout_ms,
                 started_ms: now_ms,
                 purpose,
+                tracked,
             },
         );
         fx.push(Effect::Send {
@@ -602,6 +749,7 @@ impl Node {
     fn dispatch(
         &mut self,
         now_ms: u64,
+        peer: &str,
         purpose: Purpose,
         result: Result<PeerResponse, CallError>,
         fx: &mut Vec<Effect>,
@@ -610,6 +758,8 @@ impl Node {
             // The outcome already reached the failure detector (`on_message` / `on_tick`).
             Purpose::Probe => {}
             Purpose::Repair => {}
+            Purpose::Ae { exchange } => self.ae_result(now_ms, exchange, result, fx),
+            Purpose::Reap { pass } => self.reap_result(now_ms, pass, peer, result, fx),
             Purpose::Store { op, target } => {
                 let result = match result {
                     Ok(PeerResponse::Stored) => Ok(()),
@@ -800,6 +950,9 @@ impl Node {
         let Some(get) = self.gets.remove(&op) else {
             return;
         };
+        if !self.cfg.read_repair {
+            return;
+        }
         let merged = get.read.merged().clone();
         for repair in get.read.repairs() {
             let Target { node, hint_for } = repair.target;
@@ -889,12 +1042,14 @@ impl Node {
             return self.reply(origin, ClientResult::Failed(msg), fx);
         }
         let object = record.object.clone();
-        self.store.put_record(&req.key, record);
+        self.store.begin_batch();
+        self.put_record(&req.key, record);
         if let Some(owner) = &my_target.hint_for
             && !self.has_hint(owner, &req.key)
         {
             self.store.put_hint(owner, &req.key);
         }
+        self.store.end_batch();
         let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
         // Like production: with other replicas the coordinator's own fsync runs alongside
         // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
@@ -1088,7 +1243,7 @@ impl Node {
                 sync,
             } => {
                 let body = match self.merge_remote(&key, &object, sync, hint_for.as_deref()) {
-                    Ok(()) => PeerResponse::Stored,
+                    Ok(_) => PeerResponse::Stored,
                     Err(e) => PeerResponse::Error(e),
                 };
                 fx.push(respond(body));
@@ -1099,6 +1254,11 @@ impl Node {
                     id,
                 };
                 self.handle_client(now_ms, origin, request, Some(hint_for), fx);
+            }
+            other => {
+                if let Some(body) = self.handle_background(from, other) {
+                    fx.push(respond(body));
+                }
             }
         }
     }
@@ -1118,24 +1278,27 @@ impl Node {
         incoming: &Object,
         sync: bool,
         hint_for: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         incoming.validate().map_err(|e| format!("key {key}: {e}"))?;
         let local = self.store.tables().records.get(key);
         let held = hint_for.is_some_and(|owner| self.has_hint(owner, key));
         let plan = replica::merge_incoming(local, incoming, hint_for, held);
         let changed = !plan.is_empty();
+        // Record and hint marker in one batch (a power loss keeps both or neither).
+        self.store.begin_batch();
         if let Some(record) = plan.record {
-            self.store.put_record(key, record);
+            self.put_record(key, record);
         }
         if let Some(owner) = hint_for
             && plan.add_hint
         {
             self.store.put_hint(owner, key);
         }
+        self.store.end_batch();
         if sync && (changed || self.cfg.sync_unchanged_merges) {
             self.store.sync();
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// KvService::hint_delivered: drop the marker (and the copy unless `keep`) only if the
@@ -1147,7 +1310,7 @@ impl Node {
             HandoffCleanup::DropMarker => self.store.delete_hint(owner, key),
             HandoffCleanup::DropMarkerAndCopy => {
                 self.store.delete_hint(owner, key);
-                self.store.delete_record(key);
+                self.delete_record(key);
             }
         }
         self.store.sync();

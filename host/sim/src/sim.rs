@@ -26,6 +26,13 @@ const TICK_MS: u64 = 10;
 const QUIESCE_ROUNDS_MAX: usize = 8;
 /// Wait after each quiesce round, in ms: longer than a peer timeout plus a hint pass.
 const QUIESCE_ROUND_MS: u64 = 3_000;
+/// With reaping: how long the whole, quiet cluster runs after every tombstone is past its
+/// grace period, before reaping is paused for the checks.
+const REAP_SETTLE_MS: u64 = 3_000;
+/// Of that time, how long every holder of a tombstone must have held it past the grace
+/// period (each by its own clock) for it to count as one reaping had to remove: ten AE
+/// ticks of 200 ms.
+const REAP_DEADLINE_SLACK_MS: u64 = 2_000;
 
 /// Everything a run depends on besides the seed. [`Config::random`] derives one per seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +103,24 @@ pub struct Config {
     /// Fsync `sync` Stores that change nothing (the fix for the finding in the crate docs;
     /// `false` reproduces production).
     pub sync_unchanged_merges: bool,
+    /// Share of client operations that are deletes, in percent (35 % are reads, the rest
+    /// puts).
+    pub delete_pct: u64,
+    /// Deletes are read-then-delete (a get, then a delete with its context), as an
+    /// application removing what it saw would; more of them leave tombstone-only states.
+    pub read_before_delete: bool,
+    /// Read repair after reads (off to prove convergence by anti-entropy alone).
+    pub read_repair: bool,
+    /// Interval of anti-entropy ticks on every node, in ms; `None` turns anti-entropy (and
+    /// reaping) off.
+    pub ae_every_ms: Option<u64>,
+    /// Tombstone grace period, in ms: how long every replica must have held a tombstone
+    /// state by its own clock; `None` never reaps. Reaping runs on the AE tick.
+    pub tombstone_grace_ms: Option<u64>,
+    /// BROKEN VARIANT: the first primary reaps without asking the other members.
+    pub reap_without_checks: bool,
+    /// BROKEN VARIANT: reaping checks count states that are not yet durable.
+    pub reap_check_without_sync: bool,
 }
 
 impl Default for Config {
@@ -131,6 +156,13 @@ impl Default for Config {
             ack_before_quorum: false,
             trust_all_epochs: false,
             sync_unchanged_merges: true,
+            delete_pct: 15,
+            read_before_delete: false,
+            read_repair: true,
+            ae_every_ms: None,
+            tombstone_grace_ms: None,
+            reap_without_checks: false,
+            reap_check_without_sync: false,
         }
     }
 }
@@ -177,6 +209,33 @@ impl Config {
         }
     }
 
+    /// The anti-entropy-only scenario for `seed`: [`Config::random`] with read repair and
+    /// hinted handoff (sloppy quorum) off and anti-entropy every 200 ms, so replicas that
+    /// missed writes converge by exchanges alone.
+    pub fn ae_only(seed: u64) -> Config {
+        Config {
+            sloppy: false,
+            read_repair: false,
+            ae_every_ms: Some(200),
+            ..Config::random(seed)
+        }
+    }
+
+    /// The reaping scenario for `seed`: [`Config::random`] (clock skews included: every
+    /// node measures the grace period on its own clock, as hold time) with anti-entropy
+    /// every 200 ms and tombstone reaping after a 2 s grace.
+    pub fn reaping(seed: u64) -> Config {
+        let base = Config::random(seed);
+        Config {
+            ae_every_ms: Some(200),
+            tombstone_grace_ms: Some(2_000),
+            delete_pct: 45,
+            read_before_delete: true,
+            clients: base.clients.min(4),
+            ..base
+        }
+    }
+
     /// One line describing the run's setting, for failure messages and summaries.
     pub fn describe(&self) -> String {
         let mut faults = Vec::new();
@@ -193,6 +252,8 @@ impl Config {
                 !self.sync_unchanged_merges,
                 "production-unsynced-noop-merge",
             ),
+            (!self.read_repair, "no-read-repair"),
+            (self.reap_without_checks, "BROKEN:reap-without-checks"),
         ] {
             if on {
                 faults.push(name);
@@ -200,7 +261,7 @@ impl Config {
         }
         format!(
             "nodes={} n={} r={} w={} keys={} clients={} {:?} sloppy={} loss={} dup={} delay={:?} \
-             spike={} skew={}ms buffered_share={} faults=[{}]",
+             spike={} skew={}ms buffered_share={} ae={:?} grace={:?} faults=[{}]",
             self.nodes,
             self.n,
             self.r,
@@ -215,6 +276,8 @@ impl Config {
             self.spike,
             self.clock_skew_ms,
             self.buffered_share,
+            self.ae_every_ms,
+            self.tombstone_grace_ms,
             faults.join(",")
         )
     }
@@ -233,6 +296,12 @@ pub enum Checker {
     HintsDrain,
     /// A dot was issued twice.
     DuplicateDot,
+    /// A node's anti-entropy trees do not match its records.
+    AeIndex,
+    /// A value an acknowledged delete overwrote is readable again.
+    Resurrection,
+    /// An old tombstone every replica holds was not reaped.
+    TombstonesReaped,
 }
 
 impl fmt::Display for Checker {
@@ -243,6 +312,9 @@ impl fmt::Display for Checker {
             Checker::Convergence => "convergence",
             Checker::HintsDrain => "hints-drain",
             Checker::DuplicateDot => "unique-dots",
+            Checker::AeIndex => "ae-index-follows-records",
+            Checker::Resurrection => "no-resurrection",
+            Checker::TombstonesReaped => "tombstones-reaped",
         })
     }
 }
@@ -298,6 +370,12 @@ pub struct Report {
     pub read_repairs: u64,
     /// Hints handed off and dropped.
     pub hints_handed_off: u64,
+    /// Anti-entropy exchanges completed.
+    pub ae_exchanges: u64,
+    /// Keys repaired by anti-entropy (changed at either end).
+    pub ae_repaired: u64,
+    /// Tombstones removed (per replica).
+    pub tombstones_reaped: u64,
     /// Simulated time at the end, in ms.
     pub simulated_ms: u64,
     /// Hash of every event processed, in order: equal for two runs of one seed.
@@ -318,6 +396,9 @@ impl Report {
         self.dots += other.dots;
         self.read_repairs += other.read_repairs;
         self.hints_handed_off += other.hints_handed_off;
+        self.ae_exchanges += other.ae_exchanges;
+        self.ae_repaired += other.ae_repaired;
+        self.tombstones_reaped += other.tombstones_reaped;
         self.simulated_ms += other.simulated_ms;
     }
 }
@@ -327,7 +408,8 @@ impl fmt::Display for Report {
         write!(
             f,
             "ops={} acked_writes={} reads={} failed_ops={} faults={} messages={} dropped={} \
-             duplicated={} dots={} read_repairs={} hints_handed_off={} simulated={:.1}s",
+             duplicated={} dots={} read_repairs={} hints_handed_off={} ae_exchanges={} \
+             ae_repaired={} reaped={} simulated={:.1}s",
             self.operations,
             self.acked_writes,
             self.reads,
@@ -339,6 +421,9 @@ impl fmt::Display for Report {
             self.dots,
             self.read_repairs,
             self.hints_handed_off,
+            self.ae_exchanges,
+            self.ae_repaired,
+            self.tombstones_reaped,
             self.simulated_ms as f64 / 1000.0
         )
     }
@@ -429,6 +514,8 @@ struct ClientState {
     waiting: Option<u64>,
     contexts: BTreeMap<String, Vec<u8>>,
     seq: u64,
+    /// A read-then-delete read this key: delete it next.
+    delete_next: Option<String>,
 }
 
 struct World {
@@ -451,6 +538,10 @@ struct World {
     clients: Vec<ClientState>,
     history: Vec<OpRecord>,
     issued: Vec<Issued>,
+    /// Tombstone states removed by reaping, per key.
+    reaped: Vec<(String, Object)>,
+    /// Simulated time at which reaping was paused for the final checks.
+    reaping_paused_ms: Option<u64>,
     report: Report,
     trace: Fnv,
 }
@@ -468,6 +559,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Report, Failure> {
     world.workload();
     world.heal();
     world.quiesce();
+    world.reap_settle();
     world.check().map_err(|(c, m)| fail(c, m))?;
     world.report.seed = seed;
     world.report.simulated_ms = world.now_ms;
@@ -507,6 +599,11 @@ impl World {
                 ack_before_quorum: cfg.ack_before_quorum,
                 trust_all_epochs: cfg.trust_all_epochs,
                 sync_unchanged_merges: cfg.sync_unchanged_merges,
+                read_repair: cfg.read_repair,
+                ae_every_ms: cfg.ae_every_ms,
+                tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
+                reap_without_checks: cfg.reap_without_checks,
+                reap_check_without_sync: cfg.reap_check_without_sync,
             })
             .collect();
         let nodes = names
@@ -544,6 +641,8 @@ impl World {
             clients: (0..cfg.clients).map(|_| ClientState::default()).collect(),
             history: Vec::new(),
             issued: Vec::new(),
+            reaped: Vec::new(),
+            reaping_paused_ms: None,
             report: Report::default(),
             trace: Fnv(0xcbf2_9ce4_8422_2325),
             names,
@@ -639,6 +738,25 @@ impl World {
                 break;
             }
         }
+    }
+
+    /// With reaping on: every tombstone of the workload is past its grace period; let the
+    /// whole, quiet cluster reap, then stop new reaping passes and quiesce again, so the
+    /// checks never look at a pass half done (a half-finished reap is repaired by AE).
+    fn reap_settle(&mut self) {
+        let Some(grace) = self.reaping_grace() else {
+            return;
+        };
+        self.run_until(self.now_ms + grace + REAP_SETTLE_MS);
+        for node in self.nodes.iter_mut().flatten() {
+            node.pause_reaping();
+        }
+        self.reaping_paused_ms = Some(self.now_ms);
+        self.quiesce();
+    }
+
+    fn reaping_grace(&self) -> Option<u64> {
+        self.cfg.ae_every_ms.and(self.cfg.tombstone_grace_ms)
     }
 
     fn quiet(&self) -> bool {
@@ -767,6 +885,14 @@ impl World {
                     Observation::ReadRepair => self.report.read_repairs += 1,
                     Observation::HintHandedOff => self.report.hints_handed_off += 1,
                     Observation::PeerTimeout => {}
+                    Observation::AeExchange { repaired } => {
+                        self.report.ae_exchanges += 1;
+                        self.report.ae_repaired += repaired;
+                    }
+                    Observation::Reaped { key, object, .. } => {
+                        self.report.tombstones_reaped += 1;
+                        self.reaped.push((key, object));
+                    }
                 },
             }
         }
@@ -814,16 +940,26 @@ impl World {
         if self.now_ms >= self.cfg.workload_ms {
             return;
         }
-        let k = self.rng.index(self.cfg.keys);
-        let key = self.key(k);
-        let roll = self.rng.below(100);
+        // The second half of a read-then-delete: delete with what the read returned.
+        let forced = self.clients[c].delete_next.take();
+        let (key, roll) = match forced.clone() {
+            Some(key) => (key, 99),
+            None => {
+                let k = self.rng.index(self.cfg.keys);
+                (self.key(k), self.rng.below(100))
+            }
+        };
+        let read_first = forced.is_none() && self.cfg.read_before_delete;
         let client = &mut self.clients[c];
         client.seq += 1;
         let (op, value) = if roll < 35 {
             (ClientOp::Get, Vec::new())
-        } else if roll < 85 {
+        } else if roll < 100 - self.cfg.delete_pct.min(65) {
             let v = format!("c{c}-{}", client.seq).into_bytes();
             (ClientOp::Put(v.clone()), v)
+        } else if read_first {
+            client.delete_next = Some(key.clone());
+            (ClientOp::Get, Vec::new())
         } else {
             (ClientOp::Delete, Vec::new())
         };
@@ -834,7 +970,7 @@ impl World {
         };
         let effective = durability.unwrap_or(self.cfg.durability);
         let exempt = effective == Durability::Buffered && self.power_losses_possible();
-        let context = if op != ClientOp::Get && self.rng.chance(0.8) {
+        let context = if op != ClientOp::Get && (forced.is_some() || self.rng.chance(0.8)) {
             self.clients[c]
                 .contexts
                 .get(&key)
@@ -1094,7 +1230,13 @@ impl World {
                 .collect();
             replicas.insert(key, copies);
         }
-        check::no_lost_writes(&full, &acked, &self.issued).map_err(|m| (Checker::LostWrite, m))?;
+        for node in self.nodes.iter().flatten() {
+            node.check_ae_index().map_err(|m| (Checker::AeIndex, m))?;
+        }
+        check::no_lost_writes(&full, &acked, &self.issued, &self.reaped)
+            .map_err(|m| (Checker::LostWrite, m))?;
+        check::no_resurrection(&full, &acked, &self.issued)
+            .map_err(|m| (Checker::Resurrection, m))?;
         let hints: Vec<(String, String, String)> = self
             .nodes
             .iter()
@@ -1107,8 +1249,25 @@ impl World {
             })
             .collect();
         check::hints_drained(&hints).map_err(|m| (Checker::HintsDrain, m))?;
-        check::convergence(&replicas, &acked, &self.issued)
+        check::convergence(&replicas, &acked, &self.issued, &self.reaped)
             .map_err(|m| (Checker::Convergence, m))?;
+        if let (Some(grace), Some(paused)) = (self.reaping_grace(), self.reaping_paused_ms) {
+            // (node, key, simulated ms at which the node stored its tombstone state): hold
+            // times are each node's own, so skew does not enter the deadline.
+            let held: Vec<(String, String, u64)> = self
+                .nodes
+                .iter()
+                .flatten()
+                .flat_map(|n| {
+                    n.tombstones_held_since()
+                        .into_iter()
+                        .map(|(k, t)| (n.name().to_string(), k, t))
+                })
+                .collect();
+            let deadline = paused.saturating_sub(REAP_DEADLINE_SLACK_MS + grace);
+            check::tombstones_reaped(&held, deadline)
+                .map_err(|m| (Checker::TombstonesReaped, m))?;
+        }
         let _ = self.seed;
         Ok(())
     }

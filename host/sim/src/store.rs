@@ -4,8 +4,9 @@
 //! at once (readers see them) but become durable only when synced; `sync` makes every
 //! write applied so far durable (group commit), and the OS writes buffered data back on its
 //! own from time to time. A process kill keeps everything applied (the OS holds it); a power
-//! loss keeps the durable part plus a prefix of the unsynced writes (whatever writeback got
-//! to), like a journal torn at some point.
+//! loss keeps the durable part plus a prefix of the unsynced write batches (whatever
+//! writeback got to), like a journal torn at some point. A batch (production: one
+//! `WriteBatch`, e.g. a record with its hint marker) is never torn.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,7 +17,9 @@ use crate::rng::Rng;
 /// One write to the simulated disk, in application order.
 #[derive(Debug, Clone)]
 enum Op {
-    PutRecord(String, LocalRecord),
+    /// A record and its tombstone-index entry (`Some(local ms)` when tombstone-only),
+    /// written in one batch as production writes `d|…` and `keys::reap_key`.
+    PutRecord(String, LocalRecord, Option<u64>),
     DeleteRecord(String),
     PutHint(String, String),
     DeleteHint(String, String),
@@ -29,16 +32,25 @@ pub struct Tables {
     pub records: BTreeMap<String, LocalRecord>,
     /// (owner, key): a hint marker (`h | owner | data key` in production).
     pub hints: BTreeSet<(String, String)>,
+    /// The tombstone index (production: `keys::reap_key`, in the record's batch): for each
+    /// key whose siblings are all tombstones, the node's own wall-clock ms at which it
+    /// stored exactly that state.
+    pub tombstones: BTreeMap<String, u64>,
 }
 
 impl Tables {
     fn apply(&mut self, op: &Op) {
         match op {
-            Op::PutRecord(k, r) => {
+            Op::PutRecord(k, r, held) => {
                 self.records.insert(k.clone(), r.clone());
+                match held {
+                    Some(t) => self.tombstones.insert(k.clone(), *t),
+                    None => self.tombstones.remove(k),
+                };
             }
             Op::DeleteRecord(k) => {
                 self.records.remove(k);
+                self.tombstones.remove(k);
             }
             Op::PutHint(o, k) => {
                 self.hints.insert((o.clone(), k.clone()));
@@ -88,7 +100,10 @@ pub enum CrashKind {
 pub struct Store {
     disk: Disk,
     current: Tables,
-    unsynced: Vec<Op>,
+    /// Unsynced write batches, in application order.
+    unsynced: Vec<Vec<Op>>,
+    /// Writes join the last batch (between [`Store::begin_batch`] and [`Store::end_batch`]).
+    in_batch: bool,
 }
 
 impl Store {
@@ -98,6 +113,7 @@ impl Store {
             current: disk.durable.clone(),
             disk,
             unsynced: Vec::new(),
+            in_batch: false,
         }
     }
 
@@ -113,12 +129,31 @@ impl Store {
 
     fn push(&mut self, op: Op) {
         self.current.apply(&op);
-        self.unsynced.push(op);
+        match self.unsynced.last_mut() {
+            Some(batch) if self.in_batch => batch.push(op),
+            _ => self.unsynced.push(vec![op]),
+        }
     }
 
-    /// Applies a record write (visible at once, durable after [`Store::sync`]).
-    pub fn put_record(&mut self, key: &str, record: LocalRecord) {
-        self.push(Op::PutRecord(key.to_string(), record));
+    /// The writes until [`Store::end_batch`] form one batch: a power loss keeps all or none.
+    pub fn begin_batch(&mut self) {
+        self.unsynced.push(Vec::new());
+        self.in_batch = true;
+    }
+
+    /// Ends the batch [`Store::begin_batch`] opened.
+    pub fn end_batch(&mut self) {
+        self.in_batch = false;
+        if self.unsynced.last().is_some_and(Vec::is_empty) {
+            self.unsynced.pop();
+        }
+    }
+
+    /// Applies a record write with its tombstone-index entry (`held_since`: the local
+    /// wall-clock ms the tombstone-only state was first stored; `None` for any other
+    /// state). Visible at once, durable after [`Store::sync`].
+    pub fn put_record(&mut self, key: &str, record: LocalRecord, held_since: Option<u64>) {
+        self.push(Op::PutRecord(key.to_string(), record, held_since));
     }
 
     /// Applies a record deletion.
@@ -138,14 +173,14 @@ impl Store {
 
     /// Makes every applied write durable (the group-commit fsync; instantaneous here).
     pub fn sync(&mut self) {
-        for op in self.unsynced.drain(..) {
+        for op in self.unsynced.drain(..).flatten() {
             self.disk.durable.apply(&op);
         }
     }
 
     /// Number of writes not yet durable.
     pub fn unsynced_len(&self) -> usize {
-        self.unsynced.len()
+        self.unsynced.iter().map(Vec::len).sum()
     }
 
     /// The node goes down: returns what its disk keeps, per the kind of crash.
@@ -154,7 +189,7 @@ impl Store {
             CrashKind::Kill => self.sync(),
             CrashKind::PowerLoss => {
                 let kept = rng.index(self.unsynced.len() + 1);
-                for op in &self.unsynced[..kept] {
+                for op in self.unsynced[..kept].iter().flatten() {
                     self.disk.durable.apply(op);
                 }
             }

@@ -1,0 +1,796 @@
+//! Active anti-entropy and tombstone reaping in the simulated node: the index of
+//! `host/node/src/ae.rs`, the exchange of `host/node/src/cluster/ae.rs` and the reaper of
+//! `host/node/src/cluster/reap.rs` with `KvService::{reap, reap_status}`, as steps of the
+//! node's state machine.
+//!
+//! The trees are the core's ([`merkle::Tree`], one per `(n, partition)`, leaf
+//! [`merkle::leaf_of`] of the key's ring position, entry [`merkle::entry_hash`] of the engine
+//! data key and [`merkle::object_digest`]); every comparison is [`merkle::differing`] or
+//! [`merkle::diff_keys`]. Production keeps the leaf level on disk in the record's batch;
+//! here the index lives in memory, follows every record write and delete of the node
+//! (`Node::put_record`, `Node::delete_record`), and is rebuilt from the records the disk
+//! kept when the node boots, which gives the same guarantee: the trees never drift from
+//! the data.
+//!
+//! An exchange is one message sequence with one peer (digest of roots, roots, groups,
+//! leaves, key lists, fetch, push), each step a call with the peer timeout. A failed or
+//! timed-out step abandons the exchange; replies to an abandoned exchange carry its id and
+//! are ignored. Exchanges and reaping checks do not feed the failure detector (production:
+//! `call_untracked`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use quiver_core::causality::Object;
+use quiver_core::merkle::{self, FANOUT, Hash, Tree};
+use quiver_core::ring::{self, Ring};
+use quiver_core::storage::keys;
+
+use super::{
+    BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
+};
+use crate::store::Tables;
+
+/// Keys repaired per exchange at most (production: `--ae-max-keys`).
+pub const AE_MAX_KEYS: usize = 10_000;
+
+/// A tree's identity: replication factor and partition.
+pub type TreeId = (u8, u32);
+
+/// Where a key sits and what it contributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    tree: TreeId,
+    leaf: u8,
+    data_key: Vec<u8>,
+    digest: Hash,
+    hash: Hash,
+}
+
+/// The node's trees and the entries they are made of.
+#[derive(Debug, Clone, Default)]
+pub(super) struct AeIndex {
+    trees: BTreeMap<TreeId, Tree>,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Engine data key of a simulation key (production: `keys::data_key(bucket, key)`).
+pub fn data_key(key: &str) -> Vec<u8> {
+    keys::data_key(BUCKET.as_bytes(), key.as_bytes()).unwrap_or_default()
+}
+
+fn key_of(data_key: &[u8]) -> Option<String> {
+    let (bucket, key) = keys::split_data_key(data_key)?;
+    if bucket != BUCKET.as_bytes() {
+        return None;
+    }
+    String::from_utf8(key.to_vec()).ok()
+}
+
+/// True for a state that is nothing but deletions (production: `ae::is_tombstone`).
+pub fn is_tombstone(object: &Object) -> bool {
+    !object.siblings().is_empty() && object.siblings().iter().all(|s| s.meta.tombstone)
+}
+
+impl AeIndex {
+    /// The index of `tables`, built from scratch (at boot).
+    pub(super) fn build(ring: &Ring, n: u8, tables: &Tables) -> AeIndex {
+        let mut index = AeIndex::default();
+        for (key, record) in &tables.records {
+            index.set(ring, n, key, Some(&record.object));
+        }
+        index
+    }
+
+    /// Files the new state of `key` (`None`: the record was deleted).
+    pub(super) fn set(&mut self, ring: &Ring, n: u8, key: &str, object: Option<&Object>) {
+        if let Some(old) = self.entries.remove(key)
+            && let Some(tree) = self.trees.get_mut(&old.tree)
+        {
+            tree.remove(old.leaf, &old.hash);
+        }
+        let Some(object) = object else {
+            return;
+        };
+        let position = ring::key_position(BUCKET.as_bytes(), key.as_bytes());
+        let partition = ring::partition_of_position(&position, ring.partitions()).unwrap_or(0);
+        let leaf = merkle::leaf_of(&position);
+        let data_key = data_key(key);
+        let digest = merkle::object_digest(object);
+        let hash = merkle::entry_hash(&data_key, &digest);
+        let tree = (n, partition);
+        self.trees.entry(tree).or_default().insert(leaf, &hash);
+        self.entries.insert(
+            key.to_string(),
+            Entry {
+                tree,
+                leaf,
+                data_key,
+                digest,
+                hash,
+            },
+        );
+    }
+
+    fn root(&mut self, id: TreeId) -> Hash {
+        self.trees.entry(id).or_default().root()
+    }
+
+    fn groups(&mut self, id: TreeId) -> Vec<Hash> {
+        self.trees.entry(id).or_default().groups()
+    }
+
+    fn leaves(&self, id: TreeId, group: u8) -> Vec<Hash> {
+        match self.trees.get(&id) {
+            Some(t) => t.leaves(group),
+            None => Tree::new().leaves(group),
+        }
+    }
+
+    /// `(data key, digest)` of every key in a leaf, sorted by data key.
+    fn leaf_keys(&self, id: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
+        let mut out: Vec<(Vec<u8>, Hash)> = self
+            .entries
+            .values()
+            .filter(|e| e.tree == id && e.leaf == leaf)
+            .map(|e| (e.data_key.clone(), e.digest))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Compares with an index rebuilt from `tables`: `Err` names the first difference.
+    pub(super) fn check_against(&self, ring: &Ring, n: u8, tables: &Tables) -> Result<(), String> {
+        let fresh = AeIndex::build(ring, n, tables);
+        if fresh.entries != self.entries {
+            return Err(format!(
+                "entries {:?} differ from the records' {:?}",
+                self.entries.keys().collect::<Vec<_>>(),
+                fresh.entries.keys().collect::<Vec<_>>()
+            ));
+        }
+        let ids: BTreeSet<TreeId> = self
+            .trees
+            .keys()
+            .chain(fresh.trees.keys())
+            .copied()
+            .collect();
+        let (mut mine, mut theirs) = (self.clone(), fresh);
+        for id in ids {
+            if mine.root(id) != theirs.root(id) {
+                return Err(format!("tree {id:?} has a root the records do not give"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One exchange in flight, driven by the initiator.
+#[derive(Debug)]
+pub(super) struct Exchange {
+    id: u64,
+    peer: NodeId,
+    trees: Vec<TreeId>,
+    push: Vec<Vec<u8>>,
+    changed: u64,
+}
+
+/// One reaping pass in flight.
+#[derive(Debug)]
+pub(super) struct ReapPass {
+    id: u64,
+    members: Vec<NodeId>,
+    /// (key, data key, digest, the other primaries).
+    mine: Vec<(String, Vec<u8>, Hash, Vec<NodeId>)>,
+    confirmed: Vec<bool>,
+    waiting: BTreeSet<NodeId>,
+    reaping: bool,
+}
+
+impl Node {
+    fn tree_n(&self) -> u8 {
+        u8::try_from(self.cfg.quorum.n).unwrap_or(u8::MAX)
+    }
+
+    /// Writes a record and files its new entry (production: the record's batch with its
+    /// entry, then `AeIndex::commit`).
+    ///
+    /// The tombstone index keeps the node's own wall-clock time at which it stored a
+    /// tombstone-only state; a write of the same state (same digest) keeps that time, any
+    /// other state resets it (or drops the entry when the state is not tombstone-only).
+    pub(super) fn put_record(&mut self, key: &str, record: quiver_core::causality::LocalRecord) {
+        let n = self.tree_n();
+        let held_since = is_tombstone(&record.object).then(|| {
+            let tables = self.store.tables();
+            let same = tables.records.get(key).is_some_and(|old| {
+                merkle::object_digest(&old.object) == merkle::object_digest(&record.object)
+            });
+            match tables.tombstones.get(key) {
+                Some(&t) if same => t,
+                _ => self.wall_ms(self.clock_ms),
+            }
+        });
+        self.ae.set(&self.ring, n, key, Some(&record.object));
+        self.store.put_record(key, record, held_since);
+    }
+
+    /// How long this node has held exactly the tombstone state `digest` of `key`, by its own
+    /// clock (0 when it holds another state or no tombstone index entry).
+    fn held_ms(&self, key: &str, digest: &Hash) -> u64 {
+        let tables = self.store.tables();
+        let same = tables
+            .records
+            .get(key)
+            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+        match tables.tombstones.get(key) {
+            Some(&since) if same => self.wall_ms(self.clock_ms).saturating_sub(since),
+            _ => 0,
+        }
+    }
+
+    /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
+    /// state), for the liveness check of reaping.
+    pub fn tombstones_held_since(&self) -> Vec<(String, u64)> {
+        let offset = super::WALL_CLOCK_BASE_MS + self.cfg.clock_skew_ms;
+        self.store
+            .tables()
+            .tombstones
+            .iter()
+            .map(|(k, &t)| (k.clone(), u64::try_from(t as i64 - offset).unwrap_or(0)))
+            .collect()
+    }
+
+    /// Deletes a record and its entry.
+    pub(super) fn delete_record(&mut self, key: &str) {
+        let n = self.tree_n();
+        self.ae.set(&self.ring, n, key, None);
+        self.store.delete_record(key);
+    }
+
+    /// Rebuilds the index from the records (at boot).
+    pub(super) fn rebuild_ae(&mut self) {
+        let n = self.tree_n();
+        self.ae = AeIndex::build(&self.ring, n, self.store.tables());
+    }
+
+    /// Checks that the trees match the records the node holds (the index never drifts).
+    pub fn check_ae_index(&self) -> Result<(), String> {
+        self.ae
+            .check_against(&self.ring, self.tree_n(), self.store.tables())
+            .map_err(|e| format!("node {}: anti-entropy index: {e}", self.me.node))
+    }
+
+    /// Stops starting new reaping passes (the driver's final phase).
+    pub fn pause_reaping(&mut self) {
+        self.reaping_paused = true;
+    }
+
+    /// The trees this node and `peer` both replicate (production: `shared_trees`).
+    fn shared_trees(&self, peer: &str) -> Vec<TreeId> {
+        let n = self.tree_n();
+        (0..self.ring.partitions())
+            .filter(|&p| {
+                self.ring
+                    .preference_list(p, usize::from(n))
+                    .is_ok_and(|list| {
+                        let has = |id: &str| list.primaries.iter().any(|m| m.id == id);
+                        has(&self.me.node) && has(peer)
+                    })
+            })
+            .map(|p| (n, p))
+            .collect()
+    }
+
+    fn roots(&mut self, trees: &[TreeId]) -> Vec<(u8, u32, Hash)> {
+        trees
+            .iter()
+            .map(|&(n, p)| (n, p, self.ae.root((n, p))))
+            .collect()
+    }
+
+    /// The AE tick (production: `Cluster::ae_tick`): one exchange with the next up peer in
+    /// turn, then a reaping pass.
+    pub(super) fn ae_tick(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let Some(every) = self.cfg.ae_every_ms else {
+            return;
+        };
+        if now_ms < self.next_ae_ms {
+            return;
+        }
+        self.next_ae_ms = now_ms + every;
+        if self.exchange.is_none() {
+            let up: Vec<NodeId> = self
+                .peers
+                .iter()
+                .filter(|p| self.is_up(p))
+                .cloned()
+                .collect();
+            if !up.is_empty() {
+                let peer = up[self.ae_next_peer % up.len()].clone();
+                self.ae_next_peer = self.ae_next_peer.wrapping_add(1);
+                self.start_exchange(now_ms, peer, fx);
+            }
+        }
+        if self.reap_pass.is_none() && !self.reaping_paused {
+            self.start_reap(now_ms, fx);
+        }
+    }
+
+    fn next_bg_id(&mut self) -> u64 {
+        self.next_bg += 1;
+        (self.life << super::CALL_ID_BITS_PER_LIFE) | self.next_bg
+    }
+
+    fn start_exchange(&mut self, now_ms: u64, peer: NodeId, fx: &mut Vec<Effect>) {
+        let trees = self.shared_trees(&peer);
+        if trees.is_empty() {
+            return;
+        }
+        let id = self.next_bg_id();
+        let roots = self.roots(&trees);
+        let body = PeerRequest::AeDigest {
+            trees: u32::try_from(trees.len()).unwrap_or(u32::MAX),
+            digest: merkle::roots_digest(&roots),
+        };
+        self.exchange = Some(Exchange {
+            id,
+            peer: peer.clone(),
+            trees,
+            push: Vec::new(),
+            changed: 0,
+        });
+        self.ae_call(now_ms, &peer, body, id, fx);
+    }
+
+    fn ae_call(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        body: PeerRequest,
+        id: u64,
+        fx: &mut Vec<Effect>,
+    ) {
+        let timeout = self.cfg.peer_timeout_ms;
+        self.call_untracked(
+            now_ms,
+            peer,
+            body,
+            timeout,
+            Purpose::Ae { exchange: id },
+            fx,
+        );
+    }
+
+    /// A reply (or failure) of a step of exchange `id`.
+    pub(super) fn ae_result(
+        &mut self,
+        now_ms: u64,
+        id: u64,
+        result: Result<PeerResponse, CallError>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(ex) = self.exchange.take() else {
+            return;
+        };
+        if ex.id != id {
+            self.exchange = Some(ex);
+            return;
+        }
+        // Any failure abandons the exchange; the next tick starts another.
+        let Ok(reply) = result else {
+            return;
+        };
+        let peer = ex.peer.clone();
+        let next = match reply {
+            PeerResponse::AeMatch(true) => None,
+            PeerResponse::AeMatch(false) => {
+                let roots = self.roots(&ex.trees);
+                Some(PeerRequest::AeRoots(roots))
+            }
+            PeerResponse::AeGroups(groups) => {
+                let mut asks = Vec::new();
+                for (n, p, theirs) in groups {
+                    for g in merkle::differing(&self.ae.groups((n, p)), &theirs) {
+                        asks.push((n, p, g));
+                    }
+                }
+                (!asks.is_empty()).then_some(PeerRequest::AeLeaves(asks))
+            }
+            PeerResponse::AeLeafHashes(lists) => {
+                let mut asks = Vec::new();
+                for (n, p, g, theirs) in lists {
+                    for i in merkle::differing(&self.ae.leaves((n, p), g), &theirs) {
+                        let leaf = usize::from(g) * FANOUT + usize::from(i);
+                        if let Ok(leaf) = u8::try_from(leaf) {
+                            asks.push((n, p, leaf));
+                        }
+                    }
+                }
+                (!asks.is_empty()).then_some(PeerRequest::AeKeys(asks))
+            }
+            PeerResponse::AeKeyLists(lists) => {
+                let (mut pull, mut push) = (Vec::new(), Vec::new());
+                for (n, p, leaf, theirs) in lists {
+                    let diff = merkle::diff_keys(&self.ae.leaf_keys((n, p), leaf), &theirs);
+                    pull.extend(diff.pull);
+                    push.extend(diff.push);
+                }
+                pull.truncate(AE_MAX_KEYS);
+                push.truncate(AE_MAX_KEYS);
+                let mut ex = ex;
+                ex.push = push;
+                if pull.is_empty() {
+                    return self.ae_push(now_ms, ex, fx);
+                }
+                self.exchange = Some(ex);
+                return self.ae_call(now_ms, &peer, PeerRequest::AeFetch(pull), id, fx);
+            }
+            PeerResponse::AeObjects(objects) => {
+                let mut ex = ex;
+                ex.changed += self.ae_merge(&objects);
+                return self.ae_push(now_ms, ex, fx);
+            }
+            PeerResponse::AePushed(changed) => {
+                fx.push(Effect::Observe(Observation::AeExchange {
+                    repaired: ex.changed + changed,
+                }));
+                return;
+            }
+            _ => return,
+        };
+        match next {
+            Some(body) => {
+                self.exchange = Some(ex);
+                self.ae_call(now_ms, &peer, body, id, fx);
+            }
+            None => fx.push(Effect::Observe(Observation::AeExchange {
+                repaired: ex.changed,
+            })),
+        }
+    }
+
+    fn ae_push(&mut self, now_ms: u64, ex: Exchange, fx: &mut Vec<Effect>) {
+        let objects: Vec<(Vec<u8>, Object)> = ex
+            .push
+            .iter()
+            .filter_map(|d| {
+                let key = key_of(d)?;
+                let object = self.local_object(&key);
+                let empty = object.siblings().is_empty() && object.context().is_empty();
+                (!empty).then(|| (d.clone(), object))
+            })
+            .collect();
+        if objects.is_empty() {
+            fx.push(Effect::Observe(Observation::AeExchange {
+                repaired: ex.changed,
+            }));
+            return;
+        }
+        let (id, peer) = (ex.id, ex.peer.clone());
+        self.exchange = Some(ex);
+        self.ae_call(now_ms, &peer, PeerRequest::AePush(objects), id, fx);
+    }
+
+    /// Merges objects received by anti-entropy (production: `ae_merge`, a buffered
+    /// `merge_remote` without a hint); returns how many changed the local state.
+    fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
+        let mut changed = 0;
+        for (dkey, object) in objects {
+            let Some(key) = key_of(dkey) else { continue };
+            if object.siblings().is_empty() && object.context().is_empty() {
+                continue;
+            }
+            if let Ok(true) = self.merge_remote(&key, object, false, None) {
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,
+    /// `handle_reap_peer`). `None` for a request that is not one of theirs.
+    pub(super) fn handle_background(
+        &mut self,
+        from: &str,
+        body: PeerRequest,
+    ) -> Option<PeerResponse> {
+        let partitions = self.ring.partitions();
+        let bad_tree = |n: u8, p: u32| n == 0 || p >= partitions;
+        Some(match body {
+            PeerRequest::AeDigest { trees, digest } => {
+                let shared = self.shared_trees(from);
+                let roots = self.roots(&shared);
+                PeerResponse::AeMatch(
+                    self.peers.iter().any(|p| p == from)
+                        && u32::try_from(shared.len()).ok() == Some(trees)
+                        && merkle::roots_digest(&roots) == digest,
+                )
+            }
+            PeerRequest::AeRoots(roots) => {
+                if roots.iter().any(|&(n, p, _)| bad_tree(n, p)) {
+                    return Some(PeerResponse::Error("AeRoots: tree out of range".into()));
+                }
+                let mut groups = Vec::new();
+                for (n, p, root) in roots {
+                    if self.ae.root((n, p)) != root {
+                        groups.push((n, p, self.ae.groups((n, p))));
+                    }
+                }
+                PeerResponse::AeGroups(groups)
+            }
+            PeerRequest::AeLeaves(asks) => {
+                if asks
+                    .iter()
+                    .any(|&(n, p, g)| bad_tree(n, p) || usize::from(g) >= FANOUT)
+                {
+                    return Some(PeerResponse::Error("AeLeaves: out of range".into()));
+                }
+                PeerResponse::AeLeafHashes(
+                    asks.into_iter()
+                        .map(|(n, p, g)| (n, p, g, self.ae.leaves((n, p), g)))
+                        .collect(),
+                )
+            }
+            PeerRequest::AeKeys(asks) => {
+                if asks.iter().any(|&(n, p, _)| bad_tree(n, p)) {
+                    return Some(PeerResponse::Error("AeKeys: tree out of range".into()));
+                }
+                PeerResponse::AeKeyLists(
+                    asks.into_iter()
+                        .map(|(n, p, leaf)| (n, p, leaf, self.ae.leaf_keys((n, p), leaf)))
+                        .collect(),
+                )
+            }
+            PeerRequest::AeFetch(dkeys) => PeerResponse::AeObjects(
+                dkeys
+                    .into_iter()
+                    .filter_map(|d| {
+                        let key = key_of(&d)?;
+                        Some((d, self.local_object(&key)))
+                    })
+                    .collect(),
+            ),
+            PeerRequest::AePush(objects) => PeerResponse::AePushed(self.ae_merge(&objects)),
+            PeerRequest::ReapCheck(asked) => {
+                // Durable before confirming: a state counted towards a reap must survive a
+                // power loss (production: `KvService::reap_status` syncs first).
+                if !self.cfg.reap_check_without_sync {
+                    self.store.sync();
+                }
+                PeerResponse::ReapStatus(
+                    asked
+                        .iter()
+                        .map(|(dkey, digest)| self.reap_status(dkey, digest))
+                        .collect(),
+                )
+            }
+            PeerRequest::Reap(list) => {
+                let mut reaped = 0;
+                for (dkey, digest) in &list {
+                    if self.reap_local(dkey, digest, true, &mut Vec::new()) {
+                        reaped += 1;
+                    }
+                }
+                PeerResponse::Reaped(reaped)
+            }
+            _ => return None,
+        })
+    }
+
+    fn hinted(&self, key: &str) -> bool {
+        self.store.tables().hints.iter().any(|(_, k)| k == key)
+    }
+
+    /// `KvService::reap_status`: (holds exactly this state, holds a hint for the key, how
+    /// long it has held exactly this state by its own clock, 0 if not the same).
+    fn reap_status(&self, dkey: &[u8], digest: &Hash) -> (bool, bool, u64) {
+        let Some(key) = key_of(dkey) else {
+            return (false, false, 0);
+        };
+        let same = self
+            .store
+            .tables()
+            .records
+            .get(&key)
+            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
+        let held = if same { self.held_ms(&key, digest) } else { 0 };
+        (same, self.hinted(&key), held)
+    }
+
+    /// `KvService::reap`: deletes the record if it is still exactly that tombstone and (when
+    /// `check_hints`) no hint for the key is held. True when it was removed.
+    fn reap_local(
+        &mut self,
+        dkey: &[u8],
+        digest: &Hash,
+        check_hints: bool,
+        fx: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(key) = key_of(dkey) else {
+            return false;
+        };
+        let Some(record) = self.store.tables().records.get(&key) else {
+            return false;
+        };
+        if !is_tombstone(&record.object)
+            || merkle::object_digest(&record.object) != *digest
+            || (check_hints && self.hinted(&key))
+        {
+            return false;
+        }
+        let object = record.object.clone();
+        self.delete_record(&key);
+        fx.push(Effect::Observe(Observation::Reaped {
+            node: self.me.node.clone(),
+            key,
+            object,
+        }));
+        true
+    }
+
+    /// Starts a reaping pass (production: `Cluster::reap_tombstones`).
+    fn start_reap(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let Some(grace) = self.cfg.tombstone_grace_ms else {
+            return;
+        };
+        let members = self.peers.clone();
+        let broken = self.cfg.reap_without_checks;
+        if !broken && members.iter().any(|m| !self.is_up(m)) {
+            return;
+        }
+        let n = self.cfg.quorum.n;
+        let now_wall = self.wall_ms(now_ms);
+        let mut mine = Vec::new();
+        let tables = self.store.tables();
+        for (key, record) in &tables.records {
+            // Hold time is local: the reaper itself must have held this exact state for the
+            // grace period by its own clock (production: the tombstone index's stamp).
+            let held = tables
+                .tombstones
+                .get(key)
+                .map_or(0, |&since| now_wall.saturating_sub(since));
+            if !is_tombstone(&record.object) || !tables.tombstones.contains_key(key) || held < grace
+            {
+                continue;
+            }
+            let (primaries, _) = self.preference(key, n);
+            if primaries.first() != Some(&self.me.node) {
+                continue;
+            }
+            let others: Vec<NodeId> = primaries
+                .into_iter()
+                .filter(|p| *p != self.me.node)
+                .collect();
+            mine.push((
+                key.clone(),
+                data_key(key),
+                merkle::object_digest(&record.object),
+                others,
+            ));
+        }
+        if mine.is_empty() {
+            return;
+        }
+        // Durable before confirming: the reaper's own copy too.
+        if !broken && !self.cfg.reap_check_without_sync {
+            self.store.sync();
+        }
+        let confirmed: Vec<bool> = mine
+            .iter()
+            .map(|(_, d, digest, _)| {
+                let (same, hinted, held) = self.reap_status(d, digest);
+                broken || (same && !hinted && held >= grace)
+            })
+            .collect();
+        let id = self.next_bg_id();
+        let mut pass = ReapPass {
+            id,
+            members: members.clone(),
+            mine,
+            confirmed,
+            waiting: BTreeSet::new(),
+            reaping: false,
+        };
+        if broken {
+            // BROKEN VARIANT: no member is asked; straight to reaping.
+            return self.reap_phase(now_ms, pass, fx);
+        }
+        let asked: Vec<(Vec<u8>, Hash)> = pass
+            .mine
+            .iter()
+            .map(|(_, d, h, _)| (d.clone(), *h))
+            .collect();
+        pass.waiting = members.iter().cloned().collect();
+        self.reap_pass = Some(pass);
+        for m in &members {
+            let body = PeerRequest::ReapCheck(asked.clone());
+            let timeout = self.cfg.peer_timeout_ms;
+            self.call_untracked(now_ms, m, body, timeout, Purpose::Reap { pass: id }, fx);
+        }
+    }
+
+    fn reap_phase(&mut self, now_ms: u64, mut pass: ReapPass, fx: &mut Vec<Effect>) {
+        pass.reaping = true;
+        pass.waiting.clear();
+        let mut sends = Vec::new();
+        for member in &pass.members {
+            let theirs: Vec<(Vec<u8>, Hash)> = pass
+                .mine
+                .iter()
+                .zip(&pass.confirmed)
+                .filter(|((_, _, _, others), ok)| **ok && others.contains(member))
+                .map(|((_, d, h, _), _)| (d.clone(), *h))
+                .collect();
+            if !theirs.is_empty() {
+                sends.push((member.clone(), theirs));
+            }
+        }
+        if sends.is_empty() {
+            return self.reap_finish(pass, fx);
+        }
+        let id = pass.id;
+        pass.waiting = sends.iter().map(|(m, _)| m.clone()).collect();
+        self.reap_pass = Some(pass);
+        for (m, theirs) in sends {
+            let timeout = self.cfg.peer_timeout_ms;
+            let body = PeerRequest::Reap(theirs);
+            self.call_untracked(now_ms, &m, body, timeout, Purpose::Reap { pass: id }, fx);
+        }
+    }
+
+    /// The other replicas were asked (answered or not): reap the confirmed keys here.
+    fn reap_finish(&mut self, pass: ReapPass, fx: &mut Vec<Effect>) {
+        let check_hints = !self.cfg.reap_without_checks;
+        for ((_, dkey, digest, _), ok) in pass.mine.iter().zip(&pass.confirmed) {
+            if *ok {
+                self.reap_local(dkey, digest, check_hints, fx);
+            }
+        }
+    }
+
+    /// A reply (or failure) of a call of reaping pass `id` from `peer`.
+    pub(super) fn reap_result(
+        &mut self,
+        now_ms: u64,
+        id: u64,
+        peer: &str,
+        result: Result<PeerResponse, CallError>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(mut pass) = self.reap_pass.take() else {
+            return;
+        };
+        if pass.id != id || !pass.waiting.remove(peer) {
+            self.reap_pass = Some(pass);
+            return;
+        }
+        if pass.reaping {
+            // Production awaits each Reap call and ignores its failure.
+            if pass.waiting.is_empty() {
+                self.reap_finish(pass, fx);
+            } else {
+                self.reap_pass = Some(pass);
+            }
+            return;
+        }
+        match result {
+            Ok(PeerResponse::ReapStatus(answers)) if answers.len() == pass.mine.len() => {
+                // Every other replica must have held exactly this state for the grace period
+                // by its own clock; no member may hold a hint for the key.
+                let grace = self.cfg.tombstone_grace_ms.unwrap_or(u64::MAX);
+                for (i, (same, hinted, held)) in answers.into_iter().enumerate() {
+                    let replica = pass.mine[i].3.iter().any(|p| p == peer);
+                    if hinted || (replica && !(same && held >= grace)) {
+                        pass.confirmed[i] = false;
+                    }
+                }
+            }
+            // An unanswered check proves nothing: this pass reaps nothing.
+            _ => return,
+        }
+        if pass.waiting.is_empty() {
+            self.reap_phase(now_ms, pass, fx);
+        } else {
+            self.reap_pass = Some(pass);
+        }
+    }
+}
