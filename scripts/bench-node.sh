@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Benchmarks one local node: for each durability mode, starts `quiver server` on a fresh
 # data directory, runs `quiver bench` write, read and mixed workloads, and stops the node.
-# Usage: scripts/bench-node.sh [DURATION_SECS] [CLIENTS]     (release build required)
+# Usage: scripts/bench-node.sh [DURATION_SECS] [CLIENTS]     (builds the release binary)
+#        QUIVER_BIN=path/to/quiver scripts/bench-node.sh ...  (benchmarks that binary instead,
+#        e.g. an older build kept for a before/after comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
 clients=${2:-32}
-bin=target/release/quiver
-cargo build --release --bin quiver >/dev/null
+if [ -n "${QUIVER_BIN:-}" ]; then
+  bin=$QUIVER_BIN
+else
+  bin=target/release/quiver
+  cargo build --release --bin quiver >/dev/null
+fi
 port=7490
 for mode in buffered sync; do
   dir=$(mktemp -d)
