@@ -182,6 +182,12 @@ pub struct AeIndex {
     tombstones: AtomicU64,
     /// Where the reaper's next walk of the tombstone index starts.
     reap_cursor: Mutex<Vec<u8>>,
+    /// True while every entry is filed under its bucket's current replication factor: a
+    /// write may then derive the key's old entry from the record it already read instead
+    /// of reading the entry (one point read less per write).
+    exact: std::sync::atomic::AtomicBool,
+    /// Bumped on every placement change, so a refile pass knows whether it caught up.
+    generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -203,8 +209,30 @@ impl AeIndex {
     pub fn set_placement(&self, placement: Placement) -> bool {
         let mut current = self.placement.write().unwrap_or_else(|p| p.into_inner());
         let changed = *current != placement && current.partitions != 0;
+        if changed {
+            self.exact.store(false, Ordering::SeqCst);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
         *current = placement;
         changed
+    }
+
+    /// The placement generation (see [`AeIndex::refiled`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// A refile pass that started at `generation` found nothing misfiled: unless the
+    /// placement changed since, every entry is filed right again.
+    pub fn refiled(&self, generation: u64) {
+        if self.generation() == generation {
+            self.exact.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn n_of(&self, bucket: &[u8]) -> (u8, u32) {
+        let p = self.placement.read().unwrap_or_else(|p| p.into_inner());
+        (p.n(bucket), p.partitions.max(1))
     }
 
     /// The counters.
@@ -214,7 +242,7 @@ impl AeIndex {
 
     /// Where `data_key` (of `bucket`, `key`) sits.
     pub fn slot(&self, bucket: &[u8], key: &[u8], data_key: &[u8]) -> Slot {
-        let partitions = self.placement().partitions.max(1);
+        let (_, partitions) = self.n_of(bucket);
         let position = ring::key_position(bucket, key);
         let partition = ring::partition_of_position(&position, partitions).unwrap_or(0);
         let leaf = merkle::leaf_of(&position);
@@ -226,8 +254,11 @@ impl AeIndex {
     }
 
     /// Stages the entry change for a data record written (`Some`) or deleted (`None`):
-    /// reads the current entry, adds the new one (or its deletion) to `batch`. Call under
-    /// the key's lock, and [`AeIndex::commit`] the result after the batch is applied.
+    /// adds the new entry (or its deletion) to `batch`. `prior` is the record's state before
+    /// this write when the caller read it (`Some(None)`: no record); the old entry is then
+    /// derived from it, else read from disk. Call under the key's lock, and
+    /// [`AeIndex::commit`] the result after the batch is applied.
+    #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &self,
         store: &Store,
@@ -235,11 +266,16 @@ impl AeIndex {
         bucket: &[u8],
         key: &[u8],
         data_key: &[u8],
+        prior: Option<Option<&Object>>,
         object: Option<&Object>,
     ) -> Result<Staged, StorageError> {
         let slot = self.slot(bucket, key, data_key);
-        let old = store.get(&slot.entry_key)?.and_then(|b| Entry::decode(&b));
-        let new = object.map(|o| Entry::of(self.placement().n(bucket), o));
+        let (n, _) = self.n_of(bucket);
+        let old = match prior {
+            Some(prior) if self.exact.load(Ordering::SeqCst) => prior.map(|o| Entry::of(n, o)),
+            _ => store.get(&slot.entry_key)?.and_then(|b| Entry::decode(&b)),
+        };
+        let new = object.map(|o| Entry::of(n, o));
         match &new {
             Some(e) => batch.put(slot.entry_key.clone(), e.encode()),
             None => batch.delete(slot.entry_key.clone()),
@@ -325,15 +361,25 @@ impl AeIndex {
     }
 
     /// Reads every entry into fresh trees; false if an entry is unreadable.
+    /// Entries filed under a replication factor their bucket no longer has (it changed while
+    /// the node was down) are refiled on the way, before the node serves.
     fn load(&self, store: &Store) -> Result<bool, StorageError> {
+        let placement = self.placement();
         let mut trees: HashMap<TreeId, Tree> = HashMap::new();
         let mut ok = true;
         let mut tombstones = 0u64;
+        let mut refile = WriteBatch::new();
         scan_prefix(store, &[keys::AE_PREFIX], |k, v| {
             match (keys::split_ae_key(k), Entry::decode(v)) {
-                (Some((partition, leaf, dkey)), Some(entry)) => {
+                (Some((partition, leaf, dkey)), Some(mut entry)) => {
                     tombstones += u64::from(entry.tombstone);
                     let h = merkle::entry_hash(dkey, &entry.digest);
+                    if let Some((bucket, _)) = keys::split_data_key(dkey)
+                        && placement.n(bucket) != entry.n
+                    {
+                        entry.n = placement.n(bucket);
+                        refile.put(k.to_vec(), entry.encode());
+                    }
                     trees
                         .entry((entry.n, partition))
                         .or_default()
@@ -348,8 +394,16 @@ impl AeIndex {
             }
         })?;
         if ok {
+            if !refile.is_empty() {
+                tracing::info!(
+                    entries = refile.ops.len(),
+                    "anti-entropy entries refiled after a replication-factor change"
+                );
+                store.apply(&refile)?;
+            }
             *lock(&self.trees) = trees;
             self.tombstones.store(tombstones, Ordering::Relaxed);
+            self.exact.store(true, Ordering::SeqCst);
         }
         Ok(ok)
     }

@@ -74,6 +74,16 @@ pub enum ClusterCommand {
         #[allow(missing_docs)]
         client: ClientArgs,
     },
+    /// The ring as a node serves it: each member's partitions (owned, and held as one of
+    /// the first n replicas) and, with `--partitions`, every partition's preference list.
+    Ring {
+        /// Also list every partition with its primaries.
+        #[arg(long)]
+        partitions: bool,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientArgs,
+    },
 }
 
 /// `quiver ca` subcommands.
@@ -512,6 +522,86 @@ fn print_written(ctx: &Context, output: Output) {
         Output::Json => println!("{}", json!({ "context": ctx.to_string() })),
         Output::Human => println!("ok\ncontext: {ctx}"),
     }
+}
+
+/// Runs `quiver cluster ring`.
+pub async fn cluster_ring(client_args: ClientArgs, list_partitions: bool) -> anyhow::Result<()> {
+    let cluster = client_args.connect().await?;
+    let client = cluster.any().await.context("no node answered")?;
+    let (ring, addrs, n) = client.ring().await.context("fetch the ring")?;
+    let q = ring.partitions();
+    let mut replicas: std::collections::BTreeMap<&str, u32> = Default::default();
+    let mut lists = Vec::with_capacity(q as usize);
+    for p in 0..q {
+        let list = ring
+            .preference_list(p, n)
+            .with_context(|| format!("partition {p}"))?;
+        let primaries: Vec<&str> = list.primaries.iter().map(|m| m.id.as_str()).collect();
+        for id in &primaries {
+            *replicas.entry(id).or_default() += 1;
+        }
+        lists.push((p, primaries));
+    }
+    let addr_of = |id: &str| {
+        addrs
+            .iter()
+            .find(|(m, _)| m == id)
+            .map_or("", |(_, a)| a.as_str())
+            .to_string()
+    };
+    let pct = |count: u32| f64::from(count) * 100.0 / f64::from(q.max(1));
+    let owned = ring.owned_counts();
+    match client_args.output {
+        Output::Json => {
+            let members: Vec<_> = owned
+                .iter()
+                .map(|(m, count)| {
+                    json!({
+                        "node": m.id, "addr": addr_of(&m.id), "weight": m.weight, "zone": m.zone,
+                        "owned": count, "owned_pct": pct(*count),
+                        "replicas": replicas.get(m.id.as_str()).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            let mut out = json!({
+                "version": ring.version(), "partitions": q, "n": n, "members": members,
+            });
+            if list_partitions {
+                out["preference_lists"] = lists
+                    .iter()
+                    .map(|(p, primaries)| json!({ "partition": p, "primaries": primaries }))
+                    .collect();
+            }
+            println!("{out}");
+        }
+        Output::Human => {
+            println!("ring version {}: {q} partitions, n={n}", ring.version());
+            println!(
+                "{:<12} {:<22} {:>6} {:<8} {:>7} {:>8} {:>9}",
+                "node", "addr", "weight", "zone", "owned", "owned%", "replicas"
+            );
+            for (m, count) in &owned {
+                println!(
+                    "{:<12} {:<22} {:>6} {:<8} {:>7} {:>7.1}% {:>9}",
+                    m.id,
+                    addr_of(&m.id),
+                    m.weight,
+                    m.zone.as_deref().unwrap_or("-"),
+                    count,
+                    pct(*count),
+                    replicas.get(m.id.as_str()).copied().unwrap_or(0)
+                );
+            }
+            if list_partitions {
+                for (p, primaries) in &lists {
+                    println!("{p:>6}  {}", primaries.join(","));
+                }
+            }
+        }
+    }
+    client.close().await;
+    cluster.close().await;
+    Ok(())
 }
 
 /// Runs `quiver cluster status`.

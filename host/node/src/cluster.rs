@@ -891,7 +891,10 @@ impl Cluster {
             tokio::select! {
                 _ = probe.tick() => self.peers.probe_down_peers().await,
                 _ = hints.tick() => { self.deliver_hints().await; }
-                _ = meta.tick() => self.sync_meta().await,
+                _ = meta.tick() => {
+                    self.sync_meta().await;
+                    self.ae_refile_if_pending().await;
+                }
                 _ = ae.tick(), if ae_every.is_some() => self.ae_tick(self.config.ae.max_keys).await,
             }
         }

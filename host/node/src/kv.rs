@@ -284,6 +284,9 @@ impl KvService {
             // key; nothing in this block awaits, so a plain mutex stripe is enough.
             let _guard = lock(&self.locks[stripe(&dkey)]);
             let local = self.read_record(args.bucket, args.key, &dkey)?;
+            // The record before this write, for the anti-entropy index; the write consumes
+            // `local`.
+            let prior = local.as_ref().map(|r| r.object.clone());
             let (mut record, dot) = {
                 let mut epochs = lock(&self.epochs);
                 let trusted = local
@@ -386,6 +389,7 @@ impl KvService {
                     args.bucket.as_bytes(),
                     args.key,
                     &dkey,
+                    Some(prior.as_ref()),
                     Some(&record.object),
                 )
                 .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
@@ -498,6 +502,7 @@ impl KvService {
                             bucket.as_bytes(),
                             key,
                             &dkey,
+                            Some(local.as_ref().map(|r| &r.object)),
                             Some(&record.object),
                         )
                         .map_err(|e| self.storage_err(bucket, key, e))?,
@@ -549,6 +554,7 @@ impl KvService {
                 bucket.as_bytes(),
                 key,
                 data_key,
+                None,
                 record.as_ref().map(|r| &r.object),
             )
             .map_err(|e| self.storage_err(&bucket, key, e))?;
@@ -636,6 +642,7 @@ impl KvService {
                 bucket.as_bytes(),
                 key,
                 data_key,
+                Some(Some(&record.object)),
                 None,
             )
             .map_err(|e| self.storage_err(&bucket, key, e))?;
@@ -746,7 +753,16 @@ impl KvService {
                     batch.delete(dkey.clone());
                     staged = Some(
                         self.ae
-                            .stage(&self.store, &mut batch, bucket.as_bytes(), key, &dkey, None)
+                            .stage(
+                                &self.store,
+                                &mut batch,
+                                bucket.as_bytes(),
+                                key,
+                                &dkey,
+                                // No record reads as the empty object here.
+                                Some((current != Object::default()).then_some(&current)),
+                                None,
+                            )
                             .map_err(|e| self.storage_err(bucket, key, e))?,
                     );
                 }

@@ -82,6 +82,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cluster(cli::ClusterCommand::Status { client }) => {
             cli::cluster_status(client).await
         }
+        Command::Cluster(cli::ClusterCommand::Ring { partitions, client }) => {
+            cli::cluster_ring(client, partitions).await
+        }
         Command::Update(args) => quiver_node::cli_plugins::update(args).await,
         Command::Plugin(c) => quiver_node::cli_plugins::plugin(c).await,
         Command::Bucket(c) => quiver_node::cli_plugins::bucket(c).await,

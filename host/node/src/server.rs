@@ -198,7 +198,6 @@ impl Node {
             .open(cluster.kv().store())
             .map_err(|e| storage_err(e.to_string()))?;
         tracing::info!(keys = indexed, "anti-entropy trees loaded");
-        cluster.request_refile();
         Ok(Node {
             endpoint,
             cluster,

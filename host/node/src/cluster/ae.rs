@@ -358,18 +358,9 @@ impl Cluster {
         response
     }
 
-    /// Asks the next tick to refile entries whose bucket's replication factor differs from
-    /// the one they were filed under (called at start: `n` may have changed while down).
-    pub fn request_refile(&self) {
-        self.ae_refile_pending.store(true, Ordering::Relaxed);
-    }
-
-    /// One background anti-entropy step: refiles entries after a replication-factor change,
-    /// runs one exchange with the next reachable peer in turn, then a reaping pass.
+    /// One background anti-entropy step: one exchange with the next reachable peer in turn,
+    /// then a reaping pass.
     pub async fn ae_tick(&self, max_keys: usize) {
-        if self.ae_refile_pending.swap(false, Ordering::Relaxed) {
-            self.ae_refile().await;
-        }
         let peers: Vec<String> = self
             .peers
             .names()
@@ -396,8 +387,18 @@ impl Cluster {
         self.reap_tombstones(super::now_ms()).await;
     }
 
+    /// Refiles entries after a replication-factor change, if one happened (runs on the
+    /// metadata tick, so also with anti-entropy off: writes stay on the slow path of reading
+    /// each key's entry until it is done).
+    pub async fn ae_refile_if_pending(&self) {
+        if self.ae_refile_pending.swap(false, Ordering::Relaxed) {
+            self.ae_refile().await;
+        }
+    }
+
     async fn ae_refile(&self) {
         const REFILE_BATCH: usize = 4096;
+        let generation = self.kv.ae().generation();
         loop {
             let misfiled = match self.kv.ae().misfiled(self.kv.store(), REFILE_BATCH) {
                 Ok(m) => m,
@@ -413,6 +414,7 @@ impl Cluster {
                 }
             }
             if misfiled.len() < REFILE_BATCH {
+                self.kv.ae().refiled(generation);
                 return;
             }
             tokio::task::yield_now().await;
