@@ -112,8 +112,9 @@ async fn a_wiped_replica_is_restored_by_anti_entropy_alone() {
     c.stop(2);
     c.wipe(2);
     c.restart(2);
-    let restored = status_of(&c, 2).await.expect("n3 answers");
-    assert_eq!(restored.ae_keys, 0, "the wiped node starts empty");
+    // (No check that n3 starts empty: its peers may already be pushing by the time a
+    // status request reaches it. The data directory is gone, so everything it serves below
+    // came back through anti-entropy.)
     eventually_within(
         "anti-entropy restores every key on n3",
         Duration::from_secs(120),
