@@ -454,7 +454,16 @@ impl Cluster {
         let Some(attached) = self.view(bucket).and_then(|v| v.reconciler.clone()) else {
             return plain(&merged);
         };
-        let resolved = match attached.merge(&merged) {
+        // A plugin call burns up to its fuel limit of CPU; it runs on the blocking pool so the
+        // async workers keep serving other requests meanwhile.
+        let call = {
+            let (attached, merged) = (attached.clone(), merged.clone());
+            tokio::task::spawn_blocking(move || attached.merge(&merged))
+        };
+        let outcome = call
+            .await
+            .unwrap_or_else(|e| Err(format!("the reconciler call did not finish: {e}")));
+        let resolved = match outcome {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(bucket, key = %crate::kv::render_key(key), error = %e, "reconciler failed");
@@ -878,26 +887,37 @@ impl Cluster {
         let mut probe = tokio::time::interval(probe_every);
         let mut hints = tokio::time::interval(hints_every);
         let mut meta = tokio::time::interval(meta_every);
-        // Off means a tick that never comes (an interval cannot be zero).
-        let ae_every = self.config.ae.interval;
-        let mut ae = tokio::time::interval(ae_every.unwrap_or(Duration::from_secs(3600)));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         hints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         meta.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick of an interval is immediate; let the cluster settle first.
-        ae.tick().await;
-        loop {
-            tokio::select! {
-                _ = probe.tick() => self.peers.probe_down_peers().await,
-                _ = hints.tick() => { self.deliver_hints().await; }
-                _ = meta.tick() => {
-                    self.sync_meta().await;
-                    self.ae_refile_if_pending().await;
+        let duties = async {
+            loop {
+                tokio::select! {
+                    _ = probe.tick() => self.peers.probe_down_peers().await,
+                    _ = hints.tick() => { self.deliver_hints().await; }
+                    _ = meta.tick() => {
+                        self.sync_meta().await;
+                        self.ae_refile_if_pending().await;
+                    }
                 }
-                _ = ae.tick(), if ae_every.is_some() => self.ae_tick(self.config.ae.max_keys).await,
             }
-        }
+        };
+        // Anti-entropy runs beside the other duties, not between them: an exchange that
+        // restores a wiped replica may take a while and must not hold up probes or hints.
+        let anti_entropy = async {
+            let Some(every) = self.config.ae.interval else {
+                return;
+            };
+            let mut ae = tokio::time::interval(every);
+            ae.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick of an interval is immediate; let the cluster settle first.
+            ae.tick().await;
+            loop {
+                ae.tick().await;
+                self.ae_tick(self.config.ae.max_keys).await;
+            }
+        };
+        tokio::join!(duties, anti_entropy);
     }
 }
 
