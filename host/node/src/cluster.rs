@@ -80,6 +80,9 @@ pub struct Cluster {
     ae_refile_pending: std::sync::atomic::AtomicBool,
     /// Round-robin position over peers for anti-entropy exchanges.
     ae_next_peer: std::sync::atomic::AtomicUsize,
+    /// The exchange this node takes part in (initiator or replica) and until when, so that
+    /// several peers do not repair the same keys here at once.
+    ae_lease: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// A client write as the coordinator handles it.
@@ -142,6 +145,7 @@ impl Cluster {
             views: Default::default(),
             ae_refile_pending: Default::default(),
             ae_next_peer: Default::default(),
+            ae_lease: Default::default(),
         };
         cluster.refresh_views();
         cluster
@@ -805,6 +809,7 @@ impl Cluster {
             | PeerRequest::MetaPush { .. }
             | PeerRequest::MetaBlobs(_)) => self.handle_meta_peer(meta).await,
             ae @ (PeerRequest::AeDigest { .. }
+            | PeerRequest::AeDone { .. }
             | PeerRequest::AeRoots(_)
             | PeerRequest::AeLeaves(_)
             | PeerRequest::AeKeys(_)

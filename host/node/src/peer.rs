@@ -90,6 +90,11 @@ pub enum PeerRequest {
         /// Digest of their `(n, partition, root)` list.
         digest: Hash,
     },
+    /// Anti-entropy: the sender's exchange is over; the receiver may take part in another.
+    AeDone {
+        /// The sender's node name.
+        from: String,
+    },
     /// Anti-entropy: the sender's roots of trees `(n, partition)` both replicate; the
     /// receiver answers with the group hashes of each tree whose root differs here.
     AeRoots(Vec<(u8, u32, Hash)>),
@@ -127,6 +132,11 @@ pub enum PeerResponse {
     Blobs(Vec<(String, Vec<u8>)>),
     /// Answer to `AeDigest`: true when the digests match.
     AeMatch(bool),
+    /// Answer to `AeDigest`: the digests differ but the receiver is in another exchange;
+    /// try again later.
+    AeBusy,
+    /// Answer to `AeDone`.
+    AeReleased,
     /// Answer to `AeRoots`: `(n, partition, group hashes)` of the trees that differ.
     AeGroups(Vec<(u8, u32, Vec<Hash>)>),
     /// Answer to `AeLeaves`: `(n, partition, group, leaf hashes)`.

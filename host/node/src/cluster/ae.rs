@@ -31,6 +31,8 @@ const AE_FETCH_KEYS: usize = 256;
 const AE_PUSH_BYTES: usize = 512 * 1024;
 /// Keys listed per leaf at most; a leaf this full is repaired over several exchanges.
 const AE_LEAF_KEYS_MAX: usize = 65_536;
+/// Longest a node stays reserved for one exchange whose end it was not told of.
+const AE_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Anti-entropy settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub struct AeReport {
     pub pushed: u64,
     /// Bytes of the requests this node sent.
     pub bytes_sent: u64,
+    /// The digests differed and the exchange went on past the first message.
+    pub descended: bool,
 }
 
 fn encoded_len<T: Serialize>(value: &T) -> u64 {
@@ -121,13 +125,56 @@ impl Cluster {
             .map_err(|e| e.to_string())
     }
 
+    /// Reserves this node for the exchange of `holder` (itself or an initiating peer); false
+    /// while another exchange holds it. A node takes part in one repairing exchange at a
+    /// time, so a replica that lost data is not sent the same keys by every peer at once.
+    fn ae_lease(&self, holder: &str) -> bool {
+        let mut lease = self.ae_lease.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match &*lease {
+            Some((who, until)) if who != holder && *until > now => false,
+            _ => {
+                *lease = Some((holder.to_string(), now + AE_LEASE));
+                true
+            }
+        }
+    }
+
+    fn ae_release(&self, holder: &str) {
+        let mut lease = self.ae_lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.as_ref().is_some_and(|(who, _)| who == holder) {
+            *lease = None;
+        }
+    }
+
     /// One exchange with `peer`: compares every shared tree and repairs up to `max_keys`
     /// differing keys in both directions.
     pub async fn ae_exchange(&self, peer: &str, max_keys: usize) -> Result<AeReport, String> {
+        let me = self.me().to_string();
+        if !self.ae_lease(&me) {
+            return Err("this node is in another exchange".into());
+        }
         let mut report = AeReport {
             peer: peer.to_string(),
             ..AeReport::default()
         };
+        let result = self.ae_exchange_leased(peer, max_keys, &mut report).await;
+        self.ae_release(&me);
+        if report.descended {
+            // Best effort: the peer's reservation also ends by itself.
+            let _ = self
+                .ae_call(peer, &PeerRequest::AeDone { from: me }, &mut report)
+                .await;
+        }
+        result.map(|()| report)
+    }
+
+    async fn ae_exchange_leased(
+        &self,
+        peer: &str,
+        max_keys: usize,
+        report: &mut AeReport,
+    ) -> Result<(), String> {
         let ae = self.kv.ae();
         let trees = self.shared_trees(peer);
         report.trees = trees.len();
@@ -136,12 +183,13 @@ impl Cluster {
             trees: u32::try_from(trees.len()).unwrap_or(u32::MAX),
             digest: self.roots_digest(&trees),
         };
-        match self.ae_call(peer, &summary, &mut report).await? {
+        match self.ae_call(peer, &summary, report).await? {
             PeerResponse::AeMatch(true) => {
                 ae.metrics().exchanges.fetch_add(1, Ordering::Relaxed);
-                return Ok(report);
+                return Ok(());
             }
-            PeerResponse::AeMatch(false) => {}
+            PeerResponse::AeMatch(false) => report.descended = true,
+            PeerResponse::AeBusy => return Err(format!("{peer} is in another exchange")),
             other => return Err(format!("unexpected reply to AeDigest: {other:?}")),
         }
         // Roots → the peer's groups of the trees whose roots differ.
@@ -152,7 +200,7 @@ impl Cluster {
                 .map(|&(n, p)| (n, p, ae.root((n, p))))
                 .collect();
             let reply = self
-                .ae_call(peer, &PeerRequest::AeRoots(roots), &mut report)
+                .ae_call(peer, &PeerRequest::AeRoots(roots), report)
                 .await?;
             let PeerResponse::AeGroups(groups) = reply else {
                 return Err(format!("unexpected reply to AeRoots: {reply:?}"));
@@ -168,7 +216,7 @@ impl Cluster {
         let mut leaf_asks = Vec::new();
         for chunk in group_asks.chunks(AE_ASKS_PER_MESSAGE) {
             let reply = self
-                .ae_call(peer, &PeerRequest::AeLeaves(chunk.to_vec()), &mut report)
+                .ae_call(peer, &PeerRequest::AeLeaves(chunk.to_vec()), report)
                 .await?;
             let PeerResponse::AeLeafHashes(lists) = reply else {
                 return Err(format!("unexpected reply to AeLeaves: {reply:?}"));
@@ -187,7 +235,7 @@ impl Cluster {
         let mut push = Vec::new();
         'leaves: for chunk in leaf_asks.chunks(AE_ASKS_PER_MESSAGE) {
             let reply = self
-                .ae_call(peer, &PeerRequest::AeKeys(chunk.to_vec()), &mut report)
+                .ae_call(peer, &PeerRequest::AeKeys(chunk.to_vec()), report)
                 .await?;
             let PeerResponse::AeKeyLists(lists) = reply else {
                 return Err(format!("unexpected reply to AeKeys: {reply:?}"));
@@ -209,7 +257,7 @@ impl Cluster {
         // Pull, then push the merged states.
         for chunk in pull.chunks(AE_FETCH_KEYS) {
             let reply = self
-                .ae_call(peer, &PeerRequest::AeFetch(chunk.to_vec()), &mut report)
+                .ae_call(peer, &PeerRequest::AeFetch(chunk.to_vec()), report)
                 .await?;
             let PeerResponse::AeObjects(objects) = reply else {
                 return Err(format!("unexpected reply to AeFetch: {reply:?}"));
@@ -226,7 +274,7 @@ impl Cluster {
             let size: usize = object.siblings().iter().map(|s| s.value.len()).sum();
             if !batch.is_empty() && batch_bytes + size > AE_PUSH_BYTES {
                 report.pushed += self
-                    .ae_push(peer, std::mem::take(&mut batch), &mut report)
+                    .ae_push(peer, std::mem::take(&mut batch), report)
                     .await?;
                 batch_bytes = 0;
             }
@@ -234,14 +282,14 @@ impl Cluster {
             batch.push((dkey, object));
         }
         if !batch.is_empty() {
-            report.pushed += self.ae_push(peer, batch, &mut report).await?;
+            report.pushed += self.ae_push(peer, batch, report).await?;
         }
         let metrics = ae.metrics();
         metrics.exchanges.fetch_add(1, Ordering::Relaxed);
         metrics
             .keys_repaired
             .fetch_add(report.pulled + report.pushed, Ordering::Relaxed);
-        Ok(report)
+        Ok(())
     }
 
     async fn ae_push(
@@ -299,11 +347,20 @@ impl Cluster {
                 // A sender that is not a member, or sees another placement, never matches and
                 // goes on to compare roots, which says precisely what differs.
                 let shared = self.shared_trees(&from);
-                PeerResponse::AeMatch(
-                    self.peers.addr(&from).is_some()
-                        && u32::try_from(shared.len()).ok() == Some(trees)
-                        && self.roots_digest(&shared) == digest,
-                )
+                let same = self.peers.addr(&from).is_some()
+                    && u32::try_from(shared.len()).ok() == Some(trees)
+                    && self.roots_digest(&shared) == digest;
+                if same {
+                    PeerResponse::AeMatch(true)
+                } else if self.ae_lease(&from) {
+                    PeerResponse::AeMatch(false)
+                } else {
+                    PeerResponse::AeBusy
+                }
+            }
+            PeerRequest::AeDone { from } => {
+                self.ae_release(&from);
+                PeerResponse::AeReleased
             }
             PeerRequest::AeRoots(roots) => {
                 if roots.iter().any(|&(n, p, _)| bad_tree(n, p)) {
