@@ -1,6 +1,6 @@
 //! Wasm storage adapter (`wasm:logstore`) against fjall, same machine, same workload.
 //!
-//! `cargo run --release -p quiver-wasm-storage --example bench [-- --keys N]`
+//! `cargo run --release -p quiver-wasm-storage --example storage_bench [-- --keys N]`
 //!
 //! Workloads, each on a fresh engine loaded with `N` keys (16-byte keys, 100-byte values,
 //! written in batches of 100 before timing starts):

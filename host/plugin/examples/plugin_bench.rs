@@ -2,7 +2,7 @@
 //! native Rust, and the cost of getting an instance: compile (cold), load from the disk
 //! cache (a restart), instantiate (every call).
 //!
-//! `cargo run --release -p quiver-plugin --example bench`
+//! `cargo run --release -p quiver-plugin --example plugin_bench`
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
