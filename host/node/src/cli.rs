@@ -174,9 +174,9 @@ pub struct ServerArgs {
     /// [default: 10000]
     #[arg(long, value_name = "N")]
     pub ae_max_keys: Option<usize>,
-    /// Age in ms a tombstone must reach before it may be reaped; reaping runs with
-    /// anti-entropy and only once every replica holds the tombstone and no node holds a
-    /// hint for the key. [default: 60000]
+    /// How long in ms every replica must have held a tombstone (each by its own clock)
+    /// before it may be reaped; reaping runs with anti-entropy, needs every member up, and
+    /// waits while any node holds a hint for the key. [default: 60000]
     #[arg(long, value_name = "MS")]
     pub tombstone_grace_ms: Option<u64>,
     /// Cluster CA directory (holding ca.pem and ca.key, see `quiver ca init`) that signs

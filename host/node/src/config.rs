@@ -105,7 +105,7 @@ pub struct FileConfig {
     pub ae_interval_ms: Option<u64>,
     /// Keys one anti-entropy exchange repairs at most.
     pub ae_max_keys: Option<usize>,
-    /// Age a tombstone must reach before it may be reaped, in ms.
+    /// How long every replica must have held a tombstone before it may be reaped, in ms.
     pub tombstone_grace_ms: Option<u64>,
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
