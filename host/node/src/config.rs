@@ -23,8 +23,9 @@ pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
 pub const AE_INTERVAL_MS_DEFAULT: u64 = 5_000;
 /// Default number of keys one anti-entropy exchange repairs at most.
 pub const AE_MAX_KEYS_DEFAULT: usize = 10_000;
-/// Default age a tombstone must reach before it may be reaped, in ms: far beyond a request
-/// deadline, so no store or repair computed before the delete is still in flight.
+/// Default time every replica must hold a tombstone before it may be reaped, in ms: far
+/// beyond a request deadline, so no store or repair computed before the delete is still in
+/// flight.
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 60_000;
 /// Largest group-commit window accepted, in microseconds (longer only adds latency).
 pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
@@ -424,7 +425,7 @@ pub struct NodeConfig {
     pub ae_interval: Option<std::time::Duration>,
     /// Keys one anti-entropy exchange repairs at most.
     pub ae_max_keys: usize,
-    /// Age a tombstone must reach before it may be reaped.
+    /// How long every replica must have held a tombstone before it may be reaped.
     pub tombstone_grace: std::time::Duration,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,

@@ -41,7 +41,7 @@ pub struct AeConfig {
     pub interval: Option<std::time::Duration>,
     /// Keys repaired per exchange at most.
     pub max_keys: usize,
-    /// Age a tombstone must reach before it may be reaped.
+    /// How long every replica must have held a tombstone before it may be reaped.
     pub tombstone_grace: std::time::Duration,
 }
 
