@@ -630,6 +630,8 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         "n": s.n, "r": s.r, "w": s.w,
                         "members": s.members.iter().map(|m| json!({
                             "node": m.node, "addr": m.addr, "up": m.up, "partitions": m.partitions,
+                            "owned_pct": f64::from(m.partitions) * 100.0
+                                / f64::from(s.partitions.max(1)),
                         })).collect::<Vec<_>>(),
                     }),
                     Err(e) => json!({ "node": node, "reachable": false, "error": e.to_string() }),
@@ -639,10 +641,10 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
+                "{:<12} {:<10} {:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
                 "node",
                 "reachable",
-                "partitions",
+                "owned",
                 "hints",
                 "plugin-err",
                 "ae-keys",
@@ -660,6 +662,10 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             .iter()
                             .find(|m| &m.node == node)
                             .map_or(0, |m| m.partitions);
+                        let mine = format!(
+                            "{mine} ({:.1}%)",
+                            f64::from(mine) * 100.0 / f64::from(s.partitions.max(1))
+                        );
                         let down: Vec<&str> = s
                             .members
                             .iter()
@@ -672,7 +678,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             down.join(",")
                         };
                         println!(
-                            "{node:<12} {:<10} {mine:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} \
+                            "{node:<12} {:<10} {mine:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} \
                              {:>7} {:>7}  {down}",
                             "yes",
                             s.hints,
@@ -686,7 +692,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         );
                     }
                     Err(e) => println!(
-                        "{node:<12} {:<10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  \
+                        "{node:<12} {:<10} {:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  \
                          ({e})",
                         "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-"
                     ),
