@@ -381,18 +381,14 @@ impl KvService {
             batch.put(dkey.clone(), encode_record(&record));
             let new_hint =
                 self.add_hint(&mut batch, args.bucket, args.key, &dkey, args.hint_for)?;
-            let staged = self
-                .ae
-                .stage(
-                    &self.store,
-                    &mut batch,
-                    args.bucket.as_bytes(),
-                    args.key,
-                    &dkey,
-                    Some(prior.as_ref()),
-                    Some(&record.object),
-                )
-                .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+            let staged = self.stage_ae(
+                &mut batch,
+                args.bucket,
+                args.key,
+                &dkey,
+                Some(prior.as_ref()),
+                Some(&record.object),
+            )?;
             self.store
                 .apply(&batch)
                 .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
@@ -494,19 +490,14 @@ impl KvService {
             let mut staged = None;
             if let Some(record) = &plan.record {
                 batch.put(dkey.clone(), encode_record(record));
-                staged = Some(
-                    self.ae
-                        .stage(
-                            &self.store,
-                            &mut batch,
-                            bucket.as_bytes(),
-                            key,
-                            &dkey,
-                            Some(local.as_ref().map(|r| &r.object)),
-                            Some(&record.object),
-                        )
-                        .map_err(|e| self.storage_err(bucket, key, e))?,
-                );
+                staged = Some(self.stage_ae(
+                    &mut batch,
+                    bucket,
+                    key,
+                    &dkey,
+                    Some(local.as_ref().map(|r| &r.object)),
+                    Some(&record.object),
+                )?);
             }
             changed = plan.record.is_some();
             let new_hint =
@@ -546,18 +537,14 @@ impl KvService {
         let _guard = lock(&self.locks[stripe(data_key)]);
         let record = self.read_record(&bucket, key, data_key)?;
         let mut batch = WriteBatch::new();
-        let staged = self
-            .ae
-            .stage(
-                &self.store,
-                &mut batch,
-                bucket.as_bytes(),
-                key,
-                data_key,
-                None,
-                record.as_ref().map(|r| &r.object),
-            )
-            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        let staged = self.stage_ae(
+            &mut batch,
+            &bucket,
+            key,
+            data_key,
+            None,
+            record.as_ref().map(|r| &r.object),
+        )?;
         self.store
             .apply(&batch)
             .map_err(|e| self.storage_err(&bucket, key, e))?;
@@ -634,18 +621,14 @@ impl KvService {
         }
         let mut batch = WriteBatch::new();
         batch.delete(data_key.to_vec());
-        let staged = self
-            .ae
-            .stage(
-                &self.store,
-                &mut batch,
-                bucket.as_bytes(),
-                key,
-                data_key,
-                Some(Some(&record.object)),
-                None,
-            )
-            .map_err(|e| self.storage_err(&bucket, key, e))?;
+        let staged = self.stage_ae(
+            &mut batch,
+            &bucket,
+            key,
+            data_key,
+            Some(Some(&record.object)),
+            None,
+        )?;
         self.store
             .apply(&batch)
             .map_err(|e| self.storage_err(&bucket, key, e))?;
@@ -751,20 +734,11 @@ impl KvService {
                 HandoffCleanup::DropMarkerAndCopy => {
                     batch.delete(hkey);
                     batch.delete(dkey.clone());
-                    staged = Some(
-                        self.ae
-                            .stage(
-                                &self.store,
-                                &mut batch,
-                                bucket.as_bytes(),
-                                key,
-                                &dkey,
-                                // No record reads as the empty object here.
-                                Some((current != Object::default()).then_some(&current)),
-                                None,
-                            )
-                            .map_err(|e| self.storage_err(bucket, key, e))?,
-                    );
+                    staged = Some({
+                        // No record reads as the empty object here.
+                        let prior = (current != Object::default()).then_some(&current);
+                        self.stage_ae(&mut batch, bucket, key, &dkey, Some(prior), None)?
+                    });
                 }
             }
             self.store
@@ -779,6 +753,22 @@ impl KvService {
         self.store
             .sync_applied()
             .await
+            .map_err(|e| self.storage_err(bucket, key, e))
+    }
+
+    /// Stages the anti-entropy entry change of a record write (`new` = `Some`) or delete in
+    /// `batch`; see [`AeIndex::stage`]. Call under the key's lock.
+    fn stage_ae(
+        &self,
+        batch: &mut WriteBatch,
+        bucket: &str,
+        key: &[u8],
+        dkey: &[u8],
+        prior: Option<Option<&Object>>,
+        new: Option<&Object>,
+    ) -> Result<crate::ae::Staged, KvError> {
+        self.ae
+            .stage(&self.store, batch, bucket.as_bytes(), key, dkey, prior, new)
             .map_err(|e| self.storage_err(bucket, key, e))
     }
 
