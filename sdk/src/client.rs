@@ -310,7 +310,7 @@ impl Client {
     /// The node's view of the cluster.
     pub async fn status(&self) -> Result<crate::wire::NodeStatus, Error> {
         match self.call(&Request::Status).await? {
-            Response::Status(s) => Ok(s),
+            Response::Status(s) => Ok(*s),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -519,6 +519,15 @@ impl Client {
         .await
     }
 
+    /// Sends a cluster admin request (join, leave, plan, commit) and returns the plan the
+    /// node answers with.
+    pub async fn cluster_admin(&self, req: &Request) -> Result<crate::wire::PlanView, Error> {
+        match self.call(req).await? {
+            Response::Plan(plan) => Ok(*plan),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     async fn bucket(&self, req: &Request) -> Result<BucketInfo, Error> {
         match self.call(req).await? {
             Response::Bucket(info) => Ok(*info),
@@ -612,6 +621,7 @@ fn reply_name(resp: &Response) -> &'static str {
         Response::PluginUploaded { .. } => "PluginUploaded",
         Response::Plugins { .. } => "Plugins",
         Response::Bucket(_) => "Bucket",
+        Response::Plan(_) => "Plan",
         Response::Error(_) => "Error",
     }
 }

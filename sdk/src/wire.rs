@@ -138,6 +138,69 @@ pub enum Request {
         /// Bucket name.
         bucket: String,
     },
+    /// Stage the answering node's join to the cluster of the node at `seed` (`IP:port`).
+    /// The answering node must hold no data; it takes the cluster's ring and members and
+    /// owns nothing until a commit.
+    ClusterJoin {
+        /// Address of any member of the cluster to join.
+        seed: String,
+    },
+    /// Stage a member's departure (the answering node's if `node` is `None`). After the
+    /// commit it hands its data to the new owners, then stops.
+    ClusterLeave {
+        /// The member to remove.
+        node: Option<String>,
+    },
+    /// The staged changes and the data they would move.
+    ClusterPlan,
+    /// Apply the staged changes: rebalance the ring and start the handoffs.
+    ClusterCommit,
+}
+
+/// One member in a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanMember {
+    /// Node name.
+    pub node: String,
+    /// Its address.
+    pub addr: String,
+    /// joining, valid, leaving or left.
+    pub state: String,
+    /// Partitions it owns in the committed ring.
+    pub owned_now: u32,
+    /// Partitions it would own after the staged changes.
+    pub owned_next: u32,
+    /// Partitions whose replica it would receive.
+    pub replicas_gained: u32,
+    /// Partitions whose replica it would hand off.
+    pub replicas_lost: u32,
+    /// Estimated keys it would receive.
+    pub keys_in: u64,
+    /// Estimated keys it would hand off.
+    pub keys_out: u64,
+}
+
+/// Staged membership changes as a node sees them (answer to the cluster admin requests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    /// The answering node.
+    pub node: String,
+    /// Version of the committed ring.
+    pub ring_version: u64,
+    /// Version of the ring a commit would make; `None` when nothing is staged.
+    pub next_version: Option<u64>,
+    /// True when this answer is to a commit that was applied.
+    pub committed: bool,
+    /// Every member that has not left.
+    pub members: Vec<PlanMember>,
+    /// Partition ownership moves: (from, to, partitions).
+    pub transfers: Vec<(String, String, u32)>,
+    /// Estimated keys in the cluster (from the answering node's trees).
+    pub keys_estimated: u64,
+    /// Estimated key copies that move (received by new replicas).
+    pub copies_moved: u64,
+    /// Key copies held in the cluster before the change (keys × n).
+    pub copies_total: u64,
 }
 
 /// One sibling as sent to clients.
@@ -164,6 +227,8 @@ pub struct MemberStatus {
     pub up: bool,
     /// Ring partitions it owns.
     pub partitions: u32,
+    /// joining, valid, leaving (`crate`'s membership states; left members are not listed).
+    pub state: String,
 }
 
 /// A node's view of the cluster.
@@ -197,6 +262,16 @@ pub struct NodeStatus {
     pub tombstones: u64,
     /// Tombstones this node removed since it started, once every replica held them.
     pub tombstones_reaped: u64,
+    /// Version of the ring this node holds.
+    pub ring_version: u64,
+    /// Replicas (trees) this node holds but no longer owns: handoffs still to do.
+    pub handoff_partitions: u64,
+    /// Keys in those replicas.
+    pub handoff_keys: u64,
+    /// Keys this node handed off that changed their new owner, since it started.
+    pub handoff_keys_sent: u64,
+    /// Keys this node dropped after handing them off, since it started.
+    pub handoff_keys_dropped: u64,
 }
 
 /// A bucket's properties as a node applies them.
@@ -264,6 +339,9 @@ pub enum ErrorCode {
     NoReconciler,
     /// A bug in the node; the message says more.
     Internal,
+    /// A membership change was refused (unknown member, nothing staged, not an empty node,
+    /// another cluster's seed).
+    Membership,
 }
 
 /// A typed error reply.
@@ -286,7 +364,7 @@ pub enum Response {
         protocol: u32,
     },
     /// Answer to [`Request::Status`].
-    Status(NodeStatus),
+    Status(Box<NodeStatus>),
     /// Answer to [`Request::Ring`].
     Ring {
         /// The ring, as `quiver_core::ring::Ring::encode` bytes.
@@ -328,6 +406,8 @@ pub enum Response {
     },
     /// Answer to [`Request::BucketSet`] and [`Request::BucketShow`].
     Bucket(Box<BucketInfo>),
+    /// Answer to the cluster admin requests (join, leave, plan, commit).
+    Plan(Box<PlanView>),
     /// The request failed.
     Error(ErrorReply),
 }

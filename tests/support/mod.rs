@@ -92,6 +92,13 @@ impl NodeProc {
         }
     }
 
+    /// The exit status if the process has exited by itself (it is reaped then).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("poll the node")?;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGTERM and wait for a graceful exit; returns true if it exited successfully.
     pub fn terminate(&mut self) -> bool {
         let Some(mut c) = self.child.take() else {

@@ -27,6 +27,7 @@
 pub mod causality;
 pub mod coordinator;
 pub mod limits;
+pub mod membership;
 pub mod merkle;
 pub mod meta;
 pub mod quorum;

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::membership::{MemberEntry, RingEntry, merge_members};
+
 /// Who wrote a metadata entry, and when: ordered by time, then by node name, so every node
 /// picks the same winner.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -128,6 +130,10 @@ pub struct MetaState {
     pub buckets: BTreeMap<String, BucketEntry>,
     /// Uploaded plugin versions, by (name, hash).
     pub plugins: BTreeMap<PluginRef, PluginInfo>,
+    /// Cluster members by node name (`crate::membership`).
+    pub members: BTreeMap<String, MemberEntry>,
+    /// The committed ring; `None` until the node derived or learned one.
+    pub ring: Option<RingEntry>,
 }
 
 /// What a merge changed.
@@ -137,12 +143,16 @@ pub struct MetaChanges {
     pub buckets: Vec<String>,
     /// Plugin versions newly listed.
     pub plugins: Vec<PluginRef>,
+    /// Members whose entry was replaced.
+    pub members: Vec<String>,
+    /// The ring was replaced.
+    pub ring: bool,
 }
 
 impl MetaChanges {
     /// Nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty() && self.plugins.is_empty()
+        self.buckets.is_empty() && self.plugins.is_empty() && self.members.is_empty() && !self.ring
     }
 }
 
@@ -174,6 +184,16 @@ impl MetaState {
                 }
             }
         }
+        changes.members = merge_members(&mut self.members, &other.members);
+        if let Some(theirs) = &other.ring
+            && self
+                .ring
+                .as_ref()
+                .is_none_or(|mine| mine.superseded_by(theirs))
+        {
+            self.ring = Some(theirs.clone());
+            changes.ring = true;
+        }
         changes
     }
 
@@ -182,7 +202,7 @@ impl MetaState {
     pub fn set_bucket(&mut self, name: &str, spec: BucketSpec, stamp: Stamp) -> &BucketEntry {
         let incoming = MetaState {
             buckets: BTreeMap::from([(name.to_string(), BucketEntry { spec, stamp })]),
-            plugins: BTreeMap::new(),
+            ..MetaState::default()
         };
         self.merge(&incoming);
         // The entry exists: merge inserted it or kept a later one.
@@ -307,6 +327,7 @@ mod tests {
                 .iter()
                 .map(|p| (p.plugin.clone(), p.clone()))
                 .collect(),
+            ..MetaState::default()
         }
     }
 

@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one node in the foreground (Ctrl-C or SIGTERM stops it gracefully).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Read a key: every concurrent sibling and the context to write back with.
     Get(GetArgs),
     /// Write a value. Without --context the write is concurrent with what is stored.
@@ -68,7 +68,11 @@ pub enum Command {
 /// `quiver cluster` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Every member as each reachable node sees it: up/down, partitions owned, hints held.
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    Membership(crate::cli_cluster::MembershipCommand),
+    /// Every member as each reachable node sees it: status (joining, valid, leaving),
+    /// up/down, partitions owned, hints held, anti-entropy and handoffs still to do.
     Status {
         #[command(flatten)]
         #[allow(missing_docs)]
@@ -179,6 +183,24 @@ pub struct ServerArgs {
     /// waits while any node holds a hint for the key. [default: 60000]
     #[arg(long, value_name = "MS")]
     pub tombstone_grace_ms: Option<u64>,
+    /// Time between gossip rounds, in ms: each round pulls the cluster metadata (members,
+    /// ring, buckets, plugins) from a random peer when its digest differs. [default: 1000]
+    #[arg(long, value_name = "MS")]
+    pub gossip_interval_ms: Option<u64>,
+    /// Time between handoff passes, in ms: each pass pushes replicas this node no longer
+    /// owns to their new owners (at most --ae-max-keys keys) and drops what they hold.
+    /// [default: 1000]
+    #[arg(long, value_name = "MS")]
+    pub handoff_interval_ms: Option<u64>,
+    /// Relative capacity of this node when it joins a cluster (`quiver cluster join`):
+    /// partitions are claimed in proportion. Nodes of the initial --peer list have weight
+    /// 1. [default: 1]
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+    /// Failure domain (rack, zone) of this node when it joins a cluster; replicas of a key
+    /// are spread over distinct zones where enough exist. [default: none]
+    #[arg(long, value_name = "NAME")]
+    pub zone: Option<String>,
     /// Cluster CA directory (holding ca.pem and ca.key, see `quiver ca init`) that signs
     /// this node's certificate on first start. [default: a new CA in the data directory]
     #[arg(long, value_name = "DIR")]
@@ -224,6 +246,10 @@ impl ServerArgs {
             ae_interval_ms: self.ae_interval_ms,
             ae_max_keys: self.ae_max_keys,
             tombstone_grace_ms: self.tombstone_grace_ms,
+            gossip_interval_ms: self.gossip_interval_ms,
+            handoff_interval_ms: self.handoff_interval_ms,
+            weight: self.weight,
+            zone: self.zone.clone(),
             ca_dir: self.ca_dir.clone(),
             buckets: if buckets.is_empty() {
                 None
@@ -626,10 +652,18 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         },
                         "tombstones": s.tombstones,
                         "tombstones_reaped": s.tombstones_reaped,
+                        "ring_version": s.ring_version,
+                        "handoff": {
+                            "partitions": s.handoff_partitions,
+                            "keys": s.handoff_keys,
+                            "keys_sent": s.handoff_keys_sent,
+                            "keys_dropped": s.handoff_keys_dropped,
+                        },
                         "partitions": s.partitions,
                         "n": s.n, "r": s.r, "w": s.w,
                         "members": s.members.iter().map(|m| json!({
                             "node": m.node, "addr": m.addr, "up": m.up, "partitions": m.partitions,
+                            "state": m.state,
                             "owned_pct": f64::from(m.partitions) * 100.0
                                 / f64::from(s.partitions.max(1)),
                         })).collect::<Vec<_>>(),
@@ -641,10 +675,13 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<10} {:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
+                "{:<12} {:<8} {:<10} {:>14} {:>5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
                 "node",
+                "state",
                 "reachable",
                 "owned",
+                "ring",
+                "handoff",
                 "hints",
                 "plugin-err",
                 "ae-keys",
@@ -657,11 +694,9 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
             for (node, st) in &statuses {
                 match st {
                     Ok(s) => {
-                        let mine = s
-                            .members
-                            .iter()
-                            .find(|m| &m.node == node)
-                            .map_or(0, |m| m.partitions);
+                        let me = s.members.iter().find(|m| &m.node == node);
+                        let state = me.map_or("-", |m| m.state.as_str());
+                        let mine = me.map_or(0, |m| m.partitions);
                         let mine = format!(
                             "{mine} ({:.1}%)",
                             f64::from(mine) * 100.0 / f64::from(s.partitions.max(1))
@@ -678,9 +713,11 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             down.join(",")
                         };
                         println!(
-                            "{node:<12} {:<10} {mine:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} \
-                             {:>7} {:>7}  {down}",
+                            "{node:<12} {state:<8} {:<10} {mine:>14} {:>5} {:>9} {:>7} {:>9} \
+                             {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  {down}",
                             "yes",
+                            s.ring_version,
+                            s.handoff_keys,
                             s.hints,
                             s.plugin_failures,
                             s.ae_keys,
@@ -692,9 +729,9 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         );
                     }
                     Err(e) => println!(
-                        "{node:<12} {:<10} {:>14} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  \
-                         ({e})",
-                        "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-"
+                        "{node:<12} {:<8} {:<10} {:>14} {:>5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9} \
+                         {:>10} {:>7} {:>7}  ({e})",
+                        "-", "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"
                     ),
                 }
             }

@@ -31,11 +31,13 @@ use crate::plugins::{PluginMerged, Plugins};
 
 mod admin;
 mod ae;
+mod membership;
 mod reap;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 use crate::storage::Durability;
 pub use admin::BucketView;
 pub use ae::{AeConfig, AeReport};
+pub use membership::{HandoffMetrics, MembershipConfig, initial_members};
 
 /// Keys handed over per hint-delivery pass and owner.
 const HINT_BATCH_KEYS: usize = 256;
@@ -55,6 +57,8 @@ pub struct ReplicationConfig {
     pub read_repair: bool,
     /// Active anti-entropy.
     pub ae: AeConfig,
+    /// Gossip, handoff, and how this node joins.
+    pub membership: MembershipConfig,
 }
 
 /// Replication properties of one bucket.
@@ -71,7 +75,9 @@ pub struct BucketProps {
 pub struct Cluster {
     kv: Arc<KvService>,
     peers: Arc<Peers>,
-    ring: Ring,
+    /// The committed ring as this node knows it; replaced whole when gossip brings a newer
+    /// one, so a request works on one consistent ring.
+    ring: std::sync::RwLock<Arc<Ring>>,
     config: ReplicationConfig,
     meta: MetaStore,
     plugins: Plugins,
@@ -83,6 +89,9 @@ pub struct Cluster {
     /// The exchange this node takes part in (initiator or replica) and until when, so that
     /// several peers do not repair the same keys here at once.
     ae_lease: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+    handoff_metrics: HandoffMetrics,
+    /// Notified when this node has handed everything off after leaving.
+    departed: tokio::sync::Notify,
 }
 
 /// A client write as the coordinator handles it.
@@ -138,7 +147,7 @@ impl Cluster {
         let cluster = Cluster {
             kv,
             peers,
-            ring,
+            ring: std::sync::RwLock::new(Arc::new(ring)),
             config,
             meta,
             plugins,
@@ -146,7 +155,10 @@ impl Cluster {
             ae_refile_pending: Default::default(),
             ae_next_peer: Default::default(),
             ae_lease: Default::default(),
+            handoff_metrics: Default::default(),
+            departed: Default::default(),
         };
+        cluster.apply_membership();
         cluster.refresh_views();
         cluster
     }
@@ -161,9 +173,9 @@ impl Cluster {
         &self.peers
     }
 
-    /// The ring.
-    pub fn ring(&self) -> &Ring {
-        &self.ring
+    /// The ring as this node currently holds it.
+    pub fn ring(&self) -> Arc<Ring> {
+        Arc::clone(&self.ring.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn me(&self) -> &str {
@@ -172,7 +184,8 @@ impl Cluster {
 
     /// Preference list of a key: (primaries, fallbacks) for replication factor `n`.
     pub fn preference(&self, bucket: &str, key: &[u8], n: usize) -> (Vec<String>, Vec<String>) {
-        let list = self.ring.preference_list_for_key(bucket.as_bytes(), key, n);
+        let ring = self.ring();
+        let list = ring.preference_list_for_key(bucket.as_bytes(), key, n);
         (
             list.primaries.iter().map(|m| m.id.clone()).collect(),
             list.fallbacks.iter().map(|m| m.id.clone()).collect(),
@@ -235,12 +248,12 @@ impl Cluster {
                 node: self.me().to_string(),
                 protocol: PROTOCOL_VERSION,
             },
-            Request::Status => Response::Status(self.status()),
-            Request::Ring => match self.ring.encode() {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Ring => match self.ring().encode() {
                 Ok(ring) => Response::Ring {
                     ring,
                     members: std::iter::once(self.me().to_string())
-                        .chain(self.peers.names().map(str::to_string))
+                        .chain(self.peers.names())
                         .map(|node| {
                             let addr = self.peers.addr(&node).unwrap_or(self.peers.local_addr());
                             (node, addr.to_string())
@@ -321,26 +334,40 @@ impl Cluster {
                     .await
             }
             Request::BucketShow { bucket } => self.bucket_show(&bucket),
+            Request::ClusterJoin { seed } => self.cluster_join(&seed).await,
+            Request::ClusterLeave { node } => self.cluster_leave(node).await,
+            Request::ClusterPlan => self.plan_response(false),
+            Request::ClusterCommit => self.cluster_commit().await,
         }
     }
 
     /// This node's view of the cluster.
     pub fn status(&self) -> NodeStatus {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut members: Vec<MemberStatus> = std::iter::once(self.me().to_string())
-            .chain(self.peers.names().map(str::to_string))
-            .map(|node| MemberStatus {
-                addr: self
-                    .peers
-                    .addr(&node)
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
+        let ring = self.ring();
+        let members: Vec<MemberStatus> = self
+            .meta
+            .state()
+            .members
+            .into_iter()
+            .filter(|(_, e)| e.state != quiver_core::membership::MemberState::Left)
+            .map(|(node, e)| MemberStatus {
+                addr: if node == self.me() {
+                    String::new()
+                } else {
+                    e.addr
+                },
                 up: self.peers.is_up(&node),
-                partitions: self.ring.partitions_of(&node).len() as u32,
+                partitions: ring.partitions_of(&node).len() as u32,
+                state: e.state.as_str().to_string(),
                 node,
             })
             .collect();
-        members.sort_by(|a, b| a.node.cmp(&b.node));
+        let handoffs = self.handoff_trees();
+        let handoff_keys = handoffs
+            .iter()
+            .map(|(tree, _)| self.kv.ae().tree_keys(*tree))
+            .sum();
         let q = self.config.quorum;
         NodeStatus {
             node: self.me().to_string(),
@@ -353,7 +380,12 @@ impl Cluster {
             ae_bytes_sent: self.kv.ae().metrics().bytes_sent.load(Relaxed),
             tombstones: self.kv.ae().tombstones(),
             tombstones_reaped: self.kv.ae().metrics().tombstones_reaped.load(Relaxed),
-            partitions: self.ring.partitions(),
+            partitions: ring.partitions(),
+            ring_version: ring.version(),
+            handoff_partitions: handoffs.len() as u64,
+            handoff_keys,
+            handoff_keys_sent: self.handoff_metrics.keys_sent.load(Relaxed),
+            handoff_keys_dropped: self.handoff_metrics.keys_dropped.load(Relaxed),
             n: q.n as u8,
             r: q.r as u8,
             w: q.w as u8,
@@ -818,6 +850,13 @@ impl Cluster {
             reap @ (PeerRequest::ReapCheck(_) | PeerRequest::Reap(_)) => {
                 self.handle_reap_peer(reap).await
             }
+            PeerRequest::Join {
+                node,
+                entry,
+                partitions,
+                quorum,
+            } => self.handle_join(node, entry, partitions, quorum).await,
+            PeerRequest::HandoffPush(objects) => self.handle_handoff_push(objects).await,
         }
     }
 
@@ -829,7 +868,7 @@ impl Cluster {
             return 0;
         }
         let mut delivered = 0;
-        let owners: Vec<String> = self.peers.names().map(str::to_string).collect();
+        let owners: Vec<String> = self.peers.names();
         for owner in owners {
             if !self.peers.is_up(&owner) {
                 continue;
@@ -862,8 +901,8 @@ impl Cluster {
                 );
                 let keep = replica::keep_copy_after_handoff(
                     primaries.iter().any(|p| p == self.me()),
-                    self.peers.names().any(|other| {
-                        other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)
+                    self.peers.names().iter().any(|other| {
+                        *other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)
                     }),
                 );
                 match self
@@ -883,15 +922,10 @@ impl Cluster {
     }
 
     /// Background duties until the process ends: probing down peers and delivering hints.
-    pub async fn run_background(
-        self: Arc<Self>,
-        probe_every: Duration,
-        hints_every: Duration,
-        meta_every: Duration,
-    ) {
+    pub async fn run_background(self: Arc<Self>, probe_every: Duration, hints_every: Duration) {
         let mut probe = tokio::time::interval(probe_every);
         let mut hints = tokio::time::interval(hints_every);
-        let mut meta = tokio::time::interval(meta_every);
+        let mut meta = tokio::time::interval(self.config.membership.gossip_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         hints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         meta.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -922,7 +956,16 @@ impl Cluster {
                 self.ae_tick(self.config.ae.max_keys).await;
             }
         };
-        tokio::join!(duties, anti_entropy);
+        // Handoff too: a transfer of a large partition must not hold up probes or gossip.
+        let handoff = async {
+            let mut every = tokio::time::interval(self.config.membership.handoff_interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                self.handoff_tick(self.config.ae.max_keys).await;
+            }
+        };
+        tokio::join!(duties, anti_entropy, handoff);
     }
 }
 

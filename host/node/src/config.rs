@@ -21,6 +21,10 @@ pub const PARTITIONS_DEFAULT: u32 = 256;
 pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
 /// Default time between anti-entropy exchanges, in ms.
 pub const AE_INTERVAL_MS_DEFAULT: u64 = 5_000;
+/// Default time between gossip rounds, in ms.
+pub const GOSSIP_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default time between handoff passes, in ms.
+pub const HANDOFF_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Default number of keys one anti-entropy exchange repairs at most.
 pub const AE_MAX_KEYS_DEFAULT: usize = 10_000;
 /// Default time every replica must hold a tombstone before it may be reaped, in ms: far
@@ -108,6 +112,14 @@ pub struct FileConfig {
     pub ae_max_keys: Option<usize>,
     /// How long every replica must have held a tombstone before it may be reaped, in ms.
     pub tombstone_grace_ms: Option<u64>,
+    /// Time between gossip rounds in ms.
+    pub gossip_interval_ms: Option<u64>,
+    /// Time between handoff passes in ms.
+    pub handoff_interval_ms: Option<u64>,
+    /// This node's weight (relative capacity) when it joins a cluster.
+    pub weight: Option<u32>,
+    /// This node's zone (failure domain) when it joins a cluster.
+    pub zone: Option<String>,
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
     pub ca_dir: Option<PathBuf>,
@@ -200,6 +212,10 @@ impl FileConfig {
             ae_interval_ms: flags.ae_interval_ms.or(self.ae_interval_ms),
             ae_max_keys: flags.ae_max_keys.or(self.ae_max_keys),
             tombstone_grace_ms: flags.tombstone_grace_ms.or(self.tombstone_grace_ms),
+            gossip_interval_ms: flags.gossip_interval_ms.or(self.gossip_interval_ms),
+            handoff_interval_ms: flags.handoff_interval_ms.or(self.handoff_interval_ms),
+            weight: flags.weight.or(self.weight),
+            zone: flags.zone.or(self.zone),
             ca_dir: flags.ca_dir.or(self.ca_dir),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
@@ -350,7 +366,42 @@ impl FileConfig {
             });
         }
         let ae_interval_ms = self.ae_interval_ms.unwrap_or(AE_INTERVAL_MS_DEFAULT);
+        let interval =
+            |name: &'static str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
+                0 => Err(ConfigError::Invalid {
+                    name,
+                    message: "0: must be at least 1 ms".into(),
+                }),
+                ms => Ok(std::time::Duration::from_millis(ms)),
+            };
+        let gossip_interval = interval(
+            "gossip_interval_ms",
+            self.gossip_interval_ms,
+            GOSSIP_INTERVAL_MS_DEFAULT,
+        )?;
+        let handoff_interval = interval(
+            "handoff_interval_ms",
+            self.handoff_interval_ms,
+            HANDOFF_INTERVAL_MS_DEFAULT,
+        )?;
+        let weight = self.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(ConfigError::Invalid {
+                name: "weight",
+                message: "0: weights start at 1".into(),
+            });
+        }
+        if self.zone.as_deref() == Some("") {
+            return Err(ConfigError::Invalid {
+                name: "zone",
+                message: "empty: leave it out for a node without zone".into(),
+            });
+        }
         Ok(NodeConfig {
+            gossip_interval,
+            handoff_interval,
+            weight,
+            zone: self.zone,
             read_repair: self.read_repair.unwrap_or(true),
             ae_interval: (ae_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(ae_interval_ms)),
@@ -427,6 +478,14 @@ pub struct NodeConfig {
     pub ae_max_keys: usize,
     /// How long every replica must have held a tombstone before it may be reaped.
     pub tombstone_grace: std::time::Duration,
+    /// Time between gossip rounds.
+    pub gossip_interval: std::time::Duration,
+    /// Time between handoff passes.
+    pub handoff_interval: std::time::Duration,
+    /// Weight when joining a cluster.
+    pub weight: u32,
+    /// Zone when joining a cluster.
+    pub zone: Option<String>,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,
     /// Buckets with their own replication properties.

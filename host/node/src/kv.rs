@@ -605,6 +605,20 @@ impl KvService {
     /// the tombstone state with `digest` and no hint for the key is held here. Returns true
     /// when it was removed.
     pub fn reap(&self, data_key: &[u8], digest: &Hash, owners: &[String]) -> Result<bool, KvError> {
+        self.drop_copy(data_key, digest, owners, true)
+    }
+
+    /// Deletes this node's copy of a key if it is still exactly the state with `digest`
+    /// (and a tombstone, if `tombstone_only`) and no hint for the key is held here for any of
+    /// `owners`. For reaping, and for handoff once the new owners hold the state. Returns
+    /// true when it was removed.
+    pub fn drop_copy(
+        &self,
+        data_key: &[u8],
+        digest: &Hash,
+        owners: &[String],
+        tombstone_only: bool,
+    ) -> Result<bool, KvError> {
         let Some((bucket, key)) = keys::split_data_key(data_key) else {
             return Ok(false);
         };
@@ -613,7 +627,7 @@ impl KvService {
         let Some(record) = self.read_record(&bucket, key, data_key)? else {
             return Ok(false);
         };
-        if !crate::ae::is_tombstone(&record.object)
+        if (tombstone_only && !crate::ae::is_tombstone(&record.object))
             || merkle::object_digest(&record.object) != *digest
             || self.hinted_for_any(&bucket, key, data_key, owners)?
         {

@@ -18,6 +18,7 @@ pub mod ae;
 pub mod bench;
 pub mod certs;
 pub mod cli;
+pub mod cli_cluster;
 pub mod cli_plugins;
 pub mod cluster;
 pub mod config;

@@ -82,6 +82,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cluster(cli::ClusterCommand::Status { client }) => {
             cli::cluster_status(client).await
         }
+        Command::Cluster(cli::ClusterCommand::Membership(c)) => {
+            quiver_node::cli_cluster::run(c).await
+        }
         Command::Cluster(cli::ClusterCommand::Ring { partitions, client }) => {
             cli::cluster_ring(client, partitions).await
         }

@@ -1,11 +1,13 @@
 //! This node's copy of the cluster metadata (`quiver_core::meta`): runtime bucket
-//! properties and uploaded plugins, persisted in the node's store so they survive restarts.
+//! properties, uploaded plugins, members and the committed ring, persisted in the node's
+//! store so they survive restarts.
 //!
-//! Layout: the whole `MetaState` (small: names, hashes, properties) under the metadata key
-//! `cluster-meta`, and each plugin's bytes under `plugin/<hash>`. Every change is synced
-//! before it is acknowledged or passed on. Spreading it is `cluster.rs`'s job: a change is
-//! pushed to every peer at once, and every node pulls from its peers periodically (digest
-//! first, the state only when digests differ), so a node that was down catches up.
+//! Layout: the whole `MetaState` (small: names, hashes, properties, one ring) under the
+//! metadata key `cluster-meta`, and each plugin's bytes under `plugin/<hash>`. Every change
+//! is synced before it is acknowledged or passed on. Spreading it is `cluster.rs`'s job: a
+//! change is pushed to every peer at once, and every node gossips with a random peer every
+//! interval (digest first, the state only when digests differ), so a node that was down
+//! catches up.
 
 use std::sync::Mutex;
 
@@ -14,8 +16,18 @@ use quiver_core::storage::{StorageError, WriteBatch, keys};
 
 use crate::storage::Store;
 
-/// Format tag of the stored state.
+/// Format tag of the stored state before membership was part of it (buckets and plugins).
 const META_FORMAT_V1: u8 = 1;
+/// Format tag of the stored state with members and ring.
+const META_FORMAT_V2: u8 = 2;
+
+/// The state as format 1 stored it; read on upgrade, never written.
+#[derive(serde::Deserialize)]
+struct MetaStateV1 {
+    buckets: std::collections::BTreeMap<String, quiver_core::meta::BucketEntry>,
+    plugins:
+        std::collections::BTreeMap<quiver_core::meta::PluginRef, quiver_core::meta::PluginInfo>,
+}
 const STATE_KEY: &str = "cluster-meta";
 
 fn blob_key(hash: &str) -> Vec<u8> {
@@ -54,8 +66,17 @@ impl MetaStore {
         let state = match store.get(&keys::meta_key(STATE_KEY))? {
             None => MetaState::default(),
             Some(bytes) => match bytes.split_first() {
-                Some((&META_FORMAT_V1, body)) => postcard::from_bytes(body)
+                Some((&META_FORMAT_V2, body)) => postcard::from_bytes(body)
                     .map_err(|e| MetaStoreError::Corrupt(e.to_string()))?,
+                Some((&META_FORMAT_V1, body)) => {
+                    let old: MetaStateV1 = postcard::from_bytes(body)
+                        .map_err(|e| MetaStoreError::Corrupt(e.to_string()))?;
+                    MetaState {
+                        buckets: old.buckets,
+                        plugins: old.plugins,
+                        ..MetaState::default()
+                    }
+                }
                 _ => return Err(MetaStoreError::Corrupt("unknown format tag".into())),
             },
         };
@@ -119,6 +140,26 @@ impl MetaStore {
         Ok(changes)
     }
 
+    /// Replaces the membership part of the state (members and ring) with `incoming`'s and
+    /// merges the rest, durably. Only for a node joining a cluster: it gives up the
+    /// single-node ring it started with for the cluster's, which a merge would not do when
+    /// both are first rings of the same version.
+    pub async fn adopt_membership(&self, incoming: &MetaState) -> Result<(), MetaStoreError> {
+        let mut batch = WriteBatch::new();
+        {
+            let mut state = self.lock();
+            let mut next = state.clone();
+            next.members = incoming.members.clone();
+            next.ring = incoming.ring.clone();
+            next.merge(incoming);
+            batch.put(keys::meta_key(STATE_KEY), encode(&next));
+            self.store.apply(&batch)?;
+            *state = next;
+        }
+        self.store.sync_applied().await?;
+        Ok(())
+    }
+
     /// Whether this node holds the bytes of plugin `hash`.
     pub fn has_blob(&self, hash: &str) -> bool {
         matches!(self.store.get(&blob_key(hash)), Ok(Some(_)))
@@ -142,8 +183,8 @@ impl MetaStore {
 }
 
 fn encode(state: &MetaState) -> Vec<u8> {
-    let mut out = vec![META_FORMAT_V1];
-    // Serializing plain maps and strings to a Vec cannot fail.
+    let mut out = vec![META_FORMAT_V2];
+    // Serializing plain maps, strings and a checked ring to a Vec cannot fail.
     out.extend(postcard::to_allocvec(state).unwrap_or_default());
     out
 }

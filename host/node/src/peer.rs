@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use quiver_core::causality::Object;
 use quiver_core::coordinator::FailureDetector;
+use quiver_core::membership::MemberEntry;
 use quiver_core::merkle::Hash;
 use quiver_core::meta::MetaState;
 use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
@@ -111,6 +112,20 @@ pub enum PeerRequest {
     ReapCheck(Vec<(Vec<u8>, Hash)>),
     /// Reaping: delete these tombstones if still exactly that state and no hint is held.
     Reap(Vec<(Vec<u8>, Hash)>),
+    /// Membership: the sender asks to join the receiver's cluster as `node`.
+    Join {
+        /// The joining node's name.
+        node: String,
+        /// Its address, weight and zone (`state` is `Joining`).
+        entry: MemberEntry,
+        /// Its partition count, which must be the cluster's.
+        partitions: u32,
+        /// Its default `(n, r, w)`, which must be the cluster's.
+        quorum: (u8, u8, u8),
+    },
+    /// Handoff: merge these `(engine data key, state)` pairs and make them durable before
+    /// answering (the sender drops its copy after the answer).
+    HandoffPush(Vec<(Vec<u8>, Object)>),
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -152,6 +167,10 @@ pub enum PeerResponse {
     ReapStatus(Vec<(Option<u64>, bool)>),
     /// Answer to `Reap`: how many tombstones were removed.
     Reaped(u64),
+    /// Answer to `Join`: the cluster's metadata, members and ring to adopt.
+    Joined(Box<MetaState>),
+    /// Answer to `HandoffPush`: how many keys changed here (all are durable).
+    HandoffStored(u64),
     /// The request failed.
     Error(ErrorReply),
 }
@@ -218,19 +237,29 @@ pub fn peer_client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig
     Ok(config)
 }
 
+type ConnSlot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+/// One peer: where it is and the connections to it.
+#[derive(Debug)]
+struct PeerSlot {
+    addr: SocketAddr,
+    /// Its own lock, so dialling an unreachable peer never holds up requests to the others.
+    conn: ConnSlot,
+    /// A separate connection for background transfers (metadata, anti-entropy, handoff), so
+    /// that dialling a peer that is still starting, or a bulk transfer, never holds up
+    /// requests.
+    background: ConnSlot,
+}
+
 /// Connections to the other members and what this node believes about their health.
 #[derive(Debug)]
 pub struct Peers {
     me: String,
-    addrs: HashMap<String, SocketAddr>,
+    /// The members other than this node. Replaced whole when membership changes; callers
+    /// clone a slot out, so no lock is held across a network call.
+    slots: std::sync::RwLock<HashMap<String, Arc<PeerSlot>>>,
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
-    /// One slot per peer, each with its own lock, so dialling an unreachable peer never
-    /// holds up requests to the others.
-    conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
-    /// Separate connections for background transfers (metadata sync), so that dialling a
-    /// peer that is still starting, or a bulk transfer, never holds up requests.
-    background_conns: HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
     /// The core's failure detector, on milliseconds since `clock_base`.
     health: Mutex<FailureDetector>,
     clock_base: Instant,
@@ -247,18 +276,49 @@ impl Peers {
         config: quinn::ClientConfig,
         timeout: Duration,
     ) -> Peers {
-        Peers {
+        let peers = Peers {
             me,
-            conns: addrs.keys().map(|n| (n.clone(), Arc::default())).collect(),
-            background_conns: addrs.keys().map(|n| (n.clone(), Arc::default())).collect(),
-            addrs,
+            slots: Default::default(),
             endpoint,
             config,
             health: Mutex::new(FailureDetector::new()),
             clock_base: Instant::now(),
             timeout,
             advertise: None,
-        }
+        };
+        peers.set_members(addrs);
+        peers
+    }
+
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PeerSlot>>> {
+        // Slots are replaced whole; a panic elsewhere cannot leave the map half-written.
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, node: &str) -> Option<Arc<PeerSlot>> {
+        self.slots().get(node).cloned()
+    }
+
+    /// Sets the other members and their addresses (after a membership change). Peers whose
+    /// address is unchanged keep their connections; this node's own name is ignored.
+    pub fn set_members(&self, addrs: HashMap<String, SocketAddr>) {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let next: HashMap<String, Arc<PeerSlot>> = addrs
+            .into_iter()
+            .filter(|(node, _)| *node != self.me)
+            .map(|(node, addr)| {
+                let slot = match slots.get(&node) {
+                    Some(s) if s.addr == addr => Arc::clone(s),
+                    _ => Arc::new(PeerSlot {
+                        addr,
+                        conn: Arc::default(),
+                        background: Arc::default(),
+                    }),
+                };
+                (node, slot)
+            })
+            .collect();
+        *slots = next;
     }
 
     /// This node's name.
@@ -282,12 +342,19 @@ impl Peers {
 
     /// Address of a member (None for this node or an unknown name).
     pub fn addr(&self, node: &str) -> Option<SocketAddr> {
-        self.addrs.get(node).copied()
+        self.slots().get(node).map(|s| s.addr)
     }
 
-    /// Names of the other members.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.addrs.keys().map(String::as_str)
+    /// Names of the other members, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.slots().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// True when `node` is one of the other members.
+    pub fn is_peer(&self, node: &str) -> bool {
+        self.slots().contains_key(node)
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, FailureDetector> {
@@ -341,19 +408,25 @@ impl Peers {
         node: &str,
         background: bool,
     ) -> Result<quinn::Connection, PeerError> {
-        let unknown = || PeerError::Unknown(node.to_string());
-        let addr = *self.addrs.get(node).ok_or_else(unknown)?;
-        let slots = if background {
-            &self.background_conns
+        let peer = self
+            .slot(node)
+            .ok_or_else(|| PeerError::Unknown(node.to_string()))?;
+        let mut slot = if background {
+            peer.background.lock().await
         } else {
-            &self.conns
+            peer.conn.lock().await
         };
-        let mut slot = slots.get(node).ok_or_else(unknown)?.lock().await;
         if let Some(c) = slot.as_ref()
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
         }
+        let conn = self.dial(node, peer.addr).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, PeerError> {
         let transport = |message: String| PeerError::Transport {
             node: node.to_string(),
             addr,
@@ -363,15 +436,44 @@ impl Peers {
             .endpoint
             .connect_with(self.config.clone(), addr, NODE_SERVER_NAME)
             .map_err(|e| transport(e.to_string()))?;
-        let conn = tokio::time::timeout(self.timeout, connecting)
+        tokio::time::timeout(self.timeout, connecting)
             .await
             .map_err(|_| PeerError::Timeout {
                 node: node.to_string(),
                 ms: self.timeout.as_millis(),
             })?
-            .map_err(|e| transport(e.to_string()))?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+            .map_err(|e| transport(e.to_string()))
+    }
+
+    /// One request to a node known only by address (a seed, when joining a cluster), on a
+    /// connection of its own that is closed afterwards.
+    pub async fn call_addr(
+        &self,
+        addr: SocketAddr,
+        req: &PeerRequest,
+    ) -> Result<PeerResponse, PeerError> {
+        let name = addr.to_string();
+        let exchange = async {
+            let conn = self.dial(&name, addr).await?;
+            let result = Self::exchange_on(&conn, &name, req).await;
+            conn.close(0u32.into(), b"done");
+            result
+        };
+        let result = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Timeout {
+                    node: name.clone(),
+                    ms: self.timeout.as_millis(),
+                })
+            });
+        match result {
+            Ok(PeerResponse::Error(e)) => Err(PeerError::Refused {
+                node: name,
+                message: e.message,
+            }),
+            other => other,
+        }
     }
 
     /// Sends one request and waits for its answer (within the peer timeout). Failures mark
@@ -411,8 +513,8 @@ impl Peers {
             Err(_) => {
                 self.mark_down(node, started);
                 // Drop a broken connection so the next call dials afresh.
-                if let Some(slot) = self.conns.get(node) {
-                    *slot.lock().await = None;
+                if let Some(slot) = self.slot(node) {
+                    *slot.conn.lock().await = None;
                 }
             }
         }
@@ -436,9 +538,9 @@ impl Peers {
                 })
             });
         if let Err(PeerError::Transport { .. } | PeerError::Timeout { .. }) = &result
-            && let Some(slot) = self.background_conns.get(node)
+            && let Some(slot) = self.slot(node)
         {
-            *slot.lock().await = None;
+            *slot.background.lock().await = None;
         }
         match result {
             Ok(PeerResponse::Error(e)) => Err(PeerError::Refused {
@@ -456,6 +558,14 @@ impl Peers {
         background: bool,
     ) -> Result<PeerResponse, PeerError> {
         let conn = self.connection(node, background).await?;
+        Self::exchange_on(&conn, node, req).await
+    }
+
+    async fn exchange_on(
+        conn: &quinn::Connection,
+        node: &str,
+        req: &PeerRequest,
+    ) -> Result<PeerResponse, PeerError> {
         let addr = conn.remote_address();
         let transport = |message: String| PeerError::Transport {
             node: node.to_string(),

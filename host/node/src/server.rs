@@ -41,8 +41,6 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const HINT_DELIVERY_INTERVAL: Duration = Duration::from_millis(500);
 /// Deadline of a plugin upload (validation compiles the component and runs the law checks).
 const PLUGIN_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often a node asks its peers whether their cluster metadata differs.
-const META_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// QUIC application error code for a stream whose frame was refused unread.
 const STOP_FRAME_REFUSED: u32 = 2;
 
@@ -155,15 +153,17 @@ impl Node {
                 source,
             }
         })?;
-        // Every node derives the same ring from the same sorted member list.
-        let mut members = vec![Member::new(config.node_id.clone())];
-        members.extend(config.peers.keys().map(|id| Member::new(id.clone())));
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        let params = ClaimParams {
-            partitions: config.partitions,
-            n_val: u32::try_from(config.quorum.n).unwrap_or(u32::MAX),
+        let meta = MetaStore::open(kv.store().clone()).map_err(|e| storage_err(e.to_string()))?;
+        let my_addr = match config.advertise {
+            Some(a) => a,
+            None => endpoint.local_addr().map_err(|e| ServerError::Bind {
+                addr: config.listen,
+                source: e,
+            })?,
         };
-        let ring = Ring::new(members, params).map_err(|e| ServerError::Ring(e.to_string()))?;
+        let ring = initial_ring(&config, &meta, my_addr)
+            .await
+            .map_err(ServerError::Ring)?;
         let mut peers = Peers::new(
             config.node_id.clone(),
             config.peers.clone().into_iter().collect(),
@@ -172,7 +172,6 @@ impl Node {
             config.peer_timeout,
         );
         peers.set_advertise(config.advertise);
-        let meta = MetaStore::open(kv.store().clone()).map_err(|e| storage_err(e.to_string()))?;
         let cluster = Arc::new(Cluster::new(
             kv,
             Arc::new(peers),
@@ -187,6 +186,12 @@ impl Node {
                     interval: config.ae_interval,
                     max_keys: config.ae_max_keys,
                     tombstone_grace: config.tombstone_grace,
+                },
+                membership: crate::cluster::MembershipConfig {
+                    gossip_interval: config.gossip_interval,
+                    handoff_interval: config.handoff_interval,
+                    weight: config.weight,
+                    zone: config.zone.clone(),
                 },
             },
             meta,
@@ -222,11 +227,10 @@ impl Node {
             frame_bytes_max: request_frame_bytes_max(self.config.value_bytes_max),
             default_timeout: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
         });
-        let background = tokio::spawn(Arc::clone(&self.cluster).run_background(
-            PROBE_INTERVAL,
-            HINT_DELIVERY_INTERVAL,
-            META_SYNC_INTERVAL,
-        ));
+        let background = tokio::spawn(
+            Arc::clone(&self.cluster).run_background(PROBE_INTERVAL, HINT_DELIVERY_INTERVAL),
+        );
+        let mut departed = false;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -244,7 +248,14 @@ impl Node {
                     });
                 }
                 () = &mut shutdown => break,
+                () = self.cluster.departed().notified() => {
+                    departed = true;
+                    break;
+                }
             }
+        }
+        if departed {
+            tracing::info!(node = %self.config.node_id, "left the cluster: stopping");
         }
         background.abort();
         tracing::info!(node = %self.config.node_id, "shutting down: draining requests in flight");
@@ -267,6 +278,89 @@ impl Node {
         tracing::info!(node = %self.config.node_id, "stopped");
         Ok(())
     }
+}
+
+/// The ring this node starts with: the one its metadata holds (committed or learned
+/// earlier), or, on a first start, the ring every node of the `--peer` list derives alike,
+/// stored with the members so that gossip starts from equal states. Also records a change
+/// of this node's own address.
+async fn initial_ring(
+    config: &NodeConfig,
+    meta: &MetaStore,
+    my_addr: SocketAddr,
+) -> Result<Ring, String> {
+    use quiver_core::membership::RingEntry;
+    use quiver_core::meta::{MetaState, Stamp};
+    let state = meta.state();
+    let ring = match state.ring {
+        Some(entry) => {
+            if entry.ring.partitions() != config.partitions {
+                return Err(format!(
+                    "the data directory holds a ring of {} partitions but the configuration \
+                     says {}; the partition count is fixed when a cluster is created",
+                    entry.ring.partitions(),
+                    config.partitions
+                ));
+            }
+            let listed: Vec<&String> = config
+                .peers
+                .keys()
+                .filter(|id| !state.members.contains_key(*id))
+                .collect();
+            if !listed.is_empty() {
+                tracing::warn!(
+                    ?listed,
+                    "--peer names nodes that are not members; membership comes from the \
+                     stored ring now (use `quiver cluster join` to add nodes)"
+                );
+            }
+            entry.ring
+        }
+        None => {
+            let mut addrs = config.peers.clone();
+            addrs.insert(config.node_id.clone(), my_addr);
+            let members = crate::cluster::initial_members(&addrs);
+            let params = ClaimParams {
+                partitions: config.partitions,
+                n_val: u32::try_from(config.quorum.n).unwrap_or(u32::MAX),
+            };
+            let ring = Ring::new(members.keys().map(Member::new).collect(), params)
+                .map_err(|e| e.to_string())?;
+            let first = MetaState {
+                members,
+                ring: Some(RingEntry {
+                    ring: ring.clone(),
+                    stamp: Stamp {
+                        timestamp_ms: 0,
+                        node: String::new(),
+                    },
+                }),
+                ..MetaState::default()
+            };
+            meta.merge(&first, &[]).await.map_err(|e| e.to_string())?;
+            ring
+        }
+    };
+    let state = meta.state();
+    if let Some(mine) = state.members.get(&config.node_id)
+        && mine.addr != my_addr.to_string()
+        && mine.state != quiver_core::membership::MemberState::Left
+    {
+        let stamp = Stamp {
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            node: config.node_id.clone(),
+        };
+        let mut moved = mine.with_state(mine.state, stamp);
+        moved.addr = my_addr.to_string();
+        let change = MetaState {
+            members: std::collections::BTreeMap::from([(config.node_id.clone(), moved)]),
+            ..MetaState::default()
+        };
+        meta.merge(&change, &[]).await.map_err(|e| e.to_string())?;
+    }
+    Ok(ring)
 }
 
 /// Sub-directory of the data directory that holds an engine's files.
@@ -555,7 +649,11 @@ fn request_timeout(request: &Request) -> Option<Duration> {
         | Request::PluginList
         | Request::PluginShow { .. }
         | Request::BucketSet { .. }
-        | Request::BucketShow { .. } => None,
+        | Request::BucketShow { .. }
+        | Request::ClusterJoin { .. }
+        | Request::ClusterLeave { .. }
+        | Request::ClusterPlan
+        | Request::ClusterCommit => None,
         // Compiling and law-checking a large (e.g. Python) component takes seconds.
         Request::PluginUpload { .. } => return Some(PLUGIN_UPLOAD_TIMEOUT),
         Request::Get { options, .. } => options.timeout_ms,

@@ -43,7 +43,7 @@ fn valid_plugin_name(name: &str) -> bool {
 }
 
 impl Cluster {
-    fn stamp(&self) -> Stamp {
+    pub(super) fn stamp(&self) -> Stamp {
         Stamp {
             timestamp_ms: now_ms(),
             node: self.me().to_string(),
@@ -131,7 +131,7 @@ impl Cluster {
             );
         }
         let mut placement = crate::ae::Placement {
-            partitions: self.ring.partitions(),
+            partitions: self.ring().partitions(),
             default_n: u8::try_from(self.config.quorum.n).unwrap_or(u8::MAX),
             buckets: Default::default(),
         };
@@ -157,7 +157,7 @@ impl Cluster {
     }
 
     /// Merges metadata from elsewhere, stores it and refreshes the views if it changed.
-    async fn take_meta(
+    pub(super) async fn take_meta(
         &self,
         state: &MetaState,
         blobs: &[(String, Vec<u8>)],
@@ -167,6 +167,9 @@ impl Cluster {
             .merge(state, blobs)
             .await
             .map_err(|e| e.to_string())?;
+        if !changes.members.is_empty() || changes.ring {
+            self.apply_membership();
+        }
         if !changes.is_empty() || !blobs.is_empty() {
             if !changes.is_empty() {
                 tracing::info!(
@@ -182,7 +185,7 @@ impl Cluster {
 
     /// Sends this node's metadata (and `blobs`) to every peer at once. Returns the peers
     /// that took it and those that did not (they catch up by the periodic pull).
-    async fn push_meta(
+    pub(super) async fn push_meta(
         self: &Arc<Self>,
         blobs: Vec<(String, Vec<u8>)>,
     ) -> (Vec<String>, Vec<String>) {
@@ -191,7 +194,7 @@ impl Cluster {
             blobs,
         });
         let mut calls = tokio::task::JoinSet::new();
-        for peer in self.peers.names().map(str::to_string) {
+        for peer in self.peers.names() {
             let (this, req) = (Arc::clone(self), Arc::clone(&req));
             calls.spawn(async move {
                 let result = this.peers.call(&peer, &req).await;
@@ -219,14 +222,11 @@ impl Cluster {
         (done, pending)
     }
 
-    /// One round of metadata pull: asks every peer that is up whether its metadata differs,
-    /// merges what differs and fetches plugin bytes this node lacks.
+    /// One gossip round: asks a random peer that is up (two in clusters of more than five)
+    /// whether its metadata differs, merges what differs and fetches plugin bytes this node
+    /// lacks.
     pub async fn sync_meta(&self) {
-        let peers: Vec<String> = self.peers.names().map(str::to_string).collect();
-        for peer in peers {
-            if !self.peers.is_up(&peer) {
-                continue;
-            }
+        for peer in self.gossip_targets() {
             let digest = self.meta.digest();
             let state = match self
                 .peers
@@ -361,8 +361,8 @@ impl Cluster {
             forced: !loaded.violations.is_empty(),
         };
         let incoming = MetaState {
-            buckets: Default::default(),
             plugins: [(plugin.clone(), info)].into_iter().collect(),
+            ..MetaState::default()
         };
         let blobs = vec![(plugin.hash.clone(), component)];
         if let Err(e) = self.take_meta(&incoming, &blobs).await {

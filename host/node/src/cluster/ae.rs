@@ -82,9 +82,10 @@ impl Cluster {
     fn shared_trees(&self, peer: &str) -> Vec<TreeId> {
         let placement = self.kv.ae().placement();
         let mut out = Vec::new();
+        let ring = self.ring();
         for n in placement.ns() {
-            for p in 0..self.ring.partitions() {
-                let Ok(list) = self.ring.preference_list(p, usize::from(n)) else {
+            for p in 0..ring.partitions() {
+                let Ok(list) = ring.preference_list(p, usize::from(n)) else {
                     continue;
                 };
                 let has = |id: &str| list.primaries.iter().any(|m| m.id == id);
@@ -308,7 +309,7 @@ impl Cluster {
     }
 
     /// Merges objects received by anti-entropy; returns how many changed the local state.
-    async fn ae_merge(&self, objects: &[(Vec<u8>, Object)]) -> u64 {
+    pub(super) async fn ae_merge(&self, objects: &[(Vec<u8>, Object)]) -> u64 {
         let mut changed = 0;
         for (dkey, object) in objects {
             let Some((bucket, key)) = keys::split_data_key(dkey) else {
@@ -336,7 +337,7 @@ impl Cluster {
     /// The replica side of an exchange.
     pub(crate) async fn handle_ae_peer(&self, request: PeerRequest) -> PeerResponse {
         let ae = self.kv.ae();
-        let partitions = self.ring.partitions();
+        let partitions = self.ring().partitions();
         let bad_tree = |n: u8, p: u32| n == 0 || p >= partitions;
         let response = match request {
             PeerRequest::AeDigest {
@@ -421,8 +422,8 @@ impl Cluster {
         let peers: Vec<String> = self
             .peers
             .names()
+            .into_iter()
             .filter(|p| self.peers.is_up(p))
-            .map(str::to_string)
             .collect();
         if peers.is_empty() {
             return;

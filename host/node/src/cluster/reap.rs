@@ -37,7 +37,7 @@ impl Cluster {
         if ae.tombstones() == 0 {
             return 0;
         }
-        let members: Vec<String> = self.peers.names().map(str::to_string).collect();
+        let members: Vec<String> = self.peers.names();
         if members.iter().any(|m| !self.peers.is_up(m)) {
             return 0;
         }
@@ -148,9 +148,29 @@ impl Cluster {
         reaped
     }
 
+    /// True when this node holds a copy of the key (engine data key) but is not one of its
+    /// primaries under its ring (an old owner that has not handed it off yet). Errs on the
+    /// side of "holds": an unreadable record counts.
+    fn holds_orphan_copy(&self, data_key: &[u8]) -> bool {
+        let Some((bucket, key)) = keys::split_data_key(data_key) else {
+            return false;
+        };
+        let bucket = String::from_utf8_lossy(bucket);
+        let (primaries, _) = self.preference(&bucket, key, self.props(&bucket).quorum.n);
+        if primaries.iter().any(|p| p == self.me()) {
+            return false;
+        }
+        match self.kv.objects(&[data_key.to_vec()]) {
+            Ok(objects) => objects
+                .iter()
+                .any(|(_, o)| !o.siblings().is_empty() || !o.context().is_empty()),
+            Err(_) => true,
+        }
+    }
+
     /// The replica side of reaping.
     pub(crate) async fn handle_reap_peer(&self, request: PeerRequest) -> PeerResponse {
-        let members: Vec<String> = self.peers.names().map(str::to_string).collect();
+        let members: Vec<String> = self.peers.names();
         match request {
             PeerRequest::ReapCheck(asked) => {
                 if let Err(e) = self.kv.store().sync_applied().await {
@@ -164,6 +184,12 @@ impl Cluster {
                     asked
                         .iter()
                         .map(|(dkey, digest)| {
+                            // A copy here that this node no longer replicates is waiting
+                            // for handoff, and may be older than the tombstone: like a hint,
+                            // it keeps the tombstone until it has reached the replicas.
+                            if self.holds_orphan_copy(dkey) {
+                                return (None, true);
+                            }
                             // A failed read answers "not held, hinted": the tombstone stays.
                             self.kv
                                 .reap_status(dkey, digest, &members, now)

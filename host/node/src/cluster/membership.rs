@@ -1,0 +1,740 @@
+//! Membership changes (Dynamo §4.8-4.9, Riak's staged `cluster join/leave/plan/commit`):
+//! the admin requests, the join handshake with a seed, applying a ring that gossip brought,
+//! and ownership handoff.
+//!
+//! Members and the committed ring are part of the cluster metadata (`quiver_core::meta`,
+//! `quiver_core::membership`), so they spread like bucket properties: pushed to every peer
+//! on a change and pulled by gossip. A node applies whatever ring its metadata holds.
+//!
+//! Handoff is driven by the old holder of a replica. Every pass, each tree `(n, partition)`
+//! this node holds but no longer replicates under its ring is offered to the partition's
+//! current primaries: leaf hashes first, key lists of the leaves that differ, then the
+//! keys a primary lacks or holds differently are pushed (`HandoffPush`, which the receiver
+//! makes durable before answering, and merges, so nothing newer there is overwritten).
+//! A key is dropped here only once every primary holds it and only if its state is still
+//! the one that was checked, so a write that lands meanwhile stays for the next pass.
+//! All state is on disk (the orphaned records themselves), so a crash of either side just
+//! resumes; the pass size is bounded by `--ae-max-keys`.
+//!
+//! A node that was told to leave exits once the committed ring no longer has it, it holds
+//! no keys and no hints, and a peer took the news that it left.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use quiver_core::causality::Object;
+use quiver_core::membership::{
+    MemberEntry, MemberState, MembershipError, RingEntry, replica_moves, staged_ring,
+};
+use quiver_core::merkle::{self, FANOUT, Hash, LEAVES};
+use quiver_core::meta::{MetaState, Stamp};
+use quiver_core::ring::Ring;
+use quiver_sdk::wire::{ErrorCode, ErrorReply, PlanMember, PlanView, Response};
+
+use super::{Cluster, error};
+use crate::ae::TreeId;
+use crate::peer::{PeerRequest, PeerResponse};
+
+/// Value bytes per handoff push message (one larger object still goes alone).
+const HANDOFF_PUSH_BYTES: usize = 512 * 1024;
+/// Leaves asked for per key-list message.
+const HANDOFF_LEAF_ASKS: usize = 64;
+/// Keys listed per leaf at most.
+const HANDOFF_LEAF_KEYS_MAX: usize = 65_536;
+
+/// Membership settings of a node.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// Time between gossip rounds (metadata pulls from random peers).
+    pub gossip_interval: std::time::Duration,
+    /// Time between handoff passes.
+    pub handoff_interval: std::time::Duration,
+    /// This node's weight when it joins a cluster.
+    pub weight: u32,
+    /// This node's zone when it joins a cluster.
+    pub zone: Option<String>,
+}
+
+/// Handoff counters since the node started.
+#[derive(Debug, Default)]
+pub struct HandoffMetrics {
+    /// Keys pushed that changed their new owner.
+    pub keys_sent: std::sync::atomic::AtomicU64,
+    /// Keys dropped here after every new owner held them.
+    pub keys_dropped: std::sync::atomic::AtomicU64,
+}
+
+fn refused(message: String) -> Response {
+    error(ErrorCode::Membership, message)
+}
+
+fn peer_refused(message: String) -> PeerResponse {
+    PeerResponse::Error(ErrorReply {
+        code: ErrorCode::Membership,
+        message,
+    })
+}
+
+/// The member entries every node of a cluster started from a `--peer` list derives alike:
+/// version 0, the zero stamp, weight 1, no zone.
+pub fn initial_members(addrs: &BTreeMap<String, SocketAddr>) -> BTreeMap<String, MemberEntry> {
+    addrs
+        .iter()
+        .map(|(id, addr)| {
+            (
+                id.clone(),
+                MemberEntry {
+                    version: 0,
+                    stamp: Stamp {
+                        timestamp_ms: 0,
+                        node: String::new(),
+                    },
+                    addr: addr.to_string(),
+                    weight: 1,
+                    zone: None,
+                    state: MemberState::Valid,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Makes the ring and peer list follow the metadata (after a merge changed members or
+    /// the ring).
+    pub(crate) fn apply_membership(&self) {
+        let state = self.meta.state();
+        if let Some(entry) = &state.ring {
+            let current = self.ring();
+            if entry.ring.partitions() != current.partitions() {
+                tracing::error!(
+                    theirs = entry.ring.partitions(),
+                    ours = current.partitions(),
+                    "ignoring a ring with another partition count"
+                );
+            } else if entry.ring != *current {
+                tracing::info!(
+                    from = current.version(),
+                    to = entry.ring.version(),
+                    "ring changed"
+                );
+                *self.ring.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(entry.ring.clone());
+            }
+        }
+        let addrs: HashMap<String, SocketAddr> = state
+            .members
+            .iter()
+            .filter(|(id, e)| e.state != MemberState::Left && id.as_str() != self.me())
+            .filter_map(|(id, e)| match e.addr.parse() {
+                Ok(addr) => Some((id.clone(), addr)),
+                Err(_) => {
+                    tracing::warn!(member = id, addr = e.addr, "member address unreadable");
+                    None
+                }
+            })
+            .collect();
+        self.peers.set_members(addrs);
+    }
+
+    /// Stores `incoming` (member entries, a ring) as a local change and pushes it to every
+    /// peer.
+    async fn change_membership(self: &Arc<Self>, incoming: MetaState) -> Result<(), String> {
+        self.take_meta(&incoming, &[]).await?;
+        let (_, pending) = self.push_meta(Vec::new()).await;
+        if !pending.is_empty() {
+            tracing::info!(
+                ?pending,
+                "membership change not pushed everywhere; gossip will"
+            );
+        }
+        Ok(())
+    }
+
+    /// `quiver cluster join SEED`, answered by the joining node.
+    pub(super) async fn cluster_join(self: &Arc<Self>, seed: &str) -> Response {
+        let Ok(seed_addr) = seed.parse::<SocketAddr>() else {
+            return error(
+                ErrorCode::MalformedRequest,
+                format!("seed {seed:?} is not an IP:port address"),
+            );
+        };
+        let state = self.meta.state();
+        let others: Vec<&String> = state
+            .members
+            .iter()
+            .filter(|(id, e)| id.as_str() != self.me() && e.state != MemberState::Left)
+            .map(|(id, _)| id)
+            .collect();
+        if !others.is_empty() {
+            return refused(format!(
+                "node {} is already in a cluster with {others:?}; only a node started without \
+                 --peer can join another",
+                self.me()
+            ));
+        }
+        let keys = self.kv.ae().keys();
+        if keys > 0 {
+            return refused(format!(
+                "node {} holds {keys} keys; only an empty node can join a cluster (start it \
+                 on a new data directory)",
+                self.me()
+            ));
+        }
+        let Some(mine) = state.members.get(self.me()) else {
+            return error(
+                ErrorCode::Internal,
+                format!("node {} has no member entry of its own", self.me()),
+            );
+        };
+        let entry = MemberEntry {
+            weight: self.config.membership.weight,
+            zone: self.config.membership.zone.clone(),
+            addr: self.peers.local_addr().to_string(),
+            ..mine.with_state(MemberState::Joining, self.stamp())
+        };
+        let request = PeerRequest::Join {
+            node: self.me().to_string(),
+            entry,
+            partitions: self.ring().partitions(),
+            quorum: self.quorum_defaults(),
+        };
+        let cluster_state = match self.peers.call_addr(seed_addr, &request).await {
+            Ok(PeerResponse::Joined(state)) => *state,
+            Ok(other) => {
+                return error(
+                    ErrorCode::Internal,
+                    format!("seed {seed}: unexpected reply {other:?}"),
+                );
+            }
+            Err(e) => return refused(format!("seed {seed}: {e}")),
+        };
+        if let Err(e) = self.meta.adopt_membership(&cluster_state).await {
+            return error(ErrorCode::Storage, format!("node {}: {e}", self.me()));
+        }
+        self.apply_membership();
+        self.refresh_views();
+        tracing::info!(
+            seed,
+            "joined; the join takes effect with `quiver cluster commit`"
+        );
+        self.plan_response(false)
+    }
+
+    /// The seed's side of a join.
+    pub(super) async fn handle_join(
+        self: &Arc<Self>,
+        node: String,
+        mut entry: MemberEntry,
+        partitions: u32,
+        quorum: (u8, u8, u8),
+    ) -> PeerResponse {
+        let (n, r, w) = self.quorum_defaults();
+        if quorum != (n, r, w) {
+            let (jn, jr, jw) = quorum;
+            return peer_refused(format!(
+                "the cluster uses n={n} r={r} w={w} but {node} uses n={jn} r={jr} w={jw}: \
+                 start {node} with --n {n} --r {r} --w {w} (a node started alone defaults \
+                 to n=1)"
+            ));
+        }
+        let ours = self.ring().partitions();
+        if partitions != ours {
+            return peer_refused(format!(
+                "node {} has {ours} partitions, {node} has {partitions}: start it with \
+                 --partitions {ours}",
+                self.me()
+            ));
+        }
+        if entry.addr.parse::<SocketAddr>().is_err() || entry.weight == 0 || node.is_empty() {
+            return peer_refused(format!(
+                "join of {node:?}: bad address {:?} or weight {}",
+                entry.addr, entry.weight
+            ));
+        }
+        let state = self.meta.state();
+        let mut version = entry.version;
+        if let Some(existing) = state.members.get(&node) {
+            let active = matches!(existing.state, MemberState::Valid | MemberState::Leaving);
+            if active && existing.addr != entry.addr {
+                return peer_refused(format!(
+                    "a member named {node} already exists at {}; pick another --node-id",
+                    existing.addr
+                ));
+            }
+            if active {
+                // A member asking again (it lost its answer): it gets the state as it is.
+                return PeerResponse::Joined(Box::new(state));
+            }
+            version = version.max(existing.version);
+        }
+        entry.version = version.saturating_add(1);
+        entry.stamp = self.stamp();
+        entry.state = MemberState::Joining;
+        let incoming = MetaState {
+            members: BTreeMap::from([(node.clone(), entry)]),
+            ..MetaState::default()
+        };
+        if let Err(e) = self.change_membership(incoming).await {
+            return PeerResponse::Error(ErrorReply {
+                code: ErrorCode::Storage,
+                message: format!("node {}: {e}", self.me()),
+            });
+        }
+        tracing::info!(node, "join staged");
+        PeerResponse::Joined(Box::new(self.meta.state()))
+    }
+
+    /// `quiver cluster leave [NODE]`.
+    pub(super) async fn cluster_leave(self: &Arc<Self>, node: Option<String>) -> Response {
+        let node = node.unwrap_or_else(|| self.me().to_string());
+        let state = self.meta.state();
+        let Some(existing) = state.members.get(&node) else {
+            return refused(MembershipError::UnknownMember(node).to_string());
+        };
+        let next_state = match existing.state {
+            // Leaving before the join was committed just cancels the join.
+            MemberState::Joining => MemberState::Left,
+            MemberState::Valid | MemberState::Leaving => MemberState::Leaving,
+            MemberState::Left => {
+                return refused(format!("member {node:?} has already left"));
+            }
+        };
+        let mut members = state.members.clone();
+        let entry = existing.with_state(next_state, self.stamp());
+        members.insert(node.clone(), entry.clone());
+        if let Err(e) = staged_ring(&self.ring(), &members) {
+            return refused(e.to_string());
+        }
+        let incoming = MetaState {
+            members: BTreeMap::from([(node.clone(), entry)]),
+            ..MetaState::default()
+        };
+        if let Err(e) = self.change_membership(incoming).await {
+            return error(ErrorCode::Storage, format!("node {}: {e}", self.me()));
+        }
+        self.plan_response(false)
+    }
+
+    /// `quiver cluster commit`: rebalance the ring for the staged members.
+    pub(super) async fn cluster_commit(self: &Arc<Self>) -> Response {
+        let state = self.meta.state();
+        let current = self.ring();
+        let next = match staged_ring(&current, &state.members) {
+            Ok(Some(next)) => next,
+            Ok(None) => return refused(MembershipError::NothingStaged.to_string()),
+            Err(e) => return refused(e.to_string()),
+        };
+        let stamp = self.stamp();
+        let members: BTreeMap<String, MemberEntry> = state
+            .members
+            .iter()
+            .filter(|(_, e)| e.state == MemberState::Joining)
+            .map(|(id, e)| (id.clone(), e.with_state(MemberState::Valid, stamp.clone())))
+            .collect();
+        let incoming = MetaState {
+            members,
+            ring: Some(RingEntry {
+                ring: next.clone(),
+                stamp,
+            }),
+            ..MetaState::default()
+        };
+        if let Err(e) = self.change_membership(incoming).await {
+            return error(ErrorCode::Storage, format!("node {}: {e}", self.me()));
+        }
+        tracing::info!(version = next.version(), "ring committed");
+        match self.plan_view(&current, Some(&next), true) {
+            Ok(view) => Response::Plan(Box::new(view)),
+            Err(e) => error(ErrorCode::Internal, e),
+        }
+    }
+
+    /// This node's default `(n, r, w)`.
+    fn quorum_defaults(&self) -> (u8, u8, u8) {
+        let q = self.config.quorum;
+        let byte = |v: usize| u8::try_from(v).unwrap_or(u8::MAX);
+        (byte(q.n), byte(q.r), byte(q.w))
+    }
+
+    /// The staged plan as a response.
+    pub(super) fn plan_response(&self, committed: bool) -> Response {
+        let current = self.ring();
+        let next = match staged_ring(&current, &self.meta.state().members) {
+            Ok(next) => next,
+            Err(e) => return refused(e.to_string()),
+        };
+        match self.plan_view(&current, next.as_ref(), committed) {
+            Ok(view) => Response::Plan(Box::new(view)),
+            Err(e) => error(ErrorCode::Internal, e),
+        }
+    }
+
+    /// What moving from `current` to `next` does, with key counts estimated from this
+    /// node's trees of the default replication factor.
+    fn plan_view(
+        &self,
+        current: &Ring,
+        next: Option<&Ring>,
+        committed: bool,
+    ) -> Result<PlanView, String> {
+        let n = self.config.quorum.n;
+        let default_n = u8::try_from(n).unwrap_or(u8::MAX);
+        let ae = self.kv.ae();
+        let known: Vec<u64> = (0..current.partitions())
+            .map(|p| ae.tree_keys((default_n, p)))
+            .collect();
+        let held: Vec<u64> = known.iter().copied().filter(|&k| k > 0).collect();
+        let mean = if held.is_empty() {
+            0
+        } else {
+            held.iter().sum::<u64>() / held.len() as u64
+        };
+        let estimate = |p: u32| match known.get(p as usize) {
+            Some(&k) if k > 0 => k,
+            _ => mean,
+        };
+        let keys_estimated: u64 = (0..current.partitions()).map(estimate).sum();
+        let state = self.meta.state();
+        let mut members: BTreeMap<String, PlanMember> = state
+            .members
+            .iter()
+            .filter(|(_, e)| e.state != MemberState::Left)
+            .map(|(id, e)| {
+                let owned_now = current.partitions_of(id).len() as u32;
+                let owned_next = next.map_or(owned_now, |r| r.partitions_of(id).len() as u32);
+                (
+                    id.clone(),
+                    PlanMember {
+                        node: id.clone(),
+                        addr: e.addr.clone(),
+                        state: e.state.as_str().to_string(),
+                        owned_now,
+                        owned_next,
+                        replicas_gained: 0,
+                        replicas_lost: 0,
+                        keys_in: 0,
+                        keys_out: 0,
+                    },
+                )
+            })
+            .collect();
+        let mut transfers = Vec::new();
+        let mut copies_moved = 0;
+        if let Some(next) = next {
+            let diff = current.diff(next).map_err(|e| e.to_string())?;
+            transfers = diff
+                .flows()
+                .into_iter()
+                .map(|((from, to), count)| (from.to_string(), to.to_string(), count))
+                .collect();
+            for m in replica_moves(current, next, n).map_err(|e| e.to_string())? {
+                let keys = estimate(m.partition);
+                for id in &m.gained {
+                    copies_moved += keys;
+                    if let Some(pm) = members.get_mut(id) {
+                        pm.replicas_gained += 1;
+                        pm.keys_in += keys;
+                    }
+                }
+                for id in &m.lost {
+                    if let Some(pm) = members.get_mut(id) {
+                        pm.replicas_lost += 1;
+                        pm.keys_out += keys;
+                    }
+                }
+            }
+        }
+        Ok(PlanView {
+            node: self.me().to_string(),
+            ring_version: current.version(),
+            next_version: next.map(Ring::version),
+            committed,
+            members: members.into_values().collect(),
+            transfers,
+            keys_estimated,
+            copies_moved,
+            copies_total: keys_estimated * n as u64,
+        })
+    }
+
+    /// Trees this node holds keys in but does not replicate under its ring, with the
+    /// partition's current primaries.
+    pub(crate) fn handoff_trees(&self) -> Vec<(TreeId, Vec<String>)> {
+        let ring = self.ring();
+        self.kv
+            .ae()
+            .tree_ids()
+            .into_iter()
+            .filter_map(|(n, p)| {
+                let list = ring.preference_list(p, usize::from(n)).ok()?;
+                if list.primaries.iter().any(|m| m.id == self.me()) {
+                    return None;
+                }
+                Some((
+                    (n, p),
+                    list.primaries.iter().map(|m| m.id.clone()).collect(),
+                ))
+            })
+            .collect()
+    }
+
+    /// One handoff pass: offers every orphaned tree to its primaries, up to `max_keys`
+    /// pushed keys; then, on a leaving node with nothing left, departs.
+    pub async fn handoff_tick(&self, max_keys: usize) {
+        let mut budget = max_keys;
+        for (tree, primaries) in self.handoff_trees() {
+            if budget == 0 {
+                break;
+            }
+            // Every primary must take the keys before any copy here is dropped; while one
+            // is down, the tree waits (hinted handoff covers writes made meanwhile).
+            if !primaries.iter().all(|p| self.peers.is_up(p)) {
+                continue;
+            }
+            match self.hand_off_tree(tree, &primaries, &mut budget).await {
+                Ok((sent, dropped)) if sent + dropped > 0 => {
+                    tracing::info!(n = tree.0, partition = tree.1, sent, dropped, "handoff")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(n = tree.0, partition = tree.1, error = %e, "handoff failed")
+                }
+            }
+        }
+        self.depart_if_done().await;
+    }
+
+    /// Hands one tree to its primaries; returns (keys that changed a primary, keys dropped).
+    async fn hand_off_tree(
+        &self,
+        tree: TreeId,
+        primaries: &[String],
+        budget: &mut usize,
+    ) -> Result<(u64, u64), String> {
+        let ae = self.kv.ae();
+        let ring_version = self.ring().version();
+        let my_leaves: Vec<Hash> = (0..FANOUT as u8).flat_map(|g| ae.leaves(tree, g)).collect();
+        let empty = Hash::default();
+        let leaves: Vec<u8> = my_leaves
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h != empty)
+            .filter_map(|(i, _)| u8::try_from(i).ok())
+            .collect();
+        let mut mine: BTreeMap<u8, Vec<(Vec<u8>, Hash)>> = BTreeMap::new();
+        for &leaf in &leaves {
+            let keys = ae
+                .leaf_keys(self.kv.store(), tree, leaf, HANDOFF_LEAF_KEYS_MAX)
+                .map_err(|e| e.to_string())?;
+            mine.insert(leaf, keys);
+        }
+        // How many primaries hold each key as listed here.
+        let mut covered: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut sent = 0;
+        for peer in primaries {
+            let asks: Vec<(u8, u32, u8)> = (0..FANOUT as u8).map(|g| (tree.0, tree.1, g)).collect();
+            let theirs = match self
+                .peers
+                .call_untracked(peer, &PeerRequest::AeLeaves(asks))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                PeerResponse::AeLeafHashes(lists) => lists,
+                other => return Err(format!("{peer}: unexpected reply {other:?}")),
+            };
+            let mut their_leaves = vec![empty; LEAVES];
+            for (_, _, g, hashes) in theirs {
+                for (i, h) in hashes.into_iter().enumerate() {
+                    if let Some(slot) = their_leaves.get_mut(usize::from(g) * FANOUT + i) {
+                        *slot = h;
+                    }
+                }
+            }
+            let mut differing = Vec::new();
+            for &leaf in &leaves {
+                let i = usize::from(leaf);
+                if my_leaves.get(i) == their_leaves.get(i) {
+                    for (dkey, _) in mine.get(&leaf).into_iter().flatten() {
+                        *covered.entry(dkey.clone()).or_default() += 1;
+                    }
+                } else {
+                    differing.push(leaf);
+                }
+            }
+            let mut push = Vec::new();
+            for chunk in differing.chunks(HANDOFF_LEAF_ASKS) {
+                let asks = chunk.iter().map(|&l| (tree.0, tree.1, l)).collect();
+                let lists = match self
+                    .peers
+                    .call_untracked(peer, &PeerRequest::AeKeys(asks))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    PeerResponse::AeKeyLists(lists) => lists,
+                    other => return Err(format!("{peer}: unexpected reply {other:?}")),
+                };
+                for (_, _, leaf, theirs) in lists {
+                    let Some(my_keys) = mine.get(&leaf) else {
+                        continue;
+                    };
+                    let diff = merkle::diff_keys(my_keys, &theirs);
+                    let pushing: std::collections::HashSet<&Vec<u8>> = diff.push.iter().collect();
+                    for (dkey, _) in my_keys {
+                        if !pushing.contains(dkey) {
+                            *covered.entry(dkey.clone()).or_default() += 1;
+                        }
+                    }
+                    push.extend(diff.push);
+                }
+            }
+            push.truncate(*budget);
+            *budget -= push.len();
+            let objects = self.kv.objects(&push).map_err(|e| e.to_string())?;
+            let mut batch: Vec<(Vec<u8>, Object)> = Vec::new();
+            let mut batch_bytes = 0usize;
+            for (dkey, object) in objects {
+                let size: usize = object.siblings().iter().map(|s| s.value.len()).sum();
+                if !batch.is_empty() && batch_bytes + size > HANDOFF_PUSH_BYTES {
+                    sent += self.handoff_push(peer, &mut batch, &mut covered).await?;
+                    batch_bytes = 0;
+                }
+                batch_bytes += size;
+                batch.push((dkey, object));
+            }
+            if !batch.is_empty() {
+                sent += self.handoff_push(peer, &mut batch, &mut covered).await?;
+            }
+        }
+        self.handoff_metrics
+            .keys_sent
+            .fetch_add(sent, Ordering::Relaxed);
+        // A ring that changed during the pass may have made this node a replica again.
+        if self.ring().version() != ring_version {
+            return Ok((sent, 0));
+        }
+        let members = self.peers.names();
+        let mut dropped = 0;
+        for (dkey, digest) in mine.into_values().flatten() {
+            if covered.get(&dkey).copied().unwrap_or(0) < primaries.len() {
+                continue;
+            }
+            match self.kv.drop_copy(&dkey, &digest, &members, false) {
+                Ok(true) => dropped += 1,
+                Ok(false) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.handoff_metrics
+            .keys_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
+        Ok((sent, dropped))
+    }
+
+    async fn handoff_push(
+        &self,
+        peer: &str,
+        batch: &mut Vec<(Vec<u8>, Object)>,
+        covered: &mut HashMap<Vec<u8>, usize>,
+    ) -> Result<u64, String> {
+        let objects = std::mem::take(batch);
+        let dkeys: Vec<Vec<u8>> = objects.iter().map(|(k, _)| k.clone()).collect();
+        match self
+            .peers
+            .call_untracked(peer, &PeerRequest::HandoffPush(objects))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            PeerResponse::HandoffStored(changed) => {
+                for dkey in dkeys {
+                    *covered.entry(dkey).or_default() += 1;
+                }
+                Ok(changed)
+            }
+            other => Err(format!("{peer}: unexpected reply {other:?}")),
+        }
+    }
+
+    /// The receiving side of a handoff push: merge, then make it durable.
+    pub(super) async fn handle_handoff_push(
+        &self,
+        objects: Vec<(Vec<u8>, Object)>,
+    ) -> PeerResponse {
+        let changed = self.ae_merge(&objects).await;
+        match self.kv.store().sync_applied().await {
+            Ok(()) => PeerResponse::HandoffStored(changed),
+            Err(e) => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::Storage,
+                message: format!("node {}: {e}", self.me()),
+            }),
+        }
+    }
+
+    /// A leaving node that owns nothing and holds nothing marks itself left, tells its
+    /// peers and stops the server.
+    async fn depart_if_done(&self) {
+        let state = self.meta.state();
+        let Some(mine) = state.members.get(self.me()) else {
+            return;
+        };
+        if mine.state != MemberState::Leaving
+            || self.ring().member(self.me()).is_some()
+            || self.kv.ae().keys() > 0
+            || self.kv.hint_count() > 0
+        {
+            return;
+        }
+        let incoming = MetaState {
+            members: BTreeMap::from([(
+                self.me().to_string(),
+                mine.with_state(MemberState::Left, self.stamp()),
+            )]),
+            ..MetaState::default()
+        };
+        if let Err(e) = self.take_meta(&incoming, &[]).await {
+            tracing::error!(error = %e, "cannot record leaving");
+            return;
+        }
+        // At least one peer must know, or the others would keep waiting for this node.
+        let req = PeerRequest::MetaPush {
+            state: self.meta.state(),
+            blobs: Vec::new(),
+        };
+        let mut told = 0;
+        for peer in self.peers.names() {
+            if let Ok(PeerResponse::Stored) = self.peers.call_untracked(&peer, &req).await {
+                told += 1;
+            }
+        }
+        if told == 0 {
+            tracing::warn!("left, but no peer took the news yet; retrying");
+            return;
+        }
+        tracing::info!(told, "handoff complete; this node left the cluster");
+        self.departed.notify_one();
+    }
+
+    /// Notified once this node has left the cluster (the server then stops).
+    pub fn departed(&self) -> &tokio::sync::Notify {
+        &self.departed
+    }
+
+    /// Gossip partners of one round: a random peer that is up (two in clusters of more than
+    /// five), so every change reaches all nodes in O(log n) rounds.
+    pub(crate) fn gossip_targets(&self) -> Vec<String> {
+        use rand::seq::IndexedRandom;
+        let peers: Vec<String> = self
+            .peers
+            .names()
+            .into_iter()
+            .filter(|p| self.peers.is_up(p))
+            .collect();
+        let want = if peers.len() > 5 { 2 } else { 1 };
+        peers
+            .choose_multiple(&mut rand::rng(), want)
+            .cloned()
+            .collect()
+    }
+}
