@@ -424,3 +424,94 @@ async fn handoff_resumes_after_either_side_crashes() {
         assert_eq!(got.values(), vec![value(key).as_slice()], "key {key}");
     }
 }
+
+/// Runs `quiver cluster ARGS` against `node` expecting failure; returns its stderr.
+fn admin_fails(ca: &Path, node: &str, args: &[&str]) -> String {
+    let out = Command::new(quiver_bin())
+        .arg("cluster")
+        .args(args)
+        .args(["--cluster", node])
+        .env("QUIVER_CA", ca)
+        .output()
+        .expect("run quiver cluster");
+    assert!(
+        !out.status.success(),
+        "quiver cluster {args:?} should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Bad membership requests get clear errors and change nothing; `cluster status` shows a
+/// staged join as `joining` with no partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_requests_are_checked() {
+    const SUBNET: u8 = 28;
+    let cluster = ClusterProc::start(SUBNET, 2, &FAST);
+    let ca_file = cluster.ca_dir().join("ca.pem");
+    let ca_dir = cluster.ca_dir().display().to_string();
+    let seed = cluster.addrs[0].clone();
+
+    let nothing = admin(&ca_file, &seed, &["plan"]);
+    assert_eq!(nothing.next_version, None, "nothing staged yet");
+    let err = admin_fails(&ca_file, &seed, &["commit"]);
+    assert!(err.contains("nothing staged"), "{err}");
+    let err = admin_fails(&ca_file, &seed, &["leave", "n9"]);
+    assert!(err.contains("no member named \"n9\""), "{err}");
+    let err = admin_fails(&ca_file, &seed, &["join", "not-an-address"]);
+    assert!(err.contains("not an IP:port"), "{err}");
+    let err = admin_fails(&ca_file, &seed, &["join", &cluster.addrs[1]]);
+    assert!(err.contains("already in a cluster"), "{err}");
+
+    // A node started alone defaults to n=1; the seed says which flags make it fit.
+    let n3_addr = format!("127.0.{SUBNET}.3:7470");
+    let lone = NodeProc::start_as(
+        &cluster.dir.path().join("n3"),
+        "n3",
+        &n3_addr,
+        &["--ca-dir", &ca_dir, "--ae-interval-ms", "0"],
+    );
+    let err = admin_fails(&ca_file, &n3_addr, &["join", &seed]);
+    assert!(err.contains("--n 2 --r 2 --w 2"), "{err}");
+    // A node that holds data cannot join.
+    let client = lone.client().await;
+    client
+        .put(BUCKET, "k", b"v".to_vec(), None)
+        .await
+        .expect("put on the lone node");
+    let err = admin_fails(&ca_file, &n3_addr, &["join", &seed]);
+    assert!(err.contains("holds 1 keys"), "{err}");
+    drop(lone);
+
+    let n4_addr = format!("127.0.{SUBNET}.4:7470");
+    let n4 = NodeProc::start_as(
+        &cluster.dir.path().join("n4"),
+        "n4",
+        &n4_addr,
+        &["--ca-dir", &ca_dir, "--ae-interval-ms", "0", "--n", "2"],
+    );
+    let staged = admin(&ca_file, &n4_addr, &["join", &seed]);
+    assert_eq!(staged.next_version, Some(2));
+    let status = Command::new(quiver_bin())
+        .args(["cluster", "status", "--cluster", &seed])
+        .env("QUIVER_CA", &ca_file)
+        .output()
+        .expect("cluster status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    let ca_pem = std::fs::read(&ca_file).expect("CA");
+    let seen = status_of_member(&seed, &ca_pem, "n4").await;
+    assert_eq!(seen, Some(("joining".to_string(), 0)), "{text}");
+    // Leaving a joining node cancels the join: nothing is staged any more.
+    let cancelled = admin(&ca_file, &seed, &["leave", "n4"]);
+    assert_eq!(cancelled.next_version, None);
+    drop(n4);
+}
+
+/// The state and owned partitions of `member` as the node at `addr` reports them.
+async fn status_of_member(addr: &str, ca: &[u8], member: &str) -> Option<(String, u32)> {
+    let s = status(addr, ca).await?;
+    s.members
+        .iter()
+        .find(|m| m.node == member)
+        .map(|m| (m.state.clone(), m.partitions))
+}

@@ -121,16 +121,30 @@ pub async fn run(
     println!("export QUIVER_CA={}", ca_dir.join("ca.pem").display());
     eprintln!("{} nodes running; Ctrl-C stops them", children.len());
 
-    {
+    tokio::pin!(shutdown);
+    while !children.is_empty() {
         // Resolves when any node exits on its own.
-        let waits = children.iter_mut().map(|(id, c)| {
-            let id = id.clone();
-            Box::pin(async move { (id, c.wait().await) })
-        });
+        let waits = children
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (_, c))| Box::pin(async move { (i, c.wait().await) }));
         let exited = futures_select_all(waits.collect());
         tokio::select! {
-            () = shutdown => eprintln!("stopping the cluster"),
-            (id, status) = exited => eprintln!("node {id} exited ({status:?}); stopping the cluster"),
+            () = &mut shutdown => {
+                eprintln!("stopping the cluster");
+                break;
+            }
+            (i, status) = exited => {
+                let (id, _) = children.remove(i);
+                // A node that left the cluster (`quiver cluster leave`) exits with success
+                // once its data is handed off; the others keep running.
+                if matches!(&status, Ok(s) if s.success()) {
+                    eprintln!("node {id} exited (it left the cluster); the others keep running");
+                    continue;
+                }
+                eprintln!("node {id} exited ({status:?}); stopping the cluster");
+                break;
+            }
         }
     }
     for (id, child) in &mut children {

@@ -81,7 +81,10 @@ pub enum ServerError {
 /// whose engine cannot start still serves data (buckets without reconcilers); uploads are
 /// then refused with the reason logged.
 fn plugin_engine(config: &NodeConfig) -> Option<Arc<dyn PluginEngine>> {
-    let cache = config.data_dir.join("plugin-cache");
+    // wasmtime's cache wants an absolute path; a relative --data-dir is relative to the
+    // working directory the node started in.
+    let cache = std::path::absolute(config.data_dir.join("plugin-cache"))
+        .unwrap_or_else(|_| config.data_dir.join("plugin-cache"));
     match crate::plugin_engine::WasmPlugins::new(&cache) {
         Ok(engine) => Some(Arc::new(engine)),
         Err(e) => {

@@ -383,19 +383,23 @@ impl Cluster {
         let n = self.config.quorum.n;
         let default_n = u8::try_from(n).unwrap_or(u8::MAX);
         let ae = self.kv.ae();
-        let known: Vec<u64> = (0..current.partitions())
-            .map(|p| ae.tree_keys((default_n, p)))
+        // Exact for the partitions this node replicates (even when empty), the mean of those
+        // for the others.
+        let known: Vec<Option<u64>> = (0..current.partitions())
+            .map(|p| {
+                let replica = current
+                    .preference_list(p, n)
+                    .is_ok_and(|l| l.primaries.iter().any(|m| m.id == self.me()));
+                replica.then(|| ae.tree_keys((default_n, p)))
+            })
             .collect();
-        let held: Vec<u64> = known.iter().copied().filter(|&k| k > 0).collect();
+        let held: Vec<u64> = known.iter().flatten().copied().collect();
         let mean = if held.is_empty() {
             0
         } else {
             held.iter().sum::<u64>() / held.len() as u64
         };
-        let estimate = |p: u32| match known.get(p as usize) {
-            Some(&k) if k > 0 => k,
-            _ => mean,
-        };
+        let estimate = |p: u32| known.get(p as usize).copied().flatten().unwrap_or(mean);
         let keys_estimated: u64 = (0..current.partitions()).map(estimate).sum();
         let state = self.meta.state();
         let mut members: BTreeMap<String, PlanMember> = state
