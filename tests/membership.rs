@@ -515,3 +515,68 @@ async fn status_of_member(addr: &str, ca: &[u8], member: &str) -> Option<(String
         .find(|m| m.node == member)
         .map(|m| (m.state.clone(), m.partitions))
 }
+
+/// A node that was down when the ring changed learns it by gossip when it returns (the
+/// commit's push could not reach it), and the handoffs that waited for it complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
+    const SUBNET: u8 = 29;
+    const KEYS: usize = 200;
+    let mut cluster = ClusterProc::start(SUBNET, 3, &FAST);
+    let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
+    let ca_file = cluster.ca_dir().join("ca.pem");
+    let client = cluster.client(0).await;
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("g{i}")).collect();
+    for key in &keys {
+        client
+            .put_with(BUCKET, key, value(key), None, &WriteOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+    for addr in &cluster.addrs {
+        eventually_within("every copy stored", Duration::from_secs(60), || async {
+            status(addr, &ca_pem)
+                .await
+                .is_some_and(|s| s.ae_keys == KEYS as u64)
+        })
+        .await;
+    }
+    let n4_addr = format!("127.0.{SUBNET}.4:7470");
+    let ca_dir = cluster.ca_dir().display().to_string();
+    let mut n4_args = vec!["--ca-dir", ca_dir.as_str(), "--ae-interval-ms", "0", "--n", "3"];
+    n4_args.extend(FAST);
+    let n4 = NodeProc::start_as(&cluster.dir.path().join("n4"), "n4", &n4_addr, &n4_args);
+    admin(&ca_file, &n4_addr, &["join", &cluster.addrs[0]]);
+    cluster.stop(2);
+    assert!(admin(&ca_file, &cluster.addrs[0], &["commit"]).committed);
+    // While n3 is away, nothing it is a new or remaining primary of can be dropped.
+    eventually_within("n1 and n2 on ring 2", Duration::from_secs(30), || async {
+        let mut all = true;
+        for addr in &cluster.addrs[..2] {
+            all &= status(addr, &ca_pem)
+                .await
+                .is_some_and(|s| s.ring_version == 2);
+        }
+        all
+    })
+    .await;
+    cluster.restart(2);
+    eventually_within("n3 learns ring 2 by gossip", Duration::from_secs(30), || async {
+        status(&cluster.addrs[2], &ca_pem)
+            .await
+            .is_some_and(|s| s.ring_version == 2)
+    })
+    .await;
+    let n4_client = n4.client().await;
+    let expected = expected_holdings(&n4_client, &keys).await;
+    let all = [cluster.addrs.clone(), vec![n4_addr.clone()]].concat();
+    for (i, addr) in all.iter().enumerate() {
+        let want = expected[&format!("n{}", i + 1)];
+        eventually_within("holdings match ring 2", Duration::from_secs(60), || async {
+            status(addr, &ca_pem)
+                .await
+                .is_some_and(|s| s.ae_keys == want && s.handoff_keys == 0)
+        })
+        .await;
+    }
+}
