@@ -264,6 +264,13 @@ async fn a_node_joins_under_load_and_another_leaves_without_losing_a_write() {
         assert_eq!(got.values(), vec![value(key).as_slice()], "key {key}");
     }
 
+    // A routing client that learned the 4-node ring, to see that it follows the leave.
+    let routing = quiver_sdk::ClusterClient::connect(
+        &[cluster.addrs[1].as_str()],
+        quiver_sdk::ClientConfig::new(ca_pem.clone()),
+    )
+    .await
+    .expect("routing client");
     // n2 leaves (asked through n1): after the commit it hands off and exits by itself.
     let staged = admin(&ca_file, &cluster.addrs[0], &["leave", "n2"]);
     assert_eq!(staged.next_version, Some(3));
@@ -323,6 +330,25 @@ async fn a_node_joins_under_load_and_another_leaves_without_losing_a_write() {
         let got = n4_client.get(BUCKET, key).await.expect("get");
         assert_eq!(got.values(), vec![value(key).as_slice()], "key {key}");
     }
+    // The routing client still names n2 (its seed, even) for a quarter of the keys; the
+    // first request that cannot reach it makes it fetch the ring again.
+    let started = std::time::Instant::now();
+    for key in keys.iter().take(200) {
+        let got = routing
+            .get(BUCKET, key)
+            .await
+            .expect("routed get after the leave");
+        assert_eq!(got.values(), vec![value(key).as_slice()], "key {key}");
+    }
+    println!(
+        "200 routed reads after the leave took {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        routing.ring_version().await,
+        3,
+        "the client follows the ring"
+    );
 }
 
 /// Handoff survives a crash of either side: the new owner and an old owner are SIGKILLed
@@ -543,7 +569,14 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
     }
     let n4_addr = format!("127.0.{SUBNET}.4:7470");
     let ca_dir = cluster.ca_dir().display().to_string();
-    let mut n4_args = vec!["--ca-dir", ca_dir.as_str(), "--ae-interval-ms", "0", "--n", "3"];
+    let mut n4_args = vec![
+        "--ca-dir",
+        ca_dir.as_str(),
+        "--ae-interval-ms",
+        "0",
+        "--n",
+        "3",
+    ];
     n4_args.extend(FAST);
     let n4 = NodeProc::start_as(&cluster.dir.path().join("n4"), "n4", &n4_addr, &n4_args);
     admin(&ca_file, &n4_addr, &["join", &cluster.addrs[0]]);
@@ -561,11 +594,15 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
     })
     .await;
     cluster.restart(2);
-    eventually_within("n3 learns ring 2 by gossip", Duration::from_secs(30), || async {
-        status(&cluster.addrs[2], &ca_pem)
-            .await
-            .is_some_and(|s| s.ring_version == 2)
-    })
+    eventually_within(
+        "n3 learns ring 2 by gossip",
+        Duration::from_secs(30),
+        || async {
+            status(&cluster.addrs[2], &ca_pem)
+                .await
+                .is_some_and(|s| s.ring_version == 2)
+        },
+    )
     .await;
     let n4_client = n4.client().await;
     let expected = expected_holdings(&n4_client, &keys).await;

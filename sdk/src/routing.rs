@@ -32,7 +32,12 @@ struct Inner {
     layout: RwLock<Layout>,
     /// One connection per node address, opened on first use.
     conns: Mutex<HashMap<String, Client>>,
+    /// When the ring is next fetched again (Dynamo §6.4: clients poll for membership).
+    next_refresh: std::sync::Mutex<std::time::Instant>,
 }
+
+/// How often a client fetches the ring again, so it follows joins and leaves.
+const RING_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ClusterClient {
     /// Connects to the first of `seeds` that answers and learns the ring from it.
@@ -54,6 +59,9 @@ impl ClusterClient {
                                 config,
                                 layout: RwLock::new(layout),
                                 conns: Mutex::new(conns),
+                                next_refresh: std::sync::Mutex::new(
+                                    std::time::Instant::now() + RING_REFRESH,
+                                ),
                             }),
                         });
                     }
@@ -98,6 +106,65 @@ impl ClusterClient {
     /// connection already broken): a timed-out write may have been applied, and repeating it
     /// elsewhere would create a needless sibling. Reads also move on after a timeout.
     async fn routed(&self, bucket: &str, key: &[u8], call: Call<'_>) -> Result<Outcome, Error> {
+        if self.refresh_due() {
+            // Best effort: a client that cannot fetch the ring keeps routing with the old one.
+            let _ = self.refresh().await;
+        }
+        match self.routed_once(bucket, key, &call).await {
+            // Every node the ring named failed before the request reached one: the cluster
+            // may have changed under us (a node left); learn the ring again and retry once.
+            Err(e @ (Error::Connect { .. } | Error::Connection { .. })) => {
+                match self.refresh().await {
+                    Ok(true) => self.routed_once(bucket, key, &call).await,
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// True (once per period) when the ring should be fetched again.
+    fn refresh_due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut next = self
+            .inner
+            .next_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if now < *next {
+            return false;
+        }
+        *next = now + RING_REFRESH;
+        true
+    }
+
+    /// Version of the ring this client routes with.
+    pub async fn ring_version(&self) -> u64 {
+        self.inner.layout.read().await.ring.version()
+    }
+
+    /// Fetches the ring and member addresses again from any member; returns true when they
+    /// changed. Requests route with the new ring from then on.
+    pub async fn refresh(&self) -> Result<bool, Error> {
+        let client = self.any().await?;
+        let (ring, members, n) = client.ring().await?;
+        let addrs: HashMap<String, String> = members.into_iter().collect();
+        let mut layout = self.inner.layout.write().await;
+        // Never step back to an older ring a lagging node still serves.
+        if ring.version() < layout.ring.version() {
+            return Ok(false);
+        }
+        let changed = ring != layout.ring || addrs != layout.addrs || n != layout.n;
+        *layout = Layout { ring, addrs, n };
+        Ok(changed)
+    }
+
+    async fn routed_once(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        call: &Call<'_>,
+    ) -> Result<Outcome, Error> {
         let mut last = None;
         for addr in self.route(bucket, key).await {
             let client = match self.client_for(&addr).await {
@@ -107,7 +174,7 @@ impl ClusterClient {
                     continue;
                 }
             };
-            let result = match &call {
+            let result = match call {
                 Call::Get(options) => client
                     .get_with(bucket, key, options)
                     .await
