@@ -604,6 +604,20 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
         },
     )
     .await;
+    // `quiver cluster wait` returns once every node reports the same ring and nothing left
+    // to hand off.
+    let waited = Command::new(quiver_bin())
+        .args(["cluster", "wait", "--timeout-s", "60", "--output", "json"])
+        .args(["--cluster", &cluster.addrs[0]])
+        .env("QUIVER_CA", &ca_file)
+        .output()
+        .expect("quiver cluster wait");
+    assert!(
+        waited.status.success(),
+        "cluster wait: {}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    assert!(String::from_utf8_lossy(&waited.stdout).contains("\"handoff\":\"done\""));
     let n4_client = n4.client().await;
     let expected = expected_holdings(&n4_client, &keys).await;
     let all = [cluster.addrs.clone(), vec![n4_addr.clone()]].concat();
