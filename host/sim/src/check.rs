@@ -311,3 +311,59 @@ pub fn tombstones_reaped(held: &[(String, String, u64)], older_than_ms: u64) -> 
         }
     }
 }
+
+/// Checker 7, membership settles: after healing, every node that is up holds the last
+/// committed ring (`final_version`) and knows that every departed node left, and every node
+/// the schedule told to leave has departed. `views` lists `(node, ring version, nodes it
+/// knows left)` of every node that is up.
+pub fn membership_settled(
+    views: &[(String, u64, Vec<String>)],
+    final_version: u64,
+    must_depart: &[String],
+    departed: &[String],
+) -> Result<(), String> {
+    if let Some(node) = must_depart.first() {
+        return Err(format!(
+            "node {node} was told to leave but has not departed after heal ({} such node(s))",
+            must_depart.len()
+        ));
+    }
+    for (node, version, left) in views {
+        if *version != final_version {
+            return Err(format!(
+                "node {node} holds ring version {version}, the last committed is {final_version}"
+            ));
+        }
+        if let Some(gone) = departed.iter().find(|d| !left.contains(d)) {
+            return Err(format!(
+                "node {node} does not know that {gone} left the cluster"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checker 8, no orphan copies: after settling, a node holds a key only if it is one of the
+/// key's primaries under the final ring (handoff moved every other copy and dropped it),
+/// and no node departed holding data. `holdings` lists `(node, key)` of every record of
+/// every node that is up; `primaries` the final-ring primaries of each key held;
+/// `bad_departures` describes departures that broke the rules.
+pub fn no_orphan_copies(
+    holdings: &[(String, String)],
+    primaries: &BTreeMap<String, Vec<String>>,
+    bad_departures: &[String],
+) -> Result<(), String> {
+    if let Some(bad) = bad_departures.first() {
+        return Err(bad.clone());
+    }
+    for (node, key) in holdings {
+        let owners = primaries.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        if !owners.contains(node) {
+            return Err(format!(
+                "node {node} still holds key {key:?} after settling, but the final ring's \
+                 primaries are {owners:?}"
+            ));
+        }
+    }
+    Ok(())
+}

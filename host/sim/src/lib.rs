@@ -20,25 +20,34 @@
 //!   of `epochs.rs`. **This is the shape the production runtime should adopt next**: move
 //!   `node::Node` into the core, and make the tokio/quinn code a driver that delivers
 //!   messages, client requests and ticks and carries out effects, so the code the
-//!   simulator runs *is* the code production runs, not a mirror of it.
+//!   simulator runs *is* the code production runs, not a mirror of it. Each node holds
+//!   its own ring and member states (`store::Meta`, on its disk), learns changes by
+//!   gossip, hands off what it no longer owns and departs when it has left
+//!   (`node::membership`, mirroring `cluster/membership.rs`).
 //! - [`store`]: a node's disk: applied vs durable writes, `sync` (group commit), OS
 //!   writeback, and what a kill, a power loss or a disk replacement leaves.
 //! - [`sim`]: the world: event queue in simulated ms, network (delay, reordering by delay
 //!   spikes, loss, duplication, directed link cuts), faults (crash + restart as a new boot,
 //!   power loss, disk wipe as a new incarnation, partitions incl. one-way, FoundationDB
-//!   "swizzle-clogging"), per-node clock skew on sibling timestamps, clients, and the
-//!   heal/quiesce phase. [`sim::Config::random`] derives a configuration from a seed.
+//!   "swizzle-clogging"), per-node clock skew on sibling timestamps, clients, membership
+//!   changes (a single committer: joins of spare nodes and leaves, committed on a random
+//!   node), and the heal/quiesce phase. [`sim::Config::random`] derives a configuration
+//!   from a seed; [`sim::Config::membership`] adds joins and leaves.
 //! - [`check`]: the checkers, pure functions over the recorded history: (1) no
 //!   acknowledged write lost, (2) convergence (every primary holds every acknowledged
 //!   write, and primaries agree), (3) hints drain, (4) no dot issued twice, (5) no
-//!   resurrection, (6) tombstones reaped; plus each node's AE trees match its records.
+//!   resurrection, (6) tombstones reaped, (7) membership settles (every node on the last
+//!   committed ring, leavers departed and known to have left), (8) no orphan copies (a
+//!   node holds only keys it is a final-ring primary of; nobody departs holding data);
+//!   plus each node's AE trees match its records.
 //! - [`rng`]: SplitMix64, the only source of randomness.
 //!
 //! # What is modelled
 //!
-//! Static membership and the ring (`Ring::new`, 16 partitions), per-run N/R/W, sloppy or
-//! strict quorums, `sync` and `buffered` durability (per request), sibling timestamps
-//! from skewed clocks (the lost-write checker would catch a timestamp-based merge, since
+//! The ring (`Ring::new`, 16 partitions; `Ring::rebalance` for joins and leaves, each node
+//! on its own ring until gossip brings the new one), ownership handoff and departure,
+//! per-run N/R/W, sloppy or strict quorums, `sync` and `buffered` durability (per
+//! request), sibling timestamps from skewed clocks (the lost-write checker would catch a timestamp-based merge, since
 //! skews reach an hour), client contexts from gets and puts, blind writes, deletes.
 //! A kill keeps applied writes (they are in the OS); a power loss keeps the durable part
 //! plus a random prefix of unsynced write batches (a batch, e.g. a record with its hint
@@ -49,10 +58,13 @@
 //!
 //! # What is not modelled
 //!
-//! Membership changes and handoff of partitions, Wasm reconcilers, the hint-store limit,
-//! fsync latency and failures (a poisoned store), QUIC connection state (a lost message is
-//! a timeout; a "connection refused" fast failure is not modelled), the `--ae-max-keys`
-//! paging of large exchanges and refiling after a change of `n` (one bucket, one `n`).
+//! Staged (uncommitted) joins and leaves, weights and zones, racing commits (one committer
+//! makes ring versions unique), rejoining after leaving, the join handshake (a spare is a
+//! member from the start), Wasm reconcilers, the hint-store limit, fsync latency and
+//! failures (a poisoned store), QUIC connection state (a lost message is a timeout; a
+//! "connection refused" fast failure is not modelled), the `--ae-max-keys` paging of large
+//! exchanges and handoff pushes (one push per primary and tree), and refiling after a
+//! change of `n` (one bucket, one `n`).
 //! Anti-entropy and tombstone reaping are modelled (`node::ae`, off by default; see
 //! [`sim::Config::ae_only`] and [`sim::Config::reaping`]), as are the checkers (5) no
 //! resurrection and (6) old tombstones reaped once the cluster is whole.
@@ -67,6 +79,19 @@
 //! strength of data a power loss could still roll back. Production now syncs when asked,
 //! changed or not; [`node::NodeConfig::sync_unchanged_merges`] `= false` keeps the old
 //! behaviour as a broken variant.
+//!
+//! With joins and leaves, production's membership handling lost acknowledged writes,
+//! resurrected a deleted value or never settled in six ways; each rule of
+//! [`node::MembershipFixes`] closes one, is on in every scenario, and turned off alone fails
+//! a fixed seed (`membership_fixes_are_load_bearing`): hint markers for a member that left
+//! are never delivered (hints never drain; fix: forget them once it is known to have left,
+//! the copy goes out by handoff); a handoff pass takes the ring version per tree but the
+//! primaries per pass (a change in between hands a tree to the old primaries and still
+//! drops it); handoff and reaping checks are answered by nodes on another ring (two nodes
+//! each count the other as the primary and both drop the key; a member on an older ring
+//! confirms a reap while it holds an older value); a leaving node does not check again
+//! before it stops (a store from a coordinator on an older ring leaves with it); and it
+//! stops once one peer took the news (if that peer leaves before it gossips, nobody knows).
 #![deny(clippy::unwrap_used)]
 
 pub mod check;

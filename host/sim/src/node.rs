@@ -12,8 +12,14 @@
 //!   completion of a `Peers::call` for responses);
 //! - [`Node::on_tick`]: time passed: peer-call deadlines expire (production: the
 //!   `tokio::time::timeout` in `Peers::call_within`), down peers are probed
-//!   (`Peers::probe_down_peers`), hints are handed off (`Cluster::deliver_hints`), and the
-//!   OS writes buffered data back.
+//!   (`Peers::probe_down_peers`), hints are handed off (`Cluster::deliver_hints`),
+//!   membership is gossiped, ownership is handed off (`Cluster::handoff_tick`), and the OS
+//!   writes buffered data back;
+//! - [`Node::commit`]: an operator committed a membership change on this node (production:
+//!   `quiver cluster commit`).
+//!
+//! Each node routes by its own ring ([`Meta`], on its disk), which gossip brings up to date
+//! (`node::membership`), so nodes disagree while a change spreads, as in production.
 //!
 //! Every decision is the core's, made by the same code the node runtime drives:
 //! [`Ring`] placement and [`select_targets`]; `route_write`, `Forwarding`, `PutFanout`
@@ -29,6 +35,7 @@
 //! request (validate, read the record, apply, fsync), the hint-delivery pass, and timeouts.
 
 mod ae;
+mod membership;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -46,7 +53,7 @@ use quiver_core::replica::{self, HandoffCleanup};
 use quiver_core::ring::Ring;
 
 use crate::rng::Rng;
-use crate::store::{CrashKind, Disk, Store, Tables};
+use crate::store::{CrashKind, Disk, Meta, Store, Tables};
 
 pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
 
@@ -168,9 +175,30 @@ pub enum PeerRequest {
     AePush(Vec<(Vec<u8>, Object)>),
     /// Reaping: does the receiver hold exactly these states (and since how long, by its own
     /// clock), and a hint for the key? The receiver makes its applied writes durable first.
-    ReapCheck(Vec<(Vec<u8>, Hash)>),
+    ReapCheck {
+        /// The reaper's ring version (production sends none; see
+        /// [`MembershipFixes::reap_check_same_ring`]).
+        ring_version: u64,
+        /// (data key, digest) of the tombstones asked about.
+        keys: Vec<(Vec<u8>, Hash)>,
+    },
     /// Reaping: remove these tombstones if still exactly these states.
     Reap(Vec<(Vec<u8>, Hash)>),
+    /// Membership gossip: the sender's view, which the receiver merges and answers with its
+    /// own (production: `MetaPush` and the digest-first metadata pull, here one round trip).
+    Gossip(Meta),
+    /// Ownership handoff: one step (`AeLeaves`, `AeKeys` or `HandoffPush`) of a pass the
+    /// sender runs under ring `ring_version` (production sends the step alone; see
+    /// [`MembershipFixes::handoff_same_ring`]).
+    Handoff {
+        /// The sender's ring version.
+        ring_version: u64,
+        /// The step.
+        step: Box<PeerRequest>,
+    },
+    /// Ownership handoff: merge these states and make them durable before answering
+    /// (production: `PeerRequest::HandoffPush`).
+    HandoffPush(Vec<(Vec<u8>, Object)>),
 }
 
 /// Node-to-node responses (production: `peer::PeerResponse`).
@@ -203,6 +231,10 @@ pub enum PeerResponse {
     ReapStatus(Vec<(bool, bool, u64)>),
     /// Answer to `Reap`: tombstones removed.
     Reaped(u64),
+    /// Answer to `Gossip`: the receiver's view after the merge.
+    Gossip(Meta),
+    /// Answer to `HandoffPush`, once the states are durable: keys whose state changed.
+    HandoffStored(u64),
 }
 
 /// A message on the simulated network.
@@ -260,6 +292,16 @@ pub enum Observation {
         /// The state removed.
         object: Object,
     },
+    /// One tree of a handoff pass was offered to its primaries.
+    Handoff {
+        /// Keys pushed that changed a primary.
+        sent: u64,
+        /// Keys dropped here because every primary held them.
+        dropped: u64,
+    },
+    /// This node left the cluster: it holds no keys and no hints, a peer took the news,
+    /// and it stops (production: the server exits). The driver removes it for good.
+    Departed,
 }
 
 /// What the driver must do for a node.
@@ -334,6 +376,74 @@ pub struct NodeConfig {
     /// BROKEN VARIANT: answer `ReapCheck` (and check locally before reaping) without first
     /// making the applied writes durable.
     pub reap_check_without_sync: bool,
+    /// Interval of membership gossip rounds (one peer each), in ms (production:
+    /// `--gossip-interval-ms`).
+    pub gossip_every_ms: u64,
+    /// Interval between ownership handoff passes, in ms (production:
+    /// `--handoff-interval-ms`).
+    pub handoff_every_ms: u64,
+    /// BROKEN VARIANT: count a handoff push as held by the primary as soon as it is sent,
+    /// without waiting for the primary's durable acknowledgement, and drop the local copy.
+    pub handoff_drop_before_ack: bool,
+    /// Membership rules production lacks (see [`MembershipFixes`]).
+    pub fixes: MembershipFixes,
+}
+
+/// Rules the simulator found missing from production's membership handling
+/// (`host/node/src/cluster/membership.rs`, `reap.rs`). Each is on in every scenario;
+/// turning one off reproduces production's behaviour, which a test shows losing data or
+/// never settling on a fixed seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipFixes {
+    /// Drop hint markers for members known to have left; the copy stays and, if this node
+    /// is not a primary of the key, goes out by ownership handoff. Production keeps them
+    /// forever (never delivered), so hints never drain and a leaving node holding one
+    /// never departs.
+    pub forget_hints_for_left: bool,
+    /// A handoff pass checks for a ring change against the ring its trees' primaries came
+    /// from (the pass start). Production computes the primaries once per pass but takes
+    /// the ring version at the start of each tree, so a change between the two hands a
+    /// tree to the old ring's primaries and still drops it.
+    pub pass_ring_version: bool,
+    /// A primary answers a handoff step only when the sender holds the same ring version.
+    /// Production answers whatever ring the sender holds, so two nodes on different rings
+    /// can each count the other as the key's primary and both drop it.
+    pub handoff_same_ring: bool,
+    /// A member whose ring version differs from the reaper's answers a reaping check as
+    /// "hinted" (it blocks). Production lets a member on an older ring, which still
+    /// counts itself a replica of the key, confirm without holding the tombstone.
+    pub reap_check_same_ring: bool,
+    /// A leaving node checks again that it holds no keys and no hints when the news that
+    /// it left was taken, just before it stops. Production checks only before sending it,
+    /// so a store from a coordinator on an older ring that lands meanwhile leaves with it.
+    pub depart_recheck: bool,
+    /// A leaving node stops only once every peer took the news that it left. Production
+    /// stops once one did; if that peer leaves too (or its disk is replaced) before it
+    /// gossips, nobody knows the node left and the rest wait for it forever (it stays a
+    /// member that is down, so reaping stays blocked).
+    pub depart_when_all_told: bool,
+}
+
+impl MembershipFixes {
+    /// Every fix on (the simulator's default).
+    pub const ALL: MembershipFixes = MembershipFixes {
+        forget_hints_for_left: true,
+        pass_ring_version: true,
+        handoff_same_ring: true,
+        reap_check_same_ring: true,
+        depart_recheck: true,
+        depart_when_all_told: true,
+    };
+
+    /// Production's behaviour: every fix off.
+    pub const PRODUCTION: MembershipFixes = MembershipFixes {
+        forget_hints_for_left: false,
+        pass_ring_version: false,
+        handoff_same_ring: false,
+        reap_check_same_ring: false,
+        depart_recheck: false,
+        depart_when_all_told: false,
+    };
 }
 
 /// The per-boot epoch allocator (production: `epochs::BootEpochs`).
@@ -398,6 +508,13 @@ enum Purpose {
     Reap {
         pass: u64,
     },
+    Gossip,
+    Handoff {
+        pass: u64,
+    },
+    /// A handoff push whose answer nobody waits for (the broken variant).
+    HandoffUnawaited,
+    Depart,
 }
 
 #[derive(Debug, Clone)]
@@ -454,7 +571,9 @@ struct HintPass {
 pub struct Node {
     cfg: NodeConfig,
     me: Coordinator,
-    ring: Arc<Ring>,
+    /// The ring and member states this node knows (also on its disk).
+    meta: Meta,
+    /// Members that have not left, this node excluded (production: `Peers::names`).
     peers: Vec<NodeId>,
     life: u64,
     store: Store,
@@ -478,6 +597,12 @@ pub struct Node {
     ae_next_peer: usize,
     next_bg: u64,
     reaping_paused: bool,
+    next_gossip_ms: u64,
+    gossip_next_peer: usize,
+    handoff: Option<membership::HandoffPass>,
+    next_handoff_ms: u64,
+    /// The departure announcement in flight, if any.
+    departing: Option<membership::Departure>,
     /// Simulated time of the input being handled (the node's clock for store times).
     clock_ms: u64,
 }
@@ -485,11 +610,12 @@ pub struct Node {
 impl Node {
     /// Boots a node over `disk`: bumps the durable boot counter, so epochs of earlier boots
     /// are never continued. `life` must differ for every start of this node in a run (it
-    /// keeps call ids unique); `members` are all ring members, this node included.
+    /// keeps call ids unique). `initial` is the membership every node derives from its
+    /// start-up flags (production: the `--peer` list); a disk that stored newer metadata
+    /// keeps it.
     pub fn boot(
         name: &str,
-        members: &[NodeId],
-        ring: Arc<Ring>,
+        initial: &Meta,
         cfg: NodeConfig,
         disk: Disk,
         life: u64,
@@ -498,14 +624,22 @@ impl Node {
         let mut store = Store::open(disk);
         let boot = store.begin_boot();
         let (_, incarnation) = store.disk_identity();
+        let meta = match store.meta() {
+            Some(m) => m.clone(),
+            None => {
+                // Production stores the first ring with the members at the first start.
+                store.set_meta(initial.clone());
+                initial.clone()
+            }
+        };
         let mut node = Node {
             cfg,
             me: Coordinator {
                 node: name.to_string(),
                 incarnation,
             },
-            ring,
-            peers: members.iter().filter(|m| *m != name).cloned().collect(),
+            peers: Vec::new(),
+            meta,
             life,
             store,
             epochs: Epochs {
@@ -531,10 +665,26 @@ impl Node {
             ae_next_peer: 0,
             next_bg: 0,
             reaping_paused: false,
+            next_gossip_ms: now_ms + cfg.gossip_every_ms,
+            gossip_next_peer: 0,
+            handoff: None,
+            next_handoff_ms: now_ms + cfg.handoff_every_ms,
+            departing: None,
             clock_ms: now_ms,
         };
+        node.apply_membership();
         node.rebuild_ae();
         node
+    }
+
+    /// The ring this node routes and hands off by.
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.meta.ring
+    }
+
+    /// What this node knows about the membership.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
     }
 
     /// The node's name.
@@ -659,6 +809,9 @@ impl Node {
             );
         }
         if self.hint_pass.is_none() && now_ms >= self.next_hint_pass_ms {
+            if self.cfg.fixes.forget_hints_for_left {
+                self.forget_hints_for_left();
+            }
             if self.hint_count() == 0 {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             } else {
@@ -670,6 +823,8 @@ impl Node {
             }
         }
         self.ae_tick(now_ms, &mut fx);
+        self.gossip_tick(now_ms, &mut fx);
+        self.handoff_tick(now_ms, &mut fx);
         if now_ms >= self.next_writeback_ms {
             self.store.sync();
             self.next_writeback_ms = now_ms + self.cfg.writeback_every_ms;
@@ -760,6 +915,10 @@ impl Node {
             Purpose::Repair => {}
             Purpose::Ae { exchange } => self.ae_result(now_ms, exchange, result, fx),
             Purpose::Reap { pass } => self.reap_result(now_ms, pass, peer, result, fx),
+            Purpose::Gossip => self.gossip_result(result),
+            Purpose::Handoff { pass } => self.handoff_result(now_ms, pass, result, fx),
+            Purpose::HandoffUnawaited => {}
+            Purpose::Depart => self.depart_result(result, fx),
             Purpose::Store { op, target } => {
                 let result = match result {
                     Ok(PeerResponse::Stored) => Ok(()),
@@ -843,6 +1002,7 @@ impl Node {
 
     fn preference(&self, key: &str, n: usize) -> (Vec<NodeId>, Vec<NodeId>) {
         let list = self
+            .meta
             .ring
             .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), n);
         (
@@ -1254,6 +1414,14 @@ impl Node {
                     id,
                 };
                 self.handle_client(now_ms, origin, request, Some(hint_for), fx);
+            }
+            PeerRequest::Gossip(meta) => fx.push(respond(self.on_gossip(&meta))),
+            PeerRequest::Handoff { ring_version, step } => {
+                let body = self.on_handoff_step(from, ring_version, *step);
+                fx.push(respond(body));
+            }
+            PeerRequest::HandoffPush(objects) => {
+                fx.push(respond(self.on_handoff_push(&objects)));
             }
             other => {
                 if let Some(body) = self.handle_background(from, other) {

@@ -7,16 +7,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use quiver_core::causality::{self, Object};
+use quiver_core::membership::MemberState;
 use quiver_core::quorum::Quorum;
 use quiver_core::ring::{ClaimParams, Member, Ring};
 
 use crate::check::{self, AckedWrite, Issued};
 use crate::node::{
-    BUCKET, ClientOp, ClientRequest, ClientResult, Durability, Effect, Message, Node, NodeConfig,
-    NodeId, Observation,
+    BUCKET, ClientOp, ClientRequest, ClientResult, Durability, Effect, MembershipFixes, Message,
+    Node, NodeConfig, NodeId, Observation,
 };
 use crate::rng::Rng;
-use crate::store::{CrashKind, Disk};
+use crate::store::{CrashKind, Disk, Meta};
 
 /// Partitions of the simulated ring: small, so that keys share partitions and nodes.
 const RING_PARTITIONS: u32 = 16;
@@ -37,8 +38,14 @@ const REAP_DEADLINE_SLACK_MS: u64 = 2_000;
 /// Everything a run depends on besides the seed. [`Config::random`] derives one per seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Cluster size.
+    /// Cluster size: the members of the first ring.
     pub nodes: usize,
+    /// Nodes started outside the ring (staged joins: alive and gossiped to, owning nothing
+    /// until the schedule commits their join).
+    pub spares: usize,
+    /// Membership changes the schedule commits during the workload (a spare joins, or a
+    /// ring member leaves), each once every node that is up holds the previous one.
+    pub membership_changes: usize,
     /// Replicas per key.
     pub n: usize,
     /// Read quorum.
@@ -121,12 +128,26 @@ pub struct Config {
     pub reap_without_checks: bool,
     /// BROKEN VARIANT: reaping checks count states that are not yet durable.
     pub reap_check_without_sync: bool,
+    /// Interval of membership gossip rounds on every node, in ms.
+    pub gossip_every_ms: u64,
+    /// Interval of ownership handoff passes on every node, in ms.
+    pub handoff_every_ms: u64,
+    /// BROKEN VARIANT: a handoff push counts as held once sent, not once durably
+    /// acknowledged, and the old holder drops its copy.
+    pub handoff_drop_before_ack: bool,
+    /// Membership rules production lacks; all on unless a test shows what one prevents.
+    pub fixes: MembershipFixes,
+    /// The constructor this configuration came from (`random`, `ae-only`, `reaping`,
+    /// `membership`, `membership-stress`; `custom` otherwise), for the replay command.
+    pub scenario: &'static str,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             nodes: 5,
+            spares: 0,
+            membership_changes: 0,
             n: 3,
             r: 2,
             w: 2,
@@ -163,6 +184,11 @@ impl Default for Config {
             tombstone_grace_ms: None,
             reap_without_checks: false,
             reap_check_without_sync: false,
+            gossip_every_ms: 1_000,
+            handoff_every_ms: 1_000,
+            handoff_drop_before_ack: false,
+            fixes: MembershipFixes::ALL,
+            scenario: "custom",
         }
     }
 }
@@ -205,6 +231,7 @@ impl Config {
             one_way: rng.chance(0.5),
             swizzle: rng.chance(0.4),
             clock_skew_ms: [0, 50, 60_000, 3_600_000][rng.index(4)],
+            scenario: "random",
             ..Config::default()
         }
     }
@@ -217,6 +244,7 @@ impl Config {
             sloppy: false,
             read_repair: false,
             ae_every_ms: Some(200),
+            scenario: "ae-only",
             ..Config::random(seed)
         }
     }
@@ -232,8 +260,69 @@ impl Config {
             delete_pct: 45,
             read_before_delete: true,
             clients: base.clients.min(4),
+            scenario: "reaping",
             ..base
         }
+    }
+
+    /// The membership scenario for `seed`: [`Config::random`] plus one spare node, one to
+    /// three joins and leaves committed at random times of the faulty workload, gossip and
+    /// handoff every 500 ms; half the seeds run anti-entropy, half of those reap tombstones
+    /// (as [`Config::reaping`]).
+    pub fn membership(seed: u64) -> Config {
+        let base = Config::random(seed);
+        let mut rng = Rng::new(seed ^ 0x6d65_6d62_0000_0000);
+        let ae = rng.chance(0.5);
+        let reaping = ae && rng.chance(0.5);
+        Config {
+            spares: 1,
+            membership_changes: rng.range(1, 3) as usize,
+            gossip_every_ms: 500,
+            handoff_every_ms: 500,
+            ae_every_ms: ae.then_some(200),
+            tombstone_grace_ms: reaping.then_some(2_000),
+            delete_pct: if reaping { 45 } else { base.delete_pct },
+            read_before_delete: reaping,
+            clients: if reaping {
+                base.clients.min(4)
+            } else {
+                base.clients
+            },
+            scenario: "membership",
+            ..base
+        }
+    }
+
+    /// The membership stress scenario for `seed`: [`Config::membership`] with one replica
+    /// per key (no second copy hides a dropped one), 20 % message loss, gossip only every
+    /// 3 s (so rings disagree for seconds), handoff every 100 ms, three changes and eight
+    /// keys. Every rule of [`MembershipFixes`] is load-bearing here.
+    pub fn membership_stress(seed: u64) -> Config {
+        Config {
+            n: 1,
+            r: 1,
+            w: 1,
+            loss: 0.2,
+            gossip_every_ms: 3_000,
+            handoff_every_ms: 100,
+            membership_changes: 3,
+            keys: 8,
+            scenario: "membership-stress",
+            ..Config::membership(seed)
+        }
+    }
+
+    /// The configuration of `scenario` (a [`Config::scenario`] name) for `seed`; `None`
+    /// for an unknown name.
+    pub fn of_scenario(scenario: &str, seed: u64) -> Option<Config> {
+        Some(match scenario {
+            "random" => Config::random(seed),
+            "ae-only" => Config::ae_only(seed),
+            "reaping" => Config::reaping(seed),
+            "membership" => Config::membership(seed),
+            "membership-stress" => Config::membership_stress(seed),
+            _ => return None,
+        })
     }
 
     /// One line describing the run's setting, for failure messages and summaries.
@@ -254,15 +343,41 @@ impl Config {
             ),
             (!self.read_repair, "no-read-repair"),
             (self.reap_without_checks, "BROKEN:reap-without-checks"),
+            (
+                self.handoff_drop_before_ack,
+                "BROKEN:handoff-drop-before-ack",
+            ),
+            (
+                !self.fixes.forget_hints_for_left,
+                "production-keeps-hints-for-left",
+            ),
+            (
+                !self.fixes.pass_ring_version,
+                "production-ring-version-per-tree",
+            ),
+            (!self.fixes.handoff_same_ring, "production-handoff-any-ring"),
+            (
+                !self.fixes.reap_check_same_ring,
+                "production-reap-check-any-ring",
+            ),
+            (!self.fixes.depart_recheck, "production-depart-no-recheck"),
+            (
+                !self.fixes.depart_when_all_told,
+                "production-depart-one-told",
+            ),
         ] {
             if on {
                 faults.push(name);
             }
         }
         format!(
-            "nodes={} n={} r={} w={} keys={} clients={} {:?} sloppy={} loss={} dup={} delay={:?} \
-             spike={} skew={}ms buffered_share={} ae={:?} grace={:?} faults=[{}]",
+            "{} nodes={} spares={} changes={} n={} r={} w={} keys={} clients={} {:?} sloppy={} \
+             loss={} dup={} delay={:?} spike={} skew={}ms buffered_share={} ae={:?} grace={:?} \
+             faults=[{}]",
+            self.scenario,
             self.nodes,
+            self.spares,
+            self.membership_changes,
             self.n,
             self.r,
             self.w,
@@ -302,6 +417,11 @@ pub enum Checker {
     Resurrection,
     /// An old tombstone every replica holds was not reaped.
     TombstonesReaped,
+    /// Nodes do not agree on the final ring, or a node removed from it did not depart.
+    Membership,
+    /// A node holds a key it is not a primary of under the final ring, or a node departed
+    /// holding data.
+    Orphans,
 }
 
 impl fmt::Display for Checker {
@@ -315,6 +435,8 @@ impl fmt::Display for Checker {
             Checker::AeIndex => "ae-index-follows-records",
             Checker::Resurrection => "no-resurrection",
             Checker::TombstonesReaped => "tombstones-reaped",
+            Checker::Membership => "membership-settles",
+            Checker::Orphans => "no-orphan-copies",
         })
     }
 }
@@ -341,6 +463,19 @@ pub struct Failure {
 /// The replay command for a seed run with [`Config::random`].
 pub fn replay_command(seed: u64) -> String {
     format!("QUIVER_SIM_SEED={seed} cargo test -p quiver-sim --test sim replay -- --nocapture")
+}
+
+/// The replay command for a seed run with the configuration of `scenario` (see
+/// [`Config::of_scenario`]); a custom configuration replays only with its test.
+pub fn replay_command_for(seed: u64, scenario: &str) -> String {
+    match scenario {
+        "random" => replay_command(seed),
+        "custom" => format!(
+            "{} (with the test's own configuration)",
+            replay_command(seed)
+        ),
+        other => format!("QUIVER_SIM_SCENARIO={other} {}", replay_command(seed)),
+    }
 }
 
 /// What a successful run did.
@@ -376,6 +511,14 @@ pub struct Report {
     pub ae_repaired: u64,
     /// Tombstones removed (per replica).
     pub tombstones_reaped: u64,
+    /// Membership changes committed.
+    pub ring_changes: u64,
+    /// Nodes that left the cluster.
+    pub departures: u64,
+    /// Keys handed off that changed their new owner.
+    pub handoff_sent: u64,
+    /// Copies old owners dropped after every new owner held them.
+    pub handoff_dropped: u64,
     /// Simulated time at the end, in ms.
     pub simulated_ms: u64,
     /// Hash of every event processed, in order: equal for two runs of one seed.
@@ -399,6 +542,10 @@ impl Report {
         self.ae_exchanges += other.ae_exchanges;
         self.ae_repaired += other.ae_repaired;
         self.tombstones_reaped += other.tombstones_reaped;
+        self.ring_changes += other.ring_changes;
+        self.departures += other.departures;
+        self.handoff_sent += other.handoff_sent;
+        self.handoff_dropped += other.handoff_dropped;
         self.simulated_ms += other.simulated_ms;
     }
 }
@@ -409,7 +556,8 @@ impl fmt::Display for Report {
             f,
             "ops={} acked_writes={} reads={} failed_ops={} faults={} messages={} dropped={} \
              duplicated={} dots={} read_repairs={} hints_handed_off={} ae_exchanges={} \
-             ae_repaired={} reaped={} simulated={:.1}s",
+             ae_repaired={} reaped={} ring_changes={} departures={} handoff_sent={} \
+             handoff_dropped={} simulated={:.1}s",
             self.operations,
             self.acked_writes,
             self.reads,
@@ -424,6 +572,10 @@ impl fmt::Display for Report {
             self.ae_exchanges,
             self.ae_repaired,
             self.tombstones_reaped,
+            self.ring_changes,
+            self.departures,
+            self.handoff_sent,
+            self.handoff_dropped,
             self.simulated_ms as f64 / 1000.0
         )
     }
@@ -461,6 +613,7 @@ enum Event {
     Restart(usize),
     Cut(Vec<(usize, usize)>),
     Restore(Vec<(usize, usize)>),
+    Membership,
 }
 
 struct Scheduled {
@@ -527,7 +680,17 @@ struct World {
     queue: BinaryHeap<Scheduled>,
     names: Vec<NodeId>,
     index: BTreeMap<NodeId, usize>,
-    ring: Arc<Ring>,
+    /// What a node with a fresh disk starts from (production: the `--peer` list).
+    initial: Meta,
+    /// The last committed ring: the one every node must end up with.
+    committed: Arc<Ring>,
+    /// Member states as the committer made them.
+    states: BTreeMap<NodeId, MemberState>,
+    changes_left: usize,
+    /// Nodes that left the cluster for good.
+    departed: Vec<bool>,
+    /// Departures that broke the rules (a node leaving with data, or uninvited).
+    bad_departures: Vec<String>,
     node_cfgs: Vec<NodeConfig>,
     nodes: Vec<Option<Node>>,
     disks: Vec<Option<Disk>>,
@@ -553,7 +716,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Report, Failure> {
         checker,
         message,
         config: config.describe(),
-        replay: replay_command(seed),
+        replay: replay_command_for(seed, config.scenario),
     };
     let mut world = World::new(seed, config).map_err(|m| fail(Checker::Setup, m))?;
     world.workload();
@@ -573,13 +736,18 @@ impl World {
         if cfg.n > cfg.nodes {
             return Err(format!("n={} exceeds the {} nodes", cfg.n, cfg.nodes));
         }
-        let names: Vec<NodeId> = (0..cfg.nodes).map(|i| format!("n{i}")).collect();
-        let members = names.iter().map(Member::new).collect();
+        let total = cfg.nodes + cfg.spares;
+        let names: Vec<NodeId> = (0..total).map(|i| format!("n{i}")).collect();
+        let members = names[..cfg.nodes].iter().map(Member::new).collect();
         let params = ClaimParams {
             partitions: RING_PARTITIONS,
             n_val: cfg.n as u32,
         };
         let ring = Arc::new(Ring::new(members, params).map_err(|e| e.to_string())?);
+        let mut initial = Meta::of_ring(Arc::clone(&ring));
+        for spare in &names[cfg.nodes..] {
+            initial.members.insert(spare.clone(), MemberState::Joining);
+        }
         let mut rng = Rng::new(seed);
         let skew = cfg.clock_skew_ms as i64;
         let node_cfgs: Vec<NodeConfig> = names
@@ -604,6 +772,10 @@ impl World {
                 tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
                 reap_without_checks: cfg.reap_without_checks,
                 reap_check_without_sync: cfg.reap_check_without_sync,
+                gossip_every_ms: cfg.gossip_every_ms,
+                handoff_every_ms: cfg.handoff_every_ms,
+                handoff_drop_before_ack: cfg.handoff_drop_before_ack,
+                fixes: cfg.fixes,
             })
             .collect();
         let nodes = names
@@ -611,7 +783,7 @@ impl World {
             .zip(&node_cfgs)
             .map(|(name, nc)| {
                 let disk = Disk::new(rng.next_u64());
-                Some(Node::boot(name, &names, Arc::clone(&ring), *nc, disk, 0, 0))
+                Some(Node::boot(name, &initial, *nc, disk, 0, 0))
             })
             .collect();
         let index = names
@@ -626,11 +798,16 @@ impl World {
             seq: 0,
             queue: BinaryHeap::new(),
             index,
-            ring,
+            states: initial.members.clone(),
+            initial,
+            committed: ring,
+            changes_left: cfg.membership_changes,
+            departed: vec![false; total],
+            bad_departures: Vec::new(),
             node_cfgs,
             nodes,
-            disks: (0..cfg.nodes).map(|_| None).collect(),
-            lives: vec![0; cfg.nodes],
+            disks: (0..total).map(|_| None).collect(),
+            lives: vec![0; total],
             cuts: BTreeMap::new(),
             faulty: true,
             wipes_left: if cfg.wipes {
@@ -689,6 +866,10 @@ impl World {
                 .rng
                 .range(self.cfg.fault_every_ms.0, self.cfg.fault_every_ms.1);
             self.schedule(at, Event::Fault);
+        }
+        if self.changes_left > 0 {
+            let at = self.rng.range(300, self.cfg.workload_ms / 3);
+            self.schedule(at, Event::Membership);
         }
         self.run_until(self.cfg.workload_ms);
     }
@@ -760,6 +941,9 @@ impl World {
     }
 
     fn quiet(&self) -> bool {
+        if self.check_membership().is_err() || self.check_orphans().is_err() {
+            return false;
+        }
         let hints = self
             .nodes
             .iter()
@@ -779,7 +963,7 @@ impl World {
     }
 
     fn primaries(&self, key: &str) -> Vec<usize> {
-        self.ring
+        self.committed
             .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), self.cfg.n)
             .primaries
             .iter()
@@ -835,6 +1019,7 @@ impl World {
             }
             Event::Fault => self.fault(),
             Event::Restart(i) => self.restart(i),
+            Event::Membership => self.membership_change(),
             Event::Cut(links) => {
                 if self.faulty {
                     for l in links {
@@ -893,6 +1078,11 @@ impl World {
                         self.report.tombstones_reaped += 1;
                         self.reaped.push((key, object));
                     }
+                    Observation::Handoff { sent, dropped } => {
+                        self.report.handoff_sent += sent;
+                        self.report.handoff_dropped += dropped;
+                    }
+                    Observation::Departed => self.depart(from),
                 },
             }
         }
@@ -979,7 +1169,14 @@ impl World {
         } else {
             Vec::new()
         };
-        let coordinator = self.rng.index(self.nodes.len());
+        // Clients know which nodes left (production: they are told or configured).
+        let reachable: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.departed[i])
+            .collect();
+        let coordinator = reachable
+            .get(self.rng.index(reachable.len()))
+            .copied()
+            .unwrap_or(0);
         let ticket = self.history.len() as u64;
         self.report.operations += 1;
         self.history.push(OpRecord {
@@ -1132,8 +1329,7 @@ impl World {
             self.lives[i] += 1;
             self.nodes[i] = Some(Node::boot(
                 &self.names[i],
-                &self.names,
-                Arc::clone(&self.ring),
+                &self.initial,
                 self.node_cfgs[i],
                 disk,
                 self.lives[i],
@@ -1195,6 +1391,209 @@ impl World {
         }
     }
 
+    // ----- membership -----
+
+    /// Commits the next join or leave on a random live node, once every node that is up
+    /// holds the previous ring (one change spreading at a time; handoff of earlier changes
+    /// may still run, and always follows each node's current ring).
+    fn membership_change(&mut self) {
+        let version = self.committed.version();
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect();
+        if live.is_empty() {
+            let at = self.now_ms + 250;
+            self.schedule(at, Event::Membership);
+            return;
+        }
+        // A commit is stored on the committer's disk and pushed from there (production
+        // answers once it is stored locally). If that disk was replaced before any push
+        // got through, the commit is gone: the operator (`quiver cluster status` shows the
+        // ring version) commits it again.
+        let held = (0..self.nodes.len()).any(|i| {
+            let on_node = self.nodes[i].as_ref().map(|n| n.ring().version());
+            let on_disk = self.disks[i]
+                .as_ref()
+                .and_then(|d| d.meta.as_ref())
+                .map(|m| m.ring.version());
+            on_node.or(on_disk) == Some(version)
+        });
+        if !held {
+            let committer = live[self.rng.index(live.len())];
+            let states = self.states.clone();
+            let ring = Arc::clone(&self.committed);
+            let now = self.now_ms;
+            if let Some(node) = self.nodes[committer].as_mut() {
+                let fx = node.commit(now, ring, &states);
+                self.effects(committer, fx);
+            }
+        }
+        let behind = live
+            .iter()
+            .any(|&i| self.nodes[i].as_ref().map(|n| n.ring().version()) != Some(version));
+        if behind {
+            let at = self.now_ms + 250;
+            self.schedule(at, Event::Membership);
+            return;
+        }
+        if self.changes_left == 0 || self.now_ms >= self.cfg.workload_ms {
+            return;
+        }
+        let in_ring: Vec<NodeId> = self
+            .committed
+            .members()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect();
+        let joiners: Vec<NodeId> = self
+            .states
+            .iter()
+            .filter(|(_, s)| **s == MemberState::Joining)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // A leave keeps at least n members, so every key keeps n distinct primaries.
+        let leavers: Vec<NodeId> = if in_ring.len() > self.cfg.n {
+            in_ring.clone()
+        } else {
+            Vec::new()
+        };
+        let join = match (joiners.is_empty(), leavers.is_empty()) {
+            (true, true) => {
+                self.changes_left = 0;
+                return;
+            }
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => self.rng.chance(0.5),
+        };
+        let (id, state, members) = if join {
+            let id = joiners[self.rng.index(joiners.len())].clone();
+            let mut members = in_ring;
+            members.push(id.clone());
+            (id, MemberState::Valid, members)
+        } else {
+            let id = leavers[self.rng.index(leavers.len())].clone();
+            let members = in_ring.into_iter().filter(|m| *m != id).collect();
+            (id, MemberState::Leaving, members)
+        };
+        let next = match self
+            .committed
+            .rebalance(members.iter().map(Member::new).collect())
+        {
+            Ok(ring) => Arc::new(ring),
+            Err(_) => {
+                // The core refuses this ring (it never should for these sizes): skip it.
+                self.changes_left -= 1;
+                return;
+            }
+        };
+        let committer = live[self.rng.index(live.len())];
+        self.states.insert(id.clone(), state);
+        self.committed = Arc::clone(&next);
+        self.changes_left -= 1;
+        self.report.ring_changes += 1;
+        let now = self.now_ms;
+        if let Some(node) = self.nodes[committer].as_mut() {
+            let fx = node.commit(now, next, &BTreeMap::from([(id, state)]));
+            self.effects(committer, fx);
+        }
+        // The next change waits at least a while, and until this one has spread.
+        let at = now + self.rng.range(1_000, 3_000);
+        self.schedule(at, Event::Membership);
+    }
+
+    /// Node `i` left the cluster: it stops for good, its disk goes with it.
+    fn depart(&mut self, i: usize) {
+        let Some(node) = self.nodes[i].take() else {
+            return;
+        };
+        let name = self.names[i].clone();
+        let tables = node.tables();
+        if !tables.records.is_empty() || !tables.hints.is_empty() {
+            self.bad_departures.push(format!(
+                "node {name} departed holding {} record(s) {:?} and {} hint(s)",
+                tables.records.len(),
+                tables.records.keys().collect::<Vec<_>>(),
+                tables.hints.len()
+            ));
+        }
+        if self.states.get(&name) != Some(&MemberState::Leaving) {
+            self.bad_departures.push(format!(
+                "node {name} departed although it was {:?}",
+                self.states.get(&name)
+            ));
+        }
+        self.states.insert(name, MemberState::Left);
+        self.departed[i] = true;
+        self.disks[i] = None;
+        self.report.departures += 1;
+    }
+
+    /// (node, ring version, nodes it knows left) of every node that is up.
+    fn views(&self) -> Vec<(String, u64, Vec<String>)> {
+        self.nodes
+            .iter()
+            .flatten()
+            .map(|n| {
+                let left = n
+                    .meta()
+                    .members
+                    .iter()
+                    .filter(|(_, s)| **s == MemberState::Left)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                (n.name().to_string(), n.ring().version(), left)
+            })
+            .collect()
+    }
+
+    fn check_membership(&self) -> Result<(), String> {
+        let must_depart: Vec<String> = self
+            .states
+            .iter()
+            .filter(|(_, s)| **s == MemberState::Leaving)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let departed: Vec<String> = (0..self.names.len())
+            .filter(|&i| self.departed[i])
+            .map(|i| self.names[i].clone())
+            .collect();
+        check::membership_settled(
+            &self.views(),
+            self.committed.version(),
+            &must_depart,
+            &departed,
+        )
+    }
+
+    fn check_orphans(&self) -> Result<(), String> {
+        let holdings: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .flatten()
+            .flat_map(|n| {
+                n.tables()
+                    .records
+                    .keys()
+                    .map(|k| (n.name().to_string(), k.clone()))
+            })
+            .collect();
+        let primaries: BTreeMap<String, Vec<String>> = holdings
+            .iter()
+            .map(|(_, k)| {
+                let list = self
+                    .committed
+                    .preference_list_for_key(BUCKET.as_bytes(), k.as_bytes(), self.cfg.n)
+                    .primaries
+                    .iter()
+                    .map(|m| m.id.clone())
+                    .collect();
+                (k.clone(), list)
+            })
+            .collect();
+        check::no_orphan_copies(&holdings, &primaries, &self.bad_departures)
+    }
+
     // ----- checks -----
 
     fn check(&self) -> Result<(), (Checker, String)> {
@@ -1249,8 +1648,11 @@ impl World {
             })
             .collect();
         check::hints_drained(&hints).map_err(|m| (Checker::HintsDrain, m))?;
+        self.check_membership()
+            .map_err(|m| (Checker::Membership, m))?;
         check::convergence(&replicas, &acked, &self.issued, &self.reaped)
             .map_err(|m| (Checker::Convergence, m))?;
+        self.check_orphans().map_err(|m| (Checker::Orphans, m))?;
         if let (Some(grace), Some(paused)) = (self.reaping_grace(), self.reaping_paused_ms) {
             // (node, key, simulated ms at which the node stored its tombstone state): hold
             // times are each node's own, so skew does not enter the deadline.

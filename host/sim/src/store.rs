@@ -7,10 +7,17 @@
 //! loss keeps the durable part plus a prefix of the unsynced write batches (whatever
 //! writeback got to), like a journal torn at some point. A batch (production: one
 //! `WriteBatch`, e.g. a record with its hint marker) is never torn.
+//!
+//! Cluster metadata (the ring and the member states) is durable as soon as it is written:
+//! production's `MetaStore` fsyncs a change before applying or acknowledging it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use quiver_core::causality::LocalRecord;
+use quiver_core::membership::MemberState;
+use quiver_core::ring::Ring;
 
 use crate::rng::Rng;
 
@@ -62,11 +69,81 @@ impl Tables {
     }
 }
 
+/// A node's view of the membership (production: the `members` and `ring` of
+/// `quiver_core::meta::MetaState`), spread by gossip.
+///
+/// Production orders a member entry by `(version, stamp)` and the ring by
+/// `(ring version, stamp)`. In the simulator one committer makes every change and a member
+/// only moves forward through its life (`Joining < Valid < Leaving < Left`), so the newest
+/// ring version and the later member state are what those orders pick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// The ring this node routes and hands off by.
+    pub ring: Arc<Ring>,
+    /// Every node's state, as far as this node knows.
+    pub members: BTreeMap<String, MemberState>,
+}
+
+impl Meta {
+    /// Every member of `ring` valid, nobody else known.
+    pub fn of_ring(ring: Arc<Ring>) -> Meta {
+        let members = ring
+            .members()
+            .iter()
+            .map(|m| (m.id.clone(), MemberState::Valid))
+            .collect();
+        Meta { ring, members }
+    }
+
+    /// Merges what another node knows (production: `MetaState::merge`); true when
+    /// anything changed here.
+    pub fn merge(&mut self, other: &Meta) -> bool {
+        let mut changed = false;
+        if other.ring.partitions() == self.ring.partitions()
+            && other.ring.version() > self.ring.version()
+        {
+            self.ring = Arc::clone(&other.ring);
+            changed = true;
+        }
+        for (id, &state) in &other.members {
+            match self.members.get_mut(id) {
+                Some(mine) if state > *mine => {
+                    *mine = state;
+                    changed = true;
+                }
+                Some(_) => {}
+                None => {
+                    self.members.insert(id.clone(), state);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// The state of `id` (`None`: never heard of).
+    pub fn state(&self, id: &str) -> Option<MemberState> {
+        self.members.get(id).copied()
+    }
+}
+
+impl Hash for Meta {
+    // The ring's version identifies it within a run (one committer); hashing the whole
+    // ring on every traced gossip message would cost more than the run.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.ring.version().hash(state);
+        self.members.hash(state);
+    }
+}
+
 /// What a node's disk holds between two lives of the node.
 #[derive(Debug, Clone)]
 pub struct Disk {
     /// Durable tables.
     pub durable: Tables,
+    /// Cluster metadata, if this disk ever stored any (a fresh or wiped disk has none and
+    /// the node starts from the ring every node derives from the initial member list).
+    pub meta: Option<Meta>,
     /// Boot counter (production: `m/boot`, fsynced before serving).
     pub boot: u64,
     /// Data-directory identity (production: `m/incarnation`); a wiped disk gets a new one.
@@ -78,6 +155,7 @@ impl Disk {
     pub fn new(incarnation: u64) -> Self {
         Disk {
             durable: Tables::default(),
+            meta: None,
             boot: 0,
             incarnation,
         }
@@ -120,6 +198,17 @@ impl Store {
     /// The tables as readers see them.
     pub fn tables(&self) -> &Tables {
         &self.current
+    }
+
+    /// The cluster metadata on disk, if any.
+    pub fn meta(&self) -> Option<&Meta> {
+        self.disk.meta.as_ref()
+    }
+
+    /// Stores cluster metadata, durable at once (production: `MetaStore` syncs a change
+    /// before it takes effect).
+    pub fn set_meta(&mut self, meta: Meta) {
+        self.disk.meta = Some(meta);
     }
 
     /// Boot counter and incarnation of the disk.

@@ -58,7 +58,7 @@ pub fn data_key(key: &str) -> Vec<u8> {
     keys::data_key(BUCKET.as_bytes(), key.as_bytes()).unwrap_or_default()
 }
 
-fn key_of(data_key: &[u8]) -> Option<String> {
+pub(super) fn key_of(data_key: &[u8]) -> Option<String> {
     let (bucket, key) = keys::split_data_key(data_key)?;
     if bucket != BUCKET.as_bytes() {
         return None;
@@ -119,7 +119,17 @@ impl AeIndex {
         self.trees.entry(id).or_default().groups()
     }
 
-    fn leaves(&self, id: TreeId, group: u8) -> Vec<Hash> {
+    /// The trees holding at least one key (production: `AeIndex::tree_ids`).
+    pub(super) fn held_trees(&self) -> BTreeSet<TreeId> {
+        self.entries.values().map(|e| e.tree).collect()
+    }
+
+    /// Keys filed (production: `AeIndex::keys`).
+    pub(super) fn keys(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(super) fn leaves(&self, id: TreeId, group: u8) -> Vec<Hash> {
         match self.trees.get(&id) {
             Some(t) => t.leaves(group),
             None => Tree::new().leaves(group),
@@ -127,7 +137,7 @@ impl AeIndex {
     }
 
     /// `(data key, digest)` of every key in a leaf, sorted by data key.
-    fn leaf_keys(&self, id: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
+    pub(super) fn leaf_keys(&self, id: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
         let mut out: Vec<(Vec<u8>, Hash)> = self
             .entries
             .values()
@@ -209,7 +219,7 @@ impl Node {
                 _ => self.wall_ms(self.clock_ms),
             }
         });
-        self.ae.set(&self.ring, n, key, Some(&record.object));
+        self.ae.set(&self.meta.ring, n, key, Some(&record.object));
         self.store.put_record(key, record, held_since);
     }
 
@@ -242,20 +252,20 @@ impl Node {
     /// Deletes a record and its entry.
     pub(super) fn delete_record(&mut self, key: &str) {
         let n = self.tree_n();
-        self.ae.set(&self.ring, n, key, None);
+        self.ae.set(&self.meta.ring, n, key, None);
         self.store.delete_record(key);
     }
 
     /// Rebuilds the index from the records (at boot).
     pub(super) fn rebuild_ae(&mut self) {
         let n = self.tree_n();
-        self.ae = AeIndex::build(&self.ring, n, self.store.tables());
+        self.ae = AeIndex::build(&self.meta.ring, n, self.store.tables());
     }
 
     /// Checks that the trees match the records the node holds (the index never drifts).
     pub fn check_ae_index(&self) -> Result<(), String> {
         self.ae
-            .check_against(&self.ring, self.tree_n(), self.store.tables())
+            .check_against(&self.meta.ring, self.tree_n(), self.store.tables())
             .map_err(|e| format!("node {}: anti-entropy index: {e}", self.me.node))
     }
 
@@ -267,9 +277,10 @@ impl Node {
     /// The trees this node and `peer` both replicate (production: `shared_trees`).
     fn shared_trees(&self, peer: &str) -> Vec<TreeId> {
         let n = self.tree_n();
-        (0..self.ring.partitions())
+        (0..self.meta.ring.partitions())
             .filter(|&p| {
-                self.ring
+                self.meta
+                    .ring
                     .preference_list(p, usize::from(n))
                     .is_ok_and(|list| {
                         let has = |id: &str| list.primaries.iter().any(|m| m.id == id);
@@ -315,7 +326,7 @@ impl Node {
         }
     }
 
-    fn next_bg_id(&mut self) -> u64 {
+    pub(super) fn next_bg_id(&mut self) -> u64 {
         self.next_bg += 1;
         (self.life << super::CALL_ID_BITS_PER_LIFE) | self.next_bg
     }
@@ -472,7 +483,7 @@ impl Node {
 
     /// Merges objects received by anti-entropy (production: `ae_merge`, a buffered
     /// `merge_remote` without a hint); returns how many changed the local state.
-    fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
+    pub(super) fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
         let mut changed = 0;
         for (dkey, object) in objects {
             let Some(key) = key_of(dkey) else { continue };
@@ -493,7 +504,7 @@ impl Node {
         from: &str,
         body: PeerRequest,
     ) -> Option<PeerResponse> {
-        let partitions = self.ring.partitions();
+        let partitions = self.meta.ring.partitions();
         let bad_tree = |n: u8, p: u32| n == 0 || p >= partitions;
         Some(match body {
             PeerRequest::AeDigest { trees, digest } => {
@@ -550,16 +561,27 @@ impl Node {
                     .collect(),
             ),
             PeerRequest::AePush(objects) => PeerResponse::AePushed(self.ae_merge(&objects)),
-            PeerRequest::ReapCheck(asked) => {
+            PeerRequest::ReapCheck { ring_version, keys } => {
                 // Durable before confirming: a state counted towards a reap must survive a
                 // power loss (production: `KvService::reap_status` syncs first).
                 if !self.cfg.reap_check_without_sync {
                     self.store.sync();
                 }
+                // A member on another ring may count as a replica what the reaper does not
+                // (or the reverse): it confirms nothing until the rings agree.
+                let other_ring =
+                    self.cfg.fixes.reap_check_same_ring && ring_version != self.meta.ring.version();
                 PeerResponse::ReapStatus(
-                    asked
-                        .iter()
-                        .map(|(dkey, digest)| self.reap_status(dkey, digest))
+                    keys.iter()
+                        .map(|(dkey, digest)| {
+                            // A copy this node no longer replicates waits for handoff and
+                            // may be older than the tombstone: like a hint, it blocks
+                            // (production: `holds_orphan_copy`).
+                            if other_ring || self.holds_orphan_copy(dkey) {
+                                return (false, true, 0);
+                            }
+                            self.reap_status(dkey, digest)
+                        })
                         .collect(),
                 )
             }
@@ -576,7 +598,7 @@ impl Node {
         })
     }
 
-    fn hinted(&self, key: &str) -> bool {
+    pub(super) fn hinted(&self, key: &str) -> bool {
         self.store.tables().hints.iter().any(|(_, k)| k == key)
     }
 
@@ -701,8 +723,12 @@ impl Node {
             .collect();
         pass.waiting = members.iter().cloned().collect();
         self.reap_pass = Some(pass);
+        let ring_version = self.meta.ring.version();
         for m in &members {
-            let body = PeerRequest::ReapCheck(asked.clone());
+            let body = PeerRequest::ReapCheck {
+                ring_version,
+                keys: asked.clone(),
+            };
             let timeout = self.cfg.peer_timeout_ms;
             self.call_untracked(now_ms, m, body, timeout, Purpose::Reap { pass: id }, fx);
         }
