@@ -328,6 +328,15 @@ impl<'a> PreferenceList<'a> {
     }
 }
 
+/// A ring's identity ([`Ring::id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RingId {
+    /// The ring's version.
+    pub version: u64,
+    /// The first 16 bytes of the SHA-256 of its encoding.
+    pub hash: [u8; 16],
+}
+
 /// One partition changing owner between two rings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transfer {
@@ -589,6 +598,19 @@ impl Ring {
             zone_window: spacing.zone_window as u32,
             node_violations,
             zone_violations,
+        }
+    }
+
+    /// Identifies this exact ring: its version and a hash of its encoding. Two nodes act
+    /// together on ownership (handoff, reaping) only when their ids are equal; versions alone
+    /// could match for two rings committed concurrently from one base.
+    pub fn id(&self) -> RingId {
+        let hash = Sha256::digest(self.encode().unwrap_or_default());
+        let mut short = [0u8; 16];
+        short.copy_from_slice(&hash[..16]);
+        RingId {
+            version: self.version,
+            hash: short,
         }
     }
 

@@ -363,7 +363,7 @@ impl Cluster {
                 node,
             })
             .collect();
-        let handoffs = self.handoff_trees();
+        let handoffs = self.handoff_trees(&ring);
         let handoff_keys = handoffs
             .iter()
             .map(|(tree, _)| self.kv.ae().tree_keys(*tree))
@@ -857,6 +857,28 @@ impl Cluster {
                 quorum,
             } => self.handle_join(node, entry, partitions, quorum).await,
             PeerRequest::HandoffPush(objects) => self.handle_handoff_push(objects).await,
+            PeerRequest::OnRing { ring, request } => {
+                let mine = self.ring().id();
+                if matches!(*request, PeerRequest::OnRing { .. }) {
+                    return PeerResponse::Error(ErrorReply {
+                        code: ErrorCode::MalformedRequest,
+                        message: "nested OnRing".into(),
+                    });
+                }
+                if mine != ring {
+                    return PeerResponse::Error(ErrorReply {
+                        code: ErrorCode::Membership,
+                        message: format!(
+                            "node {} holds ring version {}, the sender version {} (or another \
+                             ring of that version); retry once gossip has spread it",
+                            self.me(),
+                            mine.version,
+                            ring.version
+                        ),
+                    });
+                }
+                Box::pin(self.handle_peer(*request)).await
+            }
         }
     }
 

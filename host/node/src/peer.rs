@@ -126,6 +126,15 @@ pub enum PeerRequest {
     /// Handoff: merge these `(engine data key, state)` pairs and make them durable before
     /// answering (the sender drops its copy after the answer).
     HandoffPush(Vec<(Vec<u8>, Object)>),
+    /// `request` (a handoff or reaping step) is answered only by a node holding exactly the
+    /// ring `ring`: nodes on different rings disagree on who replicates a key, and acting
+    /// together they could each count the other as the replica and both drop it.
+    OnRing {
+        /// The sender's ring.
+        ring: quiver_core::ring::RingId,
+        /// The step.
+        request: Box<PeerRequest>,
+    },
 }
 
 /// A node's answer to a [`PeerRequest`].

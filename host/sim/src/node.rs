@@ -385,42 +385,43 @@ pub struct NodeConfig {
     /// BROKEN VARIANT: count a handoff push as held by the primary as soon as it is sent,
     /// without waiting for the primary's durable acknowledgement, and drop the local copy.
     pub handoff_drop_before_ack: bool,
-    /// Membership rules production lacks (see [`MembershipFixes`]).
+    /// Membership rules the simulator found missing at first (see [`MembershipFixes`]).
     pub fixes: MembershipFixes,
 }
 
-/// Rules the simulator found missing from production's membership handling
-/// (`host/node/src/cluster/membership.rs`, `reap.rs`). Each is on in every scenario;
-/// turning one off reproduces production's behaviour, which a test shows losing data or
-/// never settling on a fixed seed.
+/// Rules the simulator found missing from the first version of production's membership
+/// handling (`host/node/src/cluster/membership.rs`, `reap.rs`); production has all of them
+/// now. Each is on in every scenario; turning one off reproduces the first version, which a
+/// test shows losing data or never settling on a fixed seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MembershipFixes {
     /// Drop hint markers for members known to have left; the copy stays and, if this node
-    /// is not a primary of the key, goes out by ownership handoff. Production keeps them
-    /// forever (never delivered), so hints never drain and a leaving node holding one
-    /// never departs.
+    /// is not a primary of the key, goes out by ownership handoff (production:
+    /// `forget_hints_for_departed`). Without it hints never drain, and a leaving node
+    /// holding one never departs.
     pub forget_hints_for_left: bool,
     /// A handoff pass checks for a ring change against the ring its trees' primaries came
-    /// from (the pass start). Production computes the primaries once per pass but takes
-    /// the ring version at the start of each tree, so a change between the two hands a
+    /// from (the pass start; production: `handoff_tick` passes its ring to
+    /// `hand_off_tree`). Taking the ring version at the start of each tree instead hands a
     /// tree to the old ring's primaries and still drops it.
     pub pass_ring_version: bool,
-    /// A primary answers a handoff step only when the sender holds the same ring version.
-    /// Production answers whatever ring the sender holds, so two nodes on different rings
-    /// can each count the other as the key's primary and both drop it.
+    /// A primary answers a handoff step only when the sender holds the same ring
+    /// (production: `PeerRequest::OnRing`). Otherwise two nodes on different rings can each
+    /// count the other as the key's primary and both drop it.
     pub handoff_same_ring: bool,
-    /// A member whose ring version differs from the reaper's answers a reaping check as
-    /// "hinted" (it blocks). Production lets a member on an older ring, which still
-    /// counts itself a replica of the key, confirm without holding the tombstone.
+    /// A member whose ring differs from the reaper's does not confirm a reaping check
+    /// (production: `OnRing` around `ReapCheck` and `Reap`). Otherwise a member on an older
+    /// ring, which still counts itself a replica of the key, confirms without holding the
+    /// tombstone.
     pub reap_check_same_ring: bool,
     /// A leaving node checks again that it holds no keys and no hints when the news that
-    /// it left was taken, just before it stops. Production checks only before sending it,
-    /// so a store from a coordinator on an older ring that lands meanwhile leaves with it.
+    /// it left was taken, just before it stops. Checking only before sending it lets a
+    /// store from a coordinator on an older ring that lands meanwhile leave with it.
     pub depart_recheck: bool,
-    /// A leaving node stops only once every peer took the news that it left. Production
-    /// stops once one did; if that peer leaves too (or its disk is replaced) before it
-    /// gossips, nobody knows the node left and the rest wait for it forever (it stays a
-    /// member that is down, so reaping stays blocked).
+    /// A leaving node stops only once every peer took the news that it left. Stopping once
+    /// one did fails when that peer leaves too (or its disk is replaced) before it gossips:
+    /// nobody knows the node left and the rest wait for it forever (it stays a member that
+    /// is down, so reaping stays blocked).
     pub depart_when_all_told: bool,
 }
 
@@ -435,8 +436,8 @@ impl MembershipFixes {
         depart_when_all_told: true,
     };
 
-    /// Production's behaviour: every fix off.
-    pub const PRODUCTION: MembershipFixes = MembershipFixes {
+    /// The first version of production's rules: every fix off.
+    pub const NONE: MembershipFixes = MembershipFixes {
         forget_hints_for_left: false,
         pass_ring_version: false,
         handoff_same_ring: false,

@@ -135,7 +135,8 @@ pub struct Config {
     /// BROKEN VARIANT: a handoff push counts as held once sent, not once durably
     /// acknowledged, and the old holder drops its copy.
     pub handoff_drop_before_ack: bool,
-    /// Membership rules production lacks; all on unless a test shows what one prevents.
+    /// Membership rules the simulator found (production has them too); all on unless a test
+    /// shows what one prevents.
     pub fixes: MembershipFixes,
     /// The constructor this configuration came from (`random`, `ae-only`, `reaping`,
     /// `membership`, `membership-stress`; `custom` otherwise), for the replay command.

@@ -464,10 +464,9 @@ impl Cluster {
         })
     }
 
-    /// Trees this node holds keys in but does not replicate under its ring, with the
-    /// partition's current primaries.
-    pub(crate) fn handoff_trees(&self) -> Vec<(TreeId, Vec<String>)> {
-        let ring = self.ring();
+    /// Trees this node holds keys in but does not replicate under `ring`, with the
+    /// partition's primaries there.
+    pub(crate) fn handoff_trees(&self, ring: &Ring) -> Vec<(TreeId, Vec<String>)> {
         self.kv
             .ae()
             .tree_ids()
@@ -488,8 +487,11 @@ impl Cluster {
     /// One handoff pass: offers every orphaned tree to its primaries, up to `max_keys`
     /// pushed keys; then, on a leaving node with nothing left, departs.
     pub async fn handoff_tick(&self, max_keys: usize) {
+        self.forget_hints_for_departed().await;
         let mut budget = max_keys;
-        for (tree, primaries) in self.handoff_trees() {
+        // The whole pass works on one ring: its primaries, and the check before any drop.
+        let ring = self.ring();
+        for (tree, primaries) in self.handoff_trees(&ring) {
             if budget == 0 {
                 break;
             }
@@ -498,7 +500,10 @@ impl Cluster {
             if !primaries.iter().all(|p| self.peers.is_up(p)) {
                 continue;
             }
-            match self.hand_off_tree(tree, &primaries, &mut budget).await {
+            match self
+                .hand_off_tree(&ring, tree, &primaries, &mut budget)
+                .await
+            {
                 Ok((sent, dropped)) if sent + dropped > 0 => {
                     tracing::info!(n = tree.0, partition = tree.1, sent, dropped, "handoff")
                 }
@@ -514,12 +519,18 @@ impl Cluster {
     /// Hands one tree to its primaries; returns (keys that changed a primary, keys dropped).
     async fn hand_off_tree(
         &self,
+        ring: &Ring,
         tree: TreeId,
         primaries: &[String],
         budget: &mut usize,
     ) -> Result<(u64, u64), String> {
         let ae = self.kv.ae();
-        let ring_version = self.ring().version();
+        let ring_id = ring.id();
+        // Each step is answered only by a primary on this very ring (see `OnRing`).
+        let on_ring = |request: PeerRequest| PeerRequest::OnRing {
+            ring: ring_id,
+            request: Box::new(request),
+        };
         let my_leaves: Vec<Hash> = (0..FANOUT as u8).flat_map(|g| ae.leaves(tree, g)).collect();
         let empty = Hash::default();
         let leaves: Vec<u8> = my_leaves
@@ -542,7 +553,7 @@ impl Cluster {
             let asks: Vec<(u8, u32, u8)> = (0..FANOUT as u8).map(|g| (tree.0, tree.1, g)).collect();
             let theirs = match self
                 .peers
-                .call_untracked(peer, &PeerRequest::AeLeaves(asks))
+                .call_untracked(peer, &on_ring(PeerRequest::AeLeaves(asks)))
                 .await
                 .map_err(|e| e.to_string())?
             {
@@ -573,7 +584,7 @@ impl Cluster {
                 let asks = chunk.iter().map(|&l| (tree.0, tree.1, l)).collect();
                 let lists = match self
                     .peers
-                    .call_untracked(peer, &PeerRequest::AeKeys(asks))
+                    .call_untracked(peer, &on_ring(PeerRequest::AeKeys(asks)))
                     .await
                     .map_err(|e| e.to_string())?
                 {
@@ -602,21 +613,26 @@ impl Cluster {
             for (dkey, object) in objects {
                 let size: usize = object.siblings().iter().map(|s| s.value.len()).sum();
                 if !batch.is_empty() && batch_bytes + size > HANDOFF_PUSH_BYTES {
-                    sent += self.handoff_push(peer, &mut batch, &mut covered).await?;
+                    sent += self
+                        .handoff_push(peer, ring_id, &mut batch, &mut covered)
+                        .await?;
                     batch_bytes = 0;
                 }
                 batch_bytes += size;
                 batch.push((dkey, object));
             }
             if !batch.is_empty() {
-                sent += self.handoff_push(peer, &mut batch, &mut covered).await?;
+                sent += self
+                    .handoff_push(peer, ring_id, &mut batch, &mut covered)
+                    .await?;
             }
         }
         self.handoff_metrics
             .keys_sent
             .fetch_add(sent, Ordering::Relaxed);
-        // A ring that changed during the pass may have made this node a replica again.
-        if self.ring().version() != ring_version {
+        // A ring that changed since the pass started may have made this node a replica
+        // again, or other nodes the primaries.
+        if self.ring().id() != ring_id {
             return Ok((sent, 0));
         }
         let members = self.peers.names();
@@ -640,6 +656,7 @@ impl Cluster {
     async fn handoff_push(
         &self,
         peer: &str,
+        ring: quiver_core::ring::RingId,
         batch: &mut Vec<(Vec<u8>, Object)>,
         covered: &mut HashMap<Vec<u8>, usize>,
     ) -> Result<u64, String> {
@@ -647,7 +664,13 @@ impl Cluster {
         let dkeys: Vec<Vec<u8>> = objects.iter().map(|(k, _)| k.clone()).collect();
         match self
             .peers
-            .call_untracked(peer, &PeerRequest::HandoffPush(objects))
+            .call_untracked(
+                peer,
+                &PeerRequest::OnRing {
+                    ring,
+                    request: Box::new(PeerRequest::HandoffPush(objects)),
+                },
+            )
             .await
             .map_err(|e| e.to_string())?
         {
@@ -676,48 +699,100 @@ impl Cluster {
         }
     }
 
-    /// A leaving node that owns nothing and holds nothing marks itself left, tells its
-    /// peers and stops the server.
+    /// A leaving node that owns nothing and holds nothing marks itself left and tells every
+    /// peer; once all took the news, and it still holds nothing, the server stops.
+    ///
+    /// Every peer must know (not just one): a peer that took the news alone could leave too
+    /// before gossiping it, and the rest would wait for this node forever. And the check is
+    /// made again after telling them: a coordinator still on an older ring may have stored a
+    /// key here meanwhile, which must be handed off first (the next passes do).
     async fn depart_if_done(&self) {
         let state = self.meta.state();
         let Some(mine) = state.members.get(self.me()) else {
             return;
         };
-        if mine.state != MemberState::Leaving
+        let holds_nothing = || self.kv.ae().keys() == 0 && self.kv.hint_count() == 0;
+        if !matches!(mine.state, MemberState::Leaving | MemberState::Left)
             || self.ring().member(self.me()).is_some()
-            || self.kv.ae().keys() > 0
-            || self.kv.hint_count() > 0
+            || !holds_nothing()
         {
             return;
         }
-        let incoming = MetaState {
-            members: BTreeMap::from([(
-                self.me().to_string(),
-                mine.with_state(MemberState::Left, self.stamp()),
-            )]),
-            ..MetaState::default()
-        };
-        if let Err(e) = self.take_meta(&incoming, &[]).await {
-            tracing::error!(error = %e, "cannot record leaving");
-            return;
+        if mine.state == MemberState::Leaving {
+            let incoming = MetaState {
+                members: BTreeMap::from([(
+                    self.me().to_string(),
+                    mine.with_state(MemberState::Left, self.stamp()),
+                )]),
+                ..MetaState::default()
+            };
+            if let Err(e) = self.take_meta(&incoming, &[]).await {
+                tracing::error!(error = %e, "cannot record leaving");
+                return;
+            }
         }
-        // At least one peer must know, or the others would keep waiting for this node.
         let req = PeerRequest::MetaPush {
             state: self.meta.state(),
             blobs: Vec::new(),
         };
-        let mut told = 0;
-        for peer in self.peers.names() {
-            if let Ok(PeerResponse::Stored) = self.peers.call_untracked(&peer, &req).await {
-                told += 1;
+        let peers = self.peers.names();
+        let mut untold = Vec::new();
+        for peer in &peers {
+            if !matches!(
+                self.peers.call_untracked(peer, &req).await,
+                Ok(PeerResponse::Stored)
+            ) {
+                untold.push(peer.clone());
             }
         }
-        if told == 0 {
-            tracing::warn!("left, but no peer took the news yet; retrying");
+        if !untold.is_empty() {
+            tracing::warn!(
+                ?untold,
+                "left, but not every peer took the news yet; retrying"
+            );
             return;
         }
-        tracing::info!(told, "handoff complete; this node left the cluster");
+        if !holds_nothing() {
+            tracing::info!("a write landed while leaving; handing it off first");
+            return;
+        }
+        tracing::info!(
+            told = peers.len(),
+            "handoff complete; this node left the cluster"
+        );
         self.departed.notify_one();
+    }
+
+    /// Hints held for members that left can never be delivered: the markers go, the copies
+    /// stay and reach the key's replicas by handoff (they are orphaned here unless this node
+    /// is a replica).
+    async fn forget_hints_for_departed(&self) {
+        if self.kv.hint_count() == 0 {
+            return;
+        }
+        let state = self.meta.state();
+        let departed = state
+            .members
+            .iter()
+            .filter(|(id, e)| e.state == MemberState::Left && id.as_str() != self.me());
+        for (owner, _) in departed {
+            let hinted = match self.kv.hinted_keys(owner, 256) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(owner, error = %e, "cannot read hints");
+                    continue;
+                }
+            };
+            for h in hinted {
+                if let Err(e) = self
+                    .kv
+                    .hint_delivered(owner, &h.bucket, &h.key, &h.object, true)
+                    .await
+                {
+                    tracing::error!(owner, error = %e, "cannot drop a hint for a departed node");
+                }
+            }
+        }
     }
 
     /// Notified once this node has left the cluster (the server then stops).

@@ -41,6 +41,14 @@ impl Cluster {
         if members.iter().any(|m| !self.peers.is_up(m)) {
             return 0;
         }
+        // Every step runs on this ring: members holding another one refuse (a member on an
+        // older ring may still count itself a replica without holding the tombstone), and a
+        // ring change here during the pass reaps nothing.
+        let ring_id = self.ring().id();
+        let on_ring = |request: PeerRequest| PeerRequest::OnRing {
+            ring: ring_id,
+            request: Box::new(request),
+        };
         let candidates = match ae.reap_candidates(self.kv.store(), before, REAP_BATCH) {
             Ok(c) => c,
             Err(e) => {
@@ -91,7 +99,7 @@ impl Cluster {
         for member in &members {
             let reply = self
                 .peers
-                .call_untracked(member, &PeerRequest::ReapCheck(asked.clone()))
+                .call_untracked(member, &on_ring(PeerRequest::ReapCheck(asked.clone())))
                 .await;
             let Ok(PeerResponse::ReapStatus(answers)) = reply else {
                 // An unanswered check proves nothing: reap nothing this pass.
@@ -112,6 +120,9 @@ impl Cluster {
             .zip(&confirmed)
             .filter_map(|(m, &ok)| ok.then_some(m))
             .collect();
+        if self.ring().id() != ring_id {
+            return 0;
+        }
         // The other replicas first: if this node stops half-way, its own tombstone remains
         // and anti-entropy spreads it again, to be reaped on a later pass.
         for member in &members {
@@ -125,7 +136,7 @@ impl Cluster {
             }
             if let Err(e) = self
                 .peers
-                .call_untracked(member, &PeerRequest::Reap(theirs))
+                .call_untracked(member, &on_ring(PeerRequest::Reap(theirs)))
                 .await
             {
                 tracing::debug!(peer = member, error = %e, "reap request failed");

@@ -24,11 +24,12 @@
 //!
 //! **Departure.** A node whose state is `Leaving` (or `Left`), which its ring no longer has
 //! and which holds no keys and no hints, marks itself `Left` and tells every peer; once
-//! every peer (production: one) took the news, and it still holds nothing, it reports
+//! every peer took the news, and it still holds nothing, it reports
 //! [`Observation::Departed`] and the driver removes it.
 //!
-//! Where production's rules fell short under the simulator, [`super::MembershipFixes`]
-//! names the rule added here; each can be turned off to reproduce production.
+//! Where production's first rules fell short under the simulator, [`super::MembershipFixes`]
+//! names the rule added (here and in production); each can be turned off to reproduce the
+//! first version.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
