@@ -97,6 +97,60 @@ async fn keep_writing(
     (acked, failed)
 }
 
+/// A fourth node `n4` for `cluster`: started alone on its own directory with the cluster's
+/// CA and the cluster's n (alone it would default to n=1, which a join refuses),
+/// anti-entropy off, fast gossip and handoff, and `extra` flags.
+struct Joiner {
+    dir: std::path::PathBuf,
+    addr: String,
+    args: Vec<String>,
+}
+
+impl Joiner {
+    fn new(cluster: &ClusterProc, addr: &str, extra: &[&str]) -> Joiner {
+        let ca_dir = cluster.ca_dir().display().to_string();
+        let args: Vec<String> = ["--ca-dir", &ca_dir, "--ae-interval-ms", "0", "--n", "3"]
+            .iter()
+            .chain(&FAST)
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect();
+        Joiner {
+            dir: cluster.dir.path().join("n4"),
+            addr: addr.to_string(),
+            args,
+        }
+    }
+
+    /// Starts (or restarts) the node on its directory.
+    fn start(&self) -> NodeProc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        NodeProc::start_as(&self.dir, "n4", &self.addr, &args)
+    }
+}
+
+/// Writes `count` keys `PREFIX0..` through node 0 and waits until every node holds every
+/// copy (clusters of up to three nodes with n=3); returns the keys.
+async fn load(cluster: &ClusterProc, ca_pem: &[u8], prefix: &str, count: usize) -> Vec<String> {
+    let client = cluster.client(0).await;
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    for key in &keys {
+        client
+            .put_with(BUCKET, key, value(key), None, &WriteOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+    for addr in &cluster.addrs {
+        eventually_within("every copy stored", Duration::from_secs(60), || async {
+            status(addr, ca_pem)
+                .await
+                .is_some_and(|s| s.ae_keys == count as u64)
+        })
+        .await;
+    }
+    keys
+}
+
 /// Keys each member should hold under the ring `node` serves, for `keys`.
 async fn expected_holdings(client: &Client, keys: &[String]) -> BTreeMap<String, u64> {
     let (ring, _, n) = client.ring().await.expect("ring");
@@ -152,19 +206,7 @@ async fn a_node_joins_under_load_and_another_leaves_without_losing_a_write() {
 
     // A fourth node, started on its own with the cluster's CA, joins through n1.
     let n4_addr = format!("127.0.{SUBNET}.4:7470");
-    let n4_dir = cluster.dir.path().join("n4");
-    let ca_dir = cluster.ca_dir().display().to_string();
-    // Alone, a node would default to n=1; a join requires the cluster's n/r/w.
-    let mut n4_args = vec![
-        "--ca-dir",
-        ca_dir.as_str(),
-        "--ae-interval-ms",
-        "0",
-        "--n",
-        "3",
-    ];
-    n4_args.extend(FAST);
-    let n4 = NodeProc::start_as(&n4_dir, "n4", &n4_addr, &n4_args);
+    let n4 = Joiner::new(&cluster, &n4_addr, &[]).start();
     let staged = admin(&ca_file, &n4_addr, &["join", &cluster.addrs[0]]);
     assert_eq!(
         staged.next_version,
@@ -364,37 +406,11 @@ async fn handoff_resumes_after_either_side_crashes() {
     let mut cluster = ClusterProc::start(SUBNET, 3, &[&FAST[..], &slow[..]].concat());
     let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
     let ca_file = cluster.ca_dir().join("ca.pem");
-    let client = cluster.client(0).await;
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("c{i}")).collect();
-    for key in &keys {
-        client
-            .put_with(BUCKET, key, value(key), None, &WriteOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-    }
-    for addr in &cluster.addrs {
-        eventually_within("every copy stored", Duration::from_secs(60), || async {
-            status(addr, &ca_pem)
-                .await
-                .is_some_and(|s| s.ae_keys == KEYS as u64)
-        })
-        .await;
-    }
+    let keys = load(&cluster, &ca_pem, "c", KEYS).await;
 
     let n4_addr = format!("127.0.{SUBNET}.4:7470");
-    let n4_dir = cluster.dir.path().join("n4");
-    let ca_dir = cluster.ca_dir().display().to_string();
-    let mut n4_args = vec![
-        "--ca-dir",
-        ca_dir.as_str(),
-        "--ae-interval-ms",
-        "0",
-        "--n",
-        "3",
-    ];
-    n4_args.extend(FAST);
-    n4_args.extend(slow);
-    let mut n4 = Some(NodeProc::start_as(&n4_dir, "n4", &n4_addr, &n4_args));
+    let joiner = Joiner::new(&cluster, &n4_addr, &slow);
+    let mut n4 = Some(joiner.start());
     admin(&ca_file, &n4_addr, &["join", &cluster.addrs[1]]);
     let committed = admin(&ca_file, &cluster.addrs[0], &["commit"]);
     assert!(committed.committed);
@@ -415,7 +431,7 @@ async fn handoff_resumes_after_either_side_crashes() {
     // Then an old owner, while the others keep going without n4.
     cluster.kill9(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let n4 = NodeProc::start_as(&n4_dir, "n4", &n4_addr, &n4_args);
+    let n4 = joiner.start();
     cluster.restart(0);
 
     let all = [cluster.addrs.clone(), vec![n4_addr.clone()]].concat();
@@ -551,34 +567,9 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
     let mut cluster = ClusterProc::start(SUBNET, 3, &FAST);
     let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
     let ca_file = cluster.ca_dir().join("ca.pem");
-    let client = cluster.client(0).await;
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("g{i}")).collect();
-    for key in &keys {
-        client
-            .put_with(BUCKET, key, value(key), None, &WriteOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-    }
-    for addr in &cluster.addrs {
-        eventually_within("every copy stored", Duration::from_secs(60), || async {
-            status(addr, &ca_pem)
-                .await
-                .is_some_and(|s| s.ae_keys == KEYS as u64)
-        })
-        .await;
-    }
+    let keys = load(&cluster, &ca_pem, "g", KEYS).await;
     let n4_addr = format!("127.0.{SUBNET}.4:7470");
-    let ca_dir = cluster.ca_dir().display().to_string();
-    let mut n4_args = vec![
-        "--ca-dir",
-        ca_dir.as_str(),
-        "--ae-interval-ms",
-        "0",
-        "--n",
-        "3",
-    ];
-    n4_args.extend(FAST);
-    let n4 = NodeProc::start_as(&cluster.dir.path().join("n4"), "n4", &n4_addr, &n4_args);
+    let n4 = Joiner::new(&cluster, &n4_addr, &[]).start();
     admin(&ca_file, &n4_addr, &["join", &cluster.addrs[0]]);
     cluster.stop(2);
     assert!(admin(&ca_file, &cluster.addrs[0], &["commit"]).committed);

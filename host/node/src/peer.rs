@@ -361,6 +361,13 @@ impl Peers {
         names
     }
 
+    /// Names of the other members not currently believed down, sorted.
+    pub fn up_names(&self) -> Vec<String> {
+        let mut names = self.names();
+        names.retain(|n| self.is_up(n));
+        names
+    }
+
     /// True when `node` is one of the other members.
     pub fn is_peer(&self, node: &str) -> bool {
         self.slots().contains_key(node)

@@ -419,12 +419,7 @@ impl Cluster {
     /// One background anti-entropy step: one exchange with the next reachable peer in turn,
     /// then a reaping pass.
     pub async fn ae_tick(&self, max_keys: usize) {
-        let peers: Vec<String> = self
-            .peers
-            .names()
-            .into_iter()
-            .filter(|p| self.peers.is_up(p))
-            .collect();
+        let peers = self.peers.up_names();
         if peers.is_empty() {
             return;
         }

@@ -804,12 +804,7 @@ impl Cluster {
     /// five), so every change reaches all nodes in O(log n) rounds.
     pub(crate) fn gossip_targets(&self) -> Vec<String> {
         use rand::seq::IndexedRandom;
-        let peers: Vec<String> = self
-            .peers
-            .names()
-            .into_iter()
-            .filter(|p| self.peers.is_up(p))
-            .collect();
+        let peers = self.peers.up_names();
         let want = if peers.len() > 5 { 2 } else { 1 };
         peers
             .choose_multiple(&mut rand::rng(), want)
