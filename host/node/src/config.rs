@@ -579,4 +579,55 @@ mod tests {
         };
         assert!(bad.resolve().is_err());
     }
+
+    #[test]
+    fn membership_settings_default_and_are_checked() {
+        let file: FileConfig = toml::from_str(
+            "gossip_interval_ms = 250\nhandoff_interval_ms = 300\nweight = 2\nzone = \"rack-a\"\n",
+        )
+        .expect("valid toml");
+        let cfg = file.resolve().expect("valid");
+        assert_eq!(cfg.gossip_interval.as_millis(), 250);
+        assert_eq!(cfg.handoff_interval.as_millis(), 300);
+        assert_eq!((cfg.weight, cfg.zone.as_deref()), (2, Some("rack-a")));
+        let cfg = FileConfig::default().resolve().expect("defaults");
+        assert_eq!(cfg.gossip_interval.as_millis(), 1000);
+        assert_eq!(cfg.handoff_interval.as_millis(), 1000);
+        assert_eq!((cfg.weight, cfg.zone), (1, None));
+        for (bad, name) in [
+            (
+                FileConfig {
+                    gossip_interval_ms: Some(0),
+                    ..Default::default()
+                },
+                "gossip_interval_ms",
+            ),
+            (
+                FileConfig {
+                    handoff_interval_ms: Some(0),
+                    ..Default::default()
+                },
+                "handoff_interval_ms",
+            ),
+            (
+                FileConfig {
+                    weight: Some(0),
+                    ..Default::default()
+                },
+                "weight",
+            ),
+            (
+                FileConfig {
+                    zone: Some(String::new()),
+                    ..Default::default()
+                },
+                "zone",
+            ),
+        ] {
+            assert!(
+                matches!(bad.resolve(), Err(ConfigError::Invalid { name: n, .. }) if n == name),
+                "{name}"
+            );
+        }
+    }
 }
