@@ -540,10 +540,21 @@ impl Cluster {
             .filter_map(|(i, _)| u8::try_from(i).ok())
             .collect();
         let mut mine: BTreeMap<u8, Vec<(Vec<u8>, Hash)>> = BTreeMap::new();
+        // The hash of each leaf as listed, not as the tree holds it now: a write between
+        // the two would otherwise let an equal leaf vouch for a listed state the primary
+        // never saw.
+        let mut listed: BTreeMap<u8, Hash> = BTreeMap::new();
         for &leaf in &leaves {
             let keys = ae
                 .leaf_keys(self.kv.store(), tree, leaf, HANDOFF_LEAF_KEYS_MAX)
                 .map_err(|e| e.to_string())?;
+            let mut hash = Hash::default();
+            for (dkey, digest) in &keys {
+                for (h, e) in hash.iter_mut().zip(merkle::entry_hash(dkey, digest)) {
+                    *h ^= e;
+                }
+            }
+            listed.insert(leaf, hash);
             mine.insert(leaf, keys);
         }
         // How many primaries hold each key as listed here.
@@ -570,8 +581,7 @@ impl Cluster {
             }
             let mut differing = Vec::new();
             for &leaf in &leaves {
-                let i = usize::from(leaf);
-                if my_leaves.get(i) == their_leaves.get(i) {
+                if listed.get(&leaf) == their_leaves.get(usize::from(leaf)) {
                     for (dkey, _) in mine.get(&leaf).into_iter().flatten() {
                         *covered.entry(dkey.clone()).or_default() += 1;
                     }
