@@ -36,14 +36,19 @@ fn value(key: &str) -> Vec<u8> {
 }
 
 /// Runs `quiver cluster ARGS --output json` against `node` and parses the plan it prints.
-fn admin(ca: &Path, node: &str, args: &[&str]) -> PlanView {
-    let out = Command::new(quiver_bin())
+/// Runs `quiver cluster ARGS --cluster NODE` with the CA.
+fn quiver_cluster(ca: &Path, node: &str, args: &[&str]) -> std::process::Output {
+    Command::new(quiver_bin())
         .arg("cluster")
         .args(args)
-        .args(["--cluster", node, "--output", "json"])
+        .args(["--cluster", node])
         .env("QUIVER_CA", ca)
         .output()
-        .expect("run quiver cluster");
+        .expect("run quiver cluster")
+}
+
+fn admin(ca: &Path, node: &str, args: &[&str]) -> PlanView {
+    let out = quiver_cluster(ca, node, &[args, &["--output", "json"]].concat());
     assert!(
         out.status.success(),
         "quiver cluster {args:?} failed: {}",
@@ -469,13 +474,7 @@ async fn handoff_resumes_after_either_side_crashes() {
 
 /// Runs `quiver cluster ARGS` against `node` expecting failure; returns its stderr.
 fn admin_fails(ca: &Path, node: &str, args: &[&str]) -> String {
-    let out = Command::new(quiver_bin())
-        .arg("cluster")
-        .args(args)
-        .args(["--cluster", node])
-        .env("QUIVER_CA", ca)
-        .output()
-        .expect("run quiver cluster");
+    let out = quiver_cluster(ca, node, args);
     assert!(
         !out.status.success(),
         "quiver cluster {args:?} should fail: {}",
@@ -534,12 +533,14 @@ async fn membership_requests_are_checked() {
     );
     let staged = admin(&ca_file, &n4_addr, &["join", &seed]);
     assert_eq!(staged.next_version, Some(2));
-    let status = Command::new(quiver_bin())
-        .args(["cluster", "status", "--cluster", &seed])
-        .env("QUIVER_CA", &ca_file)
-        .output()
-        .expect("cluster status");
+    // `quiver cluster status` shows the staged member as joining, owning nothing.
+    let status = quiver_cluster(&ca_file, &seed, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("n4 ") && l.contains("joining") && l.contains(" 0 (0.0%)")),
+        "{text}"
+    );
     let ca_pem = std::fs::read(&ca_file).expect("CA");
     let seen = status_of_member(&seed, &ca_pem, "n4").await;
     assert_eq!(seen, Some(("joining".to_string(), 0)), "{text}");
@@ -597,12 +598,11 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
     .await;
     // `quiver cluster wait` returns once every node reports the same ring and nothing left
     // to hand off.
-    let waited = Command::new(quiver_bin())
-        .args(["cluster", "wait", "--timeout-s", "60", "--output", "json"])
-        .args(["--cluster", &cluster.addrs[0]])
-        .env("QUIVER_CA", &ca_file)
-        .output()
-        .expect("quiver cluster wait");
+    let waited = quiver_cluster(
+        &ca_file,
+        &cluster.addrs[0],
+        &["wait", "--timeout-s", "60", "--output", "json"],
+    );
     assert!(
         waited.status.success(),
         "cluster wait: {}",

@@ -229,10 +229,7 @@ mod tests {
     use crate::ring::ClaimParams;
 
     fn stamp(t: u64, node: &str) -> Stamp {
-        Stamp {
-            timestamp_ms: t,
-            node: node.into(),
-        }
+        Stamp::at(t, node)
     }
 
     fn entry(state: MemberState, version: u64, t: u64) -> MemberEntry {

@@ -26,6 +26,22 @@ pub struct Stamp {
     pub node: String,
 }
 
+impl Stamp {
+    /// A stamp of `node` at `timestamp_ms`.
+    pub fn at(timestamp_ms: u64, node: impl Into<String>) -> Stamp {
+        Stamp {
+            timestamp_ms,
+            node: node.into(),
+        }
+    }
+
+    /// The stamp of state every node derives alike (a first ring from a `--peer` list):
+    /// earlier than any real write, equal everywhere.
+    pub fn zero() -> Stamp {
+        Stamp::at(0, "")
+    }
+}
+
 /// A plugin version: a name and the SHA-256 (hex) of its component bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PluginRef {

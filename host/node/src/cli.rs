@@ -301,6 +301,12 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// Connects to the first node of `--cluster` that answers.
     pub async fn connect(&self) -> anyhow::Result<ClusterClient> {
+        let config = self.client_config()?;
+        Ok(ClusterClient::connect(&self.seeds()?, config).await?)
+    }
+
+    /// The client configuration: the cluster CA and the request deadline.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
         let ca_pem = std::fs::read(&self.ca).with_context(|| {
             format!(
                 "cannot read the cluster CA {} (set --ca or QUIVER_CA to a node's ca.pem)",
@@ -309,6 +315,11 @@ impl ClientArgs {
         })?;
         let mut config = ClientConfig::new(ca_pem);
         config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
+        Ok(config)
+    }
+
+    /// The addresses of `--cluster`, in order.
+    pub fn seeds(&self) -> anyhow::Result<Vec<&str>> {
         let seeds: Vec<&str> = self
             .cluster
             .split(',')
@@ -318,7 +329,7 @@ impl ClientArgs {
         if seeds.is_empty() {
             bail!("--cluster is empty: give at least one node address");
         }
-        Ok(ClusterClient::connect(&seeds, config).await?)
+        Ok(seeds)
     }
 }
 

@@ -66,22 +66,10 @@ pub enum MembershipCommand {
 /// Connects to the first address of `--cluster` that answers (join and leave act on that
 /// node, not on any member).
 async fn first_node(args: &ClientArgs) -> anyhow::Result<Client> {
-    let ca = std::fs::read(&args.ca).with_context(|| {
-        format!(
-            "cannot read the cluster CA {} (set --ca or QUIVER_CA to a node's ca.pem)",
-            args.ca.display()
-        )
-    })?;
+    let config = args.client_config()?;
     let mut last = None;
-    for addr in args
-        .cluster
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-    {
-        let mut config = quiver_sdk::ClientConfig::new(ca.clone());
-        config.request_timeout = Duration::from_millis(args.timeout_ms.max(1));
-        match Client::connect(addr, config).await {
+    for addr in args.seeds()? {
+        match Client::connect(addr, config.clone()).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(anyhow::Error::from(e).context(format!("connect to {addr}"))),
         }

@@ -37,7 +37,7 @@ use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 use crate::storage::Durability;
 pub use admin::BucketView;
 pub use ae::{AeConfig, AeReport};
-pub use membership::{HandoffMetrics, MembershipConfig, initial_members};
+pub use membership::{HandoffMetrics, MembershipConfig, first_membership};
 
 /// Keys handed over per hint-delivery pass and owner.
 const HINT_BATCH_KEYS: usize = 256;
@@ -114,7 +114,8 @@ fn kv_error(e: &KvError) -> Response {
     error(e.code(), e.to_string())
 }
 
-fn now_ms() -> u64 {
+/// Wall clock, ms since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

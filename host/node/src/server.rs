@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use quiver_core::limits::{FRAME_OVERHEAD_BYTES, PLUGIN_BYTES_MAX, request_frame_bytes_max};
-use quiver_core::ring::{ClaimParams, Member, Ring};
+use quiver_core::ring::{ClaimParams, Ring};
 use quiver_sdk::wire::{
     self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, Request, Response,
 };
@@ -292,7 +292,6 @@ async fn initial_ring(
     meta: &MetaStore,
     my_addr: SocketAddr,
 ) -> Result<Ring, String> {
-    use quiver_core::membership::RingEntry;
     use quiver_core::meta::{MetaState, Stamp};
     let state = meta.state();
     let ring = match state.ring {
@@ -322,24 +321,12 @@ async fn initial_ring(
         None => {
             let mut addrs = config.peers.clone();
             addrs.insert(config.node_id.clone(), my_addr);
-            let members = crate::cluster::initial_members(&addrs);
             let params = ClaimParams {
                 partitions: config.partitions,
                 n_val: u32::try_from(config.quorum.n).unwrap_or(u32::MAX),
             };
-            let ring = Ring::new(members.keys().map(Member::new).collect(), params)
-                .map_err(|e| e.to_string())?;
-            let first = MetaState {
-                members,
-                ring: Some(RingEntry {
-                    ring: ring.clone(),
-                    stamp: Stamp {
-                        timestamp_ms: 0,
-                        node: String::new(),
-                    },
-                }),
-                ..MetaState::default()
-            };
+            let (first, ring) =
+                crate::cluster::first_membership(&addrs, params).map_err(|e| e.to_string())?;
             meta.merge(&first, &[]).await.map_err(|e| e.to_string())?;
             ring
         }
@@ -349,12 +336,7 @@ async fn initial_ring(
         && mine.addr != my_addr.to_string()
         && mine.state != quiver_core::membership::MemberState::Left
     {
-        let stamp = Stamp {
-            timestamp_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            node: config.node_id.clone(),
-        };
+        let stamp = Stamp::at(crate::cluster::now_ms(), config.node_id.clone());
         let mut moved = mine.with_state(mine.state, stamp);
         moved.addr = my_addr.to_string();
         let change = MetaState {

@@ -30,11 +30,12 @@ use quiver_core::membership::{
 };
 use quiver_core::merkle::{self, FANOUT, Hash, LEAVES};
 use quiver_core::meta::{MetaState, Stamp};
-use quiver_core::ring::Ring;
+use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::wire::{ErrorCode, ErrorReply, PlanMember, PlanView, Response};
 
 use super::{Cluster, error};
 use crate::ae::TreeId;
+use crate::kv::KvService;
 use crate::peer::{PeerRequest, PeerResponse};
 
 /// Value bytes per handoff push message (one larger object still goes alone).
@@ -43,6 +44,29 @@ const HANDOFF_PUSH_BYTES: usize = 512 * 1024;
 const HANDOFF_LEAF_ASKS: usize = 64;
 /// Keys listed per leaf at most.
 const HANDOFF_LEAF_KEYS_MAX: usize = 65_536;
+
+/// The `(data key, digest)` lists of some leaves of a tree, and each list's leaf hash.
+type LeafListing = (BTreeMap<u8, Vec<(Vec<u8>, Hash)>>, BTreeMap<u8, Hash>);
+
+fn list_leaves(kv: &KvService, tree: TreeId, leaves: &[u8]) -> Result<LeafListing, String> {
+    let mut mine = BTreeMap::new();
+    let mut listed = BTreeMap::new();
+    for &leaf in leaves {
+        let keys = kv
+            .ae()
+            .leaf_keys(kv.store(), tree, leaf, HANDOFF_LEAF_KEYS_MAX)
+            .map_err(|e| e.to_string())?;
+        let mut hash = Hash::default();
+        for (dkey, digest) in &keys {
+            for (h, e) in hash.iter_mut().zip(merkle::entry_hash(dkey, digest)) {
+                *h ^= e;
+            }
+        }
+        listed.insert(leaf, hash);
+        mine.insert(leaf, keys);
+    }
+    Ok((mine, listed))
+}
 
 /// Membership settings of a node.
 #[derive(Debug, Clone)]
@@ -77,28 +101,37 @@ fn peer_refused(message: String) -> PeerResponse {
     })
 }
 
-/// The member entries every node of a cluster started from a `--peer` list derives alike:
-/// version 0, the zero stamp, weight 1, no zone.
-pub fn initial_members(addrs: &BTreeMap<String, SocketAddr>) -> BTreeMap<String, MemberEntry> {
-    addrs
+/// The membership every node of a cluster started from the same `--peer` list derives alike
+/// (every node listed, this one included): members of version 0, weight 1 and no zone, and
+/// the first ring over them, all with the zero stamp.
+pub fn first_membership(
+    addrs: &BTreeMap<String, SocketAddr>,
+    params: ClaimParams,
+) -> Result<(MetaState, Ring), quiver_core::ring::RingError> {
+    let members: BTreeMap<String, MemberEntry> = addrs
         .iter()
         .map(|(id, addr)| {
-            (
-                id.clone(),
-                MemberEntry {
-                    version: 0,
-                    stamp: Stamp {
-                        timestamp_ms: 0,
-                        node: String::new(),
-                    },
-                    addr: addr.to_string(),
-                    weight: 1,
-                    zone: None,
-                    state: MemberState::Valid,
-                },
-            )
+            let entry = MemberEntry {
+                version: 0,
+                stamp: Stamp::zero(),
+                addr: addr.to_string(),
+                weight: 1,
+                zone: None,
+                state: MemberState::Valid,
+            };
+            (id.clone(), entry)
         })
-        .collect()
+        .collect();
+    let ring = Ring::new(members.keys().map(Member::new).collect(), params)?;
+    let state = MetaState {
+        members,
+        ring: Some(RingEntry {
+            ring: ring.clone(),
+            stamp: Stamp::zero(),
+        }),
+        ..MetaState::default()
+    };
+    Ok((state, ring))
 }
 
 impl Cluster {
@@ -486,7 +519,7 @@ impl Cluster {
 
     /// One handoff pass: offers every orphaned tree to its primaries, up to `max_keys`
     /// pushed keys; then, on a leaving node with nothing left, departs.
-    pub async fn handoff_tick(&self, max_keys: usize) {
+    pub async fn handoff_tick(self: &Arc<Self>, max_keys: usize) {
         self.forget_hints_for_departed().await;
         let mut budget = max_keys;
         // The whole pass works on one ring: its primaries, and the check before any drop.
@@ -539,24 +572,15 @@ impl Cluster {
             .filter(|(_, h)| **h != empty)
             .filter_map(|(i, _)| u8::try_from(i).ok())
             .collect();
-        let mut mine: BTreeMap<u8, Vec<(Vec<u8>, Hash)>> = BTreeMap::new();
         // The hash of each leaf as listed, not as the tree holds it now: a write between
         // the two would otherwise let an equal leaf vouch for a listed state the primary
-        // never saw.
-        let mut listed: BTreeMap<u8, Hash> = BTreeMap::new();
-        for &leaf in &leaves {
-            let keys = ae
-                .leaf_keys(self.kv.store(), tree, leaf, HANDOFF_LEAF_KEYS_MAX)
-                .map_err(|e| e.to_string())?;
-            let mut hash = Hash::default();
-            for (dkey, digest) in &keys {
-                for (h, e) in hash.iter_mut().zip(merkle::entry_hash(dkey, digest)) {
-                    *h ^= e;
-                }
-            }
-            listed.insert(leaf, hash);
-            mine.insert(leaf, keys);
-        }
+        // never saw. Listing scans storage, so it runs on the blocking pool.
+        let (mine, listed) = {
+            let (kv, leaves) = (Arc::clone(&self.kv), leaves.clone());
+            tokio::task::spawn_blocking(move || list_leaves(&kv, tree, &leaves))
+                .await
+                .map_err(|e| format!("listing leaves did not finish: {e}"))??
+        };
         // How many primaries hold each key as listed here.
         let mut covered: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut sent = 0;
@@ -716,7 +740,7 @@ impl Cluster {
     /// before gossiping it, and the rest would wait for this node forever. And the check is
     /// made again after telling them: a coordinator still on an older ring may have stored a
     /// key here meanwhile, which must be handed off first (the next passes do).
-    async fn depart_if_done(&self) {
+    async fn depart_if_done(self: &Arc<Self>) {
         let state = self.meta.state();
         let Some(mine) = state.members.get(self.me()) else {
             return;
@@ -741,20 +765,7 @@ impl Cluster {
                 return;
             }
         }
-        let req = PeerRequest::MetaPush {
-            state: self.meta.state(),
-            blobs: Vec::new(),
-        };
-        let peers = self.peers.names();
-        let mut untold = Vec::new();
-        for peer in &peers {
-            if !matches!(
-                self.peers.call_untracked(peer, &req).await,
-                Ok(PeerResponse::Stored)
-            ) {
-                untold.push(peer.clone());
-            }
-        }
+        let (told, untold) = self.push_meta(Vec::new()).await;
         if !untold.is_empty() {
             tracing::warn!(
                 ?untold,
@@ -766,10 +777,9 @@ impl Cluster {
             tracing::info!("a write landed while leaving; handing it off first");
             return;
         }
-        tracing::info!(
-            told = peers.len(),
-            "handoff complete; this node left the cluster"
-        );
+        // `told` lists this node too.
+        let told = told.len().saturating_sub(1);
+        tracing::info!(told, "handoff complete; this node left the cluster");
         self.departed.notify_one();
     }
 
