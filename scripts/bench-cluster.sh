@@ -9,7 +9,7 @@ duration=${1:-10}
 clients=${2:-32}
 shift $(( $# > 2 ? 2 : $# ))
 modes=${*:-buffered sync}
-bin=target/release/quiver
+bin=${QUIVER_BIN:-target/release/quiver}
 cargo build --release --bin quiver >/dev/null
 port=7580
 for mode in $modes; do

@@ -272,6 +272,9 @@ pub struct NodeStatus {
     pub handoff_keys_sent: u64,
     /// Keys this node dropped after handing them off, since it started.
     pub handoff_keys_dropped: u64,
+    /// Gets coordinated here that asked a left-out replica because the asked ones were
+    /// slow to answer (`--read-speculate-ms`).
+    pub reads_speculated: u64,
 }
 
 /// A bucket's properties as a node applies them.

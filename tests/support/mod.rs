@@ -92,6 +92,16 @@ impl NodeProc {
         }
     }
 
+    /// Sends `signal` (a `kill` name such as `STOP` or `CONT`) to the running node.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the node is running");
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
     /// The exit status if the process has exited by itself (it is reaped then).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         let status = self.child.as_mut()?.try_wait().expect("poll the node")?;
@@ -194,6 +204,23 @@ impl ClusterProc {
         if let Some(mut n) = self.nodes[i].take() {
             n.kill9();
         }
+    }
+
+    /// SIGSTOP node `i`: its sockets stay open, it answers nothing (a long GC pause or a
+    /// frozen VM). Dropping the cluster still kills it (SIGKILL ends a stopped process).
+    pub fn pause(&self, i: usize) {
+        self.nodes[i]
+            .as_ref()
+            .expect("node is running")
+            .signal("STOP");
+    }
+
+    /// SIGCONT node `i` after [`ClusterProc::pause`].
+    pub fn resume(&self, i: usize) {
+        self.nodes[i]
+            .as_ref()
+            .expect("node is running")
+            .signal("CONT");
     }
 
     /// SIGTERM node `i` and wait for its graceful exit.

@@ -244,12 +244,44 @@ pub struct Repair {
     pub target: Target,
 }
 
+/// Which replicas a get asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSpread {
+    /// Every target (Riak's and Dynamo's read): read repair sees every replica.
+    All,
+    /// Only R targets, the coordinator's own copy first; a spare replaces each one that
+    /// fails (Cassandra's read). A quorum read still overlaps every write quorum (R + W > N);
+    /// the replicas not asked are kept in step by hinted handoff, anti-entropy and the share
+    /// of reads that ask all.
+    Quorum,
+}
+
+impl ReadSpread {
+    /// The spread of the `index`-th read of a node that asks every replica on
+    /// `full_per_mille` of every thousand reads (values above 1000 count as 1000): exactly
+    /// `floor((index + 1) * full_per_mille / 1000)` of the first `index + 1` reads are full
+    /// ones, spaced evenly. Counting instead of drawing keeps the simulator deterministic
+    /// and the share exact under any load.
+    pub fn for_read(index: u64, full_per_mille: u32) -> ReadSpread {
+        let per_mille = u128::from(full_per_mille.min(1000));
+        let before = u128::from(index) * per_mille / 1000;
+        let after = (u128::from(index) + 1) * per_mille / 1000;
+        if after > before {
+            ReadSpread::All
+        } else {
+            ReadSpread::Quorum
+        }
+    }
+}
+
 /// One get: fetches from the targets, the R decision with the merge of the replies, then
-/// read repair once every target answered (Dynamo §4.5).
+/// read repair once every asked target answered (Dynamo §4.5).
 #[derive(Debug, Clone)]
 pub struct ReadFanout {
     read: ReadQuorum,
     targets: Vec<Target>,
+    /// Targets not asked yet, in the order they stand in for failed ones.
+    spares: VecDeque<Target>,
     decided: bool,
     failed: bool,
 }
@@ -258,23 +290,85 @@ impl ReadFanout {
     /// Starts a read of `targets` needing `r` replies out of a preference list of `n`.
     /// Returns the machine and the remote targets to fetch from; when `me` is a target, the
     /// driver reads locally and feeds that reply first.
-    pub fn start(me: &str, targets: &[Target], r: usize, n: usize) -> (ReadFanout, Vec<Target>) {
+    ///
+    /// With [`ReadSpread::Quorum`] only R targets are asked: `me` if it is one, then other
+    /// primaries before fallbacks; `rotate` (any counter) rotates which primaries come first,
+    /// so that the reads of a hot key spread over its replicas. The others are spares: each
+    /// failed reply hands one out ([`ReadFanout::on_reply`]).
+    pub fn start(
+        me: &str,
+        targets: &[Target],
+        r: usize,
+        n: usize,
+        spread: ReadSpread,
+        rotate: u64,
+    ) -> (ReadFanout, Vec<Target>) {
+        let mut others: Vec<Target> = targets.iter().filter(|t| t.node != me).cloned().collect();
+        let mut spares = VecDeque::new();
+        if spread == ReadSpread::Quorum {
+            // Fallbacks go behind the primaries: they hold only what was written while a
+            // primary was down. The sort is stable, so each group keeps the list's order.
+            others.sort_by_key(|t| t.hint_for.is_some());
+            let primaries = others.iter().filter(|t| t.hint_for.is_none()).count();
+            if primaries > 1 {
+                let by = usize::try_from(rotate % primaries as u64).unwrap_or(0);
+                others[..primaries].rotate_left(by);
+            }
+            let local = usize::from(others.len() < targets.len());
+            let asked = r.saturating_sub(local).min(others.len());
+            spares = others.split_off(asked).into();
+        }
         let fanout = ReadFanout {
             read: ReadQuorum::new(targets, r, n),
             targets: targets.to_vec(),
+            spares,
             decided: false,
             failed: false,
         };
-        let remote = targets.iter().filter(|t| t.node != me).cloned().collect();
-        (fanout, remote)
+        (fanout, others)
     }
 
-    /// A replica answered with its object, or failed.
-    pub fn on_reply(&mut self, node: &str, result: Result<Object, String>) {
-        match result {
-            Ok(o) => self.read.on_reply(node, o),
-            Err(e) => self.read.on_failure(node, e),
+    /// A replica answered with its object, or failed. After a failure of an asked target,
+    /// returns the spare to fetch from in its place, if one is left.
+    #[must_use = "a returned spare must be fetched, or the read may wait for it forever"]
+    pub fn on_reply(&mut self, node: &str, result: Result<Object, String>) -> Option<Target> {
+        if self.spares.iter().any(|t| t.node == node) {
+            // Not asked (a stray or duplicated message): it must not count.
+            return None;
         }
+        match result {
+            Ok(o) => {
+                self.read.on_reply(node, o);
+                None
+            }
+            Err(e) => {
+                let asked = self.read.pending().iter().any(|p| p == node);
+                self.read.on_failure(node, e);
+                // Once decided, a failure needs no stand-in.
+                let open = matches!(self.read.status(), Status::Pending);
+                if asked && open {
+                    self.spares.pop_front()
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The read is still short of R replies after the driver's speculation delay: the next
+    /// spare to ask as well, if one is left (Cassandra's speculative retry). It spares a
+    /// read the full peer timeout when an asked replica is alive but slow or paused.
+    #[must_use = "a returned spare must be fetched, or the read may wait for it forever"]
+    pub fn speculate(&mut self) -> Option<Target> {
+        if self.decided || !matches!(self.read.status(), Status::Pending) {
+            return None;
+        }
+        self.spares.pop_front()
+    }
+
+    /// Whether a spare is left to ask.
+    pub fn has_spares(&self) -> bool {
+        !self.spares.is_empty()
     }
 
     /// The decision, reported exactly once: the merge of R replies, or why R was missed.
@@ -296,10 +390,10 @@ impl ReadFanout {
         }
     }
 
-    /// Nothing more to wait for: every target answered, or the read failed (a failed read
-    /// repairs nothing: it has no trustworthy merge to spread).
+    /// Nothing more to wait for: every asked target answered, or the read failed (a failed
+    /// read repairs nothing: it has no trustworthy merge to spread).
     pub fn is_finished(&self) -> bool {
-        self.failed || self.read.pending().is_empty()
+        self.failed || self.read.pending().len() == self.spares.len()
     }
 
     /// The merge of every reply so far.
@@ -310,7 +404,7 @@ impl ReadFanout {
     /// Once finished: the replicas whose reply lacked something the merge has. Each gets the
     /// merged object (merging it in can never drop anything the replica holds).
     pub fn repairs(&self) -> Vec<Repair> {
-        if self.failed || !self.read.pending().is_empty() {
+        if !self.is_finished() || self.failed {
             return Vec::new();
         }
         self.read
@@ -592,16 +686,16 @@ mod tests {
             hint_for: Some("b".into()),
         };
         let targets = vec![t("a"), b_is_fallback.clone(), t("c")];
-        let (mut read, remote) = ReadFanout::start("a", &targets, 2, 3);
+        let (mut read, remote) = ReadFanout::start("a", &targets, 2, 3, ReadSpread::All, 0);
         assert_eq!(remote, vec![b_is_fallback.clone(), t("c")]);
         let v = written(b"v");
-        read.on_reply("a", Ok(v.clone()));
+        assert_eq!(read.on_reply("a", Ok(v.clone())), None);
         assert_eq!(read.decision(), None);
-        read.on_reply("c", Ok(v.clone()));
+        assert_eq!(read.on_reply("c", Ok(v.clone())), None);
         assert_eq!(read.decision(), Some(Status::Reached(v.clone())));
         assert!(!read.is_finished());
         assert!(read.repairs().is_empty(), "no repair before every reply");
-        read.on_reply("d", Ok(Object::new()));
+        assert_eq!(read.on_reply("d", Ok(Object::new())), None);
         assert!(read.is_finished());
         assert_eq!(
             read.repairs(),
@@ -614,12 +708,121 @@ mod tests {
 
     #[test]
     fn a_failed_read_repairs_nothing() {
-        let (mut read, _) = ReadFanout::start("a", &[t("a"), t("b"), t("c")], 3, 3);
-        read.on_reply("a", Ok(written(b"v")));
-        read.on_reply("b", Err("timeout".into()));
+        let targets = [t("a"), t("b"), t("c")];
+        let (mut read, _) = ReadFanout::start("a", &targets, 3, 3, ReadSpread::All, 0);
+        assert_eq!(read.on_reply("a", Ok(written(b"v"))), None);
+        assert_eq!(read.on_reply("b", Err("timeout".into())), None);
         assert!(matches!(read.decision(), Some(Status::Failed(_))));
         assert!(read.is_finished());
         assert!(read.repairs().is_empty());
+    }
+
+    #[test]
+    fn a_quorum_read_asks_r_replicas_and_replaces_each_failed_one_by_a_spare() {
+        let fallback = Target {
+            node: "e".into(),
+            hint_for: Some("d".into()),
+        };
+        let targets = [t("a"), fallback.clone(), t("b"), t("c")];
+        // The coordinator's copy plus one other primary; rotation picks which.
+        let (_, remote) = ReadFanout::start("a", &targets, 2, 4, ReadSpread::Quorum, 0);
+        assert_eq!(remote, vec![t("b")]);
+        let (mut read, remote) = ReadFanout::start("a", &targets, 2, 4, ReadSpread::Quorum, 1);
+        assert_eq!(remote, vec![t("c")]);
+        let v = written(b"v");
+        assert_eq!(read.on_reply("a", Ok(v.clone())), None);
+        assert!(read.has_spares());
+        // c fails: b stands in, then the fallback behind every primary.
+        assert_eq!(read.on_reply("c", Err("timeout".into())), Some(t("b")));
+        assert_eq!(read.decision(), None);
+        assert_eq!(read.on_reply("b", Err("refused".into())), Some(fallback));
+        assert_eq!(read.decision(), None);
+        // A reply from a replica never asked does not count.
+        assert_eq!(read.on_reply("b", Ok(v.clone())), None);
+        assert_eq!(read.on_reply("e", Ok(Object::new())), None);
+        assert_eq!(read.decision(), Some(Status::Reached(v.clone())));
+        assert!(read.is_finished(), "every asked replica answered");
+        assert_eq!(
+            read.repairs(),
+            vec![Repair {
+                target: Target {
+                    node: "e".into(),
+                    hint_for: Some("d".into())
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn a_quorum_read_fails_only_once_the_spares_are_spent() {
+        let targets = [t("a"), t("b"), t("c")];
+        // Not a replica: R=2 of the three, no local reply.
+        let (mut read, remote) = ReadFanout::start("x", &targets, 2, 3, ReadSpread::Quorum, 0);
+        assert_eq!(remote, vec![t("a"), t("b")]);
+        assert_eq!(read.on_reply("a", Err("down".into())), Some(t("c")));
+        assert_eq!(read.on_reply("c", Err("down".into())), None);
+        match read.decision() {
+            Some(Status::Failed(f)) => {
+                assert_eq!(f.failed.len(), 2);
+                assert_eq!(f.needed, 2);
+            }
+            other => panic!("expected a failed read, got {other:?}"),
+        }
+        assert!(read.is_finished());
+        assert_eq!(
+            read.speculate(),
+            None,
+            "nothing to speculate after the decision"
+        );
+    }
+
+    #[test]
+    fn a_slow_quorum_read_speculates_on_a_spare_until_decided() {
+        let targets = [t("a"), t("b"), t("c")];
+        let (mut read, remote) = ReadFanout::start("a", &targets, 2, 3, ReadSpread::Quorum, 0);
+        assert_eq!(remote, vec![t("b")]);
+        let v = written(b"v");
+        assert_eq!(read.on_reply("a", Ok(v.clone())), None);
+        assert_eq!(read.speculate(), Some(t("c")));
+        assert_eq!(read.speculate(), None, "no spare left");
+        assert_eq!(read.on_reply("c", Ok(v.clone())), None);
+        assert_eq!(read.decision(), Some(Status::Reached(v.clone())));
+        assert!(
+            !read.is_finished(),
+            "b was asked: its reply is still awaited"
+        );
+        assert_eq!(read.on_reply("b", Ok(v)), None);
+        assert!(read.is_finished());
+        assert!(read.repairs().is_empty());
+    }
+
+    #[test]
+    fn r_equal_to_the_targets_or_a_full_spread_asks_everyone() {
+        let targets = [t("a"), t("b"), t("c")];
+        for (r, spread) in [(3, ReadSpread::Quorum), (1, ReadSpread::All)] {
+            let (read, remote) = ReadFanout::start("a", &targets, r, 3, spread, 7);
+            assert_eq!(remote.len(), 2, "r={r} {spread:?}");
+            assert!(!read.has_spares());
+        }
+        let (read, remote) = ReadFanout::start("a", &targets, 1, 3, ReadSpread::Quorum, 7);
+        assert!(
+            remote.is_empty(),
+            "R=1 on a replica reads only its own copy"
+        );
+        assert!(read.has_spares());
+    }
+
+    #[test]
+    fn full_reads_come_at_exactly_their_share_evenly_spaced() {
+        for (per_mille, every) in [(100, 10u64), (250, 4), (500, 2), (1000, 1), (5000, 1)] {
+            let full: Vec<u64> = (0..100)
+                .filter(|&i| ReadSpread::for_read(i, per_mille) == ReadSpread::All)
+                .collect();
+            assert_eq!(full.len() as u64, 100 / every, "{per_mille} per mille");
+            assert!(full.windows(2).all(|w| w[1] - w[0] == every));
+        }
+        assert!((0..1000).all(|i| ReadSpread::for_read(i, 0) == ReadSpread::Quorum));
+        assert_eq!(ReadSpread::for_read(u64::MAX, 1000), ReadSpread::All);
     }
 
     #[test]

@@ -170,6 +170,18 @@ pub struct ServerArgs {
     /// Read repair: bring replicas found stale by a read up to date. [default: true]
     #[arg(long, value_name = "BOOL")]
     pub read_repair: Option<bool>,
+    /// Share of gets (0 to 1) that ask every replica, so that read repair sees them all;
+    /// the others ask only R replicas (the coordinator's own copy first) and ask another
+    /// in place of each that fails. 1 reads like Riak, lower shares save node-to-node
+    /// traffic; hinted handoff and anti-entropy keep the replicas not asked in step.
+    /// Only with --read-repair true. [default: 0.1]
+    #[arg(long, value_name = "SHARE")]
+    pub read_repair_chance: Option<f64>,
+    /// A get still short of R replies after this many ms also asks a replica it left out
+    /// (speculative retry), instead of waiting up to --peer-timeout-ms for a slow one; 0
+    /// turns it off. [default: 20]
+    #[arg(long, value_name = "MS")]
+    pub read_speculate_ms: Option<u64>,
     /// Active anti-entropy: time between hash-tree exchanges with a peer, in ms; 0 turns
     /// it off. [default: 5000]
     #[arg(long, value_name = "MS")]
@@ -243,6 +255,8 @@ impl ServerArgs {
             peer_timeout_ms: self.peer_timeout_ms,
             hints_max: self.hints_max,
             read_repair: self.read_repair,
+            read_repair_chance: self.read_repair_chance,
+            read_speculate_ms: self.read_speculate_ms,
             ae_interval_ms: self.ae_interval_ms,
             ae_max_keys: self.ae_max_keys,
             tombstone_grace_ms: self.tombstone_grace_ms,
@@ -663,6 +677,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         },
                         "tombstones": s.tombstones,
                         "tombstones_reaped": s.tombstones_reaped,
+                        "reads_speculated": s.reads_speculated,
                         "ring_version": s.ring_version,
                         "handoff": {
                             "partitions": s.handoff_partitions,

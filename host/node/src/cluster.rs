@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiver_core::causality::{self, Object, WriteOp};
-use quiver_core::coordinator::{Forwarding, PutFanout, ReadFanout, WriteRoute, route_write};
+use quiver_core::coordinator::{
+    Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
+};
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
 use quiver_core::replica;
 use quiver_core::ring::Ring;
@@ -55,6 +57,10 @@ pub struct ReplicationConfig {
     pub buckets: std::collections::BTreeMap<String, BucketProps>,
     /// Repair stale replicas found by reads.
     pub read_repair: bool,
+    /// Gets per thousand that ask every replica when read repair is on; the others ask R.
+    pub full_reads_per_mille: u32,
+    /// Delay after which a get short of R replies asks a replica it left out.
+    pub read_speculate: Option<Duration>,
     /// Active anti-entropy.
     pub ae: AeConfig,
     /// Gossip, handoff, and how this node joins.
@@ -90,6 +96,11 @@ pub struct Cluster {
     /// several peers do not repair the same keys here at once.
     ae_lease: std::sync::Mutex<Option<(String, std::time::Instant)>>,
     handoff_metrics: HandoffMetrics,
+    /// Gets coordinated so far: picks which ones ask every replica, and rotates which
+    /// replicas the others ask.
+    reads: std::sync::atomic::AtomicU64,
+    /// Gets that asked a spare because the asked replicas were slow.
+    reads_speculated: std::sync::atomic::AtomicU64,
     /// Notified when this node has handed everything off after leaving.
     departed: tokio::sync::Notify,
 }
@@ -157,6 +168,8 @@ impl Cluster {
             ae_next_peer: Default::default(),
             ae_lease: Default::default(),
             handoff_metrics: Default::default(),
+            reads: Default::default(),
+            reads_speculated: Default::default(),
             departed: Default::default(),
         };
         cluster.apply_membership();
@@ -387,6 +400,7 @@ impl Cluster {
             handoff_keys,
             handoff_keys_sent: self.handoff_metrics.keys_sent.load(Relaxed),
             handoff_keys_dropped: self.handoff_metrics.keys_dropped.load(Relaxed),
+            reads_speculated: self.reads_speculated.load(Relaxed),
             n: q.n as u8,
             r: q.r as u8,
             w: q.w as u8,
@@ -412,14 +426,16 @@ impl Cluster {
             };
         }
         let me = self.me();
-        let (mut read, remote) = ReadFanout::start(me, &targets, quorum.r, n);
-        // The local replica answers inline: no task, no channel (with R=1 on a replica, the
-        // read never leaves this function).
-        if remote.len() < targets.len() {
-            read.on_reply(me, self.kv.get(bucket, key).map_err(|e| e.to_string()));
-        }
-        let (tx, mut rx) = mpsc::channel(remote.len().max(1));
-        for target in remote {
+        let index = self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spread = match self.config.read_repair {
+            true => ReadSpread::for_read(index, self.config.full_reads_per_mille),
+            false => ReadSpread::Quorum,
+        };
+        let (mut read, remote) = ReadFanout::start(me, &targets, quorum.r, n, spread, index);
+        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
+        let fetch_from = |target: Target| {
             let (this, tx, bucket, key) = (
                 Arc::clone(self),
                 tx.clone(),
@@ -430,8 +446,22 @@ impl Cluster {
                 let result = this.fetch(&target.node, &bucket, &key).await;
                 let _ = tx.send((target.node, result)).await;
             });
+        };
+        // The local replica answers inline: no task, no channel (with R=1 on a replica, the
+        // read never leaves this function).
+        if remote.len() < targets.len()
+            && let Some(spare) =
+                read.on_reply(me, self.kv.get(bucket, key).map_err(|e| e.to_string()))
+        {
+            fetch_from(spare);
         }
-        drop(tx);
+        for target in remote {
+            fetch_from(target);
+        }
+        let mut speculate_at = self
+            .config
+            .read_speculate
+            .map(|d| tokio::time::Instant::now() + d);
         loop {
             match read.decision() {
                 Some(Status::Reached(merged)) => {
@@ -439,12 +469,14 @@ impl Cluster {
                         // Late replies and read repair continue in the background.
                         let this = Arc::clone(self);
                         let (bucket, key) = (bucket.to_string(), key.to_vec());
+                        drop(tx);
                         tokio::spawn(async move {
                             while !read.is_finished() {
                                 let Some((node, result)) = rx.recv().await else {
                                     return;
                                 };
-                                read.on_reply(&node, result);
+                                // Decided: a failure here needs no stand-in.
+                                let _ = read.on_reply(&node, result);
                             }
                             this.read_repair(&bucket, &key, &read).await;
                         });
@@ -461,12 +493,36 @@ impl Cluster {
                         ),
                     );
                 }
-                Some(Status::Pending) | None => match rx.recv().await {
-                    Some((node, result)) => read.on_reply(&node, result),
-                    None => {
-                        return error(ErrorCode::Internal, "read replies ended undecided".into());
+                Some(Status::Pending) | None => {
+                    let reply = match speculate_at.filter(|_| read.has_spares()) {
+                        Some(at) => tokio::select! {
+                            reply = rx.recv() => reply,
+                            () = tokio::time::sleep_until(at) => {
+                                if let Some(spare) = read.speculate() {
+                                    tracing::debug!(bucket, node = spare.node, "speculative read");
+                                    self.reads_speculated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    fetch_from(spare);
+                                }
+                                speculate_at = self.config.read_speculate.map(|d| at + d);
+                                continue;
+                            }
+                        },
+                        None => rx.recv().await,
+                    };
+                    match reply {
+                        Some((node, result)) => {
+                            if let Some(spare) = read.on_reply(&node, result) {
+                                fetch_from(spare);
+                            }
+                        }
+                        None => {
+                            return error(
+                                ErrorCode::Internal,
+                                "read replies ended undecided".into(),
+                            );
+                        }
                     }
-                },
+                }
             }
         }
     }

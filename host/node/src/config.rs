@@ -31,6 +31,11 @@ pub const AE_MAX_KEYS_DEFAULT: usize = 10_000;
 /// beyond a request deadline, so no store or repair computed before the delete is still in
 /// flight.
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 60_000;
+/// Default share of gets that ask every replica (Cassandra's old `read_repair_chance`).
+pub const READ_REPAIR_CHANCE_DEFAULT: f64 = 0.1;
+/// Default speculation delay of a get, in ms: well above a loaded get's p99.9 on a small
+/// machine, far below the peer timeout.
+pub const READ_SPECULATE_MS_DEFAULT: u64 = 20;
 /// Largest group-commit window accepted, in microseconds (longer only adds latency).
 pub const GROUP_COMMIT_WINDOW_US_MAX: u64 = 100_000;
 /// Largest server-side deadline a client may ask for, in milliseconds.
@@ -66,7 +71,7 @@ pub enum ConfigError {
 }
 
 /// Options as they appear in a TOML file; every field optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Data directory.
@@ -106,6 +111,10 @@ pub struct FileConfig {
     pub hints_max: Option<u64>,
     /// Repair stale replicas found by reads.
     pub read_repair: Option<bool>,
+    /// Share of gets (0 to 1) that ask every replica; the others ask R.
+    pub read_repair_chance: Option<f64>,
+    /// A get short of R replies after this many ms asks one more replica; 0 turns it off.
+    pub read_speculate_ms: Option<u64>,
     /// Time between anti-entropy exchanges in ms; 0 turns anti-entropy off.
     pub ae_interval_ms: Option<u64>,
     /// Keys one anti-entropy exchange repairs at most.
@@ -209,6 +218,8 @@ impl FileConfig {
             peer_timeout_ms: flags.peer_timeout_ms.or(self.peer_timeout_ms),
             hints_max: flags.hints_max.or(self.hints_max),
             read_repair: flags.read_repair.or(self.read_repair),
+            read_repair_chance: flags.read_repair_chance.or(self.read_repair_chance),
+            read_speculate_ms: flags.read_speculate_ms.or(self.read_speculate_ms),
             ae_interval_ms: flags.ae_interval_ms.or(self.ae_interval_ms),
             ae_max_keys: flags.ae_max_keys.or(self.ae_max_keys),
             tombstone_grace_ms: flags.tombstone_grace_ms.or(self.tombstone_grace_ms),
@@ -356,6 +367,24 @@ impl FileConfig {
                 ),
             });
         }
+        let chance = self
+            .read_repair_chance
+            .unwrap_or(READ_REPAIR_CHANCE_DEFAULT);
+        if !(0.0..=1.0).contains(&chance) {
+            return Err(ConfigError::Invalid {
+                name: "read_repair_chance",
+                message: format!("{chance}: must be a share between 0 and 1"),
+            });
+        }
+        let read_speculate_ms = self.read_speculate_ms.unwrap_or(READ_SPECULATE_MS_DEFAULT);
+        if read_speculate_ms > u64::from(REQUEST_TIMEOUT_MS_MAX) {
+            return Err(ConfigError::Invalid {
+                name: "read_speculate_ms",
+                message: format!(
+                    "{read_speculate_ms}: must be at most {REQUEST_TIMEOUT_MS_MAX} (0 turns it off)"
+                ),
+            });
+        }
         let ae_max_keys = self.ae_max_keys.unwrap_or(AE_MAX_KEYS_DEFAULT);
         if ae_max_keys == 0 {
             return Err(ConfigError::Invalid {
@@ -403,6 +432,10 @@ impl FileConfig {
             weight,
             zone: self.zone,
             read_repair: self.read_repair.unwrap_or(true),
+            // Whole per-mille steps: exact, and the resolved config stays `Eq`.
+            full_reads_per_mille: (chance * 1000.0).round() as u32,
+            read_speculate: (read_speculate_ms > 0)
+                .then(|| std::time::Duration::from_millis(read_speculate_ms)),
             ae_interval: (ae_interval_ms > 0)
                 .then(|| std::time::Duration::from_millis(ae_interval_ms)),
             ae_max_keys,
@@ -472,6 +505,10 @@ pub struct NodeConfig {
     pub hints_max: u64,
     /// Repair stale replicas found by reads.
     pub read_repair: bool,
+    /// Gets per thousand that ask every replica (with read repair on).
+    pub full_reads_per_mille: u32,
+    /// Delay after which a get short of R replies asks a replica it left out; `None` off.
+    pub read_speculate: Option<std::time::Duration>,
     /// Time between anti-entropy exchanges; `None` when off.
     pub ae_interval: Option<std::time::Duration>,
     /// Keys one anti-entropy exchange repairs at most.
@@ -622,6 +659,45 @@ mod tests {
                     ..Default::default()
                 },
                 "zone",
+            ),
+        ] {
+            assert!(
+                matches!(bad.resolve(), Err(ConfigError::Invalid { name: n, .. }) if n == name),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_spread_settings_default_and_are_checked() {
+        let cfg = FileConfig::default().resolve().expect("defaults");
+        assert_eq!(cfg.full_reads_per_mille, 100);
+        assert_eq!(cfg.read_speculate.map(|d| d.as_millis()), Some(20));
+        let file: FileConfig = toml::from_str("read_repair_chance = 1.0\nread_speculate_ms = 0\n")
+            .expect("valid toml");
+        let cfg = file.resolve().expect("valid");
+        assert_eq!((cfg.full_reads_per_mille, cfg.read_speculate), (1000, None));
+        for (bad, name) in [
+            (
+                FileConfig {
+                    read_repair_chance: Some(1.5),
+                    ..Default::default()
+                },
+                "read_repair_chance",
+            ),
+            (
+                FileConfig {
+                    read_repair_chance: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "read_repair_chance",
+            ),
+            (
+                FileConfig {
+                    read_speculate_ms: Some(u64::MAX),
+                    ..Default::default()
+                },
+                "read_speculate_ms",
             ),
         ] {
             assert!(

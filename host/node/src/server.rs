@@ -185,6 +185,8 @@ impl Node {
                 forward_timeout: Duration::from_millis(u64::from(config.request_timeout_ms)),
                 buckets: config.buckets.clone(),
                 read_repair: config.read_repair,
+                full_reads_per_mille: config.full_reads_per_mille,
+                read_speculate: config.read_speculate,
                 ae: crate::cluster::AeConfig {
                     interval: config.ae_interval,
                     max_keys: config.ae_max_keys,

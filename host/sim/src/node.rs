@@ -44,7 +44,7 @@ use quiver_core::causality::{
     self, Coordinator, Dot, EpochSource, Object, VersionVector, WriteOp, coordinate_write,
 };
 use quiver_core::coordinator::{
-    FailureDetector, Forwarding, PutFanout, ReadFanout, WriteRoute, route_write,
+    FailureDetector, Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
 };
 use quiver_core::limits::SIBLINGS_MAX_DEFAULT;
 use quiver_core::merkle::Hash;
@@ -274,6 +274,8 @@ pub enum Observation {
     },
     /// A read sent its merge to a stale replica.
     ReadRepair,
+    /// A read short of R replies at its speculation time asked a spare replica.
+    SpeculativeRead,
     /// A fallback's hint was acknowledged by its owner and dropped.
     HintHandedOff,
     /// A peer call timed out and marked the peer down.
@@ -363,8 +365,14 @@ pub struct NodeConfig {
     /// (`KvService::merge_remote`) does not, which acknowledges data that may be buffered
     /// only (see the crate docs, "Findings").
     pub sync_unchanged_merges: bool,
-    /// Read repair after every read (production: always on).
+    /// Read repair after reads (production: `--read-repair`, on by default).
     pub read_repair: bool,
+    /// Gets per thousand that ask every replica when read repair is on; the others ask R
+    /// (production: `--read-repair-chance`, default 100).
+    pub full_reads_per_mille: u32,
+    /// Delay after which a get short of R replies asks a replica it left out, in ms;
+    /// `None` off (production: `--read-speculate-ms`, default 20).
+    pub read_speculate_ms: Option<u64>,
     /// Interval of anti-entropy ticks (one exchange, one reaping pass), in ms; `None` off.
     pub ae_every_ms: Option<u64>,
     /// Tombstone grace period: how long every replica must have held a tombstone state,
@@ -548,6 +556,8 @@ struct GetOp {
     key: String,
     read: ReadFanout,
     r: usize,
+    /// When the read asks a spare if it is still short of R replies.
+    speculate_at_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -823,6 +833,7 @@ impl Node {
                 self.hint_step(now_ms, &mut fx);
             }
         }
+        self.speculate_reads(now_ms, &mut fx);
         self.ae_tick(now_ms, &mut fx);
         self.gossip_tick(now_ms, &mut fx);
         self.handoff_tick(now_ms, &mut fx);
@@ -936,7 +947,9 @@ impl Node {
                         Ok(other) => Err(format!("unexpected {other:?}")),
                         Err(e) => Err(format!("{e:?}")),
                     };
-                    get.read.on_reply(&node, reply);
+                    if let Some(spare) = get.read.on_reply(&node, reply) {
+                        self.send_fetch(now_ms, op, &spare.node, fx);
+                    }
                     self.get_progress(now_ms, op, fx);
                 }
             }
@@ -1055,21 +1068,17 @@ impl Node {
         };
         let (targets, n) = self.targets(&req.key, quorum.n);
         let me = self.me.node.clone();
-        let (mut read, remote) = ReadFanout::start(&me, &targets, quorum.r, n);
-        if remote.len() < targets.len() {
-            read.on_reply(&me, Ok(self.local_object(&req.key)));
-        }
         let op = self.next_op;
         self.next_op += 1;
-        for t in remote {
-            let body = PeerRequest::Fetch {
-                key: req.key.clone(),
-            };
-            let purpose = Purpose::Fetch {
-                op,
-                node: t.node.clone(),
-            };
-            self.call(now_ms, &t.node, body, self.cfg.peer_timeout_ms, purpose, fx);
+        let spread = match self.cfg.read_repair {
+            true => ReadSpread::for_read(op, self.cfg.full_reads_per_mille),
+            false => ReadSpread::Quorum,
+        };
+        let (mut read, mut remote) = ReadFanout::start(&me, &targets, quorum.r, n, spread, op);
+        if remote.len() < targets.len() {
+            // The simulated local read cannot fail, so no spare stands in for it.
+            let spare = read.on_reply(&me, Ok(self.local_object(&req.key)));
+            remote.extend(spare);
         }
         self.gets.insert(
             op,
@@ -1078,9 +1087,49 @@ impl Node {
                 key: req.key,
                 read,
                 r: quorum.r,
+                speculate_at_ms: self.cfg.read_speculate_ms.map(|d| now_ms + d),
             },
         );
+        for t in remote {
+            self.send_fetch(now_ms, op, &t.node, fx);
+        }
         self.get_progress(now_ms, op, fx);
+    }
+
+    /// Asks `node` for its copy of get `op`'s key (production: `Cluster::fetch`).
+    fn send_fetch(&mut self, now_ms: u64, op: u64, node: &str, fx: &mut Vec<Effect>) {
+        let Some(get) = self.gets.get(&op) else {
+            return;
+        };
+        let body = PeerRequest::Fetch {
+            key: get.key.clone(),
+        };
+        let purpose = Purpose::Fetch {
+            op,
+            node: node.to_string(),
+        };
+        self.call(now_ms, node, body, self.cfg.peer_timeout_ms, purpose, fx);
+    }
+
+    /// Gets still short of R replies at their speculation time ask a spare each
+    /// (production: the speculation timer in `Cluster::get`).
+    fn speculate_reads(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let Some(every) = self.cfg.read_speculate_ms else {
+            return;
+        };
+        let mut due = Vec::new();
+        for (&op, get) in &mut self.gets {
+            if get.speculate_at_ms.is_some_and(|at| at <= now_ms) {
+                get.speculate_at_ms = Some(now_ms + every);
+                if let Some(spare) = get.read.speculate() {
+                    due.push((op, spare.node));
+                }
+            }
+        }
+        for (op, node) in due {
+            fx.push(Effect::Observe(Observation::SpeculativeRead));
+            self.send_fetch(now_ms, op, &node, fx);
+        }
     }
 
     fn get_progress(&mut self, now_ms: u64, op: u64, fx: &mut Vec<Effect>) {

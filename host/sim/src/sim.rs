@@ -118,6 +118,11 @@ pub struct Config {
     pub read_before_delete: bool,
     /// Read repair after reads (off to prove convergence by anti-entropy alone).
     pub read_repair: bool,
+    /// Gets per thousand that ask every replica while read repair is on; the others ask R
+    /// and a spare per failure ([`quiver_core::coordinator::ReadSpread`]).
+    pub full_reads_per_mille: u32,
+    /// Delay after which a get short of R replies asks a spare, in ms; `None` off.
+    pub read_speculate_ms: Option<u64>,
     /// Interval of anti-entropy ticks on every node, in ms; `None` turns anti-entropy (and
     /// reaping) off.
     pub ae_every_ms: Option<u64>,
@@ -181,6 +186,10 @@ impl Default for Config {
             delete_pct: 15,
             read_before_delete: false,
             read_repair: true,
+            // Every read asks every replica, as before quorum reads existed: the fault
+            // matrix and the broken variants keep the runs their seeds were chosen on.
+            full_reads_per_mille: 1000,
+            read_speculate_ms: None,
             ae_every_ms: None,
             tombstone_grace_ms: None,
             reap_without_checks: false,
@@ -232,6 +241,9 @@ impl Config {
             one_way: rng.chance(0.5),
             swizzle: rng.chance(0.4),
             clock_skew_ms: [0, 50, 60_000, 3_600_000][rng.index(4)],
+            // Drawn last, so every earlier draw of a seed is what it was before.
+            full_reads_per_mille: [1000, 100, 0][rng.index(3)],
+            read_speculate_ms: [None, Some(20), Some(100)][rng.index(3)],
             scenario: "random",
             ..Config::default()
         }
@@ -261,6 +273,9 @@ impl Config {
             delete_pct: 45,
             read_before_delete: true,
             clients: base.clients.min(4),
+            // Full reads, as when the pinned seeds of the reaping tests were chosen.
+            full_reads_per_mille: 1000,
+            read_speculate_ms: None,
             scenario: "reaping",
             ..base
         }
@@ -289,6 +304,10 @@ impl Config {
             } else {
                 base.clients
             },
+            // Full reads, as when the pinned seeds of `membership_fixes_are_load_bearing` were
+            // chosen; quorum reads are covered by the random and anti-entropy scenarios.
+            full_reads_per_mille: 1000,
+            read_speculate_ms: None,
             scenario: "membership",
             ..base
         }
@@ -374,7 +393,7 @@ impl Config {
         format!(
             "{} nodes={} spares={} changes={} n={} r={} w={} keys={} clients={} {:?} sloppy={} \
              loss={} dup={} delay={:?} spike={} skew={}ms buffered_share={} ae={:?} grace={:?} \
-             faults=[{}]",
+             full_reads={}‰ speculate={:?} faults=[{}]",
             self.scenario,
             self.nodes,
             self.spares,
@@ -394,6 +413,8 @@ impl Config {
             self.buffered_share,
             self.ae_every_ms,
             self.tombstone_grace_ms,
+            self.full_reads_per_mille,
+            self.read_speculate_ms,
             faults.join(",")
         )
     }
@@ -504,6 +525,8 @@ pub struct Report {
     pub dots: u64,
     /// Read repairs sent.
     pub read_repairs: u64,
+    /// Spare replicas asked by reads short of R at their speculation time.
+    pub speculative_reads: u64,
     /// Hints handed off and dropped.
     pub hints_handed_off: u64,
     /// Anti-entropy exchanges completed.
@@ -539,6 +562,7 @@ impl Report {
         self.duplicated += other.duplicated;
         self.dots += other.dots;
         self.read_repairs += other.read_repairs;
+        self.speculative_reads += other.speculative_reads;
         self.hints_handed_off += other.hints_handed_off;
         self.ae_exchanges += other.ae_exchanges;
         self.ae_repaired += other.ae_repaired;
@@ -556,7 +580,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "ops={} acked_writes={} reads={} failed_ops={} faults={} messages={} dropped={} \
-             duplicated={} dots={} read_repairs={} hints_handed_off={} ae_exchanges={} \
+             duplicated={} dots={} read_repairs={} speculative_reads={} hints_handed_off={} ae_exchanges={} \
              ae_repaired={} reaped={} ring_changes={} departures={} handoff_sent={} \
              handoff_dropped={} simulated={:.1}s",
             self.operations,
@@ -569,6 +593,7 @@ impl fmt::Display for Report {
             self.duplicated,
             self.dots,
             self.read_repairs,
+            self.speculative_reads,
             self.hints_handed_off,
             self.ae_exchanges,
             self.ae_repaired,
@@ -769,6 +794,8 @@ impl World {
                 trust_all_epochs: cfg.trust_all_epochs,
                 sync_unchanged_merges: cfg.sync_unchanged_merges,
                 read_repair: cfg.read_repair,
+                full_reads_per_mille: cfg.full_reads_per_mille,
+                read_speculate_ms: cfg.read_speculate_ms,
                 ae_every_ms: cfg.ae_every_ms,
                 tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
                 reap_without_checks: cfg.reap_without_checks,
@@ -1069,6 +1096,7 @@ impl World {
                         });
                     }
                     Observation::ReadRepair => self.report.read_repairs += 1,
+                    Observation::SpeculativeRead => self.report.speculative_reads += 1,
                     Observation::HintHandedOff => self.report.hints_handed_off += 1,
                     Observation::PeerTimeout => {}
                     Observation::AeExchange { repaired } => {

@@ -402,6 +402,8 @@ fn unchanged_sync_store_must_still_fsync() {
             trust_all_epochs: false,
             sync_unchanged_merges: fixed,
             read_repair: true,
+            full_reads_per_mille: 1000,
+            read_speculate_ms: None,
             ae_every_ms: None,
             tombstone_grace_ms: None,
             reap_without_checks: false,
