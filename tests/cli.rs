@@ -266,7 +266,7 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(got["siblings"][0]["value"], "v");
 
-    // The ring: 3 members share 256 partitions, each holds a replica of every one (n=3).
+    // The ring: 3 members share the default 1024 partitions, each holds a replica of every one (n=3).
     let out = Command::new(quiver_bin())
         .args(["cluster", "ring", "--partitions", "--output", "json"])
         .env("QUIVER_CLUSTER", "127.0.0.1:17471")
@@ -279,21 +279,21 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ring: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(ring["partitions"], 256);
+    assert_eq!(ring["partitions"], 1024);
     let members = ring["members"].as_array().expect("members");
     assert_eq!(members.len(), 3);
     let owned: u64 = members
         .iter()
         .map(|m| m["owned"].as_u64().expect("owned"))
         .sum();
-    assert_eq!(owned, 256);
+    assert_eq!(owned, 1024);
     assert!(
         members
             .iter()
-            .all(|m| m["replicas"] == 256 && m["addr"] != "")
+            .all(|m| m["replicas"] == 1024 && m["addr"] != "")
     );
     let lists = ring["preference_lists"].as_array().expect("lists");
-    assert_eq!(lists.len(), 256);
+    assert_eq!(lists.len(), 1024);
     assert!(
         lists
             .iter()

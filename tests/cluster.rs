@@ -27,13 +27,13 @@ fn r(n: u8) -> ReadOptions {
     }
 }
 
-/// The ring every node of a `ClusterProc` of `nodes` members derives (Q=256).
+/// The ring every node of a `ClusterProc` of `nodes` members derives (the default Q).
 fn ring_of(nodes: usize, n_val: u32) -> Ring {
     let members = (1..=nodes).map(|i| Member::new(format!("n{i}"))).collect();
     Ring::new(
         members,
         ClaimParams {
-            partitions: 256,
+            partitions: quiver_core::ring::DEFAULT_PARTITIONS,
             n_val,
         },
     )

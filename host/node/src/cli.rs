@@ -158,7 +158,8 @@ pub struct ServerArgs {
     /// [default: true]
     #[arg(long, value_name = "BOOL")]
     pub sloppy_quorum: Option<bool>,
-    /// Ring partitions, a power of two, identical on every node. [default: 256]
+    /// Ring partitions, a power of two, identical on every node, fixed when the cluster is
+    /// first started. [default: 1024]
     #[arg(long, value_name = "Q")]
     pub partitions: Option<u32>,
     /// Deadline of one node-to-node request, in ms. [default: 2000]

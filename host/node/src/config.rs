@@ -16,7 +16,7 @@ pub const DATA_DIR_DEFAULT: &str = "quiver-data";
 /// Default server-side deadline of a request, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 /// Default number of ring partitions.
-pub const PARTITIONS_DEFAULT: u32 = 256;
+pub const PARTITIONS_DEFAULT: u32 = quiver_core::ring::DEFAULT_PARTITIONS;
 /// Default deadline of one node-to-node request, in milliseconds.
 pub const PEER_TIMEOUT_MS_DEFAULT: u32 = 2_000;
 /// Default time between anti-entropy exchanges, in ms.

@@ -25,8 +25,9 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Directory for the CA and every node's data, reused across runs so data survives a
-    /// restart. Use a fresh directory when changing --nodes: membership is static until
-    /// join/leave exist, and data is not moved between nodes.
+    /// restart. Use a fresh directory when changing --nodes: each node keeps the ring it
+    /// stored on its first start; grow or shrink a running cluster with `quiver cluster join`
+    /// and `quiver cluster leave` instead.
     #[arg(long, value_name = "DIR", default_value = "quiver-dev")]
     pub dir: PathBuf,
     /// UDP port of the first node; the others take the following ports.

@@ -18,13 +18,27 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Server(_) | Command::Dev(_)));
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Command::Server(args) = &cli.command
-        && let Some(threads) = args.worker_threads
-    {
-        builder.worker_threads(usize::from(threads));
+    let threads = match &cli.command {
+        Command::Server(args) => args.worker_threads.map(usize::from),
+        // Zero is refused by the bench itself, with a message.
+        Command::Bench(args) => Some(args.threads.max(1)),
+        _ => None,
     }
+    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // One thread: the current-thread scheduler. It runs woken tasks in order, so replies and
+    // peer requests that several tasks write in one turn leave in shared packets; the
+    // multi-thread scheduler's LIFO slot runs the QUIC connection driver right after each
+    // write instead, one packet per message. Measured with `quiver dev --nodes 3` (one
+    // thread per node on two cores): 25-45 % more 50/50 operations at 30-40 % less CPU per
+    // operation (ARCHITECTURE.md, "Runtime threads").
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all();
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
