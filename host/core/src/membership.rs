@@ -350,7 +350,7 @@ mod tests {
             .expect("ok")
             .expect("change");
         assert_eq!(next.members().len(), 1);
-        assert_eq!(next.partitions_of("n1").len(), 256);
+        assert_eq!(next.partitions_of("n1").len() as u32, next.partitions());
         members.insert("n1".into(), entry(MemberState::Leaving, 1, 1));
         assert!(matches!(
             staged_ring(&current, &members),
