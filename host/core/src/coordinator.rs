@@ -345,8 +345,7 @@ impl ReadFanout {
                 let asked = self.read.pending().iter().any(|p| p == node);
                 self.read.on_failure(node, e);
                 // Once decided, a failure needs no stand-in.
-                let open = matches!(self.read.status(), Status::Pending);
-                if asked && open {
+                if asked && self.undecided() {
                     self.spares.pop_front()
                 } else {
                     None
@@ -360,10 +359,15 @@ impl ReadFanout {
     /// read the full peer timeout when an asked replica is alive but slow or paused.
     #[must_use = "a returned spare must be fetched, or the read may wait for it forever"]
     pub fn speculate(&mut self) -> Option<Target> {
-        if self.decided || !matches!(self.read.status(), Status::Pending) {
+        if !self.undecided() {
             return None;
         }
         self.spares.pop_front()
+    }
+
+    /// Neither reported nor reached: a spare may still be needed.
+    fn undecided(&self) -> bool {
+        !self.decided && matches!(self.read.status(), Status::Pending)
     }
 
     /// Whether a spare is left to ask.
