@@ -17,12 +17,12 @@ for mode in $modes; do
   "$bin" dev --nodes 3 --dir "$dir/c" --base-port "$port" --durability "$mode" >"$dir/out" 2>"$dir/err" &
   pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
-  until grep -q QUIVER_CA "$dir/out" 2>/dev/null; do
+  until grep -q QUIVER_KEY "$dir/out" 2>/dev/null; do
     kill -0 $pid 2>/dev/null || { cat "$dir/err"; exit 1; }
     sleep 0.1
   done
   eval "$(cat "$dir/out")"
-  export QUIVER_CLUSTER QUIVER_CA
+  export QUIVER_CLUSTER QUIVER_CA QUIVER_KEY
   for workload in mixed write read; do
     echo "== 3 nodes, durability $mode, workload $workload"
     "$bin" bench --workload "$workload" --duration "$duration" --clients "$clients" 2>/dev/null

@@ -26,7 +26,7 @@ for mode in buffered sync; do
   done
   for workload in write read mixed; do
     echo "== durability $mode, workload $workload"
-    QUIVER_CLUSTER=127.0.0.1:$port QUIVER_CA=$dir/ca.pem \
+    QUIVER_CLUSTER=127.0.0.1:$port QUIVER_CA=$dir/ca.pem QUIVER_KEY=$(cat "$dir/admin.key") \
       "$bin" bench --workload "$workload" --duration "$duration" --clients "$clients" 2>/dev/null
   done
   kill $pid; wait $pid || true

@@ -13,6 +13,7 @@ fn quiver(node: &NodeProc, args: &[&str], stdin: Option<&[u8]>) -> Output {
     cmd.args(args)
         .env("QUIVER_CLUSTER", node.addr.to_string())
         .env("QUIVER_CA", node.data_dir.join("ca.pem"))
+        .env("QUIVER_KEY", node.admin_key().reveal())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -235,6 +236,25 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
         "export QUIVER_CLUSTER=127.0.0.1:17470,127.0.0.1:17471,127.0.0.1:17472"
     );
     let ca_path = ca.strip_prefix("export QUIVER_CA=").expect("CA line");
+    let key_line = lines.next().expect("a line").expect("utf-8");
+    let key = key_line
+        .strip_prefix("export QUIVER_KEY=")
+        .expect("key line")
+        .to_string();
+    // Without the key, nothing but a ping is served.
+    let out = Command::new(quiver_bin())
+        .args(["get", "dev", "k0"])
+        .env("QUIVER_CLUSTER", "127.0.0.1:17470")
+        .env("QUIVER_CA", ca_path)
+        .env_remove("QUIVER_KEY")
+        .output()
+        .expect("run get");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (i, port) in [17470, 17471, 17472].iter().enumerate() {
         let out = Command::new(quiver_bin())
             .args([
@@ -249,6 +269,7 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
             ])
             .env("QUIVER_CLUSTER", format!("127.0.0.1:{port}"))
             .env("QUIVER_CA", ca_path)
+            .env("QUIVER_KEY", &key)
             .output()
             .expect("run put");
         assert!(
@@ -261,6 +282,7 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
         .args(["get", "dev", "k0", "--r", "3", "--output", "json"])
         .env("QUIVER_CLUSTER", "127.0.0.1:17472")
         .env("QUIVER_CA", ca_path)
+        .env("QUIVER_KEY", &key)
         .output()
         .expect("run get");
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -271,6 +293,7 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
         .args(["cluster", "ring", "--partitions", "--output", "json"])
         .env("QUIVER_CLUSTER", "127.0.0.1:17471")
         .env("QUIVER_CA", ca_path)
+        .env("QUIVER_KEY", &key)
         .output()
         .expect("run cluster ring");
     assert!(

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use quiver_core::ring::{ClaimParams, Member, Ring};
-use quiver_sdk::{Client, ClientConfig, Error, ErrorCode, ReadOptions, WriteOptions};
+use quiver_sdk::{Client, Error, ErrorCode, ReadOptions, WriteOptions};
 use support::{ClusterProc, eventually};
 
 fn w(n: u8) -> WriteOptions {
@@ -356,7 +356,7 @@ async fn a_peer_with_a_foreign_certificate_is_refused() {
             "1000",
         ],
     );
-    let client = Client::connect(&rogue.addr.to_string(), ClientConfig::new(rogue.ca_pem()))
+    let client = Client::connect(&rogue.addr.to_string(), rogue.client_config())
         .await
         .expect("connect to rogue");
     let err = client
@@ -378,8 +378,7 @@ async fn a_peer_with_a_foreign_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_routes_requests_to_replicas_and_around_dead_nodes() {
     let mut c = ClusterProc::start(16, 4, &["--n", "2", "--peer-timeout-ms", "2000"]);
-    let ca = std::fs::read(c.ca_dir().join("ca.pem")).expect("read CA");
-    let mut config = ClientConfig::new(ca);
+    let mut config = c.client_config();
     config.request_timeout = Duration::from_secs(2);
     let client = quiver_sdk::ClusterClient::connect(&[c.addrs[3].as_str()], config)
         .await

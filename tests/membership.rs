@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use quiver_sdk::wire::{NodeStatus, PlanView};
-use quiver_sdk::{Client, WriteOptions};
+use quiver_sdk::{Client, ClientConfig, WriteOptions};
 use support::{ClusterProc, NodeProc, eventually_within, quiver_bin};
 
 const SUBNET: u8 = 26;
@@ -43,6 +43,7 @@ fn quiver_cluster(ca: &Path, node: &str, args: &[&str]) -> std::process::Output 
         .args(args)
         .args(["--cluster", node])
         .env("QUIVER_CA", ca)
+        .env("QUIVER_KEY", support::admin_key_beside(ca))
         .output()
         .expect("run quiver cluster")
 }
@@ -68,10 +69,8 @@ fn admin(ca: &Path, node: &str, args: &[&str]) -> PlanView {
     }
 }
 
-async fn status(addr: &str, ca: &[u8]) -> Option<NodeStatus> {
-    let client = Client::connect(addr, quiver_sdk::ClientConfig::new(ca.to_vec()))
-        .await
-        .ok()?;
+async fn status(addr: &str, config: &ClientConfig) -> Option<NodeStatus> {
+    let client = Client::connect(addr, config.clone()).await.ok()?;
     let s = client.status().await.ok();
     client.close().await;
     s
@@ -114,12 +113,22 @@ struct Joiner {
 impl Joiner {
     fn new(cluster: &ClusterProc, addr: &str, extra: &[&str]) -> Joiner {
         let ca_dir = cluster.ca_dir().display().to_string();
-        let args: Vec<String> = ["--ca-dir", &ca_dir, "--ae-interval-ms", "0", "--n", "3"]
-            .iter()
-            .chain(&FAST)
-            .chain(extra)
-            .map(|a| a.to_string())
-            .collect();
+        let key_file = cluster.admin_key_file().display().to_string();
+        let args: Vec<String> = [
+            "--ca-dir",
+            &ca_dir,
+            "--admin-key-file",
+            &key_file,
+            "--ae-interval-ms",
+            "0",
+            "--n",
+            "3",
+        ]
+        .iter()
+        .chain(&FAST)
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
         Joiner {
             dir: cluster.dir.path().join("n4"),
             addr: addr.to_string(),
@@ -136,7 +145,12 @@ impl Joiner {
 
 /// Writes `count` keys `PREFIX0..` through node 0 and waits until every node holds every
 /// copy (clusters of up to three nodes with n=3); returns the keys.
-async fn load(cluster: &ClusterProc, ca_pem: &[u8], prefix: &str, count: usize) -> Vec<String> {
+async fn load(
+    cluster: &ClusterProc,
+    ca_pem: &ClientConfig,
+    prefix: &str,
+    count: usize,
+) -> Vec<String> {
     let client = cluster.client(0).await;
     let keys: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
     for key in &keys {
@@ -174,7 +188,7 @@ async fn expected_holdings(client: &Client, keys: &[String]) -> BTreeMap<String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_joins_under_load_and_another_leaves_without_losing_a_write() {
     let mut cluster = ClusterProc::start(SUBNET, 3, &FAST);
-    let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
+    let ca_pem = cluster.client_config();
     let ca_file = cluster.ca_dir().join("ca.pem");
 
     // Load 10 k keys (n=3: every node holds every key).
@@ -312,12 +326,9 @@ async fn a_node_joins_under_load_and_another_leaves_without_losing_a_write() {
     }
 
     // A routing client that learned the 4-node ring, to see that it follows the leave.
-    let routing = quiver_sdk::ClusterClient::connect(
-        &[cluster.addrs[1].as_str()],
-        quiver_sdk::ClientConfig::new(ca_pem.clone()),
-    )
-    .await
-    .expect("routing client");
+    let routing = quiver_sdk::ClusterClient::connect(&[cluster.addrs[1].as_str()], ca_pem.clone())
+        .await
+        .expect("routing client");
     // n2 leaves (asked through n1): after the commit it hands off and exits by itself.
     let staged = admin(&ca_file, &cluster.addrs[0], &["leave", "n2"]);
     assert_eq!(staged.next_version, Some(3));
@@ -409,7 +420,7 @@ async fn handoff_resumes_after_either_side_crashes() {
     // land in its middle.
     let slow = ["--ae-max-keys", "20"];
     let mut cluster = ClusterProc::start(SUBNET, 3, &[&FAST[..], &slow[..]].concat());
-    let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
+    let ca_pem = cluster.client_config();
     let ca_file = cluster.ca_dir().join("ca.pem");
     let keys = load(&cluster, &ca_pem, "c", KEYS).await;
 
@@ -491,6 +502,7 @@ async fn membership_requests_are_checked() {
     let cluster = ClusterProc::start(SUBNET, 2, &FAST);
     let ca_file = cluster.ca_dir().join("ca.pem");
     let ca_dir = cluster.ca_dir().display().to_string();
+    let key_file = cluster.admin_key_file().display().to_string();
     let seed = cluster.addrs[0].clone();
 
     let nothing = admin(&ca_file, &seed, &["plan"]);
@@ -510,7 +522,14 @@ async fn membership_requests_are_checked() {
         &cluster.dir.path().join("n3"),
         "n3",
         &n3_addr,
-        &["--ca-dir", &ca_dir, "--ae-interval-ms", "0"],
+        &[
+            "--ca-dir",
+            &ca_dir,
+            "--admin-key-file",
+            &key_file,
+            "--ae-interval-ms",
+            "0",
+        ],
     );
     let err = admin_fails(&ca_file, &n3_addr, &["join", &seed]);
     assert!(err.contains("--n 2 --r 2 --w 2"), "{err}");
@@ -529,7 +548,16 @@ async fn membership_requests_are_checked() {
         &cluster.dir.path().join("n4"),
         "n4",
         &n4_addr,
-        &["--ca-dir", &ca_dir, "--ae-interval-ms", "0", "--n", "2"],
+        &[
+            "--ca-dir",
+            &ca_dir,
+            "--admin-key-file",
+            &key_file,
+            "--ae-interval-ms",
+            "0",
+            "--n",
+            "2",
+        ],
     );
     let staged = admin(&ca_file, &n4_addr, &["join", &seed]);
     assert_eq!(staged.next_version, Some(2));
@@ -541,7 +569,7 @@ async fn membership_requests_are_checked() {
             .any(|l| l.starts_with("n4 ") && l.contains("joining") && l.contains(" 0 (0.0%)")),
         "{text}"
     );
-    let ca_pem = std::fs::read(&ca_file).expect("CA");
+    let ca_pem = cluster.client_config();
     let seen = status_of_member(&seed, &ca_pem, "n4").await;
     assert_eq!(seen, Some(("joining".to_string(), 0)), "{text}");
     // Leaving a joining node cancels the join: nothing is staged any more.
@@ -551,7 +579,7 @@ async fn membership_requests_are_checked() {
 }
 
 /// The state and owned partitions of `member` as the node at `addr` reports them.
-async fn status_of_member(addr: &str, ca: &[u8], member: &str) -> Option<(String, u32)> {
+async fn status_of_member(addr: &str, ca: &ClientConfig, member: &str) -> Option<(String, u32)> {
     let s = status(addr, ca).await?;
     s.members
         .iter()
@@ -566,7 +594,7 @@ async fn a_node_that_missed_the_commit_learns_the_ring_by_gossip() {
     const SUBNET: u8 = 29;
     const KEYS: usize = 200;
     let mut cluster = ClusterProc::start(SUBNET, 3, &FAST);
-    let ca_pem = std::fs::read(cluster.ca_dir().join("ca.pem")).expect("CA");
+    let ca_pem = cluster.client_config();
     let ca_file = cluster.ca_dir().join("ca.pem");
     let keys = load(&cluster, &ca_pem, "g", KEYS).await;
     let n4_addr = format!("127.0.{SUBNET}.4:7470");

@@ -8,12 +8,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use quiver_core::access::KeyToken;
 use quiver_core::meta::{BucketSpec, PluginInfo, PluginRef};
 
 use crate::tls;
 use crate::wire::{
-    self, ALPN_CLIENT_V1, BucketInfo, ErrorCode, FRAME_HEADER_BYTES, NODE_SERVER_NAME, ReadOptions,
-    Request, Response, WriteOptions,
+    self, ALPN_CLIENT_V1, BucketInfo, ErrorCode, FRAME_HEADER_BYTES, KeyInfo, NODE_SERVER_NAME,
+    ReadOptions, Request, Response, WriteOptions,
 };
 
 /// TLS alert "no_application_protocol" (RFC 7301) as a QUIC crypto error code.
@@ -215,6 +216,9 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// ALPN to offer; tests override it to exercise version negotiation.
     pub alpn: Vec<u8>,
+    /// The access key every connection authenticates with (`quiver key create` prints
+    /// one; `KeyToken::parse` reads its text form). Without one, nodes answer only pings.
+    pub key: Option<KeyToken>,
 }
 
 impl ClientConfig {
@@ -224,7 +228,14 @@ impl ClientConfig {
             ca_pem,
             request_timeout: Duration::from_secs(10),
             alpn: ALPN_CLIENT_V1.to_vec(),
+            key: None,
         }
+    }
+
+    /// The same settings with `key` as the access key.
+    pub fn with_key(mut self, key: KeyToken) -> Self {
+        self.key = Some(key);
+        self
     }
 }
 
@@ -281,12 +292,24 @@ impl Client {
             Ok(Err(e)) => return Err(connect_error(addr, e)),
             Ok(Ok(c)) => c,
         };
-        Ok(Client {
+        let client = Client {
             endpoint,
             conn,
             addr: addr.to_string(),
             timeout: config.request_timeout,
-        })
+        };
+        if let Some(key) = &config.key {
+            // First on the connection: the node acts on every later stream as this key.
+            let req = Request::Authenticate {
+                key: key.name().to_string(),
+                secret: key.secret().to_vec(),
+            };
+            match client.call(&req).await? {
+                Response::Authenticated { .. } => {}
+                other => return Err(client.unexpected(&other)),
+            }
+        }
+        Ok(client)
     }
 
     /// The node address this client talks to.
@@ -519,6 +542,66 @@ impl Client {
         .await
     }
 
+    /// Creates an access key (needs an admin key). Returns what was created and its secret
+    /// token `NAME.SECRET`, which the cluster never shows again.
+    pub async fn key_create(
+        &self,
+        name: &str,
+        admin: bool,
+        grants: &[String],
+    ) -> Result<(KeyInfo, KeyToken), Error> {
+        let req = Request::KeyCreate {
+            name: name.to_string(),
+            admin,
+            grants: grants.to_vec(),
+        };
+        match self.call(&req).await? {
+            Response::KeyCreated { key, token } => {
+                let token = KeyToken::parse(&token).map_err(|e| Error::Protocol {
+                    addr: self.addr.clone(),
+                    message: format!("the node sent an unusable key: {e}"),
+                })?;
+                Ok((key, token))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Every access key (needs an admin key); never their secrets.
+    pub async fn key_list(&self) -> Result<Vec<KeyInfo>, Error> {
+        self.keys(&Request::KeyList).await
+    }
+
+    /// One access key (needs an admin key).
+    pub async fn key_show(&self, name: &str) -> Result<KeyInfo, Error> {
+        let mut keys = self
+            .keys(&Request::KeyShow {
+                name: name.to_string(),
+            })
+            .await?;
+        keys.pop().ok_or_else(|| Error::Protocol {
+            addr: self.addr.clone(),
+            message: format!("no key in the answer for {name:?}"),
+        })
+    }
+
+    /// Deletes an access key (needs an admin key); it stops working on every node as the
+    /// deletion spreads (pushed at once, gossiped to nodes that were unreachable).
+    pub async fn key_delete(&self, name: &str) -> Result<(), Error> {
+        self.keys(&Request::KeyDelete {
+            name: name.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn keys(&self, req: &Request) -> Result<Vec<KeyInfo>, Error> {
+        match self.call(req).await? {
+            Response::Keys(keys) => Ok(keys),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Sends a cluster admin request (join, leave, plan, commit) and returns the plan the
     /// node answers with.
     pub async fn cluster_admin(&self, req: &Request) -> Result<crate::wire::PlanView, Error> {
@@ -622,6 +705,9 @@ fn reply_name(resp: &Response) -> &'static str {
         Response::Plugins { .. } => "Plugins",
         Response::Bucket(_) => "Bucket",
         Response::Plan(_) => "Plan",
+        Response::Authenticated { .. } => "Authenticated",
+        Response::KeyCreated { .. } => "KeyCreated",
+        Response::Keys(_) => "Keys",
         Response::Error(_) => "Error",
     }
 }

@@ -41,5 +41,6 @@ mod client;
 mod routing;
 
 pub use client::{Client, ClientConfig, Context, Error, GetResult, NodeInfo, Sibling};
+pub use quiver_core::access::KeyToken;
 pub use routing::ClusterClient;
 pub use wire::{ErrorCode, ReadOptions, WireDurability as Durability, WriteOptions};

@@ -155,6 +155,49 @@ pub enum Request {
     ClusterPlan,
     /// Apply the staged changes: rebalance the ring and start the handoffs.
     ClusterCommit,
+    /// Authenticates the connection with an access key; every later request on it acts as
+    /// that key. The SDK sends it first on every connection it opens.
+    Authenticate {
+        /// The key's name.
+        key: String,
+        /// The key's secret.
+        secret: Vec<u8>,
+    },
+    /// Create an access key (admin). The answer carries the secret, once.
+    KeyCreate {
+        /// Key name (1 to 64 ASCII letters, digits, `-`, `_`).
+        name: String,
+        /// An admin key may do everything.
+        admin: bool,
+        /// Bucket grants, `BUCKET:ACCESS` or `PREFIX*:ACCESS` (access: read, write or
+        /// readwrite).
+        grants: Vec<String>,
+    },
+    /// Every access key (admin); secrets are never shown.
+    KeyList,
+    /// One access key (admin).
+    KeyShow {
+        /// Key name.
+        name: String,
+    },
+    /// Delete an access key (admin); it stops working on every node as the deletion spreads.
+    KeyDelete {
+        /// Key name.
+        name: String,
+    },
+}
+
+/// An access key as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Key name.
+    pub name: String,
+    /// Whether it is an admin key.
+    pub admin: bool,
+    /// Its bucket grants, as `BUCKET:ACCESS` / `PREFIX*:ACCESS`.
+    pub grants: Vec<String>,
+    /// Who created it, when.
+    pub created: Stamp,
 }
 
 /// One member in a plan.
@@ -275,6 +318,12 @@ pub struct NodeStatus {
     /// Gets coordinated here that asked a left-out replica because the asked ones were
     /// slow to answer (`--read-speculate-ms`).
     pub reads_speculated: u64,
+    /// Client requests this node refused since it started because they carried no valid
+    /// access key (`Unauthenticated`) or their key lacked the grant (`Forbidden`).
+    pub auth_refused: u64,
+    /// Connections refused at the handshake since start by `--connections-max` or
+    /// `--connections-per-address-max`.
+    pub connections_refused: u64,
 }
 
 /// A bucket's properties as a node applies them.
@@ -345,6 +394,18 @@ pub enum ErrorCode {
     /// A membership change was refused (unknown member, nothing staged, not an empty node,
     /// another cluster's seed).
     Membership,
+    /// The connection carries no valid access key (none given, unknown, wrong secret, or
+    /// deleted since).
+    Unauthenticated,
+    /// The access key is valid but lacks the grant for this operation; the message names
+    /// the operation and the bucket.
+    Forbidden,
+    /// An access-key request was refused (bad name or grant, name taken, unknown key).
+    InvalidKey,
+    /// The request asks for more than a node limit allows (a plugin limit above the node's
+    /// cap, too many buckets or plugin versions, too many uploads at once); the message
+    /// names the limit.
+    LimitExceeded,
 }
 
 /// A typed error reply.
@@ -411,6 +472,23 @@ pub enum Response {
     Bucket(Box<BucketInfo>),
     /// Answer to the cluster admin requests (join, leave, plan, commit).
     Plan(Box<PlanView>),
+    /// Answer to [`Request::Authenticate`].
+    Authenticated {
+        /// The key's name.
+        key: String,
+        /// Whether it is an admin key.
+        admin: bool,
+    },
+    /// Answer to [`Request::KeyCreate`]: the key's text form `NAME.SECRET`, shown once.
+    KeyCreated {
+        /// What was created.
+        key: KeyInfo,
+        /// The secret token; the cluster keeps only a salted hash of it.
+        token: String,
+    },
+    /// Answer to [`Request::KeyList`], [`Request::KeyShow`] and [`Request::KeyDelete`] (the
+    /// deleted key).
+    Keys(Vec<KeyInfo>),
     /// The request failed.
     Error(ErrorReply),
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quiver_sdk::{Client, ClientConfig};
+use quiver_sdk::{Client, ClientConfig, KeyToken};
 
 /// Path of the `quiver` binary built for this test run.
 pub fn quiver_bin() -> PathBuf {
@@ -25,6 +25,8 @@ pub struct NodeProc {
     pub addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// The admin key file it announced (its own `DATA_DIR/admin.key` or the cluster's).
+    pub admin_key_file: PathBuf,
 }
 
 impl NodeProc {
@@ -65,11 +67,27 @@ impl NodeProc {
                 let status = child.wait();
                 panic!("node did not start: stdout {line:?}, status {status:?}")
             });
+        let admin_key_file = line
+            .split(", admin key ")
+            .nth(1)
+            .map(|rest| PathBuf::from(rest.trim_end().trim_end_matches(')')))
+            .unwrap_or_else(|| data_dir.join("admin.key"));
         NodeProc {
             child: Some(child),
             addr,
             data_dir: data_dir.to_path_buf(),
+            admin_key_file,
         }
+    }
+
+    /// The admin key this node accepts from its start.
+    pub fn admin_key(&self) -> KeyToken {
+        read_key(&self.admin_key_file)
+    }
+
+    /// Client settings: this node's CA and admin key.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(self.ca_pem()).with_key(self.admin_key())
     }
 
     /// PEM of the cluster CA this node created.
@@ -79,7 +97,7 @@ impl NodeProc {
 
     /// Connects an SDK client.
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addr.to_string(), ClientConfig::new(self.ca_pem()))
+        Client::connect(&self.addr.to_string(), self.client_config())
             .await
             .expect("connect to node")
     }
@@ -151,6 +169,12 @@ impl ClusterProc {
     pub fn start(subnet: u8, n: usize, extra: &[&str]) -> ClusterProc {
         let dir = tempfile::tempdir().expect("temp dir");
         quiver_node::certs::ensure_ca(&dir.path().join("ca")).expect("create CA");
+        let token = quiver_node::cluster::keys::generate_token("admin").expect("admin key");
+        quiver_node::cluster::keys::write_key_file(
+            &dir.path().join("ca").join("admin.key"),
+            &token,
+        )
+        .expect("write the admin key");
         let addrs: Vec<String> = (1..=n)
             .map(|i| format!("127.0.{subnet}.{i}:7470"))
             .collect();
@@ -174,7 +198,12 @@ impl ClusterProc {
     }
 
     fn spawn(&self, i: usize) -> NodeProc {
-        let mut args: Vec<String> = vec!["--ca-dir".into(), self.ca_dir().display().to_string()];
+        let mut args: Vec<String> = vec![
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
+            "--admin-key-file".into(),
+            self.admin_key_file().display().to_string(),
+        ];
         for p in &self.peers {
             args.push("--peer".into());
             args.push(p.clone());
@@ -197,6 +226,22 @@ impl ClusterProc {
     /// The CA directory.
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.path().join("ca")
+    }
+
+    /// The cluster's bootstrap admin key file (beside the CA), which every node accepts.
+    pub fn admin_key_file(&self) -> PathBuf {
+        self.ca_dir().join("admin.key")
+    }
+
+    /// The cluster's admin key.
+    pub fn admin_key(&self) -> KeyToken {
+        read_key(&self.admin_key_file())
+    }
+
+    /// Client settings: the cluster CA and its admin key.
+    pub fn client_config(&self) -> ClientConfig {
+        let ca = std::fs::read(self.ca_dir().join("ca.pem")).expect("read CA");
+        ClientConfig::new(ca).with_key(self.admin_key())
     }
 
     /// SIGKILL node `i` (0-based).
@@ -245,11 +290,21 @@ impl ClusterProc {
 
     /// A client connected to node `i`.
     pub async fn client(&self, i: usize) -> Client {
-        let ca = std::fs::read(self.ca_dir().join("ca.pem")).expect("read CA");
-        Client::connect(&self.addrs[i], ClientConfig::new(ca))
+        Client::connect(&self.addrs[i], self.client_config())
             .await
             .expect("connect")
     }
+}
+
+/// Reads an access key file.
+pub fn read_key(path: &Path) -> KeyToken {
+    quiver_node::cluster::keys::read_key_file(path).expect("read the admin key file")
+}
+
+/// The admin key text of the cluster whose CA certificate is `ca_pem_path` (the key file
+/// lies beside it), for `QUIVER_KEY`.
+pub fn admin_key_beside(ca_pem_path: &Path) -> String {
+    read_key(&ca_pem_path.with_file_name("admin.key")).reveal()
 }
 
 /// Polls `check` until it returns true, failing after 60 s.

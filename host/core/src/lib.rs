@@ -5,6 +5,8 @@
 //! lets the same code run in production and in a deterministic simulation.
 //!
 //! Layout:
+//! - [`access`]: access keys (salted hashes, admin flag, bucket grants) and the
+//!   authorization rule every request passes.
 //! - [`causality`]: dotted version vectors, sibling sets, the coordinator's write rule and
 //!   the replica merge, per-key actor epochs that prevent dot reuse after data loss.
 //! - [`coordinator`]: the coordinator's state machines (write routing and forwarding, put
@@ -24,6 +26,7 @@
 //!   and later Wasm adapters), plus the key layout the node uses on top of it.
 #![deny(clippy::unwrap_used)]
 
+pub mod access;
 pub mod causality;
 pub mod coordinator;
 pub mod limits;

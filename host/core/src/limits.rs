@@ -30,6 +30,23 @@ pub const fn request_frame_bytes_max(value_bytes_max: usize) -> usize {
     KEY_BYTES_MAX + BUCKET_BYTES_MAX + value_bytes_max + CONTEXT_BYTES_MAX + FRAME_OVERHEAD_BYTES
 }
 
+/// Largest node-to-node frame, in bytes: a whole object whose every sibling carries a full
+/// value (about 100 MiB at the default value limit) fits, with room for the byte-bounded
+/// batches of anti-entropy and handoff (one object past their threshold) and for one
+/// plugin of [`PLUGIN_BYTES_MAX`] with the metadata around it.
+pub const PEER_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Largest peer frame for a given value limit: [`PEER_FRAME_BYTES_MAX`], or two whole
+/// objects when values are configured larger than the default.
+pub const fn peer_frame_bytes_max(value_bytes_max: usize) -> usize {
+    let two_objects = 2 * response_frame_bytes_max(value_bytes_max);
+    if two_objects > PEER_FRAME_BYTES_MAX {
+        two_objects
+    } else {
+        PEER_FRAME_BYTES_MAX
+    }
+}
+
 /// Largest response frame: every sibling may carry a full value.
 pub const fn response_frame_bytes_max(value_bytes_max: usize) -> usize {
     SIBLINGS_MAX_DEFAULT * (value_bytes_max + 256) + CONTEXT_BYTES_MAX + FRAME_OVERHEAD_BYTES

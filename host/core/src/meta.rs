@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::access::KeyEntry;
 use crate::membership::{MemberEntry, RingEntry, merge_members};
 
 /// Who wrote a metadata entry, and when: ordered by time, then by node name, so every node
@@ -150,6 +151,8 @@ pub struct MetaState {
     pub members: BTreeMap<String, MemberEntry>,
     /// The committed ring; `None` until the node derived or learned one.
     pub ring: Option<RingEntry>,
+    /// Access keys by name (`crate::access`), deleted ones as markers.
+    pub keys: BTreeMap<String, KeyEntry>,
 }
 
 /// What a merge changed.
@@ -163,12 +166,18 @@ pub struct MetaChanges {
     pub members: Vec<String>,
     /// The ring was replaced.
     pub ring: bool,
+    /// Access keys whose entry was replaced.
+    pub keys: Vec<String>,
 }
 
 impl MetaChanges {
     /// Nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty() && self.plugins.is_empty() && self.members.is_empty() && !self.ring
+        self.buckets.is_empty()
+            && self.plugins.is_empty()
+            && self.members.is_empty()
+            && !self.ring
+            && self.keys.is_empty()
     }
 }
 
@@ -198,6 +207,18 @@ impl MetaState {
                         *mine = theirs.clone();
                     }
                 }
+            }
+        }
+        for (name, theirs) in &other.keys {
+            // The later stamp wins; equal stamps (two nodes adding the same bootstrap key at
+            // stamp zero) pick by content, so every node keeps the same entry.
+            let replace = self.keys.get(name).is_none_or(|mine| {
+                (&theirs.stamp, theirs.deleted, &theirs.salt, &theirs.hash)
+                    > (&mine.stamp, mine.deleted, &mine.salt, &mine.hash)
+            });
+            if replace {
+                self.keys.insert(name.clone(), theirs.clone());
+                changes.keys.push(name.clone());
             }
         }
         changes.members = merge_members(&mut self.members, &other.members);

@@ -213,7 +213,28 @@ pub fn bootstrap(
         }
         issue_node_cert(ca_dir, dir, node_id, &ips)?;
     }
-    load_identity(&paths)
+    let identity = load_identity(&paths)?;
+    // Peers check the node id a request claims against the certificate, so a data
+    // directory whose certificate names another node would be refused by every peer.
+    let named = identity.chain.first().and_then(|c| node_id_of(c.as_ref()));
+    if named.as_deref() != Some(node_id) {
+        return Err(CertError::Invalid {
+            path: paths.node_cert.clone(),
+            message: format!(
+                "the certificate is for node {named:?}, not {node_id:?}: start with that \
+                 --node-id, or use a fresh data directory"
+            ),
+        });
+    }
+    Ok(identity)
+}
+
+/// The node id a node certificate was issued for (its subject common name), if the DER
+/// parses and names one. Peers are who their certificate says: see `server.rs`.
+pub fn node_id_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// Loads a node identity from its files.

@@ -63,6 +63,10 @@ pub enum Command {
     /// Bucket properties: reconciler, n/r/w, sibling threshold, plugin limits.
     #[command(subcommand)]
     Bucket(crate::cli_plugins::BucketCommand),
+    /// Access keys: create (with bucket grants or admin), list, show, delete; `init` writes
+    /// a bootstrap admin key for a new cluster.
+    #[command(subcommand)]
+    Key(crate::cli_keys::KeyCommand),
 }
 
 /// `quiver cluster` subcommands.
@@ -218,6 +222,31 @@ pub struct ServerArgs {
     /// this node's certificate on first start. [default: a new CA in the data directory]
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Client and peer connections this node holds at once; more are refused at the handshake. [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub connections_max: Option<u32>,
+    /// Connections from one IP address at once; more are refused at the handshake. [default: 256]
+    #[arg(long, value_name = "N")]
+    pub connections_per_address_max: Option<u32>,
+    /// Most fuel a bucket may give its plugin per call (`bucket set --plugin-fuel`); larger settings are refused, and capped where another node set them. [default: 1000000000]
+    #[arg(long, value_name = "N")]
+    pub plugin_fuel_max: Option<u64>,
+    /// Most linear memory a bucket may give its plugin per call, in bytes. [default: 134217728]
+    #[arg(long, value_name = "N")]
+    pub plugin_memory_bytes_max: Option<u64>,
+    /// Largest value a bucket may let its plugin return, in bytes. [default: the value limit]
+    #[arg(long, value_name = "N")]
+    pub plugin_output_bytes_max: Option<u64>,
+    /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it is checked); more are refused until one ends. [default: 2]
+    #[arg(long, value_name = "N")]
+    pub plugin_uploads_max: Option<u32>,
+    /// A bootstrap admin key shared by the cluster (written by `quiver key init --file F`):
+    /// the node accepts it from its first start, so every node of a new cluster takes the
+    /// same key at once. Deleting the key (`quiver key delete NAME`) is final; a restart
+    /// with this flag does not bring it back. [default: a new node writes its own admin key
+    /// to DATA_DIR/admin.key]
+    #[arg(long, value_name = "FILE")]
+    pub admin_key_file: Option<PathBuf>,
     /// Replication properties of one bucket, as NAME:n=3,r=2,w=2,sloppy_quorum=false (any
     /// subset); repeat per bucket. `sloppy_quorum=false` requires primaries only.
     #[arg(long = "bucket", value_name = "NAME:PROPS")]
@@ -266,6 +295,13 @@ impl ServerArgs {
             weight: self.weight,
             zone: self.zone.clone(),
             ca_dir: self.ca_dir.clone(),
+            connections_max: self.connections_max,
+            connections_per_address_max: self.connections_per_address_max,
+            plugin_fuel_max: self.plugin_fuel_max,
+            plugin_memory_bytes_max: self.plugin_memory_bytes_max,
+            plugin_output_bytes_max: self.plugin_output_bytes_max,
+            plugin_uploads_max: self.plugin_uploads_max,
+            admin_key_file: self.admin_key_file.clone(),
             buckets: if buckets.is_empty() {
                 None
             } else {
@@ -285,8 +321,8 @@ pub enum Output {
     Json,
 }
 
-/// How client commands find and trust the cluster.
-#[derive(Debug, Clone, Args)]
+/// How client commands find, trust and authenticate to the cluster.
+#[derive(Clone, Args)]
 pub struct ClientArgs {
     /// Node address(es), comma-separated: the ring is learned from the first that answers,
     /// then each request goes straight to a replica of its key.
@@ -311,6 +347,27 @@ pub struct ClientArgs {
     /// Client-side deadline per request, in ms.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// Access key, as printed by `quiver key create` (or the contents of a node's
+    /// DATA_DIR/admin.key). Prefer the environment variable: a flag shows in `ps`.
+    #[arg(
+        long,
+        env = "QUIVER_KEY",
+        hide_env_values = true,
+        value_name = "NAME.SECRET"
+    )]
+    pub key: Option<String>,
+}
+
+impl std::fmt::Debug for ClientArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientArgs")
+            .field("cluster", &self.cluster)
+            .field("ca", &self.ca)
+            .field("output", &self.output)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("key", &self.key.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
 }
 
 impl ClientArgs {
@@ -330,6 +387,12 @@ impl ClientArgs {
         })?;
         let mut config = ClientConfig::new(ca_pem);
         config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
+        if let Some(text) = &self.key {
+            // The error never echoes the text: it may be a real secret with a typo.
+            let key = quiver_sdk::KeyToken::parse(text)
+                .map_err(|e| anyhow::anyhow!("--key / QUIVER_KEY: {e}"))?;
+            config.key = Some(key);
+        }
         Ok(config)
     }
 

@@ -33,6 +33,7 @@ use crate::plugins::{PluginMerged, Plugins};
 
 mod admin;
 mod ae;
+pub mod keys;
 mod membership;
 mod reap;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
@@ -65,6 +66,8 @@ pub struct ReplicationConfig {
     pub ae: AeConfig,
     /// Gossip, handoff, and how this node joins.
     pub membership: MembershipConfig,
+    /// The node-wide caps of bucket plugin limits (and the other client limits).
+    pub client_limits: crate::config::ClientLimits,
 }
 
 /// Replication properties of one bucket.
@@ -103,6 +106,12 @@ pub struct Cluster {
     reads_speculated: std::sync::atomic::AtomicU64,
     /// Notified when this node has handed everything off after leaving.
     departed: tokio::sync::Notify,
+    /// The live access keys, rebuilt on every metadata change.
+    keys: std::sync::RwLock<Arc<keys::KeyTable>>,
+    /// Client requests refused for want of a valid key or grant.
+    auth_refused: std::sync::atomic::AtomicU64,
+    /// Connections refused at the handshake by a connection limit.
+    connections_refused: std::sync::atomic::AtomicU64,
 }
 
 /// A client write as the coordinator handles it.
@@ -171,6 +180,9 @@ impl Cluster {
             reads: Default::default(),
             reads_speculated: Default::default(),
             departed: Default::default(),
+            keys: Default::default(),
+            auth_refused: Default::default(),
+            connections_refused: Default::default(),
         };
         cluster.apply_membership();
         cluster.refresh_views();
@@ -352,6 +364,19 @@ impl Cluster {
             Request::ClusterLeave { node } => self.cluster_leave(node).await,
             Request::ClusterPlan => self.plan_response(false),
             Request::ClusterCommit => self.cluster_commit().await,
+            Request::KeyCreate {
+                name,
+                admin,
+                grants,
+            } => self.key_create(name, admin, grants).await,
+            Request::KeyList => self.key_list(None),
+            Request::KeyShow { name } => self.key_list(Some(&name)),
+            Request::KeyDelete { name } => self.key_delete(name).await,
+            // The server answers it per connection; it never reaches the cluster.
+            Request::Authenticate { .. } => error(
+                ErrorCode::Internal,
+                "authentication is per connection, not forwarded".into(),
+            ),
         }
     }
 
@@ -401,6 +426,8 @@ impl Cluster {
             handoff_keys_sent: self.handoff_metrics.keys_sent.load(Relaxed),
             handoff_keys_dropped: self.handoff_metrics.keys_dropped.load(Relaxed),
             reads_speculated: self.reads_speculated.load(Relaxed),
+            auth_refused: self.auth_refused(),
+            connections_refused: self.connections_refused.load(Relaxed),
             n: q.n as u8,
             r: q.r as u8,
             w: q.w as u8,

@@ -132,6 +132,21 @@ pub struct FileConfig {
     /// Directory holding the cluster CA (`ca.pem`, `ca.key`) that signs this node's
     /// certificate on first start; without it a new CA is created.
     pub ca_dir: Option<PathBuf>,
+    /// Client and peer connections this node holds at once; more are refused at the handshake.
+    pub connections_max: Option<u32>,
+    /// Connections from one IP address at once; more are refused at the handshake.
+    pub connections_per_address_max: Option<u32>,
+    /// Most fuel a bucket may give its plugin per call (`bucket set --plugin-fuel`); larger settings are refused, and capped where another node set them.
+    pub plugin_fuel_max: Option<u64>,
+    /// Most linear memory a bucket may give its plugin per call, in bytes.
+    pub plugin_memory_bytes_max: Option<u64>,
+    /// Largest value a bucket may let its plugin return, in bytes.
+    pub plugin_output_bytes_max: Option<u64>,
+    /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it is checked); more are refused until one ends.
+    pub plugin_uploads_max: Option<u32>,
+    /// A cluster-wide bootstrap admin key (`quiver key init`) this node accepts from its
+    /// first start; without it a new node writes its own to `DATA_DIR/admin.key`.
+    pub admin_key_file: Option<PathBuf>,
     /// Per-bucket replication properties (`[buckets.NAME]` tables); the same on every node.
     pub buckets: Option<std::collections::BTreeMap<String, BucketFileConfig>>,
 }
@@ -228,6 +243,19 @@ impl FileConfig {
             weight: flags.weight.or(self.weight),
             zone: flags.zone.or(self.zone),
             ca_dir: flags.ca_dir.or(self.ca_dir),
+            connections_max: flags.connections_max.or(self.connections_max),
+            connections_per_address_max: flags
+                .connections_per_address_max
+                .or(self.connections_per_address_max),
+            plugin_fuel_max: flags.plugin_fuel_max.or(self.plugin_fuel_max),
+            plugin_memory_bytes_max: flags
+                .plugin_memory_bytes_max
+                .or(self.plugin_memory_bytes_max),
+            plugin_output_bytes_max: flags
+                .plugin_output_bytes_max
+                .or(self.plugin_output_bytes_max),
+            plugin_uploads_max: flags.plugin_uploads_max.or(self.plugin_uploads_max),
+            admin_key_file: flags.admin_key_file.or(self.admin_key_file),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
                     file.extend(flags);
@@ -281,6 +309,45 @@ impl FileConfig {
                 message: format!("{streams}: must be between 1 and 65536"),
             });
         }
+        let client_limits = ClientLimits {
+            connections_max: bounded(
+                "connections_max",
+                self.connections_max.unwrap_or(4096),
+                1,
+                1_000_000,
+            )?,
+            connections_per_address_max: bounded(
+                "connections_per_address_max",
+                self.connections_per_address_max.unwrap_or(256),
+                1,
+                1_000_000,
+            )?,
+            plugin_fuel_max: bounded(
+                "plugin_fuel_max",
+                self.plugin_fuel_max.unwrap_or(1_000_000_000),
+                1,
+                u64::MAX,
+            )?,
+            plugin_memory_bytes_max: bounded(
+                "plugin_memory_bytes_max",
+                self.plugin_memory_bytes_max.unwrap_or(128 * 1024 * 1024),
+                65536,
+                4 * 1024 * 1024 * 1024,
+            )?,
+            plugin_output_bytes_max: bounded(
+                "plugin_output_bytes_max",
+                self.plugin_output_bytes_max
+                    .unwrap_or(value_bytes_max as u64),
+                1,
+                64 * 1024 * 1024,
+            )?,
+            plugin_uploads_max: bounded(
+                "plugin_uploads_max",
+                self.plugin_uploads_max.unwrap_or(2),
+                1,
+                64,
+            )?,
+        };
         let timeout = self
             .request_timeout_ms
             .unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
@@ -463,6 +530,8 @@ impl FileConfig {
             peer_timeout: std::time::Duration::from_millis(u64::from(peer_timeout_ms)),
             hints_max: self.hints_max.unwrap_or(crate::kv::HINTS_MAX_DEFAULT),
             ca_dir: self.ca_dir,
+            admin_key_file: self.admin_key_file,
+            client_limits,
         })
     }
 }
@@ -525,8 +594,49 @@ pub struct NodeConfig {
     pub zone: Option<String>,
     /// CA directory for the first start, if not this node's own.
     pub ca_dir: Option<PathBuf>,
+    /// The cluster-wide bootstrap admin key file, if any.
+    pub admin_key_file: Option<PathBuf>,
+    /// Bounds on what clients may make this node hold or run.
+    pub client_limits: ClientLimits,
     /// Buckets with their own replication properties.
     pub buckets: std::collections::BTreeMap<String, crate::cluster::BucketProps>,
+}
+
+/// Bounds on what clients (and bucket settings made by admins) may make a node hold or run:
+/// connections, plugin call limits, concurrent plugin uploads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Client and peer connections this node holds at once; more are refused at the
+    /// handshake.
+    pub connections_max: u32,
+    /// Connections from one IP address at once; more are refused at the handshake.
+    pub connections_per_address_max: u32,
+    /// Most fuel a bucket may give its plugin per call (`bucket set --plugin-fuel`); larger
+    /// settings are refused, and capped where another node set them.
+    pub plugin_fuel_max: u64,
+    /// Most linear memory a bucket may give its plugin per call, in bytes.
+    pub plugin_memory_bytes_max: u64,
+    /// Largest value a bucket may let its plugin return, in bytes.
+    pub plugin_output_bytes_max: u64,
+    /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it
+    /// is checked); more are refused until one ends.
+    pub plugin_uploads_max: u32,
+}
+
+/// `value` if it lies in `min..=max`, else a configuration error naming `name`.
+fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid {
+            name,
+            message: format!("{value}: must be between {min} and {max}"),
+        });
+    }
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -698,6 +808,53 @@ mod tests {
                     ..Default::default()
                 },
                 "read_speculate_ms",
+            ),
+        ] {
+            assert!(
+                matches!(bad.resolve(), Err(ConfigError::Invalid { name: n, .. }) if n == name),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_limits_default_and_are_checked() {
+        let cfg = FileConfig::default().resolve().expect("defaults");
+        let l = &cfg.client_limits;
+        assert_eq!(
+            (l.connections_max, l.connections_per_address_max),
+            (4096, 256)
+        );
+        assert_eq!(l.plugin_output_bytes_max, cfg.value_bytes_max as u64);
+        assert_eq!(
+            (l.plugin_fuel_max, l.plugin_uploads_max),
+            (1_000_000_000, 2)
+        );
+        let file: FileConfig =
+            toml::from_str("connections_max = 10\nplugin_uploads_max = 1\n").expect("toml");
+        let cfg = file.resolve().expect("valid");
+        assert_eq!(cfg.client_limits.connections_max, 10);
+        for (bad, name) in [
+            (
+                FileConfig {
+                    connections_max: Some(0),
+                    ..Default::default()
+                },
+                "connections_max",
+            ),
+            (
+                FileConfig {
+                    plugin_uploads_max: Some(1000),
+                    ..Default::default()
+                },
+                "plugin_uploads_max",
+            ),
+            (
+                FileConfig {
+                    plugin_memory_bytes_max: Some(1),
+                    ..Default::default()
+                },
+                "plugin_memory_bytes_max",
             ),
         ] {
             assert!(

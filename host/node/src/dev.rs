@@ -2,7 +2,7 @@
 //!
 //! One `quiver server` process per node (real processes, real QUIC between them), all on
 //! 127.0.0.1 with consecutive ports, sharing one CA created in `DIR/ca`. The command prints
-//! the environment a client needs, then waits; Ctrl-C or SIGTERM stops every node gracefully.
+//! the environment a client needs (addresses, CA, an admin access key), then waits; Ctrl-C or SIGTERM stops every node gracefully.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -59,6 +59,16 @@ pub async fn run(
     let ca_dir = args.dir.join("ca");
     certs::ensure_ca(&ca_dir)
         .with_context(|| format!("cannot create the CA in {}", ca_dir.display()))?;
+    // One admin key for the whole dev cluster, accepted by every node from its first start.
+    let key_file = args.dir.join("admin.key");
+    let token = if key_file.exists() {
+        crate::cluster::keys::read_key_file(&key_file).map_err(anyhow::Error::msg)?
+    } else {
+        let token = crate::cluster::keys::generate_token("admin")?;
+        crate::cluster::keys::write_key_file(&key_file, &token)
+            .with_context(|| format!("cannot write {}", key_file.display()))?;
+        token
+    };
     let exe = std::env::current_exe().context("cannot find the quiver executable")?;
     let addrs: Vec<String> = (0..args.nodes)
         .map(|i| format!("127.0.0.1:{}", usize::from(args.base_port) + i))
@@ -91,6 +101,8 @@ pub async fn run(
             ])
             .arg("--ca-dir")
             .arg(&ca_dir)
+            .arg("--admin-key-file")
+            .arg(&key_file)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -120,6 +132,9 @@ pub async fn run(
     }
     println!("export QUIVER_CLUSTER={}", addrs.join(","));
     println!("export QUIVER_CA={}", ca_dir.join("ca.pem").display());
+    // The dev cluster's admin key (also in DIR/admin.key): a local playground, so it is
+    // printed for pasting; `quiver key create` makes narrower keys.
+    println!("export QUIVER_KEY={}", token.reveal());
     eprintln!("{} nodes running; Ctrl-C stops them", children.len());
 
     tokio::pin!(shutdown);

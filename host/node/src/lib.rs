@@ -19,6 +19,7 @@ pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod cli_cluster;
+pub mod cli_keys;
 pub mod cli_plugins;
 pub mod cluster;
 pub mod config;

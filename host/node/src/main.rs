@@ -81,8 +81,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let addr = node.local_addr().context("cannot read the bound address")?;
             tracing::info!(node = %config.node_id, %addr, ca = %ca_path.display(), "listening");
             // Machine-readable readiness line for scripts and tests.
+            let key = node
+                .admin_key_file()
+                .map(|k| format!(", admin key {}", k.display()))
+                .unwrap_or_default();
             println!(
-                "quiver node {} listening on {addr} (ca {})",
+                "quiver node {} listening on {addr} (ca {}{key})",
                 config.node_id,
                 ca_path.display()
             );
@@ -105,6 +109,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Update(args) => quiver_node::cli_plugins::update(args).await,
         Command::Plugin(c) => quiver_node::cli_plugins::plugin(c).await,
         Command::Bucket(c) => quiver_node::cli_plugins::bucket(c).await,
+        Command::Key(c) => quiver_node::cli_keys::run(c).await,
         Command::Dev(args) => quiver_node::dev::run(args, shutdown_signal()).await,
         Command::Ca(cli::CaCommand::Init { dir }) => {
             let created = quiver_node::certs::ensure_ca(&dir)?;

@@ -20,6 +20,8 @@ use crate::storage::Store;
 const META_FORMAT_V1: u8 = 1;
 /// Format tag of the stored state with members and ring.
 const META_FORMAT_V2: u8 = 2;
+/// Format tag of the stored state with access keys.
+const META_FORMAT_V3: u8 = 3;
 
 /// The state as format 1 stored it; read on upgrade, never written.
 #[derive(serde::Deserialize)]
@@ -27,6 +29,16 @@ struct MetaStateV1 {
     buckets: std::collections::BTreeMap<String, quiver_core::meta::BucketEntry>,
     plugins:
         std::collections::BTreeMap<quiver_core::meta::PluginRef, quiver_core::meta::PluginInfo>,
+}
+
+/// The state as format 2 stored it (no access keys); read on upgrade, never written.
+#[derive(serde::Deserialize)]
+struct MetaStateV2 {
+    buckets: std::collections::BTreeMap<String, quiver_core::meta::BucketEntry>,
+    plugins:
+        std::collections::BTreeMap<quiver_core::meta::PluginRef, quiver_core::meta::PluginInfo>,
+    members: std::collections::BTreeMap<String, quiver_core::membership::MemberEntry>,
+    ring: Option<quiver_core::membership::RingEntry>,
 }
 const STATE_KEY: &str = "cluster-meta";
 
@@ -66,8 +78,19 @@ impl MetaStore {
         let state = match store.get(&keys::meta_key(STATE_KEY))? {
             None => MetaState::default(),
             Some(bytes) => match bytes.split_first() {
-                Some((&META_FORMAT_V2, body)) => postcard::from_bytes(body)
+                Some((&META_FORMAT_V3, body)) => postcard::from_bytes(body)
                     .map_err(|e| MetaStoreError::Corrupt(e.to_string()))?,
+                Some((&META_FORMAT_V2, body)) => {
+                    let old: MetaStateV2 = postcard::from_bytes(body)
+                        .map_err(|e| MetaStoreError::Corrupt(e.to_string()))?;
+                    MetaState {
+                        buckets: old.buckets,
+                        plugins: old.plugins,
+                        members: old.members,
+                        ring: old.ring,
+                        ..MetaState::default()
+                    }
+                }
                 Some((&META_FORMAT_V1, body)) => {
                     let old: MetaStateV1 = postcard::from_bytes(body)
                         .map_err(|e| MetaStoreError::Corrupt(e.to_string()))?;
@@ -183,7 +206,7 @@ impl MetaStore {
 }
 
 fn encode(state: &MetaState) -> Vec<u8> {
-    let mut out = vec![META_FORMAT_V2];
+    let mut out = vec![META_FORMAT_V3];
     // Serializing plain maps, strings and a checked ring to a Vec cannot fail.
     out.extend(postcard::to_allocvec(state).unwrap_or_default());
     out

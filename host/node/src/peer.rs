@@ -30,7 +30,9 @@ use crate::storage::Durability;
 /// ALPN of version 1 of the peer protocol.
 pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";
 /// Largest peer reply accepted, in bytes.
-const PEER_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+const PEER_FRAME_BYTES_MAX: usize = quiver_core::limits::PEER_FRAME_BYTES_MAX;
+/// Slowest link between nodes a bulk transfer's deadline allows for, in bytes per second.
+pub const TRANSFER_BYTES_PER_SEC_MIN: u64 = 4 * 1024 * 1024;
 
 /// The `(engine data key, object digest)` list of one anti-entropy leaf, sorted by key.
 pub type LeafKeys = Vec<(Vec<u8>, Hash)>;
@@ -185,6 +187,17 @@ pub enum PeerResponse {
 }
 
 impl PeerRequest {
+    /// The node id the request says its sender is, if it says one; it must be the id
+    /// the sender's certificate names.
+    pub fn claimed_sender(&self) -> Option<&str> {
+        match self {
+            PeerRequest::AeDigest { from, .. } | PeerRequest::AeDone { from } => Some(from),
+            PeerRequest::Join { node, .. } => Some(node),
+            PeerRequest::OnRing { request, .. } => request.claimed_sender(),
+            _ => None,
+        }
+    }
+
     /// Durability flag for a store.
     pub fn sync_flag(d: Durability) -> bool {
         d == Durability::Sync
@@ -492,6 +505,14 @@ impl Peers {
         }
     }
 
+    /// The deadline of a request carrying `bytes` of payload: the peer timeout plus the
+    /// time to move them at [`TRANSFER_BYTES_PER_SEC_MIN`], so an 18 MB plugin is not cut
+    /// off by a deadline made for small messages.
+    pub fn transfer_deadline(&self, bytes: u64) -> Duration {
+        self.timeout
+            + Duration::from_millis(bytes.saturating_mul(1000) / TRANSFER_BYTES_PER_SEC_MIN)
+    }
+
     /// Sends one request and waits for its answer (within the peer timeout). Failures mark
     /// the peer down; success marks it up.
     pub async fn call(&self, node: &str, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
@@ -545,12 +566,23 @@ impl Peers {
         node: &str,
         req: &PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
-        let result = tokio::time::timeout(self.timeout, self.exchange(node, req, true))
+        self.call_untracked_within(node, req, self.timeout).await
+    }
+
+    /// [`Peers::call_untracked`] with its own deadline, for transfers whose size is known
+    /// (plugin bytes): see [`Peers::transfer_deadline`].
+    pub async fn call_untracked_within(
+        &self,
+        node: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let result = tokio::time::timeout(timeout, self.exchange(node, req, true))
             .await
             .unwrap_or_else(|_| {
                 Err(PeerError::Timeout {
                     node: node.to_string(),
-                    ms: self.timeout.as_millis(),
+                    ms: timeout.as_millis(),
                 })
             });
         if let Err(PeerError::Transport { .. } | PeerError::Timeout { .. }) = &result

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use quiver_core::limits::{FRAME_OVERHEAD_BYTES, PLUGIN_BYTES_MAX, request_frame_bytes_max};
+use quiver_core::limits::{
+    FRAME_OVERHEAD_BYTES, PLUGIN_BYTES_MAX, peer_frame_bytes_max, request_frame_bytes_max,
+};
 use quiver_core::ring::{ClaimParams, Ring};
 use quiver_sdk::wire::{
     self, ALPN_CLIENT_V1, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, Request, Response,
@@ -20,6 +22,7 @@ use quiver_sdk::wire::{
 use tokio::sync::Notify;
 
 use crate::certs::{self, CertError, NodeIdentity};
+use crate::cluster::keys::Principal;
 use crate::cluster::{Cluster, ReplicationConfig};
 use crate::config::NodeConfig;
 use crate::epochs::{BootEpochs, EpochError};
@@ -41,6 +44,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const HINT_DELIVERY_INTERVAL: Duration = Duration::from_millis(500);
 /// Deadline of a plugin upload (validation compiles the component and runs the law checks).
 const PLUGIN_UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest buffer reserved ahead of the bytes of a frame body.
+const BODY_CHUNK_BYTES: usize = 64 * 1024;
 /// QUIC application error code for a stream whose frame was refused unread.
 const STOP_FRAME_REFUSED: u32 = 2;
 
@@ -67,6 +72,9 @@ pub enum ServerError {
     /// The ring could not be built from the member list.
     #[error("ring: {0}")]
     Ring(String),
+    /// The bootstrap admin key could not be read, written or stored.
+    #[error("bootstrap admin key: {0}")]
+    AdminKey(String),
     /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -99,6 +107,7 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     cluster: Arc<Cluster>,
     config: NodeConfig,
+    admin_key_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Node {
@@ -198,6 +207,7 @@ impl Node {
                     weight: config.weight,
                     zone: config.zone.clone(),
                 },
+                client_limits: config.client_limits.clone(),
             },
             meta,
             Plugins::new(plugin_engine(&config)),
@@ -208,11 +218,19 @@ impl Node {
             .open(cluster.kv().store())
             .map_err(|e| storage_err(e.to_string()))?;
         tracing::info!(keys = indexed, "anti-entropy trees loaded");
+        let admin_key_file = bootstrap_admin_key(&config, &cluster).await?;
         Ok(Node {
             endpoint,
             cluster,
             config,
+            admin_key_file,
         })
+    }
+
+    /// The file holding the admin key this node started with (its own `DATA_DIR/admin.key`
+    /// or the cluster's `--admin-key-file`), if there is one.
+    pub fn admin_key_file(&self) -> Option<&std::path::Path> {
+        self.admin_key_file.as_deref()
     }
 
     /// The address the endpoint is bound to (useful with port 0).
@@ -230,8 +248,26 @@ impl Node {
         let inflight = Arc::new(Inflight::default());
         let limits = Arc::new(Limits {
             frame_bytes_max: request_frame_bytes_max(self.config.value_bytes_max),
+            peer_frame_bytes_max: peer_frame_bytes_max(self.config.value_bytes_max),
+            client_reading: Reading {
+                deadline: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
+                uploads: Some(Arc::new(tokio::sync::Semaphore::new(
+                    self.config.client_limits.plugin_uploads_max as usize,
+                ))),
+                uploads_max: self.config.client_limits.plugin_uploads_max,
+            },
+            // Peers send large batches and plugins, over links that may be slow.
+            peer_reading: Reading {
+                deadline: PLUGIN_UPLOAD_TIMEOUT,
+                uploads: None,
+                uploads_max: 0,
+            },
             default_timeout: Duration::from_millis(u64::from(self.config.request_timeout_ms)),
         });
+        let connections = Arc::new(Connections::new(
+            self.config.client_limits.connections_max,
+            self.config.client_limits.connections_per_address_max,
+        ));
         let background = tokio::spawn(
             Arc::clone(&self.cluster).run_background(PROBE_INTERVAL, HINT_DELIVERY_INTERVAL),
         );
@@ -241,15 +277,22 @@ impl Node {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let remote = incoming.remote_address();
+                    let Some(slot) = connections.admit(remote.ip()) else {
+                        tracing::debug!(%remote, "connection refused: connection limit");
+                        self.cluster.count_refused_connection();
+                        incoming.refuse();
+                        continue;
+                    };
                     let cluster = Arc::clone(&self.cluster);
                     let inflight = Arc::clone(&inflight);
                     let limits = Arc::clone(&limits);
                     tokio::spawn(async move {
-                        let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(conn) => serve_connection(conn, cluster, inflight, limits).await,
                             Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                         }
+                        drop(slot);
                     });
                 }
                 () = &mut shutdown => break,
@@ -350,6 +393,54 @@ async fn initial_ring(
     Ok(ring)
 }
 
+/// Name of the admin key file a node writes into its data directory.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// Makes sure an operator is never locked out: the cluster's `--admin-key-file` key, or
+/// else this node's own admin key in `DATA_DIR/admin.key`, created on the first start.
+/// A key of that name already in the metadata (live or deleted) is left as it is, so a
+/// deleted bootstrap key stays deleted. Returns the key file, unless the node's own key
+/// was deleted and its file removed.
+async fn bootstrap_admin_key(
+    config: &NodeConfig,
+    cluster: &Cluster,
+) -> Result<Option<std::path::PathBuf>, ServerError> {
+    use crate::cluster::keys;
+    use quiver_core::meta::Stamp;
+    if let Some(path) = &config.admin_key_file {
+        let token = keys::read_key_file(path).map_err(ServerError::AdminKey)?;
+        // Stamp zero: every node adds the same key alike, and any deletion is later.
+        cluster
+            .ensure_bootstrap_key(&token, Stamp::zero())
+            .await
+            .map_err(ServerError::AdminKey)?;
+        return Ok(Some(path.clone()));
+    }
+    let path = config.data_dir.join(ADMIN_KEY_FILE);
+    let name: String = format!("admin-{}", config.node_id.replace('.', "_"))
+        .chars()
+        .take(quiver_core::access::KEY_NAME_CHARS_MAX)
+        .collect();
+    let token = if path.exists() {
+        keys::read_key_file(&path).map_err(ServerError::AdminKey)?
+    } else if cluster.has_key_entry(&name) {
+        return Ok(None);
+    } else {
+        let token =
+            keys::generate_token(&name).map_err(|e| ServerError::AdminKey(e.to_string()))?;
+        keys::write_key_file(&path, &token)
+            .map_err(|e| ServerError::AdminKey(format!("{}: {e}", path.display())))?;
+        tracing::info!(key = %name, file = %path.display(), "bootstrap admin key written");
+        token
+    };
+    let stamp = Stamp::at(crate::cluster::now_ms(), config.node_id.clone());
+    cluster
+        .ensure_bootstrap_key(&token, stamp)
+        .await
+        .map_err(ServerError::AdminKey)?;
+    Ok(Some(path))
+}
+
 /// Sub-directory of the data directory that holds an engine's files.
 fn engine_dir(kind: EngineKind) -> &'static str {
     match kind {
@@ -399,7 +490,60 @@ fn server_config(
 #[derive(Debug)]
 struct Limits {
     frame_bytes_max: usize,
+    /// Peers (authenticated nodes) send whole objects, batches and plugins.
+    peer_frame_bytes_max: usize,
+    client_reading: Reading,
+    peer_reading: Reading,
     default_timeout: Duration,
+}
+
+/// Open connections, in all and per source address, bounded by `--connections-max` and
+/// `--connections-per-address-max`: one client cannot take every slot of a node.
+#[derive(Debug)]
+struct Connections {
+    max: u32,
+    per_address_max: u32,
+    open: std::sync::Mutex<(u32, std::collections::HashMap<std::net::IpAddr, u32>)>,
+}
+
+impl Connections {
+    fn new(max: u32, per_address_max: u32) -> Self {
+        Connections {
+            max,
+            per_address_max,
+            open: Default::default(),
+        }
+    }
+
+    /// A slot for a new connection from `ip`, or `None` when a limit is reached.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnectionSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_ip) = &mut *open;
+        let from_ip = by_ip.get(&ip).copied().unwrap_or(0);
+        if *total >= self.max || from_ip >= self.per_address_max {
+            return None;
+        }
+        *total += 1;
+        by_ip.insert(ip, from_ip + 1);
+        Some(ConnectionSlot(Arc::clone(self), ip))
+    }
+}
+
+/// One admitted connection; dropping it frees the slot.
+struct ConnectionSlot(Arc<Connections>, std::net::IpAddr);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_ip) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(n) = by_ip.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_ip.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// Counts requests in flight so shutdown can wait for them.
@@ -451,18 +595,22 @@ async fn serve_connection(
 ) {
     let remote = conn.remote_address();
     if negotiated_alpn(&conn).as_deref() == Some(ALPN_PEER_V1) {
-        if conn.peer_identity().is_none() {
-            tracing::warn!(%remote, "peer connection without a certificate refused");
+        let Some(peer_id) = peer_node_id(&conn) else {
+            tracing::warn!(%remote, "peer connection without a node certificate refused");
             conn.close(
                 CLOSE_PEER_UNAUTHENTICATED.into(),
                 b"peer certificate required",
             );
             return;
-        }
-        serve_peer_connection(conn, cluster, inflight, limits).await;
+        };
+        serve_peer_connection(conn, peer_id, cluster, inflight, limits).await;
         return;
     }
     tracing::debug!(%remote, "client connected");
+    // The access key this connection authenticated with; every request is checked
+    // against the key table as it is when the request arrives, so a deleted key stops
+    // working on open connections too.
+    let principal: Arc<std::sync::Mutex<Option<Principal>>> = Arc::default();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(streams) => streams,
@@ -474,15 +622,26 @@ async fn serve_connection(
         let guard = inflight.enter();
         let cluster = Arc::clone(&cluster);
         let limits = Arc::clone(&limits);
+        let principal = Arc::clone(&principal);
         tokio::spawn(async move {
-            serve_stream(send, recv, &cluster, &limits).await;
+            serve_stream(send, recv, &cluster, &limits, &principal).await;
             drop(guard);
         });
     }
 }
 
+/// The node id the peer's certificate (verified against the cluster CA by rustls) names.
+fn peer_node_id(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::certs::node_id_of(certs.first()?.as_ref())
+}
+
 async fn serve_peer_connection(
     conn: quinn::Connection,
+    peer_id: String,
     cluster: Arc<Cluster>,
     inflight: Arc<Inflight>,
     limits: Arc<Limits>,
@@ -500,10 +659,29 @@ async fn serve_peer_connection(
         let guard = inflight.enter();
         let cluster = Arc::clone(&cluster);
         let limits = Arc::clone(&limits);
+        let peer_id = peer_id.clone();
         tokio::spawn(async move {
-            let response = match read_frame::<PeerRequest>(&mut recv, limits.frame_bytes_max).await
-            {
-                Ok(request) => cluster.handle_peer(request).await,
+            let read = read_frame::<PeerRequest>(
+                &mut recv,
+                limits.peer_frame_bytes_max,
+                &limits.peer_reading,
+            )
+            .await;
+            let response = match read {
+                Ok((request, _)) => match request.claimed_sender() {
+                    Some(claimed) if claimed != peer_id => {
+                        tracing::warn!(%remote, peer = %peer_id, claimed, "peer claims another node's id");
+                        PeerResponse::Error(ErrorReply {
+                            code: ErrorCode::Forbidden,
+                            message: format!(
+                                "node {}: the peer's certificate is for node {peer_id:?} \
+                                     but the request claims {claimed:?}",
+                                cluster.kv().node()
+                            ),
+                        })
+                    }
+                    _ => cluster.handle_peer(request).await,
+                },
                 Err(Response::Error(e)) => PeerResponse::Error(e),
                 Err(_) => PeerResponse::Error(ErrorReply {
                     code: ErrorCode::Internal,
@@ -521,13 +699,34 @@ async fn serve_peer_connection(
 }
 
 async fn serve_stream(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     cluster: &Arc<Cluster>,
     limits: &Limits,
+    principal: &std::sync::Mutex<Option<Principal>>,
 ) {
-    let response = match read_frame::<Request>(&mut recv, limits.frame_bytes_max).await {
+    let read =
+        read_frame::<Request>(&mut recv, limits.frame_bytes_max, &limits.client_reading).await;
+    // An upload's permit is held until its answer is sent.
+    let (read, _upload) = match read {
+        Ok((request, permit)) => (Ok(request), permit),
+        Err(e) => (Err(e), None),
+    };
+    let response = match read {
+        Ok(Request::Authenticate { key, secret }) => match cluster.authenticate(&key, &secret) {
+            Ok(p) => {
+                let admin = cluster.is_admin(&p);
+                *principal.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                Response::Authenticated { key, admin }
+            }
+            Err(refusal) => refusal,
+        },
         Ok(request) => {
+            let who = principal.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(refusal) = cluster.authorize(who.as_ref(), &request) {
+                respond(send, &refusal).await;
+                return;
+            }
             let timeout = request_timeout(&request).unwrap_or(limits.default_timeout);
             match tokio::time::timeout(timeout, cluster.handle_client(request, None)).await {
                 Ok(r) => r,
@@ -543,7 +742,11 @@ async fn serve_stream(
         }
         Err(reply) => reply,
     };
-    let frame = match wire::encode_frame(&response) {
+    respond(send, &response).await;
+}
+
+async fn respond(mut send: quinn::SendStream, response: &Response) {
+    let frame = match wire::encode_frame(response) {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a response");
@@ -579,35 +782,67 @@ fn plugin_upload_tag() -> Option<u8> {
 async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
-) -> Result<T, Response> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    recv.read_exact(&mut header).await.map_err(|e| {
+    reading: &Reading,
+) -> Result<(T, Option<tokio::sync::OwnedSemaphorePermit>), Response> {
+    let late = |what: &str, deadline: Duration| {
         error(
-            ErrorCode::MalformedRequest,
-            format!("frame header could not be read: {e}"),
+            ErrorCode::Timeout,
+            format!(
+                "{what} did not arrive within {} ms of the stream opening",
+                deadline.as_millis()
+            ),
         )
-    })?;
+    };
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match tokio::time::timeout(reading.deadline, recv.read_exact(&mut header)).await {
+        Err(_) => return Err(late("the request", reading.deadline)),
+        Ok(Err(e)) => {
+            return Err(error(
+                ErrorCode::MalformedRequest,
+                format!("frame header could not be read: {e}"),
+            ));
+        }
+        Ok(Ok(())) => {}
+    }
     let len = wire::frame_len(header);
     let mut first = [0u8; 1];
     let upload_max = PLUGIN_BYTES_MAX + FRAME_OVERHEAD_BYTES;
-    if len > max && len <= upload_max && len > 0 {
-        recv.read_exact(&mut first).await.map_err(|e| {
-            error(
-                ErrorCode::MalformedRequest,
-                format!("frame declares {len} bytes but the body could not be read: {e}"),
-            )
-        })?;
-        if Some(first[0]) == plugin_upload_tag() {
-            let mut body = vec![0u8; len];
-            body[0] = first[0];
-            recv.read_exact(&mut body[1..]).await.map_err(|e| {
-                error(
+    if let Some(uploads) = &reading.uploads
+        && len > max
+        && len <= upload_max
+        && len > 0
+    {
+        match tokio::time::timeout(reading.deadline, recv.read_exact(&mut first)).await {
+            Err(_) => return Err(late("the request", reading.deadline)),
+            Ok(Err(e)) => {
+                return Err(error(
                     ErrorCode::MalformedRequest,
                     format!("frame declares {len} bytes but the body could not be read: {e}"),
-                )
-            })?;
-            return wire::decode_body(&body)
-                .map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()));
+                ));
+            }
+            Ok(Ok(())) => {}
+        }
+        if Some(first[0]) == plugin_upload_tag() {
+            // Each upload holds its bytes while they are checked: bound how many at once,
+            // before reading any of them.
+            let Ok(permit) = Arc::clone(uploads).try_acquire_owned() else {
+                let _ = recv.stop(STOP_FRAME_REFUSED.into());
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "{} plugin uploads are in progress on this node, its limit \
+                         (--plugin-uploads-max); try again when one is done",
+                        reading.uploads_max
+                    ),
+                ));
+            };
+            let body =
+                tokio::time::timeout(PLUGIN_UPLOAD_TIMEOUT, read_body(recv, len, vec![first[0]]))
+                    .await
+                    .map_err(|_| late("the plugin upload", PLUGIN_UPLOAD_TIMEOUT))??;
+            let request = wire::decode_body(&body)
+                .map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()))?;
+            return Ok((request, Some(permit)));
         }
     }
     if len > max {
@@ -618,14 +853,49 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
             format!("request frame of {len} bytes exceeds this node's {max}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| {
-        error(
+    let body = tokio::time::timeout(reading.deadline, read_body(recv, len, Vec::new()))
+        .await
+        .map_err(|_| late("the request", reading.deadline))??;
+    let request =
+        wire::decode_body(&body).map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()))?;
+    Ok((request, None))
+}
+
+/// How a connection's requests are read: the deadline for a whole request frame, and the
+/// plugin uploads allowed at once (client connections only: peers send no uploads).
+#[derive(Debug, Clone)]
+struct Reading {
+    deadline: Duration,
+    uploads: Option<Arc<tokio::sync::Semaphore>>,
+    uploads_max: u32,
+}
+
+/// Reads `len` body bytes after `start`, growing the buffer as bytes arrive rather than
+/// allocating the declared length up front: a client that declares a large frame and sends
+/// nothing holds no memory for it.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    mut body: Vec<u8>,
+) -> Result<Vec<u8>, Response> {
+    use tokio::io::AsyncReadExt;
+    let want = len.saturating_sub(body.len());
+    body.reserve(want.min(BODY_CHUNK_BYTES));
+    let read = (&mut *recv).take(want as u64).read_to_end(&mut body).await;
+    match read {
+        Ok(_) if body.len() == len => Ok(body),
+        Ok(_) => Err(error(
+            ErrorCode::MalformedRequest,
+            format!(
+                "frame declares {len} bytes but the stream ended after {}",
+                body.len()
+            ),
+        )),
+        Err(e) => Err(error(
             ErrorCode::MalformedRequest,
             format!("frame declares {len} bytes but the body could not be read: {e}"),
-        )
-    })?;
-    wire::decode_body(&body).map_err(|e| error(ErrorCode::MalformedRequest, e.to_string()))
+        )),
+    }
 }
 
 fn request_timeout(request: &Request) -> Option<Duration> {
@@ -640,7 +910,12 @@ fn request_timeout(request: &Request) -> Option<Duration> {
         | Request::ClusterJoin { .. }
         | Request::ClusterLeave { .. }
         | Request::ClusterPlan
-        | Request::ClusterCommit => None,
+        | Request::ClusterCommit
+        | Request::Authenticate { .. }
+        | Request::KeyCreate { .. }
+        | Request::KeyList
+        | Request::KeyShow { .. }
+        | Request::KeyDelete { .. } => None,
         // Compiling and law-checking a large (e.g. Python) component takes seconds.
         Request::PluginUpload { .. } => return Some(PLUGIN_UPLOAD_TIMEOUT),
         Request::Get { options, .. } => options.timeout_ms,

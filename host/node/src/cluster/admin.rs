@@ -42,7 +42,75 @@ fn valid_plugin_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Most buckets with runtime properties a cluster holds.
+pub const BUCKETS_MAX: usize = 10_000;
+/// Most plugin versions a cluster holds.
+pub const PLUGIN_VERSIONS_MAX: usize = 1_000;
+
 impl Cluster {
+    /// A bucket's plugin limits within this node's caps: a bucket set on a node with higher
+    /// caps runs within this node's here.
+    fn capped(&self, limits: CallLimits) -> CallLimits {
+        let caps = &self.config.client_limits;
+        CallLimits {
+            fuel: Some(
+                limits
+                    .fuel
+                    .map_or(caps.plugin_fuel_max, |f| f.min(caps.plugin_fuel_max)),
+            ),
+            memory_bytes: Some(
+                limits
+                    .memory_bytes
+                    .map_or(caps.plugin_memory_bytes_max, |m| {
+                        m.min(caps.plugin_memory_bytes_max)
+                    }),
+            ),
+            output_bytes: Some(
+                limits
+                    .output_bytes
+                    .map_or(caps.plugin_output_bytes_max, |o| {
+                        o.min(caps.plugin_output_bytes_max)
+                    }),
+            ),
+        }
+    }
+
+    /// The refusal of bucket plugin limits above this node's caps.
+    fn over_plugin_caps(&self, bucket: &str, spec: &BucketSpec) -> Option<Response> {
+        let caps = &self.config.client_limits;
+        let checks = [
+            (
+                "plugin fuel",
+                spec.plugin_fuel,
+                caps.plugin_fuel_max,
+                "--plugin-fuel-max",
+            ),
+            (
+                "plugin memory",
+                spec.plugin_memory_bytes,
+                caps.plugin_memory_bytes_max,
+                "--plugin-memory-bytes-max",
+            ),
+            (
+                "plugin output",
+                spec.plugin_output_bytes,
+                caps.plugin_output_bytes_max,
+                "--plugin-output-bytes-max",
+            ),
+        ];
+        checks.into_iter().find_map(|(what, asked, cap, flag)| {
+            asked.filter(|&a| a > cap).map(|a| {
+                error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "bucket {bucket:?}: {what} {a} is above node {}'s cap of {cap} ({flag})",
+                        self.me()
+                    ),
+                )
+            })
+        })
+    }
+
     pub(super) fn stamp(&self) -> Stamp {
         Stamp {
             timestamp_ms: now_ms(),
@@ -83,6 +151,7 @@ impl Cluster {
     /// loading reconcilers whose bytes are here.
     pub(crate) fn refresh_views(&self) {
         let state = self.meta.state();
+        self.refresh_keys(&state);
         let mut views = BucketViews::new();
         for (bucket, entry) in &state.buckets {
             let props = match self.effective(bucket, &entry.spec) {
@@ -100,11 +169,11 @@ impl Cluster {
                     Ok(Some(reconciler)) => Some(Attached {
                         plugin: plugin.clone(),
                         reconciler,
-                        limits: CallLimits {
+                        limits: self.capped(CallLimits {
                             fuel: entry.spec.plugin_fuel,
                             memory_bytes: entry.spec.plugin_memory_bytes,
                             output_bytes: entry.spec.plugin_output_bytes,
-                        },
+                        }),
                         failures: self.plugins.failure_counter(),
                     }),
                     Ok(None) => {
@@ -189,6 +258,8 @@ impl Cluster {
         self: &Arc<Self>,
         blobs: Vec<(String, Vec<u8>)>,
     ) -> (Vec<String>, Vec<String>) {
+        let blob_bytes: u64 = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+        let deadline = self.peers.transfer_deadline(blob_bytes);
         let req = Arc::new(PeerRequest::MetaPush {
             state: self.meta.state(),
             blobs,
@@ -197,7 +268,7 @@ impl Cluster {
         for peer in self.peers.names() {
             let (this, req) = (Arc::clone(self), Arc::clone(&req));
             calls.spawn(async move {
-                let result = this.peers.call(&peer, &req).await;
+                let result = this.peers.call_within(&peer, &req, deadline).await;
                 (peer, result)
             });
         }
@@ -247,21 +318,29 @@ impl Cluster {
                 tracing::error!(peer, error = %e, "cannot store cluster metadata");
                 continue;
             }
-            let missing = self.meta.missing_blobs();
-            if missing.is_empty() {
-                continue;
-            }
-            match self
-                .peers
-                .call_untracked(&peer, &PeerRequest::MetaBlobs(missing))
-                .await
-            {
-                Ok(PeerResponse::Blobs(blobs)) if !blobs.is_empty() => {
-                    if let Err(e) = self.take_meta(&MetaState::default(), &blobs).await {
-                        tracing::error!(peer, error = %e, "cannot store plugin bytes");
-                    }
+            // One plugin per request, with a deadline that fits its size: several large
+            // (interpreter-carrying) plugins in one reply could outgrow any frame limit.
+            let state = self.meta.state();
+            for hash in self.meta.missing_blobs() {
+                let size = state
+                    .plugins
+                    .values()
+                    .find(|p| p.plugin.hash == hash)
+                    .map_or(quiver_core::limits::PLUGIN_BYTES_MAX as u64, |p| p.size);
+                let reply = self
+                    .peers
+                    .call_untracked_within(
+                        &peer,
+                        &PeerRequest::MetaBlobs(vec![hash]),
+                        self.peers.transfer_deadline(size),
+                    )
+                    .await;
+                if let Ok(PeerResponse::Blobs(blobs)) = reply
+                    && !blobs.is_empty()
+                    && let Err(e) = self.take_meta(&MetaState::default(), &blobs).await
+                {
+                    tracing::error!(peer, error = %e, "cannot store plugin bytes");
                 }
-                _ => {}
             }
         }
     }
@@ -329,6 +408,13 @@ impl Cluster {
                 format!("node {}: plugins are disabled on this node", self.me()),
             );
         };
+        let listed = self.meta.state().plugins.len();
+        if listed >= PLUGIN_VERSIONS_MAX {
+            return error(
+                ErrorCode::LimitExceeded,
+                format!("plugin {name}: the cluster holds {listed} plugin versions, the limit"),
+            );
+        }
         let plugin = PluginRef {
             name: name.clone(),
             hash: content_hash(&component),
@@ -442,6 +528,18 @@ impl Cluster {
         }
         if let Err(e) = self.effective(&bucket, &next) {
             return error(ErrorCode::InvalidQuorum, format!("bucket {bucket:?}: {e}"));
+        }
+        if let Some(refusal) = self.over_plugin_caps(&bucket, &next) {
+            return refusal;
+        }
+        if !state.buckets.contains_key(&bucket) && state.buckets.len() >= BUCKETS_MAX {
+            return error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "bucket {bucket:?}: the cluster holds {} buckets with properties, the limit",
+                    state.buckets.len()
+                ),
+            );
         }
         if next.sibling_threshold == Some(0) {
             return error(
