@@ -240,6 +240,10 @@ pub struct ServerArgs {
     /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it is checked); more are refused until one ends. [default: 2]
     #[arg(long, value_name = "N")]
     pub plugin_uploads_max: Option<u32>,
+    /// Plugin calls (merges, updates) run at once, each on a thread of its own, never on
+    /// the threads serving requests. [default: cores - 1, at least 1]
+    #[arg(long, value_name = "N")]
+    pub plugin_workers: Option<u32>,
     /// A bootstrap admin key shared by the cluster (written by `quiver key init --file F`):
     /// the node accepts it from its first start, so every node of a new cluster takes the
     /// same key at once. Deleting the key (`quiver key delete NAME`) is final; a restart
@@ -301,6 +305,7 @@ impl ServerArgs {
             plugin_memory_bytes_max: self.plugin_memory_bytes_max,
             plugin_output_bytes_max: self.plugin_output_bytes_max,
             plugin_uploads_max: self.plugin_uploads_max,
+            plugin_workers: self.plugin_workers,
             admin_key_file: self.admin_key_file.clone(),
             buckets: if buckets.is_empty() {
                 None

@@ -574,15 +574,9 @@ impl Cluster {
         let Some(attached) = self.view(bucket).and_then(|v| v.reconciler.clone()) else {
             return plain(&merged);
         };
-        // A plugin call burns up to its fuel limit of CPU; it runs on the blocking pool so the
+        // A plugin call burns up to its fuel limit of CPU; it runs on the plugin pool so the
         // async workers keep serving other requests meanwhile.
-        let call = {
-            let (attached, merged) = (attached.clone(), merged.clone());
-            tokio::task::spawn_blocking(move || attached.merge(&merged))
-        };
-        let outcome = call
-            .await
-            .unwrap_or_else(|e| Err(format!("the reconciler call did not finish: {e}")));
+        let outcome = attached.merge_pooled(merged.clone()).await;
         let resolved = match outcome {
             Ok(r) => r,
             Err(e) => {

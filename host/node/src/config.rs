@@ -144,6 +144,8 @@ pub struct FileConfig {
     pub plugin_output_bytes_max: Option<u64>,
     /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it is checked); more are refused until one ends.
     pub plugin_uploads_max: Option<u32>,
+    /// Plugin calls (merges, updates) this node runs at once, each on its own thread.
+    pub plugin_workers: Option<u32>,
     /// A cluster-wide bootstrap admin key (`quiver key init`) this node accepts from its
     /// first start; without it a new node writes its own to `DATA_DIR/admin.key`.
     pub admin_key_file: Option<PathBuf>,
@@ -255,6 +257,7 @@ impl FileConfig {
                 .plugin_output_bytes_max
                 .or(self.plugin_output_bytes_max),
             plugin_uploads_max: flags.plugin_uploads_max.or(self.plugin_uploads_max),
+            plugin_workers: flags.plugin_workers.or(self.plugin_workers),
             admin_key_file: flags.admin_key_file.or(self.admin_key_file),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
@@ -309,7 +312,16 @@ impl FileConfig {
                 message: format!("{streams}: must be between 1 and 65536"),
             });
         }
+        // One core stays free of plugin work where there are several.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let client_limits = ClientLimits {
+            plugin_workers: bounded(
+                "plugin_workers",
+                self.plugin_workers
+                    .unwrap_or(cores.saturating_sub(1).max(1)),
+                1,
+                1024,
+            )?,
             connections_max: bounded(
                 "connections_max",
                 self.connections_max.unwrap_or(4096),
@@ -621,6 +633,8 @@ pub struct ClientLimits {
     /// Plugin uploads this node takes at once (each holds up to 64 MiB in memory while it
     /// is checked); more are refused until one ends.
     pub plugin_uploads_max: u32,
+    /// Plugin calls run at once (the plugin pool's threads).
+    pub plugin_workers: u32,
 }
 
 /// `value` if it lies in `min..=max`, else a configuration error naming `name`.

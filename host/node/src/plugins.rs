@@ -96,22 +96,65 @@ pub trait PluginEngine: Send + Sync + fmt::Debug {
     fn load(&self, plugin: &PluginRef, bytes: &[u8], check_laws: bool) -> Result<Loaded, String>;
 }
 
+/// Where plugin calls run: blocking threads, at most `workers` at once, so a call that
+/// burns its whole fuel never occupies an async worker (which serves every other request)
+/// and a burst of them cannot take every core.
+#[derive(Debug, Clone)]
+pub struct PluginPool {
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl PluginPool {
+    /// A pool running at most `workers` calls at once (at least one).
+    pub fn new(workers: usize) -> Self {
+        PluginPool {
+            permits: Arc::new(tokio::sync::Semaphore::new(workers.max(1))),
+        }
+    }
+
+    /// Runs `call` on the pool once a worker is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| "the plugin pool is shut down".to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let out = call();
+            drop(permit);
+            out
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the plugin call did not finish: {e}")))
+    }
+}
+
 /// The node's loaded plugin versions, by content hash.
 #[derive(Debug)]
 pub struct Plugins {
     engine: Option<Arc<dyn PluginEngine>>,
     loaded: Mutex<HashMap<String, Arc<dyn Reconcile>>>,
     failures: Arc<AtomicU64>,
+    pool: PluginPool,
 }
 
 impl Plugins {
-    /// Plugins run by `engine`; `None` disables plugins (uploads are refused).
-    pub fn new(engine: Option<Arc<dyn PluginEngine>>) -> Self {
+    /// Plugins run by `engine` on `workers` threads at most; `None` disables plugins
+    /// (uploads are refused).
+    pub fn new(engine: Option<Arc<dyn PluginEngine>>, workers: usize) -> Self {
         Plugins {
             engine,
             loaded: Mutex::new(HashMap::new()),
             failures: Arc::default(),
+            pool: PluginPool::new(workers),
         }
+    }
+
+    /// The pool every plugin call of this node runs on.
+    pub fn pool(&self) -> PluginPool {
+        self.pool.clone()
     }
 
     /// Plugin calls that failed on this node since it started (trap, fuel, memory, output
@@ -173,6 +216,8 @@ pub struct Attached {
     pub limits: CallLimits,
     /// Where failed calls are counted (the node's `plugin_failures`).
     pub failures: Arc<AtomicU64>,
+    /// Where its calls run.
+    pub pool: PluginPool,
 }
 
 impl Attached {
@@ -213,6 +258,28 @@ impl Attached {
         self.reconciler
             .update(current, op, actor, &self.limits)
             .map_err(|e| self.failed(e))
+    }
+
+    /// [`Attached::merge`] on the plugin pool.
+    pub async fn merge_pooled(&self, object: Object) -> Result<PluginMerged, String> {
+        let this = self.clone();
+        self.pool.run(move || this.merge(&object)).await
+    }
+
+    /// [`Attached::current`] then [`Attached::update`] on the plugin pool, as one call.
+    pub async fn update_pooled(
+        &self,
+        object: Object,
+        op: Vec<u8>,
+        actor: String,
+    ) -> Result<Vec<u8>, String> {
+        let this = self.clone();
+        self.pool
+            .run(move || {
+                let current = this.current(&object)?;
+                this.update(current.as_deref(), &op, &actor)
+            })
+            .await
     }
 
     /// Counts a failed call; the engine's message already names the plugin version.

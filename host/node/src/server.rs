@@ -210,7 +210,10 @@ impl Node {
                 client_limits: config.client_limits.clone(),
             },
             meta,
-            Plugins::new(plugin_engine(&config)),
+            Plugins::new(
+                plugin_engine(&config),
+                config.client_limits.plugin_workers as usize,
+            ),
         ));
         let indexed = cluster
             .kv()

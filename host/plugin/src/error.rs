@@ -68,6 +68,16 @@ pub enum PluginError {
         /// The fuel it was given.
         fuel: u64,
     },
+    /// A call ran past the wall-clock backstop (fuel did not stop it in time).
+    #[error("plugin {plugin}: {call} ran longer than the {ms} ms wall-clock limit")]
+    WallClock {
+        /// `name@shorthash`.
+        plugin: String,
+        /// `merge`, `update` or `examples`.
+        call: &'static str,
+        /// The limit.
+        ms: u64,
+    },
     /// A call tried to grow its memory past the limit.
     #[error("plugin {plugin}: {call} exceeded its memory limit of {memory_bytes} bytes")]
     MemoryLimit {

@@ -40,6 +40,14 @@ pub const DEFAULT_MEMORY_BYTES: usize = 128 * 1024 * 1024;
 /// (`quiver_core::limits::VALUE_BYTES_MAX_DEFAULT`), since a merge result is stored as a value.
 pub const DEFAULT_OUTPUT_BYTES: usize = 1024 * 1024;
 
+/// Default wall-clock backstop of one call: far above what the default fuel allows (about a
+/// second), so it only ends calls that fuel cannot stop in time (a host stalled under load,
+/// a pathological instantiation).
+pub const DEFAULT_CALL_WALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often the engine's epoch advances; the wall-clock backstop counts in these ticks.
+const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Most examples a plugin may return: the law check merges combinations of them.
 const EXAMPLES_MAX: usize = 64;
 
@@ -109,11 +117,14 @@ pub struct PluginRuntime {
     cache: Cache,
     /// Compiled plugins by content hash.
     loaded: Mutex<HashMap<String, Arc<Compiled>>>,
+    /// The wall-clock backstop of a call, in epoch ticks.
+    wall_ticks: u64,
 }
 
 struct Compiled {
     engine: Engine,
     pre: ReconcilerPluginPre<CallState>,
+    wall_ticks: u64,
 }
 
 impl fmt::Debug for PluginRuntime {
@@ -128,6 +139,14 @@ impl PluginRuntime {
     /// Creates the runtime, with its compile cache in `cache_dir` (created if missing;
     /// reused across restarts).
     pub fn new(cache_dir: &Path) -> Result<Self, PluginError> {
+        Self::with_wall_limit(cache_dir, DEFAULT_CALL_WALL)
+    }
+
+    /// [`PluginRuntime::new`] with `wall` as the wall-clock backstop of every call.
+    pub fn with_wall_limit(
+        cache_dir: &Path,
+        wall: std::time::Duration,
+    ) -> Result<Self, PluginError> {
         std::fs::create_dir_all(cache_dir).map_err(|source| PluginError::CacheDir {
             path: cache_dir.to_path_buf(),
             source,
@@ -139,14 +158,21 @@ impl PluginRuntime {
         // Fuel rather than epochs: it stops a call at the same instruction on every node, so
         // whether a merge "took too long" is as deterministic as its result.
         config.consume_fuel(true);
+        // Epochs besides fuel, as a wall-clock backstop only: fuel decides whether a call
+        // fails on every node alike; the epoch deadline ends a call fuel did not stop in
+        // time (the host stalled), so no call holds a worker for ever.
+        config.epoch_interruption(true);
         config.cache(Some(cache.clone()));
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        spawn_epoch_ticker(&engine)?;
         let linker = Linker::new(&engine);
+        let ticks = wall.as_millis() / EPOCH_TICK.as_millis();
         Ok(PluginRuntime {
             engine,
             linker,
             cache,
             loaded: Mutex::new(HashMap::new()),
+            wall_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).max(1),
         })
     }
 
@@ -226,8 +252,26 @@ impl PluginRuntime {
         Ok(Compiled {
             engine: self.engine.clone(),
             pre,
+            wall_ticks: self.wall_ticks,
         })
     }
+}
+
+/// Advances `engine`'s epoch every [`EPOCH_TICK`] until the engine is dropped (the thread
+/// holds only a weak reference).
+fn spawn_epoch_ticker(engine: &Engine) -> Result<(), PluginError> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("plugin-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map(drop)
+        .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))
 }
 
 /// True for an import that only names types (records, variants...), with no function or
@@ -428,6 +472,8 @@ impl Reconciler {
         store
             .set_fuel(limits.fuel)
             .map_err(|e| self.trap(call, e))?;
+        store.set_epoch_deadline(self.compiled.wall_ticks);
+        store.epoch_deadline_trap();
         let result = self
             .compiled
             .pre
@@ -467,6 +513,13 @@ impl Reconciler {
                 call,
                 fuel: limits.fuel,
             };
+        }
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            let ms = self
+                .compiled
+                .wall_ticks
+                .saturating_mul(EPOCH_TICK.as_millis() as u64);
+            return PluginError::WallClock { plugin, call, ms };
         }
         self.trap(call, e)
     }

@@ -133,6 +133,28 @@ fn a_corrupt_component_is_refused() {
 
 // ---- contained at call time ----
 
+/// Fuel decides; the wall clock is only a backstop: a loop with fuel to spare is still
+/// ended once it runs past the runtime's wall-clock limit, and the runtime serves on.
+#[test]
+fn a_loop_with_fuel_to_spare_hits_the_wall_clock_backstop() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let rt = PluginRuntime::with_wall_limit(dir.path(), std::time::Duration::from_millis(50))
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let plugin = load(&rt, "loop", quiver_guests::fixture_loop());
+    let limits = Limits {
+        fuel: u64::MAX,
+        ..Limits::default()
+    };
+    let started = std::time::Instant::now();
+    match plugin.merge(&two_siblings(), &limits) {
+        Err(PluginError::WallClock { call, ms, .. }) => assert_eq!((call, ms), ("merge", 50)),
+        other => panic!("expected WallClock, got {other:?}"),
+    }
+    // Generous: the point is that it ends, not how close to 50 ms a loaded machine gets.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert_still_serving(&rt);
+}
+
 #[test]
 fn a_loop_runs_out_of_fuel() {
     let (_dir, rt) = runtime();

@@ -175,6 +175,7 @@ impl Cluster {
                             output_bytes: entry.spec.plugin_output_bytes,
                         }),
                         failures: self.plugins.failure_counter(),
+                        pool: self.plugins.pool(),
                     }),
                     Ok(None) => {
                         tracing::warn!(bucket, %plugin, "reconciler bytes not here yet");
