@@ -7,9 +7,11 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use quiver_core::causality::{Dot, decode_context, encode_context};
+use quiver_core::limits::DOT_COUNTER_MAX;
 use quiver_sdk::wire::{self, ErrorCode, Request, Response};
-use quiver_sdk::{Client, ClientConfig, Context, Error, WriteOptions};
-use support::NodeProc;
+use quiver_sdk::{Client, ClientConfig, Context, Error, ReadOptions, WriteOptions};
+use support::{ClusterProc, NodeProc, eventually};
 use tokio::sync::Mutex;
 
 fn tempdir() -> tempfile::TempDir {
@@ -364,4 +366,204 @@ async fn udp_garbage_is_ignored() {
     c.put("b", "k", b"v".to_vec(), None)
         .await
         .expect("put after garbage");
+}
+
+fn reads(r: u8) -> ReadOptions {
+    ReadOptions {
+        r: Some(r),
+        ..Default::default()
+    }
+}
+
+/// `ctx` with the counter of `node`'s actor (its latest epoch in the context) raised to
+/// `counter`: what a client can do to the opaque bytes.
+fn forge(ctx: &Context, node: &str, counter: u64) -> Context {
+    let mut vv = decode_context(ctx.as_bytes()).expect("a context a node returned");
+    let actor = vv
+        .iter()
+        .map(|(a, _)| a)
+        .filter(|a| a.node == node)
+        .max_by_key(|a| a.epoch)
+        .unwrap_or_else(|| panic!("the context names no actor of {node}: {vv:?}"))
+        .clone();
+    vv.add(&Dot { actor, counter });
+    Context::from_bytes(encode_context(&vv))
+}
+
+/// Puts with a forged context: refused with `InvalidContext`, or accepted (true).
+async fn forged_put(c: &Client, key: &str, value: &str, ctx: &Context) -> bool {
+    match c.put("b", key, value.into(), Some(ctx)).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(e.code(), Some(ErrorCode::InvalidContext), "{e}");
+            false
+        }
+    }
+}
+
+fn sorted(values: &[&str]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = values.iter().map(|s| s.as_bytes().to_vec()).collect();
+    v.sort();
+    v
+}
+
+/// A write every replica acknowledges durably (sync, W=3): each one's fsync then covers
+/// everything it applied before, so SIGKILL loses none of it.
+async fn barrier(c: &Client) {
+    let all = WriteOptions {
+        w: Some(3),
+        ..Default::default()
+    };
+    c.put_with("b", "barrier", b"x".to_vec(), None, &all)
+        .await
+        .expect("a W=3 put");
+}
+
+/// Every node reads `key` with exactly `expected` from its own copy (R=1 is answered by the
+/// local replica first), and an R=3 read through every node succeeds, which needs every
+/// replica's record to decode.
+async fn readable_everywhere(c: &ClusterProc, key: &str, expected: &[&str]) {
+    let want = sorted(expected);
+    for i in 0..c.addrs.len() {
+        let client = c.client(i).await;
+        eventually(&format!("n{} holds {key} = {expected:?}", i + 1), || {
+            let (client, want) = (client.clone(), want.clone());
+            async move {
+                let got = match client.get_with("b", key, &reads(1)).await {
+                    Ok(got) => got,
+                    Err(e) => panic!("n{} cannot read {key}: {e}", i + 1),
+                };
+                let mut values: Vec<Vec<u8>> =
+                    got.values().into_iter().map(<[u8]>::to_vec).collect();
+                values.sort();
+                values == want
+            }
+        })
+        .await;
+        let all = client
+            .get_with("b", key, &reads(3))
+            .await
+            .unwrap_or_else(|e| panic!("R=3 read of {key} through n{}: {e}", i + 1));
+        let mut values: Vec<Vec<u8>> = all.values().into_iter().map(<[u8]>::to_vec).collect();
+        values.sort();
+        assert_eq!(values, want, "R=3 read of {key} through n{}", i + 1);
+    }
+}
+
+// Issue 11, point 4 ("contexts cannot corrupt"): a client that sets a counter in a get's
+// context to 2^64-1 (the coordinator's own actor) or just past the counter limit (another
+// node's actor), or exactly to the limit, is refused or harmless: the key stays readable on
+// every node with every acknowledged value, also after a restart. Before the fix the
+// coordinator's next write wrapped its counter to zero and every read of the key failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_context_counters_cannot_make_a_key_unreadable() {
+    let mut c = ClusterProc::start(30, 3, &["--peer-timeout-ms", "2000"]);
+    let n = [c.client(0).await, c.client(1).await, c.client(2).await];
+
+    // The coordinator's own actor: every node is a replica, so n1 coordinates its puts.
+    let key = "own";
+    n[0].put("b", key, b"v1".to_vec(), None).await.expect("put");
+    let read = n[0].get_with("b", key, &reads(3)).await.expect("get");
+    assert!(read.siblings[0].actor.starts_with("n1/"), "{read:?}");
+    let mut own = vec!["v1"];
+    for (value, counter) in [("forged-max", u64::MAX), ("forged-limit", DOT_COUNTER_MAX)] {
+        if forged_put(&n[0], key, value, &forge(&read.context, "n1", counter)).await {
+            // Its context covers every value of the key so far (all n1's).
+            own = vec![value];
+        }
+    }
+    readable_everywhere(&c, key, &own).await;
+    // The coordinator keeps writing, and so do the others, also with the context a put
+    // returned. (Chains start at an actor's first write of the key: a returned context
+    // names the new dot's counter, which also covers the actor's earlier dots.)
+    n[0].put("b", key, b"b1".to_vec(), None).await.expect("put");
+    for (i, value) in [(1, "b2"), (2, "b3")] {
+        let ctx = n[i].put("b", key, value.into(), None).await.expect("put");
+        n[i].put("b", key, format!("{value}+").into(), Some(&ctx))
+            .await
+            .expect("put with the returned context");
+    }
+    own.extend(["b1", "b2+", "b3+"]);
+    readable_everywhere(&c, key, &own).await;
+
+    // Another node's actor: n1 cannot check it; the entry reaches n2 with the object.
+    let key = "other";
+    n[1].put("b", key, b"w1".to_vec(), None).await.expect("put");
+    let read = n[0].get_with("b", key, &reads(3)).await.expect("get");
+    let mut other = vec!["w1"];
+    let over = forge(&read.context, "n2", DOT_COUNTER_MAX + 1);
+    assert!(
+        !forged_put(&n[0], key, "over", &over).await,
+        "a counter above the limit is refused"
+    );
+    if forged_put(
+        &n[0],
+        key,
+        "at-limit",
+        &forge(&read.context, "n2", DOT_COUNTER_MAX),
+    )
+    .await
+    {
+        other = vec!["at-limit"];
+    }
+    // n2 holds the forged entry before it writes again.
+    readable_everywhere(&c, key, &other).await;
+    // The context of a get is accepted by a put, also with n2's counter at the limit.
+    let read = n[1].get_with("b", key, &reads(3)).await.expect("get");
+    n[1].put("b", key, b"w2".to_vec(), Some(&read.context))
+        .await
+        .expect("put with a get's context");
+    let ctx = n[2].put("b", key, b"w3".to_vec(), None).await.expect("put");
+    n[2].put("b", key, b"w3+".to_vec(), Some(&ctx))
+        .await
+        .expect("put with the returned context");
+    n[0].put("b", key, b"w4".to_vec(), None).await.expect("put");
+    n[1].put("b", key, b"w5".to_vec(), None).await.expect("put");
+    other = vec!["w2", "w3+", "w4", "w5"];
+    readable_everywhere(&c, key, &other).await;
+
+    // After a crash and restart of every node (new boots: fresh epochs), nothing changed
+    // and writes go on.
+    barrier(&n[0]).await;
+    drop(n);
+    for i in 0..3 {
+        c.kill9(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    readable_everywhere(&c, "own", &own).await;
+    readable_everywhere(&c, "other", &other).await;
+    let n2 = c.client(1).await;
+    for (key, values) in [("own", &mut own), ("other", &mut other)] {
+        n2.put("b", key, b"after".to_vec(), None)
+            .await
+            .expect("put after restart");
+        values.push("after");
+        readable_everywhere(&c, key, values).await;
+    }
+    barrier(&n2).await;
+    drop(n2);
+
+    // Each node alone: its own stored record, nothing merged from the others.
+    for i in 0..3 {
+        let others: Vec<usize> = (0..3).filter(|&j| j != i).collect();
+        for &j in &others {
+            c.kill9(j);
+        }
+        let client = c.client(i).await;
+        for (key, values) in [("own", &own), ("other", &other)] {
+            let got = client
+                .get_with("b", key, &reads(1))
+                .await
+                .unwrap_or_else(|e| panic!("n{} alone cannot read {key}: {e}", i + 1));
+            let mut held: Vec<Vec<u8>> = got.values().into_iter().map(<[u8]>::to_vec).collect();
+            held.sort();
+            assert_eq!(held, sorted(values), "n{} alone, key {key}", i + 1);
+        }
+        drop(client);
+        for &j in &others {
+            c.restart(j);
+        }
+    }
 }

@@ -25,13 +25,34 @@
 //! trusted record always holds the actor's highest dot. Whether an epoch is trusted is the
 //! caller's policy ([`EpochSource`]); the node trusts only epochs allocated in its current
 //! boot, so anything a crash may have rolled back is never continued.
+//!
+//! # Contexts cannot corrupt
+//!
+//! Contexts are opaque to clients but not authenticated: a client may send back any
+//! version vector, and whatever it names joins the object's context, which replicates to
+//! every replica of the key. Two rules keep a forged context from breaking a key:
+//!
+//! - **Counters are bounded.** No counter above [`DOT_COUNTER_MAX`] is accepted from a
+//!   client ([`decode_context`]) or a peer or disk ([`Object::validate`]), and a coordinator
+//!   never continues an epoch whose counter reached the limit: it takes a fresh epoch
+//!   instead ([`coordinate_write`]). So `counter + 1` never overflows, every dot is within
+//!   the limit, every object a node stores is one it reads back, and every context a get
+//!   returns is one a put accepts (up to the size limits of contexts).
+//! - **A coordinator's own dots are checked.** A context naming a dot of the coordinator's
+//!   own trusted actor that the coordinator never issued is provably forged and is refused
+//!   ([`check_client_context`]), so a client cannot push that actor's counter to the limit.
+//!   Entries of other actors cannot be checked locally; they are harmless to the key's
+//!   integrity thanks to the bound (their owner skips to a fresh epoch if its counter
+//!   reaches it), though, as in Riak, a forged context can still make a write supersede
+//!   versions its client never read, and one that names another actor's dots beyond what
+//!   this replica has seen can supersede that actor's writes still on their way here.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{CONTEXT_ACTORS_MAX, CONTEXT_BYTES_MAX};
+use crate::limits::{CONTEXT_ACTORS_MAX, CONTEXT_BYTES_MAX, DOT_COUNTER_MAX};
 
 /// Identity of a writer of dots: a node incarnation and a per-key epoch on it.
 ///
@@ -54,7 +75,8 @@ impl fmt::Display for ActorId {
     }
 }
 
-/// One write's unique identity: the `counter`-th dot issued by `actor`.
+/// One write's unique identity: the `counter`-th dot issued by `actor` (1 to
+/// [`DOT_COUNTER_MAX`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Dot {
     /// Who issued the dot.
@@ -296,10 +318,28 @@ impl Object {
         if self.siblings.iter().any(|s| s.dot.counter == 0) {
             return Err(CausalityError::InvalidObject("sibling with a zero counter"));
         }
+        // Implied by the coverage check and the context bound below, but stated: no
+        // coordinator issues a dot above the limit.
+        if self
+            .siblings
+            .iter()
+            .any(|s| s.dot.counter > DOT_COUNTER_MAX)
+        {
+            return Err(CausalityError::InvalidObject(
+                "sibling counter above the dot counter limit",
+            ));
+        }
         // A zero entry covers nothing but makes equal contexts compare unequal, so merges of
         // such objects would not be commutative and replicas would never compare equal.
         if self.context.iter().any(|(_, n)| n == 0) {
             return Err(CausalityError::InvalidObject("context with a zero entry"));
+        }
+        // Every context a get returns must be one a put accepts ([`decode_context`]), and a
+        // coordinator continuing an actor needs room for one more dot.
+        if self.context.iter().any(|(_, n)| n > DOT_COUNTER_MAX) {
+            return Err(CausalityError::InvalidObject(
+                "context entry above the dot counter limit",
+            ));
         }
         Ok(())
     }
@@ -351,11 +391,100 @@ pub struct Coordinator {
     pub incarnation: u64,
 }
 
+impl Coordinator {
+    /// This coordinator's actor for `epoch`.
+    fn actor(&self, epoch: u64) -> ActorId {
+        ActorId {
+            node: self.node.clone(),
+            incarnation: self.incarnation,
+            epoch,
+        }
+    }
+}
+
+/// The epoch of `local` that the coordinator continues: the record's own epoch when the
+/// epoch source trusts it and its counter is below [`DOT_COUNTER_MAX`]. `None` means the
+/// next write takes a fresh epoch (callers that must refuse writes when no fresh epoch is
+/// left check their capacity on `None`).
+pub fn continued_epoch(
+    local: Option<&LocalRecord>,
+    me: &Coordinator,
+    epochs: &dyn EpochSource,
+) -> Option<u64> {
+    let record = local?;
+    let epoch = record.own_epoch.filter(|&e| epochs.is_trusted(e))?;
+    (record.object.context.get(&me.actor(epoch)) < DOT_COUNTER_MAX).then_some(epoch)
+}
+
+/// Checks a client's context against the coordinator's local record before a write.
+///
+/// The record of a trusted own epoch holds that actor's highest dot (see the module docs),
+/// so a context naming a higher counter of this coordinator's own actor at that epoch names
+/// dots this replica never issued: it is forged, and it is refused. Accepted, it would not
+/// make a dot reused (the write joins it into the record, so the actor's next dot is above
+/// it), but it would let a client move the actor's counter anywhere up to
+/// [`DOT_COUNTER_MAX`], forcing fresh epochs (one more context entry per forged write), and
+/// keep a forged entry in the key's context on every replica.
+///
+/// Entries of other actors, and of this node's untrusted or other epochs (which it never
+/// continues for this key), cannot be checked here and are allowed: [`DOT_COUNTER_MAX`]
+/// keeps them from overflowing anything, and an actor whose counter reaches the limit
+/// takes a fresh epoch.
+pub fn check_client_context(
+    local: Option<&LocalRecord>,
+    me: &Coordinator,
+    epochs: &dyn EpochSource,
+    ctx: &VersionVector,
+) -> Result<(), CausalityError> {
+    let Some(record) = local else {
+        return Ok(());
+    };
+    let Some(epoch) = record.own_epoch.filter(|&e| epochs.is_trusted(e)) else {
+        return Ok(());
+    };
+    let actor = me.actor(epoch);
+    let issued = record.object.context.get(&actor);
+    let named = ctx.get(&actor);
+    if named > issued {
+        return Err(CausalityError::InvalidContext(format!(
+            "names dot {named} of this node's actor {actor}, which this replica never issued \
+             (highest {issued})"
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh epoch whose counter in `object`'s context is below [`DOT_COUNTER_MAX`].
+///
+/// A fresh epoch was never issued, but a forged context may already name it at the limit
+/// (epochs are guessable, and a peer's object carries entries no local check saw); no dot
+/// can be issued under it then, so the next one is taken. Each skipped epoch is a distinct
+/// entry of the context, so a source that hands out distinct epochs succeeds within
+/// `len + 1` draws; the loop is bounded for one that does not.
+fn fresh_epoch(object: &Object, me: &Coordinator, epochs: &mut dyn EpochSource) -> u64 {
+    let mut epoch = epochs.fresh();
+    for _ in 0..object.context.len() {
+        if object.context.get(&me.actor(epoch)) < DOT_COUNTER_MAX {
+            break;
+        }
+        epoch = epochs.fresh();
+    }
+    epoch
+}
+
 /// The coordinator's write rule: issue a fresh dot for `op` against the local record
 /// (absent when the node holds nothing for the key) and return the new record to store.
 ///
-/// The dot's actor keeps the record's epoch when the epoch source trusts it, and takes a
-/// fresh epoch otherwise, so a dot is never issued twice even after the node lost its copy.
+/// The dot's actor keeps the record's epoch when the epoch source trusts it (and its counter
+/// is below [`DOT_COUNTER_MAX`], see [`continued_epoch`]), and takes a fresh epoch otherwise,
+/// so a dot is never issued twice even after the node lost its copy, and no counter
+/// overflows whatever contexts the object has joined.
+///
+/// The caller checks the client's context first ([`decode_context`],
+/// [`check_client_context`]). With an object that [`Object::validate`] accepts and an epoch
+/// source that hands out distinct epochs, the new record is valid; otherwise (a counter at
+/// `u64::MAX`, a source that repeats an epoch named at the limit) the dot saturates and the
+/// record fails validation, so a caller that validates before storing stores nothing.
 pub fn coordinate_write(
     local: Option<LocalRecord>,
     me: &Coordinator,
@@ -392,20 +521,16 @@ pub fn coordinate_with<E>(
     timestamp_ms: u64,
 ) -> Result<(LocalRecord, Dot), E> {
     let mut record = local.unwrap_or_default();
-    let epoch = match record.own_epoch {
-        Some(e) if epochs.is_trusted(e) => e,
-        _ => epochs.fresh(),
+    let epoch = match continued_epoch(Some(&record), me, &*epochs) {
+        Some(e) => e,
+        None => fresh_epoch(&record.object, me, epochs),
     };
-    let actor = ActorId {
-        node: me.node.clone(),
-        incarnation: me.incarnation,
-        epoch,
-    };
+    let actor = me.actor(epoch);
     let op = compute(&record.object, &actor)?;
-    let dot = Dot {
-        counter: record.object.context.get(&actor) + 1,
-        actor,
-    };
+    // Below the limit unless the epoch source repeated an epoch or the object was never
+    // validated; saturating then keeps this from wrapping to a zero counter.
+    let counter = record.object.context.get(&actor).saturating_add(1);
+    let dot = Dot { counter, actor };
     record
         .object
         .apply_write(client_context, dot.clone(), op, timestamp_ms);
@@ -465,6 +590,13 @@ pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, CausalityError> {
         return Err(CausalityError::InvalidContext(format!(
             "names {} actors, more than the limit of {CONTEXT_ACTORS_MAX}",
             vv.len()
+        )));
+    }
+    // No coordinator issues a dot above the limit, so such an entry is forged; accepted,
+    // it would make the actor's next counter overflow.
+    if let Some((actor, n)) = vv.iter().find(|(_, n)| *n > DOT_COUNTER_MAX) {
+        return Err(CausalityError::InvalidContext(format!(
+            "names counter {n} of actor {actor}, above the limit of {DOT_COUNTER_MAX}"
         )));
     }
     vv.normalize();
@@ -572,5 +704,157 @@ mod tests {
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert!(decode_context(&trailing).is_err());
+    }
+
+    /// Stores and reads back a record the way the node does: postcard, then `validate`.
+    fn round_trip(r: &LocalRecord) -> LocalRecord {
+        let bytes = postcard::to_allocvec(r).expect("plain data");
+        let back: LocalRecord = postcard::from_bytes(&bytes).expect("decodes");
+        back.object.validate().expect("a stored record reads back");
+        back
+    }
+
+    fn with_counter(ctx: &VersionVector, actor: &ActorId, counter: u64) -> Vec<u8> {
+        let mut forged = ctx.clone();
+        forged.entries.insert(actor.clone(), counter);
+        encode_context(&forged)
+    }
+
+    // Issue 11, point 4: a client sets the coordinator's counter in a get's context to
+    // 2^64-1 and puts with it. Before the fix the put was accepted and the next write by
+    // that actor wrapped to a zero counter, which made every later read of the key fail.
+    #[test]
+    fn a_context_with_the_coordinators_counter_at_u64_max_cannot_corrupt_the_key() {
+        let mut e = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
+        let (r, dot) = coordinate_write(
+            None,
+            &me(),
+            &mut e,
+            &VersionVector::new(),
+            WriteOp::Put(b"a".to_vec()),
+            1,
+        );
+        let forged = with_counter(r.object.context(), &dot.actor, u64::MAX);
+        // The node decodes the client's bytes first: refused.
+        let err = decode_context(&forged).expect_err("counter above the limit");
+        assert!(matches!(err, CausalityError::InvalidContext(_)), "{err}");
+        // Just within the limit it decodes, and the check against the record refuses it:
+        // this replica never issued that dot.
+        let at_limit = decode_context(&with_counter(
+            r.object.context(),
+            &dot.actor,
+            DOT_COUNTER_MAX,
+        ))
+        .expect("within the limit");
+        let err = check_client_context(Some(&r), &me(), &e, &at_limit).expect_err("refused");
+        let CausalityError::InvalidContext(msg) = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            msg.contains("never issued") && msg.contains("highest 1"),
+            "{msg}"
+        );
+        // The context the get returned is still accepted, and the key keeps working.
+        check_client_context(Some(&r), &me(), &e, r.object.context()).expect("genuine");
+        let r = put(Some(round_trip(&r)), &mut e, &VersionVector::new(), "b");
+        let r = put(Some(round_trip(&r)), &mut e, &VersionVector::new(), "c");
+        assert_eq!(values(&round_trip(&r).object), vec![&b"a"[..], b"b", b"c"]);
+
+        // Even a caller that skipped both checks gets no zero counter and no panic: a
+        // record carrying the forged entry is refused by `validate`, and the coordinator
+        // saturates instead of wrapping.
+        let mut forged_record = r.clone();
+        forged_record
+            .object
+            .context
+            .entries
+            .insert(dot.actor.clone(), u64::MAX);
+        assert!(forged_record.object.validate().is_err());
+        let (after, d) = coordinate_write(
+            Some(forged_record),
+            &me(),
+            &mut e,
+            &VersionVector::new(),
+            WriteOp::Put(b"d".to_vec()),
+            2,
+        );
+        assert_ne!(d.counter, 0);
+        assert!(after.object.validate().is_err());
+    }
+
+    // A forged entry for another node's actor is accepted (n1 cannot check it), reaches
+    // that node by replication, and its next write takes a fresh epoch instead of
+    // continuing past the limit.
+    #[test]
+    fn a_forged_entry_at_the_limit_for_another_nodes_actor_makes_it_take_a_fresh_epoch() {
+        let n2 = Coordinator {
+            node: "n2".into(),
+            incarnation: 9,
+        };
+        let mut e1 = Counter {
+            next: 1,
+            trusted_from: 1,
+        };
+        let mut e2 = Counter {
+            next: 100,
+            trusted_from: 100,
+        };
+        let (at_n2, d2) = coordinate_write(
+            None,
+            &n2,
+            &mut e2,
+            &VersionVector::new(),
+            WriteOp::Put(b"x".to_vec()),
+            1,
+        );
+        let mut at_n1 = LocalRecord::default();
+        at_n1.merge_remote(&at_n2.object);
+        let ctx = decode_context(&with_counter(
+            at_n1.object.context(),
+            &d2.actor,
+            DOT_COUNTER_MAX,
+        ))
+        .expect("within the limit");
+        check_client_context(Some(&at_n1), &me(), &e1, &ctx).expect("not n1's actor");
+        // The forged context also names n2's next epoch at the limit.
+        let mut ctx = ctx;
+        ctx.add(&Dot {
+            actor: n2.actor(e2.next),
+            counter: DOT_COUNTER_MAX,
+        });
+        let (at_n1, _) = coordinate_write(
+            Some(at_n1),
+            &me(),
+            &mut e1,
+            &ctx,
+            WriteOp::Put(b"y".into()),
+            2,
+        );
+        let at_n1 = round_trip(&at_n1);
+        let mut at_n2 = at_n2;
+        at_n2.merge_remote(&at_n1.object);
+        let at_n2 = round_trip(&at_n2);
+        assert_eq!(continued_epoch(Some(&at_n2), &n2, &e2), None);
+        let (at_n2, d) = coordinate_write(
+            Some(at_n2),
+            &n2,
+            &mut e2,
+            &VersionVector::new(),
+            WriteOp::Put(b"z".to_vec()),
+            3,
+        );
+        assert_eq!(
+            d.actor.epoch, 102,
+            "epoch 100 is at the limit, 101 named at it"
+        );
+        assert_eq!(d.counter, 1);
+        let at_n2 = round_trip(&at_n2);
+        assert_eq!(values(&at_n2.object), vec![&b"y"[..], b"z"]);
+        // Every context a get returns is one a put accepts again.
+        let ctx = decode_context(&encode_context(at_n2.object.context())).expect("accepted");
+        check_client_context(Some(&at_n2), &n2, &e2, &ctx).expect("accepted");
     }
 }

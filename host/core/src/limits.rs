@@ -10,6 +10,16 @@ pub const VALUE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
 /// Largest number of actors a decoded context may name.
 pub const CONTEXT_ACTORS_MAX: usize = 1024;
+/// Largest dot counter: no sibling's counter and no context entry may exceed it.
+///
+/// Contexts come from clients and are not authenticated, so a client can name any counter;
+/// a coordinator continues its actor from the highest counter its record's context names,
+/// and a counter near `u64::MAX` would overflow on the next write. With this limit a client
+/// context above it is refused, a coordinator whose actor reached it takes a fresh epoch
+/// instead of continuing, and there is always room for `+ 1`. No honest actor gets near it:
+/// 2^62 writes of one key by one actor epoch, at a million writes a second, take 146,000
+/// years.
+pub const DOT_COUNTER_MAX: u64 = 1 << 62;
 /// Headroom for framing and request fields beyond key, value and context, in bytes.
 pub const FRAME_OVERHEAD_BYTES: usize = 4 * 1024;
 /// Default number of concurrent bidirectional streams a client connection may open.

@@ -15,9 +15,11 @@ use proptest::sample::Index;
 use proptest::test_runner::{TestError, TestRng, TestRunner};
 use quiver_core::causality::{
     ActorId, CausalityError, Coordinator, Dot, EpochSource, LocalRecord, Object, Sibling,
-    SiblingMeta, VersionVector, WriteOp, coordinate_write, decode_context, encode_context,
+    SiblingMeta, VersionVector, WriteOp, check_client_context, coordinate_write, decode_context,
+    encode_context,
 };
-use quiver_core::limits::{CONTEXT_ACTORS_MAX, CONTEXT_BYTES_MAX};
+use quiver_core::limits::{CONTEXT_ACTORS_MAX, CONTEXT_BYTES_MAX, DOT_COUNTER_MAX};
+use quiver_core::replica;
 use serde::Serialize;
 
 fn config(cases: u32) -> ProptestConfig {
@@ -1155,7 +1157,7 @@ fn any_vv() -> impl Strategy<Value = VersionVector> {
 }
 
 fn vv_of_up_to(actors: usize) -> impl Strategy<Value = VersionVector> {
-    prop::collection::vec((any_actor(), any::<u64>()), 0..=actors).prop_map(|entries| {
+    prop::collection::vec((any_actor(), 0..=DOT_COUNTER_MAX), 0..=actors).prop_map(|entries| {
         let mut vv = VersionVector::new();
         for (actor, counter) in entries {
             vv.add(&Dot { actor, counter });
@@ -1168,6 +1170,11 @@ fn vv_of_up_to(actors: usize) -> impl Strategy<Value = VersionVector> {
 /// in canonical form (it re-encodes to bytes that decode to itself).
 fn check_decoded(vv: &VersionVector) -> Result<(), TestCaseError> {
     prop_assert!(vv.iter().all(|(_, n)| n > 0), "zero entry in {:?}", vv);
+    prop_assert!(
+        vv.iter().all(|(_, n)| n <= DOT_COUNTER_MAX),
+        "entry above the counter limit in {:?}",
+        vv
+    );
     prop_assert!(vv.len() <= CONTEXT_ACTORS_MAX);
     prop_assert_eq!(
         &decode_context(&encode_context(vv)).expect("re-encoded"),
@@ -1290,10 +1297,334 @@ fn context_limits_are_enforced_at_the_boundary() {
         "one actor over the limit"
     );
 
+    let actor = ActorId {
+        node: "n".into(),
+        incarnation: 1,
+        epoch: 1,
+    };
+    for (counter, ok) in [
+        (DOT_COUNTER_MAX, true),
+        (DOT_COUNTER_MAX + 1, false),
+        (u64::MAX, false),
+    ] {
+        let mut vv = VersionVector::new();
+        vv.add(&Dot {
+            actor: actor.clone(),
+            counter,
+        });
+        let decoded = decode_context(&encode_context(&vv));
+        assert_eq!(decoded.is_ok(), ok, "counter {counter}: {decoded:?}");
+    }
+
     let mut big = encode_context(&VersionVector::new());
     big.resize(CONTEXT_BYTES_MAX + 1, 0);
     assert!(
         decode_context(&big).is_err(),
         "one byte over the size limit"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Forged contexts (issue 11, point 4: contexts cannot corrupt)
+// ---------------------------------------------------------------------------------------
+
+/// Counters a forger would try: the edges of the limit and of `u64`.
+const EDGE_COUNTERS: [u64; 9] = [
+    0,
+    1,
+    2,
+    3,
+    DOT_COUNTER_MAX - 1,
+    DOT_COUNTER_MAX,
+    DOT_COUNTER_MAX + 1,
+    u64::MAX - 1,
+    u64::MAX,
+];
+
+/// The two replicas' identities.
+fn replica_coordinator(node: usize) -> Coordinator {
+    Coordinator {
+        node: format!("n{}", node + 1),
+        incarnation: 7 + node as u64,
+    }
+}
+
+/// A small actor pool a forger picks from: each replica's own actor at the epochs its
+/// allocator hands out first (trusted until a restart, untrusted after), an epoch it never
+/// issues (0), another incarnation of it, and an unrelated actor.
+fn forged_actor() -> impl Strategy<Value = ActorId> {
+    prop_oneof![
+        (0usize..2, 0u64..5).prop_map(|(node, epoch)| {
+            let me = replica_coordinator(node);
+            ActorId {
+                node: me.node,
+                incarnation: me.incarnation,
+                epoch,
+            }
+        }),
+        (0usize..2).prop_map(|node| ActorId {
+            node: format!("n{}", node + 1),
+            incarnation: 99,
+            epoch: 1,
+        }),
+        Just(ActorId {
+            node: "x".into(),
+            incarnation: 1,
+            epoch: 1,
+        }),
+    ]
+}
+
+fn forged_entry() -> impl Strategy<Value = (ActorId, u64)> {
+    (
+        forged_actor(),
+        prop_oneof![
+            prop::sample::select(EDGE_COUNTERS.to_vec()),
+            0u64..8,
+            any::<u64>(),
+        ],
+    )
+}
+
+/// Where the bytes of a forged write's context come from.
+#[derive(Debug, Clone)]
+enum ForgedCtx {
+    /// None: a blind write.
+    Blind,
+    /// Arbitrary bytes, with the format tag prepended when `tagged`.
+    Raw { tagged: bool, bytes: Vec<u8> },
+    /// A real read from the replicas whose bits are set in `read`, with some entries
+    /// overwritten (counters may be zero or above the limit: encoded raw).
+    Edited { read: u8, set: Vec<(ActorId, u64)> },
+}
+
+fn forged_ctx() -> impl Strategy<Value = ForgedCtx> {
+    prop_oneof![
+        1 => Just(ForgedCtx::Blind),
+        1 => (any::<bool>(), prop::collection::vec(any::<u8>(), 0..48))
+            .prop_map(|(tagged, bytes)| ForgedCtx::Raw { tagged, bytes }),
+        6 => (0u8..4, prop::collection::vec(forged_entry(), 0..4))
+            .prop_map(|(read, set)| ForgedCtx::Edited { read, set }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum ForgeOp {
+    /// A client writes through replica `node` with a (possibly forged) context.
+    Write {
+        node: usize,
+        ctx: ForgedCtx,
+        delete: bool,
+    },
+    /// Replica `to` merges replica `from`'s object (replication, repair, anti-entropy).
+    Sync { from: usize, to: usize },
+    /// Replica `node` restarts: the epochs it issued so far are no longer trusted.
+    Restart { node: usize },
+}
+
+fn forge_op() -> impl Strategy<Value = ForgeOp> {
+    prop_oneof![
+        6 => (0usize..2, forged_ctx(), any::<bool>())
+            .prop_map(|(node, ctx, delete)| ForgeOp::Write { node, ctx, delete }),
+        3 => (0usize..2).prop_map(|from| ForgeOp::Sync { from, to: 1 - from }),
+        1 => (0usize..2).prop_map(|node| ForgeOp::Restart { node }),
+    ]
+}
+
+/// Two replicas of one key under forged contexts, each step checked.
+struct Forged {
+    records: [Option<LocalRecord>; 2],
+    epochs: [NodeEpochs; 2],
+    issued: Vec<Dot>,
+}
+
+/// Stores and reads back a record as the node does (`kv::encode_record` /
+/// `kv::decode_record`: a format tag, postcard, then `validate`).
+fn store_and_read_back(record: &LocalRecord) -> Result<LocalRecord, TestCaseError> {
+    let mut bytes = vec![1u8];
+    bytes.extend(postcard::to_allocvec(record).expect("plain data"));
+    let back: LocalRecord = postcard::from_bytes(&bytes[1..]).expect("our own encoding");
+    prop_assert_eq!(back.object.validate(), Ok(()), "stored {:?}", record);
+    prop_assert_eq!(&back, record);
+    Ok(back)
+}
+
+impl Forged {
+    fn new() -> Self {
+        Forged {
+            records: [None, None],
+            epochs: [
+                NodeEpochs::new(Policy::Durable),
+                NodeEpochs::new(Policy::Durable),
+            ],
+            issued: Vec::new(),
+        }
+    }
+
+    fn read(&self, mask: u8) -> Object {
+        let mut acc = Object::new();
+        for (i, r) in self.records.iter().enumerate() {
+            if mask & (1 << i) != 0
+                && let Some(r) = r
+            {
+                acc = acc.merge(&r.object);
+            }
+        }
+        acc
+    }
+
+    fn bytes(&self, ctx: &ForgedCtx) -> Vec<u8> {
+        match ctx {
+            ForgedCtx::Blind => Vec::new(),
+            ForgedCtx::Raw { tagged, bytes } => {
+                let mut out = if *tagged {
+                    encode_context(&VersionVector::new())
+                } else {
+                    Vec::new()
+                };
+                out.extend_from_slice(bytes);
+                out
+            }
+            ForgedCtx::Edited { read, set } => {
+                let mut entries: BTreeMap<ActorId, u64> = self
+                    .read(*read)
+                    .context()
+                    .iter()
+                    .map(|(a, n)| (a.clone(), n))
+                    .collect();
+                for (actor, n) in set {
+                    entries.insert(actor.clone(), *n);
+                }
+                let mut out = encode_context(&VersionVector::new());
+                out.truncate(1);
+                out.extend(postcard::to_allocvec(&VersionVectorWire { entries }).expect("plain"));
+                out
+            }
+        }
+    }
+
+    /// A write as `KvService::write` does it: decode, check against the record, coordinate,
+    /// validate. Returns the reply context when the write was accepted.
+    fn write(
+        &mut self,
+        node: usize,
+        bytes: &[u8],
+        delete: bool,
+    ) -> Result<Option<VersionVector>, TestCaseError> {
+        let me = replica_coordinator(node);
+        let Ok(ctx) = decode_context(bytes) else {
+            return Ok(None);
+        };
+        let local = self.records[node].clone();
+        if let Err(e) = check_client_context(local.as_ref(), &me, &self.epochs[node], &ctx) {
+            prop_assert!(matches!(e, CausalityError::InvalidContext(_)));
+            return Ok(None);
+        }
+        let op = if delete {
+            WriteOp::Delete
+        } else {
+            WriteOp::Put(vec![self.issued.len() as u8])
+        };
+        let before = local.as_ref().map(|r| r.object.clone()).unwrap_or_default();
+        let (record, dot) = coordinate_write(local, &me, &mut self.epochs[node], &ctx, op, 1);
+        prop_assert!(
+            (1..=DOT_COUNTER_MAX).contains(&dot.counter),
+            "dot {:?} outside 1..=DOT_COUNTER_MAX",
+            dot
+        );
+        prop_assert!(!self.issued.contains(&dot), "dot {:?} issued twice", dot);
+        prop_assert!(!before.context().covers(&dot), "dot {:?} not fresh", dot);
+        self.issued.push(dot.clone());
+        let record = store_and_read_back(&record)?;
+        // No sibling the client's context did not cover disappears; the new one is there.
+        for s in before.siblings() {
+            if !ctx.covers(&s.dot) {
+                prop_assert!(
+                    record.object.siblings().contains(s),
+                    "write dropped {:?} its context did not cover",
+                    s
+                );
+            }
+        }
+        prop_assert!(record.object.siblings().iter().any(|s| s.dot == dot));
+        // The contexts a get and this put return are accepted by the next put here.
+        let mut reply = ctx;
+        reply.add(&dot);
+        for back in [reply.clone(), record.object.context().clone()] {
+            let decoded = decode_context(&encode_context(&back));
+            prop_assert_eq!(decoded.as_ref(), Ok(&back));
+            prop_assert_eq!(
+                check_client_context(Some(&record), &me, &self.epochs[node], &back),
+                Ok(())
+            );
+        }
+        self.records[node] = Some(record);
+        Ok(Some(reply))
+    }
+
+    /// `KvService::merge_remote`: validate the incoming object, merge, store.
+    fn sync(&mut self, from: usize, to: usize) -> Result<(), TestCaseError> {
+        let Some(incoming) = self.records[from].as_ref().map(|r| r.object.clone()) else {
+            return Ok(());
+        };
+        prop_assert_eq!(incoming.validate(), Ok(()));
+        let local = self.records[to].clone();
+        let plan = replica::merge_incoming(local.as_ref(), &incoming, None, false);
+        if let Some(record) = plan.record {
+            let record = store_and_read_back(&record)?;
+            let before = local.map(|r| r.object).unwrap_or_default();
+            // The merge law: a sibling goes only when the other side saw it replaced.
+            for s in before.siblings() {
+                if !record.object.siblings().contains(s) {
+                    prop_assert!(incoming.context().covers(&s.dot));
+                }
+            }
+            for s in incoming.siblings() {
+                if !record.object.siblings().contains(s) {
+                    prop_assert!(before.context().covers(&s.dot));
+                }
+            }
+            self.records[to] = Some(record);
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(config(1500))]
+
+    /// Whatever context bytes clients send, every record either replica stores stays valid
+    /// and reads back, no write drops a sibling its context did not cover, dots stay within
+    /// the limit and unique, and forged entries that reach the other replica through the
+    /// object context do not break its writes either.
+    #[test]
+    fn forged_contexts_never_corrupt_a_record(
+        ops in prop::collection::vec(forge_op(), 1..24),
+    ) {
+        let mut w = Forged::new();
+        for op in &ops {
+            match op {
+                ForgeOp::Write { node, ctx, delete } => {
+                    let bytes = w.bytes(ctx);
+                    w.write(*node, &bytes, *delete)?;
+                }
+                ForgeOp::Sync { from, to } => w.sync(*from, *to)?,
+                ForgeOp::Restart { node } => w.epochs[*node].reboot(),
+            }
+        }
+        // Both replicas exchange and keep accepting writes: blind ones, and ones with the
+        // context of a full read, which replace everything.
+        w.sync(0, 1)?;
+        w.sync(1, 0)?;
+        for node in 0..2 {
+            let accepted = w.write(node, &[], false)?;
+            prop_assert!(accepted.is_some(), "a blind write was refused");
+            // Both replicas hold everything here, so the check has nothing to refuse.
+            let ctx = encode_context(w.read(0b11).context());
+            let accepted = w.write(node, &ctx, false)?;
+            prop_assert!(accepted.is_some(), "the context of a full read was refused");
+            prop_assert_eq!(w.records[node].as_ref().map(|r| r.object.siblings().len()), Some(1));
+            w.sync(node, 1 - node)?;
+        }
+    }
 }

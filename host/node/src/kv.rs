@@ -289,10 +289,20 @@ impl KvService {
             let prior = local.as_ref().map(|r| r.object.clone());
             let (mut record, dot) = {
                 let mut epochs = lock(&self.epochs);
-                let trusted = local
-                    .as_ref()
-                    .and_then(|r| r.own_epoch)
-                    .is_some_and(|e| quiver_core::causality::EpochSource::is_trusted(&*epochs, e));
+                // A context naming dots of this node's own actor that it never issued is
+                // forged: refused (issue 11, point 4).
+                causality::check_client_context(
+                    local.as_ref(),
+                    &self.me,
+                    &*epochs,
+                    &client_context,
+                )
+                .map_err(|e| KvError::Invalid {
+                    code: ErrorCode::InvalidContext,
+                    message: format!("bucket {:?} key {}: {e}", args.bucket, render_key(args.key)),
+                })?;
+                let trusted =
+                    causality::continued_epoch(local.as_ref(), &self.me, &*epochs).is_some();
                 if !trusted && !epochs.has_capacity() {
                     return Err(KvError::EpochsExhausted {
                         node: self.me.node.clone(),
@@ -368,6 +378,17 @@ impl KvService {
                     ),
                 }
             }
+            // Never store what a read would refuse (`decode_record` validates).
+            record.object.validate().map_err(|e| KvError::Invalid {
+                code: ErrorCode::Internal,
+                message: format!(
+                    "node {}: bucket {:?} key {}: the write would store an invalid record, \
+                     nothing was written: {e}",
+                    self.me.node,
+                    args.bucket,
+                    render_key(args.key)
+                ),
+            })?;
             let count = record.object.siblings().len();
             if count > SIBLINGS_MAX_DEFAULT {
                 return Err(KvError::TooManySiblings {
@@ -489,6 +510,17 @@ impl KvService {
             let mut batch = WriteBatch::new();
             let mut staged = None;
             if let Some(record) = &plan.record {
+                // Both sides are valid, so their merge is; checked anyway, since a read
+                // refuses an invalid record and nothing should be stored that reads fail on.
+                record.object.validate().map_err(|e| KvError::Invalid {
+                    code: ErrorCode::Internal,
+                    message: format!(
+                        "node {}: bucket {bucket:?} key {}: the merge would store an invalid \
+                         record, nothing was written: {e}",
+                        self.me.node,
+                        render_key(key)
+                    ),
+                })?;
                 batch.put(dkey.clone(), encode_record(record));
                 staged = Some(self.stage_ae(
                     &mut batch,
