@@ -217,15 +217,31 @@ fn server_reads_its_settings_from_a_config_file() {
 
 #[test]
 fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
+    /// Stops `quiver dev` (and so its nodes) with SIGTERM if the test fails half-way, so a
+    /// failure never leaves servers holding the ports of the next run.
+    struct StopOnDrop(Option<std::process::Child>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+            }
+        }
+    }
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(quiver_bin())
-        .args(["dev", "--nodes", "3", "--base-port", "17470", "--dir"])
-        .arg(dir.path())
-        .env("QUIVER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn quiver dev");
+    let mut dev = StopOnDrop(Some(
+        Command::new(quiver_bin())
+            .args(["dev", "--nodes", "3", "--base-port", "17470", "--dir"])
+            .arg(dir.path())
+            .env("QUIVER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn quiver dev"),
+    ));
+    let child = dev.0.as_mut().expect("running");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
         child.stdout.take().expect("stdout"),
     ));
@@ -323,6 +339,7 @@ fn dev_starts_a_local_cluster_and_stops_it_gracefully() {
             .all(|l| l["primaries"].as_array().map(Vec::len) == Some(3))
     );
 
+    let mut child = dev.0.take().expect("running");
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
@@ -419,4 +436,97 @@ fn a_new_plugin_builds_componentizes_and_validates() {
         stdout.contains("commutative"),
         "names the broken law: {stdout}"
     );
+}
+
+/// `quiver key`: a key created with a grant prints its secret once, works for its bucket
+/// only, is listed without its secret, and stops working once deleted.
+#[test]
+fn access_keys_are_created_used_listed_and_deleted_from_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = NodeProc::start(dir.path(), &["--engine", "memory"]);
+    let created = json(&quiver(
+        &node,
+        &[
+            "key",
+            "create",
+            "shop",
+            "--allow",
+            "carts:readwrite",
+            "--output",
+            "json",
+        ],
+        None,
+    ));
+    assert_eq!(created["name"], "shop");
+    let secret = created["secret"].as_str().expect("secret").to_string();
+    assert!(secret.starts_with("shop."), "{secret}");
+    let as_shop = |args: &[&str]| {
+        Command::new(quiver_bin())
+            .args(args)
+            .env("QUIVER_CLUSTER", node.addr.to_string())
+            .env("QUIVER_CA", node.data_dir.join("ca.pem"))
+            .env("QUIVER_KEY", &secret)
+            .output()
+            .expect("run quiver")
+    };
+    assert!(
+        as_shop(&["put", "carts", "alice", "apple"])
+            .status
+            .success()
+    );
+    let refused = as_shop(&["put", "other", "k", "v"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("Forbidden") && stderr.contains("\"other\""),
+        "{stderr}"
+    );
+    assert!(
+        !as_shop(&["key", "list"]).status.success(),
+        "keys need an admin key"
+    );
+
+    let listed = json(&quiver(&node, &["key", "list", "--output", "json"], None));
+    let text = listed.to_string();
+    assert!(
+        text.contains("\"shop\"") && text.contains("carts:readwrite"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&secret[5..]),
+        "a listing never shows a secret"
+    );
+    let shown = json(&quiver(
+        &node,
+        &["key", "show", "shop", "--output", "json"],
+        None,
+    ));
+    assert_eq!(shown["grants"][0], "carts:readwrite");
+
+    json(&quiver(
+        &node,
+        &["key", "delete", "shop", "--output", "json"],
+        None,
+    ));
+    let after = as_shop(&["get", "carts", "alice"]);
+    assert!(!after.status.success());
+    assert!(
+        String::from_utf8_lossy(&after.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    // A malformed key is a one-line error that does not echo it.
+    let bad = Command::new(quiver_bin())
+        .args(["get", "carts", "alice"])
+        .env("QUIVER_CLUSTER", node.addr.to_string())
+        .env("QUIVER_CA", node.data_dir.join("ca.pem"))
+        .env("QUIVER_KEY", "not-a-key-secretvalue")
+        .output()
+        .expect("run quiver");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("malformed access key"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secretvalue"), "{stderr}");
 }

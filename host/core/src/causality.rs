@@ -393,7 +393,7 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// This coordinator's actor for `epoch`.
-    fn actor(&self, epoch: u64) -> ActorId {
+    pub fn actor(&self, epoch: u64) -> ActorId {
         ActorId {
             node: self.node.clone(),
             incarnation: self.incarnation,
@@ -472,6 +472,42 @@ fn fresh_epoch(object: &Object, me: &Coordinator, epochs: &mut dyn EpochSource) 
     epoch
 }
 
+/// The epoch under which [`coordinate_write`] issues the next dot of `local`: the record's
+/// own epoch where it may be continued ([`continued_epoch`]), a fresh one otherwise.
+///
+/// A caller that must know the writing actor before the write (a server-side update runs
+/// the plugin with it, outside the key lock) draws it here, then writes with a
+/// [`ChosenEpoch`] source after checking that the record did not change meanwhile, so the
+/// dot's actor is the one the plugin saw.
+pub fn next_epoch(
+    local: Option<&LocalRecord>,
+    me: &Coordinator,
+    epochs: &mut dyn EpochSource,
+) -> u64 {
+    match continued_epoch(local, me, &*epochs) {
+        Some(e) => e,
+        None => match local {
+            Some(record) => fresh_epoch(&record.object, me, epochs),
+            None => fresh_epoch(&Object::default(), me, epochs),
+        },
+    }
+}
+
+/// An epoch source that trusts and hands out one epoch drawn earlier by [`next_epoch`]
+/// on the same record: with it, [`coordinate_write`] issues the dot under exactly that
+/// epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChosenEpoch(pub u64);
+
+impl EpochSource for ChosenEpoch {
+    fn is_trusted(&self, epoch: u64) -> bool {
+        epoch == self.0
+    }
+    fn fresh(&mut self) -> u64 {
+        self.0
+    }
+}
+
 /// The coordinator's write rule: issue a fresh dot for `op` against the local record
 /// (absent when the node holds nothing for the key) and return the new record to store.
 ///
@@ -521,10 +557,7 @@ pub fn coordinate_with<E>(
     timestamp_ms: u64,
 ) -> Result<(LocalRecord, Dot), E> {
     let mut record = local.unwrap_or_default();
-    let epoch = match continued_epoch(Some(&record), me, &*epochs) {
-        Some(e) => e,
-        None => fresh_epoch(&record.object, me, epochs),
-    };
+    let epoch = next_epoch(Some(&record), me, epochs);
     let actor = me.actor(epoch);
     let op = compute(&record.object, &actor)?;
     // Below the limit unless the epoch source repeated an epoch or the object was never

@@ -355,12 +355,13 @@ pub struct ClientArgs {
     /// Access key, as printed by `quiver key create` (or the contents of a node's
     /// DATA_DIR/admin.key). Prefer the environment variable: a flag shows in `ps`.
     #[arg(
-        long,
+        long = "key",
+        id = "access_key",
         env = "QUIVER_KEY",
         hide_env_values = true,
         value_name = "NAME.SECRET"
     )]
-    pub key: Option<String>,
+    pub access_key: Option<String>,
 }
 
 impl std::fmt::Debug for ClientArgs {
@@ -370,7 +371,7 @@ impl std::fmt::Debug for ClientArgs {
             .field("ca", &self.ca)
             .field("output", &self.output)
             .field("timeout_ms", &self.timeout_ms)
-            .field("key", &self.key.as_ref().map(|_| "<secret>"))
+            .field("access_key", &self.access_key.as_ref().map(|_| "<secret>"))
             .finish()
     }
 }
@@ -392,7 +393,7 @@ impl ClientArgs {
         })?;
         let mut config = ClientConfig::new(ca_pem);
         config.request_timeout = Duration::from_millis(self.timeout_ms.max(1));
-        if let Some(text) = &self.key {
+        if let Some(text) = &self.access_key {
             // The error never echoes the text: it may be a real secret with a typo.
             let key = quiver_sdk::KeyToken::parse(text)
                 .map_err(|e| anyhow::anyhow!("--key / QUIVER_KEY: {e}"))?;
@@ -747,6 +748,8 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         "tombstones": s.tombstones,
                         "tombstones_reaped": s.tombstones_reaped,
                         "reads_speculated": s.reads_speculated,
+                        "auth_refused": s.auth_refused,
+                        "connections_refused": s.connections_refused,
                         "ring_version": s.ring_version,
                         "handoff": {
                             "partitions": s.handoff_partitions,
@@ -770,7 +773,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
         }
         Output::Human => {
             println!(
-                "{:<12} {:<8} {:<10} {:>14} {:>5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  sees down",
+                "{:<12} {:<8} {:<10} {:>14} {:>5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9} {:>10} {:>7} {:>7} {:>8}  sees down",
                 "node",
                 "state",
                 "reachable",
@@ -784,7 +787,8 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                 "ae-fixed",
                 "ae-bytes",
                 "tombs",
-                "reaped"
+                "reaped",
+                "refused"
             );
             for (node, st) in &statuses {
                 match st {
@@ -809,7 +813,7 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                         };
                         println!(
                             "{node:<12} {state:<8} {:<10} {mine:>14} {:>5} {:>9} {:>7} {:>9} \
-                             {:>9} {:>8} {:>9} {:>10} {:>7} {:>7}  {down}",
+                             {:>9} {:>8} {:>9} {:>10} {:>7} {:>7} {:>8}  {down}",
                             "yes",
                             s.ring_version,
                             s.handoff_keys,
@@ -820,13 +824,14 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
                             s.ae_keys_repaired,
                             s.ae_bytes_sent,
                             s.tombstones,
-                            s.tombstones_reaped
+                            s.tombstones_reaped,
+                            s.auth_refused + s.connections_refused
                         );
                     }
                     Err(e) => println!(
                         "{node:<12} {:<8} {:<10} {:>14} {:>5} {:>9} {:>7} {:>9} {:>9} {:>8} {:>9} \
-                         {:>10} {:>7} {:>7}  ({e})",
-                        "-", "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"
+                         {:>10} {:>7} {:>7} {:>8}  ({e})",
+                        "-", "NO", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"
                     ),
                 }
             }
@@ -840,4 +845,15 @@ pub async fn cluster_status(client_args: ClientArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command line's definition (unique argument names, valid defaults)
+    /// only when it parses one; this runs the checks for every subcommand at once.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

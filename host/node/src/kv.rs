@@ -4,8 +4,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use quiver_core::causality::{
-    self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_with,
-    coordinate_write,
+    self, Coordinator, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
 };
 use quiver_core::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX, SIBLINGS_MAX_DEFAULT};
 use quiver_core::merkle::{self, Hash};
@@ -17,6 +16,8 @@ use crate::ae::AeIndex;
 use crate::epochs::BootEpochs;
 use crate::plugins::Attached;
 use crate::storage::{Durability, Store};
+
+mod reconciled;
 
 /// Number of lock stripes serialising read-modify-write of records; a power of two so the
 /// stripe is a mask of the key hash.
@@ -175,6 +176,9 @@ pub struct KvService {
     store: Store,
     epochs: Mutex<BootEpochs>,
     locks: Box<[Mutex<()>]>,
+    /// Server-side updates of one key run one at a time (see `reconciled.rs`); an async
+    /// stripe, held across the plugin call, which gets and puts never take.
+    update_locks: Box<[tokio::sync::Mutex<()>]>,
     value_bytes_max: usize,
     hints: std::sync::atomic::AtomicU64,
     hints_max: u64,
@@ -189,11 +193,15 @@ impl KvService {
             incarnation: epochs.incarnation(),
         };
         let locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let update_locks = (0..KEY_LOCK_STRIPES)
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
         KvService {
             me,
             store,
             epochs: Mutex::new(epochs),
             locks,
+            update_locks,
             value_bytes_max,
             hints: std::sync::atomic::AtomicU64::new(0),
             hints_max: HINTS_MAX_DEFAULT,
@@ -255,7 +263,7 @@ impl KvService {
     /// Coordinates a put or delete. Returns the context of the new version: the client's
     /// context plus the new dot, so that a follow-up write replaces exactly what this client
     /// has seen and not siblings written concurrently by others.
-    pub async fn write(&self, args: WriteArgs<'_>) -> Result<WriteOutcome, KvError> {
+    pub async fn write(&self, mut args: WriteArgs<'_>) -> Result<WriteOutcome, KvError> {
         let dkey = self.validate(args.bucket, args.key)?;
         if let WriteOp::Put(v) = &args.op
             && v.len() > self.value_bytes_max
@@ -277,9 +285,11 @@ impl KvService {
                 message: format!("bucket {:?} key {}: {e}", args.bucket, render_key(args.key)),
             })?;
 
+        if let (Some(attached), Some(op)) = (&args.reconciling, args.update_op) {
+            return self.write_update(&args, &dkey, attached, op).await;
+        }
         let mut reply = client_context.clone();
-        let object;
-        {
+        let (mut object, dot) = {
             // Read-modify-write of one record must not interleave with another on the same
             // key; nothing in this block awaits, so a plain mutex stripe is enough.
             let _guard = lock(&self.locks[stripe(&dkey)]);
@@ -287,7 +297,7 @@ impl KvService {
             // The record before this write, for the anti-entropy index; the write consumes
             // `local`.
             let prior = local.as_ref().map(|r| r.object.clone());
-            let (mut record, dot) = {
+            let (record, dot) = {
                 let mut epochs = lock(&self.epochs);
                 // A context naming dots of this node's own actor that it never issued is
                 // forged: refused (issue 11, point 4).
@@ -301,124 +311,33 @@ impl KvService {
                     code: ErrorCode::InvalidContext,
                     message: format!("bucket {:?} key {}: {e}", args.bucket, render_key(args.key)),
                 })?;
-                let trusted =
-                    causality::continued_epoch(local.as_ref(), &self.me, &*epochs).is_some();
-                if !trusted && !epochs.has_capacity() {
-                    return Err(KvError::EpochsExhausted {
-                        node: self.me.node.clone(),
-                    });
-                }
-                match (&args.reconciling, args.update_op) {
-                    (Some(attached), Some(op)) => {
-                        // A server-side update starts from everything this replica holds,
-                        // merged, so its write replaces all of it.
-                        let seen = local
-                            .as_ref()
-                            .map(|r| r.object.context().clone())
-                            .unwrap_or_default();
-                        reply.join(&seen);
-                        coordinate_with(
-                            local,
-                            &self.me,
-                            &mut *epochs,
-                            &seen,
-                            |object, actor| {
-                                let current = attached.current(object)?;
-                                let value =
-                                    attached.update(current.as_deref(), op, &actor.to_string())?;
-                                Ok(WriteOp::Put(value))
-                            },
-                            args.now_ms,
-                        )
-                        .map_err(|message: String| KvError::Plugin {
-                            message: format!(
-                                "bucket {:?} key {}: {message}",
-                                args.bucket,
-                                render_key(args.key)
-                            ),
-                        })?
-                    }
-                    _ => coordinate_write(
-                        local,
-                        &self.me,
-                        &mut *epochs,
-                        &client_context,
-                        args.op,
-                        args.now_ms,
-                    ),
-                }
+                self.epoch_capacity(local.as_ref(), &epochs)?;
+                // Taken, not cloned: a value may be a mebibyte.
+                let op = std::mem::replace(&mut args.op, WriteOp::Delete);
+                coordinate_write(
+                    local,
+                    &self.me,
+                    &mut *epochs,
+                    &client_context,
+                    op,
+                    args.now_ms,
+                )
             };
-            reply.add(&dot);
-            // Sibling-explosion guard: past the bucket's threshold, the reconciler merges
-            // the siblings into one version at once. If it fails, the write stands as is.
-            if let Some(attached) = &args.reconciling
-                && record.object.siblings().len() > args.sibling_threshold as usize
-            {
-                match attached.merge(&record.object) {
-                    Ok(merged) => {
-                        let seen = record.object.context().clone();
-                        let mut epochs = lock(&self.epochs);
-                        let (merged_record, merged_dot) = coordinate_write(
-                            Some(record),
-                            &self.me,
-                            &mut *epochs,
-                            &seen,
-                            merged.into_op(),
-                            args.now_ms,
-                        );
-                        record = merged_record;
-                        reply.join(&seen);
-                        reply.add(&merged_dot);
-                    }
-                    Err(e) => tracing::warn!(
-                        bucket = args.bucket,
-                        key = %render_key(args.key),
-                        error = %e,
-                        "sibling guard: merge failed, siblings kept"
-                    ),
-                }
-            }
-            // Never store what a read would refuse (`decode_record` validates).
-            record.object.validate().map_err(|e| KvError::Invalid {
-                code: ErrorCode::Internal,
-                message: format!(
-                    "node {}: bucket {:?} key {}: the write would store an invalid record, \
-                     nothing was written: {e}",
-                    self.me.node,
-                    args.bucket,
-                    render_key(args.key)
-                ),
-            })?;
-            let count = record.object.siblings().len();
-            if count > SIBLINGS_MAX_DEFAULT {
-                return Err(KvError::TooManySiblings {
-                    bucket: args.bucket.to_string(),
-                    key: render_key(args.key),
-                    count,
-                    max: SIBLINGS_MAX_DEFAULT,
-                });
-            }
-            let mut batch = WriteBatch::new();
-            batch.put(dkey.clone(), encode_record(&record));
-            let new_hint =
-                self.add_hint(&mut batch, args.bucket, args.key, &dkey, args.hint_for)?;
-            let staged = self.stage_ae(
-                &mut batch,
-                args.bucket,
-                args.key,
-                &dkey,
-                Some(prior.as_ref()),
-                Some(&record.object),
-            )?;
-            self.store
-                .apply(&batch)
-                .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
-            self.ae.commit(staged);
-            if new_hint {
-                self.hints
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            object = record.object;
+            self.store_record(&args, &dkey, prior.as_ref(), &record)?;
+            (record.object, dot)
+        };
+        reply.add(&dot);
+        // Sibling-explosion guard: past the bucket's threshold, the reconciler merges the
+        // siblings into one version (off the key lock; see `reconciled.rs`). If it fails or
+        // the key changed meanwhile, the write stands as is and the next one guards again.
+        if let Some(attached) = &args.reconciling
+            && object.siblings().len() > args.sibling_threshold as usize
+            && let Some((merged, seen, merged_dot)) =
+                self.guard(&args, &dkey, attached, object.clone()).await?
+        {
+            object = merged;
+            reply.join(&seen);
+            reply.add(&merged_dot);
         }
         if args.durability == Durability::Sync {
             self.store
@@ -430,6 +349,73 @@ impl KvService {
             context: reply,
             object,
         })
+    }
+
+    /// Refuses a write that needs a fresh epoch when this boot has none left.
+    fn epoch_capacity(
+        &self,
+        local: Option<&LocalRecord>,
+        epochs: &BootEpochs,
+    ) -> Result<(), KvError> {
+        let continued = causality::continued_epoch(local, &self.me, epochs).is_some();
+        if !continued && !epochs.has_capacity() {
+            return Err(KvError::EpochsExhausted {
+                node: self.me.node.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `record` (which replaces `prior`) with its hint marker and anti-entropy
+    /// entry in one batch, under the key's lock stripe held by the caller. Refuses what a
+    /// read would refuse and more siblings than the limit; nothing is stored then.
+    fn store_record(
+        &self,
+        args: &WriteArgs<'_>,
+        dkey: &[u8],
+        prior: Option<&Object>,
+        record: &LocalRecord,
+    ) -> Result<(), KvError> {
+        // Never store what a read would refuse (`decode_record` validates).
+        record.object.validate().map_err(|e| KvError::Invalid {
+            code: ErrorCode::Internal,
+            message: format!(
+                "node {}: bucket {:?} key {}: the write would store an invalid record, \
+                 nothing was written: {e}",
+                self.me.node,
+                args.bucket,
+                render_key(args.key)
+            ),
+        })?;
+        let count = record.object.siblings().len();
+        if count > SIBLINGS_MAX_DEFAULT {
+            return Err(KvError::TooManySiblings {
+                bucket: args.bucket.to_string(),
+                key: render_key(args.key),
+                count,
+                max: SIBLINGS_MAX_DEFAULT,
+            });
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(dkey.to_vec(), encode_record(record));
+        let new_hint = self.add_hint(&mut batch, args.bucket, args.key, dkey, args.hint_for)?;
+        let staged = self.stage_ae(
+            &mut batch,
+            args.bucket,
+            args.key,
+            dkey,
+            Some(prior),
+            Some(&record.object),
+        )?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+        self.ae.commit(staged);
+        if new_hint {
+            self.hints
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Whether this node holds a hint marker for `owner` on the key.
