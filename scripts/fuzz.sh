@@ -35,7 +35,12 @@ if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $CARGO_FUZZ_VERSION
 fi
 
 # cargo fuzz has no --locked: refuse a stale fuzz/Cargo.lock before it could be rewritten.
-cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml > /dev/null
+if ! cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml > /dev/null; then
+    echo "fuzz/Cargo.lock is out of date (a dependency of quiver-core/-sdk/-node changed):" >&2
+    echo "run 'cargo metadata --format-version 1 --manifest-path fuzz/Cargo.toml > /dev/null'" >&2
+    echo "and commit fuzz/Cargo.lock (it keeps the versions of the root Cargo.lock)" >&2
+    exit 1
+fi
 
 if [ "$#" -gt 0 ]; then
     TARGETS=("$@")

@@ -91,3 +91,61 @@ async fn large_siblings_and_large_plugins_reach_every_node() {
     assert_eq!(up.replicated_to, vec!["n1", "n2", "n3"], "{up:?}");
     assert!(up.pending.is_empty(), "{up:?}");
 }
+
+/// A reply past the node's response budget is refused with a clear error, and a head read
+/// (sizes and context, no values) still lets the client resolve the siblings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_past_the_response_budget_is_refused_and_head_reads_resolve_it() {
+    use quiver_sdk::{Error, ErrorCode};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = support::NodeProc::start(
+        dir.path(),
+        &[
+            "--engine",
+            "memory",
+            "--value-bytes-max",
+            "1000",
+            "--response-bytes-max",
+            "70000",
+        ],
+    );
+    let client = node.client().await;
+    for i in 0..80u8 {
+        client
+            .put("b", "k", vec![i; 1000], None)
+            .await
+            .expect("blind write");
+    }
+    match client.get("b", "k").await {
+        Err(Error::Server { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::ResponseTooLarge);
+            assert!(message.contains("--head"), "{message}");
+        }
+        other => panic!("expected ResponseTooLarge, got {other:?}"),
+    }
+    let head = client
+        .get_with(
+            "b",
+            "k",
+            &ReadOptions {
+                head: true,
+                ..ReadOptions::default()
+            },
+        )
+        .await
+        .expect("head read");
+    assert_eq!(head.siblings.len(), 80);
+    assert!(
+        head.siblings
+            .iter()
+            .all(|s| s.value.is_empty() && s.value_bytes == 1000)
+    );
+    client
+        .put("b", "k", b"resolved".to_vec(), Some(&head.context))
+        .await
+        .expect("resolve with the head's context");
+    assert_eq!(
+        client.get("b", "k").await.expect("get").values(),
+        vec![b"resolved".as_slice()]
+    );
+}

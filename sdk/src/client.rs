@@ -142,8 +142,10 @@ impl FromStr for Context {
 /// One version of a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sibling {
-    /// Value bytes (empty for a tombstone).
+    /// Value bytes (empty for a tombstone, and in a head read).
     pub value: Vec<u8>,
+    /// Length of the stored value in bytes (also in a head read).
+    pub value_bytes: u64,
     /// True for a delete marker.
     pub tombstone: bool,
     /// Coordinator wall clock at write time, ms since the Unix epoch.
@@ -377,6 +379,7 @@ impl Client {
                     .into_iter()
                     .map(|s| Sibling {
                         value: s.value,
+                        value_bytes: s.value_bytes,
                         tombstone: s.tombstone,
                         timestamp_ms: s.timestamp_ms,
                         actor: s.actor,

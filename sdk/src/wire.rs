@@ -38,6 +38,9 @@ pub struct ReadOptions {
     pub r: Option<u8>,
     /// Return the siblings as stored, without running the bucket's reconciler.
     pub raw: bool,
+    /// Return the siblings without their values (sizes, metadata and the context only):
+    /// how a key whose siblings together pass the node's response budget is resolved.
+    pub head: bool,
 }
 
 /// Per-request options of a write (put or delete).
@@ -249,8 +252,10 @@ pub struct PlanView {
 /// One sibling as sent to clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireSibling {
-    /// Value bytes (empty for a tombstone).
+    /// Value bytes (empty for a tombstone, and for every sibling of a head read).
     pub value: Vec<u8>,
+    /// Length of the stored value in bytes (also in a head read).
+    pub value_bytes: u64,
     /// True for a delete marker.
     pub tombstone: bool,
     /// Coordinator wall clock at write time, ms since the Unix epoch.
@@ -402,6 +407,9 @@ pub enum ErrorCode {
     Forbidden,
     /// An access-key request was refused (bad name or grant, name taken, unknown key).
     InvalidKey,
+    /// The reply would pass the node's response budget (many large siblings); read with
+    /// `head` for the context and resolve the siblings with a write.
+    ResponseTooLarge,
     /// The request asks for more than a node limit allows (a plugin limit above the node's
     /// cap, too many buckets or plugin versions, too many uploads at once); the message
     /// names the limit.

@@ -243,6 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             timeout_ms: None,
             r: args.r,
             raw: false,
+            head: false,
         };
         let cache = Arc::clone(&cache);
         let (workload, distribution, keys) = (args.workload, args.distribution, args.keys);

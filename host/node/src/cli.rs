@@ -244,6 +244,11 @@ pub struct ServerArgs {
     /// the threads serving requests. [default: cores - 1, at least 1]
     #[arg(long, value_name = "N")]
     pub plugin_workers: Option<u32>,
+    /// Largest get reply (siblings with their values) in bytes; past it a get is refused
+    /// with ResponseTooLarge and `get --head` gives the context to resolve the siblings.
+    /// [default: 64 MiB, or 4 values if values are larger]
+    #[arg(long, value_name = "BYTES")]
+    pub response_bytes_max: Option<u64>,
     /// A bootstrap admin key shared by the cluster (written by `quiver key init --file F`):
     /// the node accepts it from its first start, so every node of a new cluster takes the
     /// same key at once. Deleting the key (`quiver key delete NAME`) is final; a restart
@@ -306,6 +311,7 @@ impl ServerArgs {
             plugin_output_bytes_max: self.plugin_output_bytes_max,
             plugin_uploads_max: self.plugin_uploads_max,
             plugin_workers: self.plugin_workers,
+            response_bytes_max: self.response_bytes_max,
             admin_key_file: self.admin_key_file.clone(),
             buckets: if buckets.is_empty() {
                 None
@@ -430,6 +436,10 @@ pub struct GetArgs {
     /// Show the siblings as stored, without the bucket's reconciler.
     #[arg(long)]
     pub raw: bool,
+    /// Only the siblings' sizes and metadata and the context, no values (implies --raw):
+    /// resolves a key whose siblings are too large to read together.
+    #[arg(long)]
+    pub head: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
@@ -508,6 +518,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
                 timeout_ms: None,
                 r: args.r,
                 raw: args.raw,
+                head: args.head,
             },
         )
         .await
@@ -527,6 +538,7 @@ fn print_get(result: &GetResult, output: Output) {
                     json!({
                         "value": std::str::from_utf8(&s.value).ok(),
                         "value_base64": STANDARD.encode(&s.value),
+                        "value_bytes": s.value_bytes,
                         "tombstone": s.tombstone,
                         "timestamp_ms": s.timestamp_ms,
                         "actor": s.actor,

@@ -148,6 +148,7 @@ fn wire_siblings(object: &Object) -> Vec<WireSibling> {
         .iter()
         .map(|s| WireSibling {
             value: s.value.clone(),
+            value_bytes: s.value.len() as u64,
             tombstone: s.meta.tombstone,
             timestamp_ms: s.meta.timestamp_ms,
             actor: s.dot.actor.to_string(),
@@ -448,7 +449,7 @@ impl Cluster {
         // nothing to count, merge or repair.
         if n == 1 && targets.len() == 1 && targets[0].node == self.me() {
             return match self.kv.get(bucket, key) {
-                Ok(object) => self.answer_get(bucket, key, object, options.raw).await,
+                Ok(object) => self.answer_get(bucket, key, object, options).await,
                 Err(e) => kv_error(&e),
             };
         }
@@ -508,7 +509,7 @@ impl Cluster {
                             this.read_repair(&bucket, &key, &read).await;
                         });
                     }
-                    return self.answer_get(bucket, key, merged, options.raw).await;
+                    return self.answer_get(bucket, key, merged, options).await;
                 }
                 Some(Status::Failed(f)) => {
                     return error(
@@ -562,13 +563,38 @@ impl Cluster {
         bucket: &str,
         key: &[u8],
         merged: Object,
-        raw: bool,
+        options: &ReadOptions,
     ) -> Response {
-        let plain = |o: &Object| Response::Get {
-            siblings: wire_siblings(o),
-            context: causality::encode_context(o.context()),
+        let plain = |o: &Object| {
+            let mut siblings = wire_siblings(o);
+            if options.head {
+                siblings.iter_mut().for_each(|s| s.value.clear());
+            }
+            // Values plus a generous allowance for each sibling's metadata.
+            let bytes: u64 = siblings
+                .iter()
+                .map(|s| s.value.len() as u64 + 128 + s.actor.len() as u64)
+                .sum();
+            let budget = self.config.client_limits.response_bytes_max;
+            if bytes > budget {
+                return error(
+                    ErrorCode::ResponseTooLarge,
+                    format!(
+                        "node {}: bucket {bucket:?} key {}: {} siblings of {bytes} bytes pass \
+                         this node's {budget}-byte response budget; read with --head for the \
+                         context and write with it to resolve them",
+                        self.me(),
+                        crate::kv::render_key(key),
+                        siblings.len()
+                    ),
+                );
+            }
+            Response::Get {
+                siblings,
+                context: causality::encode_context(o.context()),
+            }
         };
-        if raw || merged.siblings().len() < 2 {
+        if options.raw || options.head || merged.siblings().len() < 2 {
             return plain(&merged);
         }
         let Some(attached) = self.view(bucket).and_then(|v| v.reconciler.clone()) else {
@@ -591,11 +617,13 @@ impl Cluster {
                 );
             }
         };
+        let value = match &resolved {
+            PluginMerged::Value(v) => v.clone(),
+            PluginMerged::Tombstone => Vec::new(),
+        };
         let sibling = WireSibling {
-            value: match &resolved {
-                PluginMerged::Value(v) => v.clone(),
-                PluginMerged::Tombstone => Vec::new(),
-            },
+            value_bytes: value.len() as u64,
+            value,
             tombstone: resolved == PluginMerged::Tombstone,
             timestamp_ms: now_ms(),
             actor: format!("reconciled by {}", attached.plugin),

@@ -146,6 +146,8 @@ pub struct FileConfig {
     pub plugin_uploads_max: Option<u32>,
     /// Plugin calls (merges, updates) this node runs at once, each on its own thread.
     pub plugin_workers: Option<u32>,
+    /// Largest get reply (siblings with their values), in bytes.
+    pub response_bytes_max: Option<u64>,
     /// A cluster-wide bootstrap admin key (`quiver key init`) this node accepts from its
     /// first start; without it a new node writes its own to `DATA_DIR/admin.key`.
     pub admin_key_file: Option<PathBuf>,
@@ -258,6 +260,7 @@ impl FileConfig {
                 .or(self.plugin_output_bytes_max),
             plugin_uploads_max: flags.plugin_uploads_max.or(self.plugin_uploads_max),
             plugin_workers: flags.plugin_workers.or(self.plugin_workers),
+            response_bytes_max: flags.response_bytes_max.or(self.response_bytes_max),
             admin_key_file: flags.admin_key_file.or(self.admin_key_file),
             buckets: match (self.buckets, flags.buckets) {
                 (Some(mut file), Some(flags)) => {
@@ -314,7 +317,15 @@ impl FileConfig {
         }
         // One core stays free of plugin work where there are several.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let one_value = value_bytes_max as u64 + 64 * 1024;
         let client_limits = ClientLimits {
+            response_bytes_max: bounded(
+                "response_bytes_max",
+                self.response_bytes_max
+                    .unwrap_or((64 * 1024 * 1024u64).max(4 * one_value)),
+                one_value,
+                1024 * 1024 * 1024,
+            )?,
             plugin_workers: bounded(
                 "plugin_workers",
                 self.plugin_workers
@@ -635,6 +646,9 @@ pub struct ClientLimits {
     pub plugin_uploads_max: u32,
     /// Plugin calls run at once (the plugin pool's threads).
     pub plugin_workers: u32,
+    /// Largest get reply, in bytes: past it a get answers `ResponseTooLarge` (a head read
+    /// still works).
+    pub response_bytes_max: u64,
 }
 
 /// `value` if it lies in `min..=max`, else a configuration error naming `name`.
