@@ -528,6 +528,15 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sibling's value for people; a head read shows the size it did not fetch.
+fn shown_value(s: &quiver_sdk::Sibling) -> String {
+    if s.value.is_empty() && s.value_bytes > 0 {
+        format!("({} bytes, not read)", s.value_bytes)
+    } else {
+        render_value(&s.value)
+    }
+}
+
 fn print_get(result: &GetResult, output: Output) {
     match output {
         Output::Json => {
@@ -556,14 +565,14 @@ fn print_get(result: &GetResult, output: Output) {
             if !result.found() {
                 println!("not found");
             } else if result.siblings.len() == 1 {
-                println!("{}", render_value(&result.siblings[0].value));
+                println!("{}", shown_value(&result.siblings[0]));
             } else {
                 println!("{} siblings:", result.siblings.len());
                 for (i, s) in result.siblings.iter().enumerate() {
                     let shown = if s.tombstone {
                         "(deleted)".to_string()
                     } else {
-                        render_value(&s.value)
+                        shown_value(s)
                     };
                     println!(
                         "  [{}] {shown}    (actor {}, timestamp_ms {})",
