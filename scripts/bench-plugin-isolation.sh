@@ -6,6 +6,7 @@
 # alternating. Prints each run's figures (ops/s, p50/p99/p99.9 in µs).
 #
 #   scripts/bench-plugin-isolation.sh [DURATION_S] [CLIENTS] [BURNERS] [ROUNDS]
+#   QUIVER_BIN=/path/to/quiver LOOP_WASM=/path/to/fixture_loop.wasm ... to run another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
@@ -16,7 +17,7 @@ bin=${QUIVER_BIN:-target/release/quiver}
 if [ -z "${QUIVER_BIN:-}" ]; then
   cargo build --release --bin quiver >/dev/null
 fi
-loop_wasm=$(ls -t target/*/build/quiver-guests-*/out/fixture_loop.wasm | head -1)
+loop_wasm=${LOOP_WASM:-$(ls -t target/*/build/quiver-guests-*/out/fixture_loop.wasm | head -1)}
 dir=$(mktemp -d)
 port=7590
 "$bin" server --data-dir "$dir" --listen "127.0.0.1:$port" --durability buffered >"$dir/out" 2>"$dir/err" &
@@ -33,13 +34,20 @@ until grep -q listening "$dir/out" 2>/dev/null; do
   kill -0 $pid 2>/dev/null || { cat "$dir/err"; exit 1; }
   sleep 0.1
 done
-export QUIVER_CLUSTER=127.0.0.1:$port QUIVER_CA=$dir/ca.pem QUIVER_KEY=$(cat "$dir/admin.key")
+export QUIVER_CLUSTER=127.0.0.1:$port QUIVER_CA=$dir/ca.pem
+# A build from before access keys (QUIVER_BIN=... to compare) writes no admin key.
+if [ -f "$dir/admin.key" ]; then export QUIVER_KEY=$(cat "$dir/admin.key"); fi
 "$bin" plugin upload burn "$loop_wasm" --force >/dev/null
 "$bin" bucket set burn --reconciler burn --plugin-fuel 1000000000 >/dev/null
 
 run() {
   "$bin" bench --workload mixed --duration "$duration" --clients "$clients" --output json 2>/dev/null |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); a=r["all"]; print(f"{a[\"ops_per_sec\"]:>8.0f} ops/s  p50 {a[\"p50_us\"]:>7} µs  p99 {a[\"p99_us\"]:>7} µs  p99.9 {a[\"p999_us\"]:>8} µs  errors {r[\"errors\"]}")'
+    python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+a = r["all"]
+print("%8.0f ops/s  p50 %7d µs  p99 %7d µs  p99.9 %8d µs  errors %d"
+      % (a["ops_per_sec"], a["p50_us"], a["p99_us"], a["p999_us"], r["errors"]))'
 }
 
 for round in $(seq 1 "$rounds"); do

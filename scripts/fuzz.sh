@@ -65,7 +65,8 @@ for t in "${TARGETS[@]}"; do
     corpus="fuzz/corpus-run/$t"
     artifacts="fuzz/artifacts/$t"
     log="fuzz/artifacts/$t.log"
-    rm -rf "$corpus"
+    # A run replaces the previous run's scratch corpus and crash inputs of the target.
+    rm -rf "$corpus" "$artifacts"
     mkdir -p "$corpus" "$artifacts"
     if [ -d "fuzz/corpus/$t" ]; then
         cp -R "fuzz/corpus/$t/." "$corpus/"

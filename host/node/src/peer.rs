@@ -134,9 +134,40 @@ pub enum PeerRequest {
     OnRing {
         /// The sender's ring.
         ring: quiver_core::ring::RingId,
-        /// The step.
+        /// The step (never itself an `OnRing`: refused while decoding).
+        #[serde(deserialize_with = "one_level")]
         request: Box<PeerRequest>,
     },
+}
+
+thread_local! {
+    /// `OnRing` levels being decoded on this thread.
+    static ON_RING_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes the request inside an `OnRing`, refusing another `OnRing` there before decoding
+/// it: the type nests, and a frame of thousands of nested levels (a few bytes each) would
+/// otherwise overflow the decoding thread's stack and abort the node (found by the
+/// `peer_request` fuzz target). Decoding is synchronous, so a per-thread depth suffices.
+fn one_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<PeerRequest>, D::Error> {
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            ON_RING_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
+        }
+    }
+    let depth = ON_RING_DEPTH.with(|c| {
+        let depth = c.get().saturating_add(1);
+        c.set(depth);
+        depth
+    });
+    let _level = Level;
+    if depth > 1 {
+        return Err(serde::de::Error::custom(
+            "an OnRing request inside an OnRing request",
+        ));
+    }
+    PeerRequest::deserialize(d).map(Box::new)
 }
 
 /// A node's answer to a [`PeerRequest`].
@@ -631,5 +662,42 @@ impl Peers {
             .await
             .map_err(|e| transport(e.to_string()))?;
         wire::decode_frame(&bytes, PEER_FRAME_BYTES_MAX).map_err(|e| transport(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    // Found by the `peer_request` fuzz target: nested `OnRing`s overflowed the stack.
+    #[test]
+    fn nested_on_ring_is_refused_while_decoding() {
+        let one = PeerRequest::OnRing {
+            ring: quiver_core::ring::RingId {
+                version: 0,
+                hash: [0xaa; 16],
+            },
+            request: Box::new(PeerRequest::Ping),
+        };
+        let bytes = postcard::to_allocvec(&one).expect("encodes");
+        // The innermost Ping is the last byte; repeat the OnRing prefix around it.
+        let level = &bytes[..bytes.len() - 1];
+        let mut deep = level.repeat(100_000);
+        deep.push(0);
+        let refused = std::thread::Builder::new()
+            .stack_size(2 << 20) // a tokio worker's stack
+            .spawn(move || wire::decode_body::<PeerRequest>(&deep).is_err())
+            .expect("spawn")
+            .join()
+            .expect("no stack overflow");
+        assert!(refused);
+        let two = level.repeat(2).into_iter().chain([0]).collect::<Vec<u8>>();
+        assert!(wire::decode_body::<PeerRequest>(&two).is_err());
+        assert_eq!(
+            wire::decode_body::<PeerRequest>(&bytes).expect("one level decodes"),
+            one
+        );
+        // The depth is released after a refusal: the next frame decodes.
+        assert!(wire::decode_body::<PeerRequest>(&bytes).is_ok());
     }
 }
