@@ -385,3 +385,57 @@ async fn the_sibling_guard_merges_on_write_past_the_threshold() {
         .unwrap_or(0);
     assert_eq!(p - n, 20);
 }
+
+/// `plugin delete NAME@HASH`: refused while a bucket uses the version, then gone from every
+/// node with its bytes; the same bytes cannot come back under that name (issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_version_is_deleted_everywhere_unless_a_bucket_uses_it() {
+    let c = ClusterProc::start(43, 3, &["--peer-timeout-ms", "2000"]);
+    let n1 = c.client(0).await;
+    let lww = read(quiver_guests::lww());
+    let v1 = n1
+        .plugin_upload("lww", lww.clone(), false)
+        .await
+        .expect("upload v1");
+    let v2 = n1
+        .plugin_upload("lww", another_version(&lww), false)
+        .await
+        .expect("upload v2");
+    let v1_spec = format!("lww@{}", v1.plugin.plugin.hash);
+    n1.bucket_set("regs", BucketSpec::default(), Some(&v1_spec), false)
+        .await
+        .expect("attach v1");
+    let err = n1.plugin_delete(&v1_spec).await.expect_err("in use");
+    assert_eq!(code(&err), Some(ErrorCode::PluginInUse), "{err}");
+    let err = n1.plugin_delete("lww").await.expect_err("needs a version");
+    assert_eq!(code(&err), Some(ErrorCode::UnknownPlugin), "{err}");
+
+    n1.bucket_set("regs", BucketSpec::default(), Some("lww"), false)
+        .await
+        .expect("attach v2 (the latest)");
+    let gone = c
+        .client(1)
+        .await
+        .plugin_delete(&v1_spec)
+        .await
+        .expect("delete v1 through n2");
+    assert_eq!(gone.versions.len(), 1);
+    for i in 0..3 {
+        let listed = c.client(i).await.plugin_show("lww").await.expect("show");
+        let hashes: Vec<&str> = listed
+            .versions
+            .iter()
+            .map(|v| v.plugin.hash.as_str())
+            .collect();
+        assert_eq!(hashes, vec![v2.plugin.plugin.hash.as_str()], "node {i}");
+    }
+    let err = n1
+        .plugin_upload("lww", lww, false)
+        .await
+        .expect_err("deleted for good");
+    assert_eq!(code(&err), Some(ErrorCode::PluginRejected), "{err}");
+    // The bucket still reconciles with v2.
+    n1.put("regs", "k", b"a".to_vec(), None).await.expect("put");
+    n1.put("regs", "k", b"b".to_vec(), None).await.expect("put");
+    assert_eq!(n1.get("regs", "k").await.expect("get").siblings.len(), 1);
+}

@@ -511,6 +511,15 @@ impl Client {
         .await
     }
 
+    /// Deletes a plugin version, `NAME@HASH` (needs an admin key); refused with
+    /// `PluginInUse` while a bucket uses it. Returns the deleted version's listing.
+    pub async fn plugin_delete(&self, plugin: &str) -> Result<PluginListing, Error> {
+        self.plugins(&Request::PluginDelete {
+            plugin: plugin.to_string(),
+        })
+        .await
+    }
+
     async fn plugins(&self, req: &Request) -> Result<PluginListing, Error> {
         match self.call(req).await? {
             Response::Plugins { versions, buckets } => Ok(PluginListing { versions, buckets }),

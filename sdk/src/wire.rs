@@ -188,6 +188,13 @@ pub enum Request {
         /// Key name.
         name: String,
     },
+    /// Delete a plugin version (admin): `NAME@HASH` (a unique hash prefix of at least 6
+    /// digits). Refused while a bucket uses it. Final: the same bytes cannot be uploaded
+    /// again under that name.
+    PluginDelete {
+        /// `NAME@HASH`.
+        plugin: String,
+    },
 }
 
 /// An access key as listed (never its secret).
@@ -410,6 +417,8 @@ pub enum ErrorCode {
     /// The reply would pass the node's response budget (many large siblings); read with
     /// `head` for the context and resolve the siblings with a write.
     ResponseTooLarge,
+    /// The plugin version is attached to a bucket; detach it (or attach another) first.
+    PluginInUse,
     /// The request asks for more than a node limit allows (a plugin limit above the node's
     /// cap, too many buckets or plugin versions, too many uploads at once); the message
     /// names the limit.

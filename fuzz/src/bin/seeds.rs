@@ -605,11 +605,13 @@ fn main() {
     write(&dir, "meta_state", "v3", &v3);
     let without_keys = MetaState {
         keys: BTreeMap::new(),
+        plugins_deleted: BTreeMap::new(),
         ..state.clone()
     };
     let mut v2 = vec![2];
     v2.extend(body(&without_keys));
-    v2.pop(); // the empty `keys` map (one 0 byte) is not part of format 2
+    // The empty `keys` and `plugins_deleted` maps (one 0 byte each) are not in format 2.
+    v2.truncate(v2.len() - 2);
     write(&dir, "meta_state", "v2", &v2);
     let mut v1 = vec![1];
     v1.extend(body(&(&state.buckets, &state.plugins)));

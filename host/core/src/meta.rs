@@ -153,6 +153,9 @@ pub struct MetaState {
     pub ring: Option<RingEntry>,
     /// Access keys by name (`crate::access`), deleted ones as markers.
     pub keys: BTreeMap<String, KeyEntry>,
+    /// Deleted plugin versions and who deleted them. A deletion is final for that content
+    /// hash: the version leaves `plugins` on every node and is never listed again.
+    pub plugins_deleted: BTreeMap<PluginRef, Stamp>,
 }
 
 /// What a merge changed.
@@ -168,6 +171,8 @@ pub struct MetaChanges {
     pub ring: bool,
     /// Access keys whose entry was replaced.
     pub keys: Vec<String>,
+    /// Plugin versions newly deleted.
+    pub plugins_deleted: Vec<PluginRef>,
 }
 
 impl MetaChanges {
@@ -178,6 +183,7 @@ impl MetaChanges {
             && self.members.is_empty()
             && !self.ring
             && self.keys.is_empty()
+            && self.plugins_deleted.is_empty()
     }
 }
 
@@ -196,7 +202,28 @@ impl MetaState {
                 changes.buckets.push(name.clone());
             }
         }
+        // Deletions first: the listed versions are the uploads minus the deletions, a
+        // function of two unions, so the merge stays a join.
+        for (key, stamp) in &other.plugins_deleted {
+            match self.plugins_deleted.get_mut(key) {
+                None => {
+                    self.plugins_deleted.insert(key.clone(), stamp.clone());
+                    changes.plugins_deleted.push(key.clone());
+                }
+                Some(mine) => {
+                    if stamp > mine {
+                        *mine = stamp.clone();
+                    }
+                }
+            }
+        }
+        for key in &changes.plugins_deleted {
+            self.plugins.remove(key);
+        }
         for (key, theirs) in &other.plugins {
+            if self.plugins_deleted.contains_key(key) {
+                continue;
+            }
             match self.plugins.get_mut(key) {
                 None => {
                     self.plugins.insert(key.clone(), theirs.clone());
@@ -366,6 +393,34 @@ mod tests {
                 .collect(),
             ..MetaState::default()
         }
+    }
+
+    #[test]
+    fn a_deleted_plugin_version_leaves_every_merge_for_good() {
+        let v1 = plugin("cart", b"v1", 1);
+        let v2 = plugin("cart", b"v2", 2);
+        let listed = state(&[], &[v1.clone(), v2.clone()]);
+        let deleted = MetaState {
+            plugins_deleted: [(v1.plugin.clone(), stamp(5, "n2"))].into_iter().collect(),
+            ..MetaState::default()
+        };
+        let join = |parts: &[&MetaState]| {
+            let mut s = MetaState::default();
+            for p in parts {
+                s.merge(p);
+            }
+            s
+        };
+        let one = join(&[&listed, &deleted]);
+        assert_eq!(one, join(&[&deleted, &listed]));
+        assert_eq!(one, join(&[&listed, &deleted, &listed]));
+        assert_eq!(one.plugins.keys().collect::<Vec<_>>(), vec![&v2.plugin]);
+        assert!(one.resolve(&format!("cart@{}", v1.plugin.hash)).is_err());
+        assert_eq!(one.resolve("cart"), Ok(v2.plugin.clone()));
+        // A node that still lists it (a late gossip) cannot bring it back.
+        let mut late = one.clone();
+        let changes = late.merge(&listed);
+        assert!(changes.plugins.is_empty() && late == one);
     }
 
     #[test]

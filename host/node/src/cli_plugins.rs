@@ -43,6 +43,15 @@ pub enum PluginCommand {
         #[allow(missing_docs)]
         client: ClientArgs,
     },
+    /// Delete a plugin version from the cluster (its bytes too). Refused while a bucket
+    /// uses it; final: the same bytes cannot be uploaded again under that name.
+    Delete {
+        /// The version, NAME@HASH (a unique hash prefix of 6 or more hex digits).
+        plugin: String,
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        client: ClientArgs,
+    },
     /// Check a plugin locally: is it a valid reconciler component, and does its merge obey
     /// the laws (commutative, associative, idempotent, deterministic) on generated sibling
     /// sets? Exits non-zero on any violation. Upload runs the same check.
@@ -210,6 +219,26 @@ pub async fn plugin(command: PluginCommand) -> anyhow::Result<()> {
         }
         PluginCommand::List { client } => listing(client, None).await,
         PluginCommand::Show { name, client } => listing(client, Some(name)).await,
+        PluginCommand::Delete { plugin, client } => {
+            let cluster = client.connect().await?;
+            let node = cluster.any().await?;
+            let gone = node
+                .plugin_delete(&plugin)
+                .await
+                .with_context(|| format!("delete plugin {plugin}"))?;
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({ "deleted": gone.versions.iter().map(plugin_json).collect::<Vec<_>>() })
+                ),
+                Output::Human => {
+                    for v in &gone.versions {
+                        println!("deleted {}@{}", v.plugin.name, v.plugin.hash);
+                    }
+                }
+            }
+            Ok(())
+        }
         PluginCommand::Validate { file, cases, seed } => validate(&file, cases, seed),
         PluginCommand::New { name, dir } => new_plugin(&name, &dir),
         PluginCommand::Componentize { module, output } => componentize(&module, &output),

@@ -373,6 +373,7 @@ impl Cluster {
             Request::KeyList => self.key_list(None),
             Request::KeyShow { name } => self.key_list(Some(&name)),
             Request::KeyDelete { name } => self.key_delete(name).await,
+            Request::PluginDelete { plugin } => self.plugin_delete(&plugin).await,
             // The server answers it per connection; it never reaches the cluster.
             Request::Authenticate { .. } => error(
                 ErrorCode::Internal,

@@ -132,7 +132,17 @@ impl MetaStore {
         blobs: &[(String, Vec<u8>)],
     ) -> Result<MetaChanges, MetaStoreError> {
         let mut batch = WriteBatch::new();
+        let deleted = |hash: &str| {
+            self.lock()
+                .plugins_deleted
+                .keys()
+                .chain(incoming.plugins_deleted.keys())
+                .any(|p| p.hash == hash)
+        };
         for (hash, bytes) in blobs {
+            if deleted(hash) {
+                continue;
+            }
             let actual = quiver_core::meta::content_hash(bytes);
             if &actual != hash {
                 return Err(MetaStoreError::HashMismatch {
@@ -150,6 +160,13 @@ impl MetaStore {
             let changes = next.merge(incoming);
             if !changes.is_empty() {
                 batch.put(keys::meta_key(STATE_KEY), encode(&next));
+            }
+            // A deleted version's bytes go with it, unless the same bytes are also
+            // listed under another name.
+            for plugin in &changes.plugins_deleted {
+                if !next.plugins.keys().any(|p| p.hash == plugin.hash) {
+                    batch.delete(blob_key(&plugin.hash));
+                }
             }
             if !batch.is_empty() {
                 self.store.apply(&batch)?;

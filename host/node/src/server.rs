@@ -918,7 +918,8 @@ fn request_timeout(request: &Request) -> Option<Duration> {
         | Request::KeyCreate { .. }
         | Request::KeyList
         | Request::KeyShow { .. }
-        | Request::KeyDelete { .. } => None,
+        | Request::KeyDelete { .. }
+        | Request::PluginDelete { .. } => None,
         // Compiling and law-checking a large (e.g. Python) component takes seconds.
         Request::PluginUpload { .. } => return Some(PLUGIN_UPLOAD_TIMEOUT),
         Request::Get { options, .. } => options.timeout_ms,

@@ -409,7 +409,21 @@ impl Cluster {
                 format!("node {}: plugins are disabled on this node", self.me()),
             );
         };
-        let listed = self.meta.state().plugins.len();
+        let state = self.meta.state();
+        if state
+            .plugins_deleted
+            .keys()
+            .any(|p| p.name == name && p.hash == content_hash(&component))
+        {
+            return error(
+                ErrorCode::PluginRejected,
+                format!(
+                    "plugin {name}: this version was deleted, which is final; upload it under \
+                     another name or change the component"
+                ),
+            );
+        }
+        let listed = state.plugins.len();
         if listed >= PLUGIN_VERSIONS_MAX {
             return error(
                 ErrorCode::LimitExceeded,
@@ -465,6 +479,53 @@ impl Cluster {
                 pending,
             },
             None => error(ErrorCode::Internal, format!("plugin {plugin} vanished")),
+        }
+    }
+
+    /// `quiver plugin delete NAME@HASH`.
+    pub(super) async fn plugin_delete(self: &Arc<Self>, spec: &str) -> Response {
+        if !spec.contains('@') {
+            return error(
+                ErrorCode::UnknownPlugin,
+                format!("plugin delete needs NAME@HASH (a version), not {spec:?}"),
+            );
+        }
+        let state = self.meta.state();
+        let plugin = match state.resolve(spec) {
+            Ok(p) => p,
+            Err(e) => return error(ErrorCode::UnknownPlugin, e.to_string()),
+        };
+        let users: Vec<&String> = state
+            .buckets
+            .iter()
+            .filter(|(_, e)| e.spec.reconciler.as_ref() == Some(&plugin))
+            .map(|(b, _)| b)
+            .collect();
+        if !users.is_empty() {
+            return error(
+                ErrorCode::PluginInUse,
+                format!(
+                    "plugin {plugin} is attached to bucket(s) {users:?}; attach another version \
+                     or detach it (`quiver bucket set BUCKET --detach-reconciler`) first"
+                ),
+            );
+        }
+        let info = state.plugins.get(&plugin).cloned();
+        let incoming = MetaState {
+            plugins_deleted: [(plugin.clone(), self.stamp())].into_iter().collect(),
+            ..MetaState::default()
+        };
+        if let Err(e) = self.take_meta(&incoming, &[]).await {
+            return error(ErrorCode::Storage, format!("plugin {plugin}: {e}"));
+        }
+        let (_, pending) = self.push_meta(Vec::new()).await;
+        if !pending.is_empty() {
+            tracing::info!(%plugin, ?pending, "plugin deletion spreads to these by gossip");
+        }
+        tracing::info!(%plugin, "plugin version deleted");
+        Response::Plugins {
+            versions: info.into_iter().collect(),
+            buckets: Vec::new(),
         }
     }
 

@@ -59,7 +59,8 @@ pub fn need(request: &Request) -> Option<Need> {
         | Request::KeyCreate { .. }
         | Request::KeyList
         | Request::KeyShow { .. }
-        | Request::KeyDelete { .. } => Some(Need::Admin),
+        | Request::KeyDelete { .. }
+        | Request::PluginDelete { .. } => Some(Need::Admin),
     }
 }
 
@@ -87,6 +88,7 @@ fn operation(request: &Request) -> &'static str {
         Request::KeyList => "key list",
         Request::KeyShow { .. } => "key show",
         Request::KeyDelete { .. } => "key delete",
+        Request::PluginDelete { .. } => "plugin delete",
     }
 }
 
