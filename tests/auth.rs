@@ -179,6 +179,42 @@ async fn keys_authenticate_and_grants_authorize_on_every_node() {
         assert_eq!(code(writer.key_delete("admin").await), ErrorCode::Forbidden);
     }
 
+    // An upload too large for a request frame takes the upload path: without an admin key
+    // it is refused before its body is read, so it cannot hold an upload slot either.
+    let big = vec![0u8; 3 * 1024 * 1024];
+    let anonymous = connect_as(&cluster, 0, None).await;
+    assert_eq!(
+        code(anonymous.plugin_upload("evil", big.clone(), true).await),
+        ErrorCode::Unauthenticated
+    );
+    let writer = connect_as(&cluster, 0, Some(&rw)).await;
+    assert_eq!(
+        code(writer.plugin_upload("evil", big, true).await),
+        ErrorCode::Forbidden
+    );
+    // Only the header and the upload tag are sent, and the stream stays open: the refusal
+    // comes at once, not after the node waited for 60 MB that never arrive.
+    let probe = quiver_sdk::wire::encode_frame(&Request::PluginUpload {
+        name: String::new(),
+        component: Vec::new(),
+        force: false,
+    })
+    .expect("encode");
+    let (mut send, mut recv) = anonymous.connection().open_bi().await.expect("stream");
+    let mut head = (60u32 * 1024 * 1024).to_be_bytes().to_vec();
+    head.push(probe[4]);
+    send.write_all(&head).await.expect("send the header");
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), recv.read_to_end(1 << 20))
+        .await
+        .expect("refused without waiting for the body")
+        .expect("a reply");
+    let reply: quiver_sdk::wire::Response =
+        quiver_sdk::wire::decode_frame(&reply, 1 << 20).expect("a frame");
+    assert!(
+        matches!(&reply, quiver_sdk::wire::Response::Error(e) if e.code == ErrorCode::Unauthenticated),
+        "{reply:?}"
+    );
+
     // An admin key may change a bucket and upload a plugin.
     let lww = std::fs::read(quiver_guests::lww()).expect("lww component");
     let up = admin

@@ -612,8 +612,8 @@ async fn serve_connection(
     tracing::debug!(%remote, "client connected");
     // The access key this connection authenticated with; every request is checked
     // against the key table as it is when the request arrives, so a deleted key stops
-    // working on open connections too.
-    let principal: Arc<std::sync::Mutex<Option<Principal>>> = Arc::default();
+    // working on open connections too. An `Arc`, so a request takes it without copying.
+    let principal: Arc<std::sync::Mutex<Option<Arc<Principal>>>> = Arc::default();
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(streams) => streams,
@@ -668,6 +668,7 @@ async fn serve_peer_connection(
                 &mut recv,
                 limits.peer_frame_bytes_max,
                 &limits.peer_reading,
+                &|| None,
             )
             .await;
             let response = match read {
@@ -706,10 +707,26 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     cluster: &Arc<Cluster>,
     limits: &Limits,
-    principal: &std::sync::Mutex<Option<Principal>>,
+    principal: &std::sync::Mutex<Option<Arc<Principal>>>,
 ) {
-    let read =
-        read_frame::<Request>(&mut recv, limits.frame_bytes_max, &limits.client_reading).await;
+    let who = principal.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // An upload's body is large: its key is checked before a byte of it is read or an
+    // upload slot is taken.
+    let upload_refusal = || {
+        let probe = Request::PluginUpload {
+            name: String::new(),
+            component: Vec::new(),
+            force: false,
+        };
+        cluster.authorize(who.as_deref(), &probe)
+    };
+    let read = read_frame::<Request>(
+        &mut recv,
+        limits.frame_bytes_max,
+        &limits.client_reading,
+        &upload_refusal,
+    )
+    .await;
     // An upload's permit is held until its answer is sent.
     let (read, _upload) = match read {
         Ok((request, permit)) => (Ok(request), permit),
@@ -719,14 +736,15 @@ async fn serve_stream(
         Ok(Request::Authenticate { key, secret }) => match cluster.authenticate(&key, &secret) {
             Ok(p) => {
                 let admin = cluster.is_admin(&p);
-                *principal.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                *principal.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(p));
                 Response::Authenticated { key, admin }
             }
             Err(refusal) => refusal,
         },
         Ok(request) => {
+            // Again: an authentication on another stream may have landed meanwhile.
             let who = principal.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(refusal) = cluster.authorize(who.as_ref(), &request) {
+            if let Some(refusal) = cluster.authorize(who.as_deref(), &request) {
                 respond(send, &refusal).await;
                 return;
             }
@@ -786,6 +804,7 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
     reading: &Reading,
+    upload_refusal: &(dyn Fn() -> Option<Response> + Sync),
 ) -> Result<(T, Option<tokio::sync::OwnedSemaphorePermit>), Response> {
     let late = |what: &str, deadline: Duration| {
         error(
@@ -826,6 +845,10 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
             Ok(Ok(())) => {}
         }
         if Some(first[0]) == plugin_upload_tag() {
+            if let Some(refusal) = upload_refusal() {
+                let _ = recv.stop(STOP_FRAME_REFUSED.into());
+                return Err(refusal);
+            }
             // Each upload holds its bytes while they are checked: bound how many at once,
             // before reading any of them.
             let Ok(permit) = Arc::clone(uploads).try_acquire_owned() else {
