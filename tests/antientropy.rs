@@ -188,8 +188,8 @@ async fn an_exchange_over_100k_keys_with_100_differing_moves_under_1_percent() {
     // with them so that it rebuilds its trees from the records at start.
     c.stop(2);
     {
-        let engine = quiver_node::storage::open_engine(
-            quiver_node::storage::EngineKind::Fjall,
+        let engine = quiver_storage::open_engine(
+            quiver_storage::EngineKind::Fjall,
             &c.dir.path().join("n3").join("fjall"),
         )
         .expect("open n3's storage");

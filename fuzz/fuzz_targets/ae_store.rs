@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use quiver_core::storage::{WriteBatch, keys};
 use quiver_node::ae::{AeIndex, Placement};
-use quiver_node::storage::{Durability, MemoryEngine, Store};
+use quiver_storage::{Durability, MemoryEngine, Store};
 
 fuzz_target!(|bytes: &[u8]| {
     let pairs = quiver_fuzz::decode_pairs(bytes);

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use quiver_core::meta::MetaState;
 use quiver_core::storage::{WriteBatch, keys};
 use quiver_node::meta::MetaStore;
-use quiver_node::storage::{Durability, MemoryEngine, Store};
+use quiver_storage::{Durability, MemoryEngine, Store};
 
 /// One store for the whole run (a store starts a syncer thread); each input overwrites
 /// the state key.

@@ -1,8 +1,8 @@
-//! Stored records (`kv::decode_record`: format tag, postcard `LocalRecord`, validated).
+//! Stored records (`record::decode_record`: format tag, postcard `LocalRecord`, validated).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quiver_node::kv::{decode_record, encode_record};
+use quiver_node::record::{decode_record, encode_record};
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(record) = decode_record(bytes) {

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::meta::Stamp;
+use crate::stamp::Stamp;
 
 /// Bytes of an access key's secret.
 pub const SECRET_BYTES: usize = 32;

@@ -36,4 +36,5 @@ pub mod meta;
 pub mod quorum;
 pub mod replica;
 pub mod ring;
+pub mod stamp;
 pub mod storage;

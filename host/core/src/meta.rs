@@ -16,32 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::access::KeyEntry;
 use crate::membership::{MemberEntry, RingEntry, merge_members};
-
-/// Who wrote a metadata entry, and when: ordered by time, then by node name, so every node
-/// picks the same winner.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Stamp {
-    /// Writer's wall clock, ms since the Unix epoch.
-    pub timestamp_ms: u64,
-    /// Writer's node name.
-    pub node: String,
-}
-
-impl Stamp {
-    /// A stamp of `node` at `timestamp_ms`.
-    pub fn at(timestamp_ms: u64, node: impl Into<String>) -> Stamp {
-        Stamp {
-            timestamp_ms,
-            node: node.into(),
-        }
-    }
-
-    /// The stamp of state every node derives alike (a first ring from a `--peer` list):
-    /// earlier than any real write, equal everywhere.
-    pub fn zero() -> Stamp {
-        Stamp::at(0, "")
-    }
-}
+pub use crate::stamp::Stamp;
 
 /// A plugin version: a name and the SHA-256 (hex) of its component bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1438,8 +1438,8 @@ struct Forged {
     issued: Vec<Dot>,
 }
 
-/// Stores and reads back a record as the node does (`kv::encode_record` /
-/// `kv::decode_record`: a format tag, postcard, then `validate`).
+/// Stores and reads back a record as the node does (`record::encode_record` /
+/// `record::decode_record`: a format tag, postcard, then `validate`).
 fn store_and_read_back(record: &LocalRecord) -> Result<LocalRecord, TestCaseError> {
     let mut bytes = vec![1u8];
     bytes.extend(postcard::to_allocvec(record).expect("plain data"));

@@ -27,7 +27,7 @@ use quiver_core::merkle::{self, HASH_BYTES, Hash, Tree};
 use quiver_core::ring;
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 
-use crate::storage::Store;
+use quiver_storage::Store;
 
 /// Metadata key marking that every data record has its anti-entropy entry.
 const INDEX_MARKER: &str = "ae-index-v1";
@@ -387,7 +387,7 @@ impl AeIndex {
                     true
                 }
                 _ => {
-                    tracing::warn!(key = %crate::kv::render_key(k), "unreadable anti-entropy entry");
+                    tracing::warn!(key = %crate::record::render_key(k), "unreadable anti-entropy entry");
                     ok = false;
                     false
                 }
@@ -432,12 +432,12 @@ impl AeIndex {
             let Some((bucket, key)) = keys::split_data_key(k) else {
                 return true;
             };
-            let object = match crate::kv::decode_record(v) {
+            let object = match crate::record::decode_record(v) {
                 Ok(r) => r.object,
                 Err(e) => {
                     // The record is unreadable for every path; leave it out of the trees
                     // rather than refuse to start (a replica will repair the key).
-                    tracing::error!(key = %crate::kv::render_key(k), error = %e, "unreadable record");
+                    tracing::error!(key = %crate::record::render_key(k), error = %e, "unreadable record");
                     return true;
                 }
             };

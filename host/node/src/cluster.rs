@@ -36,11 +36,12 @@ mod ae;
 pub mod keys;
 mod membership;
 mod reap;
+pub use crate::config::BucketProps;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
-use crate::storage::Durability;
 pub use admin::BucketView;
 pub use ae::{AeConfig, AeReport};
 pub use membership::{HandoffMetrics, MembershipConfig, first_membership};
+use quiver_storage::Durability;
 
 /// Keys handed over per hint-delivery pass and owner.
 const HINT_BATCH_KEYS: usize = 256;
@@ -68,15 +69,6 @@ pub struct ReplicationConfig {
     pub membership: MembershipConfig,
     /// The node-wide caps of bucket plugin limits (and the other client limits).
     pub client_limits: crate::config::ClientLimits,
-}
-
-/// Replication properties of one bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketProps {
-    /// n/r/w of the bucket.
-    pub quorum: Quorum,
-    /// False requires primaries only (Riak's pw/pr): no fallbacks, no hints.
-    pub sloppy: bool,
 }
 
 /// The replication layer of one node.
@@ -517,7 +509,7 @@ impl Cluster {
                         ErrorCode::QuorumFailed,
                         format!(
                             "get {bucket:?} {}: read quorum r={} not reached: {f}",
-                            crate::kv::render_key(key),
+                            crate::record::render_key(key),
                             quorum.r
                         ),
                     );
@@ -585,7 +577,7 @@ impl Cluster {
                          this node's {budget}-byte response budget; read with --head for the \
                          context and write with it to resolve them",
                         self.me(),
-                        crate::kv::render_key(key),
+                        crate::record::render_key(key),
                         siblings.len()
                     ),
                 );
@@ -607,13 +599,13 @@ impl Cluster {
         let resolved = match outcome {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(bucket, key = %crate::kv::render_key(key), error = %e, "reconciler failed");
+                tracing::warn!(bucket, key = %crate::record::render_key(key), error = %e, "reconciler failed");
                 return error(
                     ErrorCode::PluginFailed,
                     format!(
                         "node {}: bucket {bucket:?} key {}: {e}; the siblings are untouched (read with --raw to see them)",
                         self.me(),
-                        crate::kv::render_key(key)
+                        crate::record::render_key(key)
                     ),
                 );
             }
@@ -863,7 +855,7 @@ impl Cluster {
                 ErrorCode::QuorumFailed,
                 format!(
                     "put {bucket:?} {}: write quorum w={} not reached: {f}",
-                    crate::kv::render_key(&key),
+                    crate::record::render_key(&key),
                     quorum.w
                 ),
             ),

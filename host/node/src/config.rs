@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{Durability, EngineKind};
+use quiver_storage::{Durability, EngineKind};
 
 /// Default address a node listens on.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7470";
@@ -381,7 +381,7 @@ impl FileConfig {
             });
         }
         let window_us = self.group_commit_window_us.unwrap_or(
-            crate::storage::group_commit::GROUP_COMMIT_WINDOW_DEFAULT.as_micros() as u64,
+            quiver_storage::group_commit::GROUP_COMMIT_WINDOW_DEFAULT.as_micros() as u64,
         );
         if window_us > GROUP_COMMIT_WINDOW_US_MAX {
             return Err(ConfigError::Invalid {
@@ -441,7 +441,7 @@ impl FileConfig {
             })?;
             buckets.insert(
                 name,
-                crate::cluster::BucketProps {
+                BucketProps {
                     quorum: q,
                     sloppy: b.sloppy_quorum.unwrap_or(sloppy),
                 },
@@ -622,7 +622,7 @@ pub struct NodeConfig {
     /// Bounds on what clients may make this node hold or run.
     pub client_limits: ClientLimits,
     /// Buckets with their own replication properties.
-    pub buckets: std::collections::BTreeMap<String, crate::cluster::BucketProps>,
+    pub buckets: std::collections::BTreeMap<String, BucketProps>,
 }
 
 /// Bounds on what clients (and bucket settings made by admins) may make a node hold or run:
@@ -665,6 +665,15 @@ fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
         });
     }
     Ok(value)
+}
+
+/// Replication properties of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketProps {
+    /// n/r/w of the bucket.
+    pub quorum: quiver_core::quorum::Quorum,
+    /// False requires primaries only (Riak's pw/pr): no fallbacks, no hints.
+    pub sloppy: bool,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use quiver_core::causality::EpochSource;
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 
-use crate::storage::{Durability, Store};
+use quiver_storage::{Durability, Store};
 
 /// Bits of an epoch that count within one boot.
 const EPOCH_BITS_PER_BOOT: u32 = 32;

@@ -15,15 +15,14 @@ use quiver_sdk::wire::ErrorCode;
 use crate::ae::AeIndex;
 use crate::epochs::BootEpochs;
 use crate::plugins::Attached;
-use crate::storage::{Durability, Store};
+use crate::record::{decode_record, encode_record, render_key};
+use quiver_storage::{Durability, Store};
 
 mod reconciled;
 
 /// Number of lock stripes serialising read-modify-write of records; a power of two so the
 /// stripe is a mask of the key hash.
 const KEY_LOCK_STRIPES: usize = 1024;
-/// Format tag of a stored [`LocalRecord`], the first byte of every data value.
-const RECORD_FORMAT_V1: u8 = 1;
 
 /// Errors of key-value operations, each mapping to a wire [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -97,24 +96,6 @@ impl KvError {
             KvError::Storage { .. }
             | KvError::EpochsExhausted { .. }
             | KvError::HintsFull { .. } => ErrorCode::Storage,
-        }
-    }
-}
-
-/// Renders a key for messages: UTF-8 text quoted, otherwise hex; long keys truncated.
-pub fn render_key(key: &[u8]) -> String {
-    const SHOWN_BYTES_MAX: usize = 64;
-    let shown = &key[..key.len().min(SHOWN_BYTES_MAX)];
-    let suffix = if key.len() > SHOWN_BYTES_MAX {
-        "…"
-    } else {
-        ""
-    };
-    match std::str::from_utf8(shown) {
-        Ok(s) if !s.chars().any(char::is_control) => format!("{s:?}{suffix}"),
-        _ => {
-            let hex: String = shown.iter().map(|b| format!("{b:02x}")).collect();
-            format!("0x{hex}{suffix}")
         }
     }
 }
@@ -889,23 +870,4 @@ fn stripe(dkey: &[u8]) -> usize {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h as usize) & (KEY_LOCK_STRIPES - 1)
-}
-
-/// Encodes a record for storage.
-pub fn encode_record(record: &LocalRecord) -> Vec<u8> {
-    // Serializing plain data into a Vec cannot fail; an empty tail would be caught on read.
-    postcard::to_extend(record, vec![RECORD_FORMAT_V1]).unwrap_or_default()
-}
-
-/// Decodes a stored record and checks its invariants.
-pub fn decode_record(bytes: &[u8]) -> Result<LocalRecord, String> {
-    let Some((&format, body)) = bytes.split_first() else {
-        return Err("empty record".into());
-    };
-    if format != RECORD_FORMAT_V1 {
-        return Err(format!("unknown record format {format}"));
-    }
-    let record: LocalRecord = postcard::from_bytes(body).map_err(|e| e.to_string())?;
-    record.object.validate().map_err(|e| e.to_string())?;
-    Ok(record)
 }

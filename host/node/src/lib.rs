@@ -7,28 +7,23 @@
 //! - [`peer`]: node-to-node protocol, mutual TLS, connections, local failure detection.
 //! - [`kv`]: the key-value service: validation, the core's write rule, record storage, hints.
 //! - [`epochs`]: the durable actor-epoch allocator behind per-key actors.
-//! - [`storage`]: storage engines (fjall, memory), group commit, the conformance suite.
 //! - [`certs`]: cluster CA and node certificates, created on first start.
 //! - [`config`]: TOML config file and flag overlay.
-//! - [`cli`], [`bench`], [`dev`]: the `quiver` command line, its load generator, and the
-//!   local loopback cluster.
+//!
+//! Storage engines and group commit are the `quiver-storage` crate; the command line, its
+//! load generator and the local loopback cluster are private to the `quiver` binary
+//! (`src/bin/quiver/`).
 #![deny(clippy::unwrap_used)]
 
 pub mod ae;
-pub mod bench;
 pub mod certs;
-pub mod cli;
-pub mod cli_cluster;
-pub mod cli_keys;
-pub mod cli_plugins;
 pub mod cluster;
 pub mod config;
-pub mod dev;
 pub mod epochs;
 pub mod kv;
 pub mod meta;
 pub mod peer;
 pub mod plugin_engine;
 pub mod plugins;
+pub mod record;
 pub mod server;
-pub mod storage;

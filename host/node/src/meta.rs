@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use quiver_core::meta::{MetaChanges, MetaState};
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 
-use crate::storage::Store;
+use quiver_storage::Store;
 
 /// Format tag of the stored state before membership was part of it (buckets and plugins).
 const META_FORMAT_V1: u8 = 1;

@@ -25,7 +25,7 @@ use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, R
 use serde::{Deserialize, Serialize};
 
 use crate::certs::NodeIdentity;
-use crate::storage::Durability;
+use quiver_storage::Durability;
 
 /// ALPN of version 1 of the peer protocol.
 pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";

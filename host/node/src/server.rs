@@ -30,7 +30,7 @@ use crate::kv::KvService;
 use crate::meta::MetaStore;
 use crate::peer::{ALPN_PEER_V1, PeerRequest, PeerResponse, Peers, peer_client_config};
 use crate::plugins::{PluginEngine, Plugins};
-use crate::storage::{self, EngineKind, Store};
+use quiver_storage::{EngineKind, Store};
 
 /// Longest a graceful shutdown waits for requests in flight.
 pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(30);
@@ -133,8 +133,9 @@ impl Node {
             config.listen.ip(),
             config.ca_dir.as_deref(),
         )?;
-        let engine = storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
-            .map_err(|e| storage_err(e.to_string()))?;
+        let engine =
+            quiver_storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
+                .map_err(|e| storage_err(e.to_string()))?;
         let store = Store::with_window(engine, config.durability, config.group_commit_window);
         let epochs = BootEpochs::start(&store, rand::random::<u64>()).await?;
         tracing::info!(

@@ -10,7 +10,7 @@ use quiver_core::storage::{WriteBatch, keys};
 use quiver_node::ae::{AeIndex, Placement};
 use quiver_node::epochs::BootEpochs;
 use quiver_node::kv::KvService;
-use quiver_node::storage::{Durability, MemoryEngine, Store};
+use quiver_storage::{Durability, MemoryEngine, Store};
 
 struct Counter(u64);
 impl EpochSource for Counter {

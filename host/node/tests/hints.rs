@@ -6,7 +6,7 @@ use std::sync::Arc;
 use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
 use quiver_node::epochs::BootEpochs;
 use quiver_node::kv::{KvError, KvService};
-use quiver_node::storage::{Durability, MemoryEngine, Store};
+use quiver_storage::{Durability, MemoryEngine, Store};
 
 struct Counter(u64);
 impl EpochSource for Counter {

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use quiver_core::storage::{StorageEngine, WriteBatch};
-use quiver_node::storage::FjallEngine;
+use quiver_storage::FjallEngine;
 use quiver_wasm_storage::{AdapterLimits, WasmEngine, logstore_component};
 
 const VALUE_BYTES: usize = 100;

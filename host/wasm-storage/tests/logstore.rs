@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use quiver_core::storage::{StorageEngine, StorageError, WriteBatch};
-use quiver_node::storage::conformance;
+use quiver_storage::conformance;
 use quiver_wasm_storage::{AdapterLimits, WasmEngine, logstore_component};
 
 /// The log file the guest keeps in its data directory.
@@ -455,7 +455,7 @@ fn compiled_code_is_cached_on_disk() {
 /// panic there) and survive a reopen after the group commit acknowledged the writes.
 #[test]
 fn works_under_the_nodes_group_commit_in_tokio() {
-    use quiver_node::storage::{Durability, Store};
+    use quiver_storage::{Durability, Store};
 
     let dir = tempfile::tempdir().expect("create temp dir");
     let rt = tokio::runtime::Builder::new_multi_thread()

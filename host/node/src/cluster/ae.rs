@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::Cluster;
 use crate::ae::TreeId;
 use crate::peer::{PeerRequest, PeerResponse};
-use crate::storage::Durability;
+use quiver_storage::Durability;
 
 /// Trees per roots message, asks per descent message.
 const AE_ASKS_PER_MESSAGE: usize = 1024;

@@ -11,9 +11,10 @@ use quiver_core::causality::{
     self, ChosenEpoch, Dot, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
 };
 
-use super::{KvError, KvService, WriteArgs, WriteOutcome, lock, render_key, stripe};
+use super::{KvError, KvService, WriteArgs, WriteOutcome, lock, stripe};
 use crate::plugins::Attached;
-use crate::storage::Durability;
+use crate::record::render_key;
+use quiver_storage::Durability;
 
 /// Times an update reads the key again because a write landed while its plugin ran. Updates
 /// of one key are serialised, so only puts, deletes and replica merges of that key race

@@ -5,7 +5,17 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use quiver_node::cli::{self, Cli, Command};
+mod args;
+mod bench;
+mod cli;
+mod cluster;
+mod data;
+mod dev;
+mod keys;
+mod plugins;
+mod status;
+
+use crate::cli::{Cli, Command};
 use quiver_node::config::FileConfig;
 use quiver_node::server::Node;
 
@@ -93,24 +103,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             node.serve(shutdown_signal()).await?;
             Ok(())
         }
-        Command::Get(args) => cli::get(args).await,
-        Command::Put(args) => cli::put(args).await,
-        Command::Delete(args) => cli::delete(args).await,
-        Command::Bench(args) => quiver_node::bench::run(args).await,
+        Command::Get(args) => data::get(args).await,
+        Command::Put(args) => data::put(args).await,
+        Command::Delete(args) => data::delete(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Cluster(cli::ClusterCommand::Status { client }) => {
-            cli::cluster_status(client).await
+            status::cluster_status(client).await
         }
-        Command::Cluster(cli::ClusterCommand::Membership(c)) => {
-            quiver_node::cli_cluster::run(c).await
-        }
+        Command::Cluster(cli::ClusterCommand::Membership(c)) => cluster::run(c).await,
         Command::Cluster(cli::ClusterCommand::Ring { partitions, client }) => {
-            cli::cluster_ring(client, partitions).await
+            status::cluster_ring(client, partitions).await
         }
-        Command::Update(args) => quiver_node::cli_plugins::update(args).await,
-        Command::Plugin(c) => quiver_node::cli_plugins::plugin(c).await,
-        Command::Bucket(c) => quiver_node::cli_plugins::bucket(c).await,
-        Command::Key(c) => quiver_node::cli_keys::run(c).await,
-        Command::Dev(args) => quiver_node::dev::run(args, shutdown_signal()).await,
+        Command::Update(args) => plugins::update(args).await,
+        Command::Plugin(c) => plugins::plugin(c).await,
+        Command::Bucket(c) => plugins::bucket(c).await,
+        Command::Key(c) => keys::run(c).await,
+        Command::Dev(args) => dev::run(args, shutdown_signal()).await,
         Command::Ca(cli::CaCommand::Init { dir }) => {
             let created = quiver_node::certs::ensure_ca(&dir)?;
             let state = if created { "created" } else { "already exists" };

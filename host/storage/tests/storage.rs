@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quiver_core::storage::{StorageEngine, StorageError, WriteBatch};
-use quiver_node::storage::{
+use quiver_storage::{
     Durability, EngineKind, FjallEngine, MemoryEngine, Store, StoreStats, conformance, open_engine,
 };
 use tempfile::TempDir;

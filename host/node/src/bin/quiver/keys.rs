@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::cli::{ClientArgs, Output};
+use crate::args::{ClientArgs, Output};
 use quiver_sdk::wire::KeyInfo;
 
 /// `quiver key` subcommands.
@@ -89,8 +89,8 @@ fn print_key(key: &KeyInfo) {
 pub async fn run(command: KeyCommand) -> anyhow::Result<()> {
     match command {
         KeyCommand::Init { file, name } => {
-            let token = crate::cluster::keys::generate_token(&name)?;
-            crate::cluster::keys::write_key_file(&file, &token)
+            let token = quiver_node::cluster::keys::generate_token(&name)?;
+            quiver_node::cluster::keys::write_key_file(&file, &token)
                 .with_context(|| format!("cannot write the key file {}", file.display()))?;
             println!("admin key {name:?} written to {}", file.display());
             Ok(())

@@ -10,7 +10,7 @@ use quiver_sdk::WriteOptions;
 use quiver_sdk::wire::BucketInfo;
 use serde_json::json;
 
-use crate::cli::{ClientArgs, Output};
+use crate::args::{ClientArgs, Output};
 
 /// `quiver plugin` subcommands.
 #[derive(Debug, Subcommand)]
@@ -256,7 +256,7 @@ fn validate(file: &std::path::Path, cases: u32, seed: u64) -> anyhow::Result<()>
     let cache = std::env::temp_dir().join("quiver-plugin-cache");
     let runtime = quiver_plugin::PluginRuntime::new(&cache)?;
     let reconciler = runtime.load_reconciler(&name, &bytes)?;
-    let violations = crate::plugin_engine::law_violations(&reconciler, seed, cases);
+    let violations = quiver_node::plugin_engine::law_violations(&reconciler, seed, cases);
     if violations.is_empty() {
         println!(
             "{}: a valid reconciler; merge is commutative, associative, idempotent and deterministic on {cases} generated sibling sets",
@@ -287,7 +287,7 @@ fn componentize(module: &std::path::Path, output: &std::path::Path) -> anyhow::R
     Ok(())
 }
 
-const TEMPLATE_WIT: &str = include_str!("../../../wit/quiver-plugin.wit");
+const TEMPLATE_WIT: &str = include_str!("../../../../../wit/quiver-plugin.wit");
 const TEMPLATE_LIB: &str = include_str!("plugin_template/lib.rs");
 const TEMPLATE_CARGO: &str = include_str!("plugin_template/Cargo.toml");
 const TEMPLATE_README: &str = include_str!("plugin_template/README.md");

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rand_distr::{Distribution as _, Zipf};
 use serde_json::json;
 
-use crate::cli::{ClientArgs, Output};
+use crate::args::{ClientArgs, Output};
 
 /// Largest latency the histograms track, in microseconds (60 s); slower requests clamp.
 const LATENCY_US_MAX: u64 = 60_000_000;
@@ -84,7 +84,7 @@ pub struct BenchArgs {
     pub bucket: String,
     /// Durability of writes (default: the node's setting).
     #[arg(long, value_name = "MODE")]
-    pub durability: Option<crate::storage::Durability>,
+    pub durability: Option<quiver_storage::Durability>,
     /// Read quorum of gets (default: the cluster's r).
     #[arg(long)]
     pub r: Option<u8>,
@@ -216,8 +216,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let options = WriteOptions {
         timeout_ms: None,
         durability: args.durability.map(|d| match d {
-            crate::storage::Durability::Sync => quiver_sdk::Durability::Sync,
-            crate::storage::Durability::Buffered => quiver_sdk::Durability::Buffered,
+            quiver_storage::Durability::Sync => quiver_sdk::Durability::Sync,
+            quiver_storage::Durability::Buffered => quiver_sdk::Durability::Buffered,
         }),
         w: args.w,
     };

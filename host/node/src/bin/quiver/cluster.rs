@@ -11,7 +11,7 @@ use quiver_sdk::Client;
 use quiver_sdk::wire::{PlanView, Request};
 use serde_json::json;
 
-use crate::cli::{ClientArgs, Output};
+use crate::args::{ClientArgs, Output};
 
 /// Membership subcommands of `quiver cluster`.
 #[derive(Debug, Subcommand)]

@@ -12,8 +12,8 @@ use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::certs;
-use crate::storage::{Durability, EngineKind};
+use quiver_node::certs;
+use quiver_storage::{Durability, EngineKind};
 
 /// Largest local cluster `quiver dev` starts.
 const DEV_NODES_MAX: usize = 16;
@@ -62,10 +62,10 @@ pub async fn run(
     // One admin key for the whole dev cluster, accepted by every node from its first start.
     let key_file = args.dir.join("admin.key");
     let token = if key_file.exists() {
-        crate::cluster::keys::read_key_file(&key_file).map_err(anyhow::Error::msg)?
+        quiver_node::cluster::keys::read_key_file(&key_file).map_err(anyhow::Error::msg)?
     } else {
-        let token = crate::cluster::keys::generate_token("admin")?;
-        crate::cluster::keys::write_key_file(&key_file, &token)
+        let token = quiver_node::cluster::keys::generate_token("admin")?;
+        quiver_node::cluster::keys::write_key_file(&key_file, &token)
             .with_context(|| format!("cannot write {}", key_file.display()))?;
         token
     };
