@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use quiver_core::storage::{WriteBatch, keys};
-use quiver_node::ae::{AeIndex, Placement};
+use quiver_node_core::ae::{AeIndex, Placement};
 use quiver_storage::{Durability, MemoryEngine, Store};
 
 fuzz_target!(|bytes: &[u8]| {

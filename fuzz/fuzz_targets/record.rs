@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quiver_node::record::{decode_record, encode_record};
+use quiver_node_core::record::{decode_record, encode_record};
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(record) = decode_record(bytes) {

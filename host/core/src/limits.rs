@@ -25,7 +25,7 @@ pub const FRAME_OVERHEAD_BYTES: usize = 4 * 1024;
 /// Default number of concurrent bidirectional streams a client connection may open.
 pub const STREAMS_PER_CONNECTION_MAX_DEFAULT: u32 = 256;
 /// Largest number of siblings a key may hold before writes are refused with a clear error.
-/// (A per-bucket reconciler will merge them earlier once plugins exist.)
+/// (A bucket's reconciler merges them earlier, past its `sibling_threshold`.)
 pub const SIBLINGS_MAX_DEFAULT: usize = 100;
 
 /// Largest plugin component accepted at upload, in bytes (a Python or JavaScript component

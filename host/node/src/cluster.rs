@@ -4,8 +4,9 @@
 //! A put is coordinated by a node of the key's preference list: it issues the dot against
 //! its own record (so per-key actor epochs keep working), then sends the new state to the
 //! other targets and answers after `w` acknowledgements. A node outside the preference list
-//! forwards the put to one inside it. A get asks every target, answers after `r` replies
-//! with their merge, and repairs stale replicas in the background once all have answered.
+//! forwards the put to one inside it. A get asks `r` targets (all of them on one get in
+//! `--read-repair-chance`, and a spare per failure or after `--read-speculate-ms`), answers
+//! after `r` replies with their merge, and repairs stale replicas in the background.
 //! Every decision — who coordinates, which targets and fallbacks, when a quorum is
 //! decided, what to repair, who is down — is made by the core's state machines
 //! (`quiver_core::coordinator`, `quiver_core::quorum`), the same ones the simulator runs;
@@ -509,7 +510,7 @@ impl Cluster {
                         ErrorCode::QuorumFailed,
                         format!(
                             "get {bucket:?} {}: read quorum r={} not reached: {f}",
-                            crate::record::render_key(key),
+                            quiver_node_core::record::render_key(key),
                             quorum.r
                         ),
                     );
@@ -577,7 +578,7 @@ impl Cluster {
                          this node's {budget}-byte response budget; read with --head for the \
                          context and write with it to resolve them",
                         self.me(),
-                        crate::record::render_key(key),
+                        quiver_node_core::record::render_key(key),
                         siblings.len()
                     ),
                 );
@@ -599,13 +600,13 @@ impl Cluster {
         let resolved = match outcome {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(bucket, key = %crate::record::render_key(key), error = %e, "reconciler failed");
+                tracing::warn!(bucket, key = %quiver_node_core::record::render_key(key), error = %e, "reconciler failed");
                 return error(
                     ErrorCode::PluginFailed,
                     format!(
                         "node {}: bucket {bucket:?} key {}: {e}; the siblings are untouched (read with --raw to see them)",
                         self.me(),
-                        crate::record::render_key(key)
+                        quiver_node_core::record::render_key(key)
                     ),
                 );
             }
@@ -855,7 +856,7 @@ impl Cluster {
                 ErrorCode::QuorumFailed,
                 format!(
                     "put {bucket:?} {}: write quorum w={} not reached: {f}",
-                    crate::record::render_key(&key),
+                    quiver_node_core::record::render_key(&key),
                     quorum.w
                 ),
             ),

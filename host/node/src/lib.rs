@@ -15,15 +15,12 @@
 //! (`src/bin/quiver/`).
 #![deny(clippy::unwrap_used)]
 
-pub mod ae;
 pub mod certs;
 pub mod cluster;
 pub mod config;
-pub mod epochs;
 pub mod kv;
 pub mod meta;
 pub mod peer;
 pub mod plugin_engine;
 pub mod plugins;
-pub mod record;
 pub mod server;

@@ -25,11 +25,11 @@ use crate::certs::{self, CertError, NodeIdentity};
 use crate::cluster::keys::Principal;
 use crate::cluster::{Cluster, ReplicationConfig};
 use crate::config::NodeConfig;
-use crate::epochs::{BootEpochs, EpochError};
 use crate::kv::KvService;
 use crate::meta::MetaStore;
 use crate::peer::{ALPN_PEER_V1, PeerRequest, PeerResponse, Peers, peer_client_config};
 use crate::plugins::{PluginEngine, Plugins};
+use quiver_node_core::epochs::{BootEpochs, EpochError};
 use quiver_storage::{EngineKind, Store};
 
 /// Longest a graceful shutdown waits for requests in flight.
@@ -137,7 +137,12 @@ impl Node {
             quiver_storage::open_engine(config.engine, &dir.join(engine_dir(config.engine)))
                 .map_err(|e| storage_err(e.to_string()))?;
         let store = Store::with_window(engine, config.durability, config.group_commit_window);
-        let epochs = BootEpochs::start(&store, rand::random::<u64>()).await?;
+        let (epochs, boot) = BootEpochs::start(&store, rand::random::<u64>())?;
+        // Durable before any epoch of this boot is handed out.
+        store
+            .write(boot, quiver_storage::Durability::Sync)
+            .await
+            .map_err(|e| storage_err(format!("cannot record the boot: {e}")))?;
         tracing::info!(
             node = %config.node_id,
             boot = epochs.boot(),

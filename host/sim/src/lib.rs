@@ -26,6 +26,10 @@
 //!   (`node::membership`, mirroring `cluster/membership.rs`).
 //! - [`store`]: a node's disk: applied vs durable writes, `sync` (group commit), OS
 //!   writeback, and what a kill, a power loss or a disk replacement leaves.
+//! - [`disk`]: a simulated disk that implements the production `StorageEngine` (applied vs
+//!   durable batches, `sync`, OS writeback, kill, power loss, wipe, failing syncs), so the
+//!   production node can run on it; a crash hands out a new handle and makes the old ones
+//!   refuse every call.
 //! - [`sim`]: the world: event queue in simulated ms, network (delay, reordering by delay
 //!   spikes, loss, duplication, directed link cuts), faults (crash + restart as a new boot,
 //!   power loss, disk wipe as a new incarnation, partitions incl. one-way, FoundationDB
@@ -95,6 +99,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod check;
+pub mod disk;
 pub mod node;
 pub mod rng;
 pub mod sim;

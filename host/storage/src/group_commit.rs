@@ -451,3 +451,40 @@ impl Store {
         }
     }
 }
+
+/// A `Store` is itself an engine, so code written against [`StorageEngine`] alone (the
+/// node's sans-IO core) runs over it in production and over a simulated disk in the
+/// simulator. Reads and applies go through the store's poison check; callers that need
+/// durability ask the store's group commit ([`Store::sync_applied`]) rather than calling
+/// [`StorageEngine::sync`], which is a direct fsync kept for completeness and, like a
+/// group-commit round, poisons the store when it fails.
+impl StorageEngine for Store {
+    fn name(&self) -> &str {
+        self.engine_name()
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Store::get(self, key)
+    }
+
+    fn apply(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        Store::apply(self, batch)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        let shared = &self.inner.shared;
+        shared.check()?;
+        shared.engine.sync().inspect_err(|e| {
+            shared.lock().poisoned = Some(format!("sync failed: {e}"));
+        })
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, StorageError> {
+        Store::scan(self, start, end, limit)
+    }
+}

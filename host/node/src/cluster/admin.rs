@@ -200,7 +200,7 @@ impl Cluster {
                 }),
             );
         }
-        let mut placement = crate::ae::Placement {
+        let mut placement = quiver_node_core::ae::Placement {
             partitions: self.ring().partitions(),
             default_n: u8::try_from(self.config.quorum.n).unwrap_or(u8::MAX),
             buckets: Default::default(),

@@ -19,8 +19,8 @@ use quiver_sdk::wire::{ErrorCode, ErrorReply};
 use serde::Serialize;
 
 use super::Cluster;
-use crate::ae::TreeId;
 use crate::peer::{PeerRequest, PeerResponse};
+use quiver_node_core::ae::TreeId;
 use quiver_storage::Durability;
 
 /// Trees per roots message, asks per descent message.

@@ -17,7 +17,8 @@
 //! resumes; the pass size is bounded by `--ae-max-keys`.
 //!
 //! A node that was told to leave exits once the committed ring no longer has it, it holds
-//! no keys and no hints, and a peer took the news that it left.
+//! no keys and no hints, and every peer took the news that it left (checked once more just
+//! before it stops).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -34,9 +35,9 @@ use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::wire::{ErrorCode, ErrorReply, PlanMember, PlanView, Response};
 
 use super::{Cluster, error};
-use crate::ae::TreeId;
 use crate::kv::KvService;
 use crate::peer::{PeerRequest, PeerResponse};
+use quiver_node_core::ae::TreeId;
 
 /// Value bytes per handoff push message (one larger object still goes alone).
 const HANDOFF_PUSH_BYTES: usize = 512 * 1024;

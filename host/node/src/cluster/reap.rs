@@ -70,7 +70,7 @@ impl Cluster {
                 continue;
             };
             let bucket = String::from_utf8_lossy(bucket).into_owned();
-            if !crate::ae::is_tombstone(&object) {
+            if !quiver_node_core::ae::is_tombstone(&object) {
                 continue;
             }
             let (primaries, _) = self.preference(&bucket, key, self.props(&bucket).quorum.n);

@@ -2,19 +2,22 @@
 //!
 //! A plugin call may burn its whole fuel (up to a second of CPU), so it never runs under
 //! the key's lock stripe (which other keys share) or the epochs mutex (which every write
-//! takes), nor on an async worker: the record is read under the lock, the plugin runs on
-//! the plugin pool with no lock held, and the result is written under the lock only if the
-//! record is still the one the plugin saw. Otherwise an update reads again; the guard gives
-//! up (the next write past the threshold guards again).
+//! takes), nor on an async worker: the replica reads the record under the lock
+//! ([`Replica::update_begin`]), the plugin runs on the plugin pool with no lock held, and
+//! the replica writes the result only if the record is still the one the plugin saw
+//! ([`Replica::update_commit`], [`Replica::guard_commit`]). Otherwise an update reads
+//! again; the guard gives up (the next write past the threshold guards again).
+//!
+//! [`Replica::update_begin`]: quiver_node_core::replica::Replica::update_begin
+//! [`Replica::update_commit`]: quiver_node_core::replica::Replica::update_commit
+//! [`Replica::guard_commit`]: quiver_node_core::replica::Replica::guard_commit
 
-use quiver_core::causality::{
-    self, ChosenEpoch, Dot, LocalRecord, Object, VersionVector, WriteOp, coordinate_write,
-};
-
-use super::{KvError, KvService, WriteArgs, WriteOutcome, lock, stripe};
-use crate::plugins::Attached;
-use crate::record::render_key;
+use quiver_core::causality::{Dot, Object, VersionVector};
+use quiver_node_core::record::render_key;
 use quiver_storage::Durability;
+
+use super::{KvError, KvService, WriteArgs, WriteOutcome, stripe};
+use crate::plugins::Attached;
 
 /// Times an update reads the key again because a write landed while its plugin ran. Updates
 /// of one key are serialised, so only puts, deletes and replica merges of that key race
@@ -43,65 +46,33 @@ impl KvService {
         // only by hash collision; gets and puts never take it.
         let _serial = self.update_locks[stripe(dkey)].lock().await;
         for _ in 0..UPDATE_ATTEMPTS_MAX {
-            let (snapshot, epoch) = {
-                let _guard = lock(&self.locks[stripe(dkey)]);
-                let local = self.read_record(args.bucket, args.key, dkey)?;
-                let mut epochs = lock(&self.epochs);
-                self.epoch_capacity(local.as_ref(), &epochs)?;
-                let epoch = causality::next_epoch(local.as_ref(), &self.me, &mut *epochs);
-                (local, epoch)
-            };
+            let snapshot = self.update_begin(args.bucket, args.key, dkey)?;
             let seen: Object = snapshot
+                .record
                 .as_ref()
                 .map(|r| r.object.clone())
                 .unwrap_or_default();
-            let actor = self.me.actor(epoch).to_string();
+            let actor = self.actor_of(snapshot.epoch);
             let value = attached
-                .update_pooled(seen.clone(), op.to_vec(), actor)
+                .update_pooled(seen, op.to_vec(), actor)
                 .await
                 .map_err(plugin_err)?;
-            let written = {
-                let _guard = lock(&self.locks[stripe(dkey)]);
-                let local = self.read_record(args.bucket, args.key, dkey)?;
-                if local != snapshot {
-                    None
-                } else {
-                    let context = seen.context().clone();
-                    let (record, dot) = coordinate_write(
-                        local,
-                        &self.me,
-                        &mut ChosenEpoch(epoch),
-                        &context,
-                        WriteOp::Put(value),
-                        args.now_ms,
-                    );
-                    // The record as it was (absent stays absent for the AE index).
-                    let prior = snapshot.as_ref().map(|r| &r.object);
-                    self.store_record(args, dkey, prior, &record)?;
-                    Some((record, dot, context))
-                }
-            };
-            let Some((record, dot, mut context)) = written else {
+            let Some(outcome) =
+                self.update_commit(args.bucket, args.key, dkey, &snapshot, value, args.now_ms)?
+            else {
                 continue;
             };
-            context.add(&dot);
             if args.durability == Durability::Sync {
-                self.store
-                    .sync_applied()
-                    .await
-                    .map_err(|e| self.storage_err(args.bucket, args.key, e))?;
+                self.sync(args.bucket, args.key).await?;
             }
-            return Ok(WriteOutcome {
-                context,
-                object: record.object,
-            });
+            return Ok(outcome);
         }
         Err(KvError::Invalid {
             code: quiver_sdk::wire::ErrorCode::Timeout,
             message: format!(
                 "node {}: bucket {:?} key {}: the key changed {UPDATE_ATTEMPTS_MAX} times \
                  while its update ran; nothing was written, retry",
-                self.me.node,
+                self.node(),
                 args.bucket,
                 render_key(args.key)
             ),
@@ -130,24 +101,13 @@ impl KvService {
                 return Ok(None);
             }
         };
-        let _guard = lock(&self.locks[stripe(dkey)]);
-        let local: Option<LocalRecord> = self.read_record(args.bucket, args.key, dkey)?;
-        let Some(local) = local.filter(|r| r.object == object) else {
-            return Ok(None);
-        };
-        let seen = object.context().clone();
-        let mut epochs = lock(&self.epochs);
-        self.epoch_capacity(Some(&local), &epochs)?;
-        let (record, dot) = coordinate_write(
-            Some(local),
-            &self.me,
-            &mut *epochs,
-            &seen,
+        self.guard_commit(
+            args.bucket,
+            args.key,
+            dkey,
+            &object,
             merged.into_op(),
             args.now_ms,
-        );
-        drop(epochs);
-        self.store_record(args, dkey, Some(&object), &record)?;
-        Ok(Some((record.object, seen, dot)))
+        )
     }
 }

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     // multi-thread scheduler's LIFO slot runs the QUIC connection driver right after each
     // write instead, one packet per message. Measured with `quiver dev --nodes 3` (one
     // thread per node on two cores): 25-45 % more 50/50 operations at 30-40 % less CPU per
-    // operation (ARCHITECTURE.md, "Runtime threads").
+    // operation (docs/decisions/replication.md, "Runtime threads").
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
-use quiver_node::epochs::BootEpochs;
-use quiver_node::kv::{KvError, KvService};
-use quiver_storage::{Durability, MemoryEngine, Store};
+use quiver_core::storage::StorageEngine;
+use quiver_node_core::SystemClock;
+use quiver_node_core::epochs::BootEpochs;
+use quiver_node_core::replica::{KvError, Replica};
+use quiver_storage::MemoryEngine;
 
 struct Counter(u64);
 impl EpochSource for Counter {
@@ -30,27 +32,21 @@ fn object(value: &str) -> quiver_core::causality::Object {
         .object
 }
 
-#[tokio::test]
-async fn a_full_hint_store_refuses_to_stand_in_and_delivery_frees_it() {
-    let store = Store::new(Arc::new(MemoryEngine::new()), Durability::Buffered);
-    let epochs = BootEpochs::start(&store, 7).await.expect("boot");
-    let mut kv = KvService::new("n1".into(), store, epochs, 1 << 20);
+#[test]
+fn a_full_hint_store_refuses_to_stand_in_and_delivery_frees_it() {
+    let store: Arc<dyn StorageEngine> = Arc::new(MemoryEngine::new());
+    let epochs = boot(&*store).expect("boot");
+    let mut kv = Replica::new("n1".into(), store, epochs, 1 << 20, Arc::new(SystemClock));
     assert_eq!(kv.init_hints(1).expect("count hints"), 0);
     let a = object("a");
 
-    kv.merge_remote("b", b"k1", &a, Durability::Buffered, Some("n2"))
-        .await
-        .expect("hint 1");
-    kv.merge_remote("b", b"k1", &a, Durability::Buffered, Some("n2"))
-        .await
+    kv.merge_remote("b", b"k1", &a, Some("n2")).expect("hint 1");
+    kv.merge_remote("b", b"k1", &a, Some("n2"))
         .expect("same hint");
     assert_eq!(kv.hint_count(), 1);
     assert!(kv.has_hint("n2", "b", b"k1"));
 
-    match kv
-        .merge_remote("b", b"k2", &a, Durability::Buffered, Some("n2"))
-        .await
-    {
+    match kv.merge_remote("b", b"k2", &a, Some("n2")) {
         Err(e @ KvError::HintsFull { .. }) => assert!(e.to_string().contains("hint store full")),
         other => panic!("expected HintsFull, got {other:?}"),
     }
@@ -63,27 +59,31 @@ async fn a_full_hint_store_refuses_to_stand_in_and_delivery_frees_it() {
     assert_eq!(hinted.len(), 1);
     assert_eq!(hinted[0].object, a);
     // A copy that changed since it was sent is kept, with its hint, for the next delivery.
-    kv.merge_remote("b", b"k1", &object("newer"), Durability::Buffered, None)
-        .await
+    kv.merge_remote("b", b"k1", &object("newer"), None)
         .expect("merge");
     kv.hint_delivered("n2", "b", b"k1", &a, false)
-        .await
         .expect("stale ack");
     assert_eq!(kv.hint_count(), 1);
     // The current copy acknowledged: marker and stand-in copy go.
     let current = kv.get("b", b"k1").expect("get");
     kv.hint_delivered("n2", "b", b"k1", &current, false)
-        .await
         .expect("ack");
     assert_eq!(kv.hint_count(), 0);
     assert!(!kv.get("b", b"k1").expect("get").is_found());
-    kv.merge_remote("b", b"k2", &a, Durability::Buffered, Some("n2"))
-        .await
+    kv.merge_remote("b", b"k2", &a, Some("n2"))
         .expect("room again");
 
     // The count survives a restart of the service (markers are on disk).
-    let store = kv.store().clone();
-    let epochs = BootEpochs::start(&store, 7).await.expect("boot 2");
-    let mut again = KvService::new("n1".into(), store, epochs, 1 << 20);
+    let store = kv.engine();
+    let epochs = boot(&*store).expect("boot 2");
+    let mut again = Replica::new("n1".into(), store, epochs, 1 << 20, Arc::new(SystemClock));
     assert_eq!(again.init_hints(10).expect("count"), 1);
+}
+
+/// Starts a boot on `store` and makes its batch durable, as a driver does.
+fn boot(store: &dyn StorageEngine) -> Result<BootEpochs, Box<dyn std::error::Error>> {
+    let (epochs, batch) = BootEpochs::start(store, 7)?;
+    store.apply(&batch)?;
+    store.sync()?;
+    Ok(epochs)
 }

@@ -12,7 +12,7 @@
 use quiver_core::causality::EpochSource;
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 
-use quiver_storage::{Durability, Store};
+use quiver_core::storage::StorageEngine;
 
 /// Bits of an epoch that count within one boot.
 const EPOCH_BITS_PER_BOOT: u32 = 32;
@@ -43,9 +43,13 @@ pub struct BootEpochs {
     boot: u64,
     next: u64,
     end: u64,
+    /// BROKEN VARIANT (simulator only): trust every epoch found in a local record, even
+    /// one of an earlier boot whose records a crash may have rolled back.
+    #[cfg(feature = "broken-variants")]
+    trust_all: bool,
 }
 
-fn read_u64(store: &Store, name: &'static str) -> Result<Option<u64>, EpochError> {
+fn read_u64(store: &dyn StorageEngine, name: &'static str) -> Result<Option<u64>, EpochError> {
     match store.get(&keys::meta_key(name))? {
         None => Ok(None),
         Some(bytes) => {
@@ -62,9 +66,14 @@ fn read_u64(store: &Store, name: &'static str) -> Result<Option<u64>, EpochError
 }
 
 impl BootEpochs {
-    /// Starts a new boot: creates the incarnation on first start, bumps the boot number,
-    /// and makes both durable before returning.
-    pub async fn start(store: &Store, fresh_incarnation: u64) -> Result<BootEpochs, EpochError> {
+    /// Starts a new boot: creates the incarnation on first start and bumps the boot number.
+    /// Returns the allocator and the batch that records both: the caller must apply it and
+    /// make it durable before the allocator hands out any epoch (or a crash could let the
+    /// next boot reuse this one's epochs).
+    pub fn start(
+        store: &dyn StorageEngine,
+        fresh_incarnation: u64,
+    ) -> Result<(BootEpochs, WriteBatch), EpochError> {
         let incarnation = read_u64(store, "incarnation")?;
         let previous = read_u64(store, "boot")?.unwrap_or(0);
         let boot = previous.checked_add(1).ok_or(EpochError::BootsExhausted)?;
@@ -83,14 +92,16 @@ impl BootEpochs {
             }
         };
         batch.put(keys::meta_key("boot"), boot.to_be_bytes().to_vec());
-        store.write(batch, Durability::Sync).await?;
         let next = boot << EPOCH_BITS_PER_BOOT;
-        Ok(BootEpochs {
+        let epochs = BootEpochs {
             incarnation,
             boot,
             next,
             end: next + (1 << EPOCH_BITS_PER_BOOT),
-        })
+            #[cfg(feature = "broken-variants")]
+            trust_all: false,
+        };
+        Ok((epochs, batch))
     }
 
     /// The data directory's incarnation.
@@ -103,6 +114,13 @@ impl BootEpochs {
         self.boot
     }
 
+    /// BROKEN VARIANT (simulator only): trust every epoch, so a dot may be issued twice
+    /// after a crash; the simulator shows its checkers catch it.
+    #[cfg(feature = "broken-variants")]
+    pub fn trust_all_epochs(&mut self) {
+        self.trust_all = true;
+    }
+
     /// True when another fresh epoch can be handed out in this boot.
     pub fn has_capacity(&self) -> bool {
         self.next < self.end
@@ -111,6 +129,10 @@ impl BootEpochs {
 
 impl EpochSource for BootEpochs {
     fn is_trusted(&self, epoch: u64) -> bool {
+        #[cfg(feature = "broken-variants")]
+        if self.trust_all {
+            return true;
+        }
         epoch >> EPOCH_BITS_PER_BOOT == self.boot && epoch < self.next
     }
 

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use quiver_core::causality::{Coordinator, EpochSource, Object, WriteOp, coordinate_write};
 use quiver_core::merkle;
+use quiver_core::storage::StorageEngine;
 use quiver_core::storage::{WriteBatch, keys};
-use quiver_node::ae::{AeIndex, Placement};
-use quiver_node::epochs::BootEpochs;
-use quiver_node::kv::KvService;
-use quiver_storage::{Durability, MemoryEngine, Store};
+use quiver_node_core::SystemClock;
+use quiver_node_core::ae::{AeIndex, Placement};
+use quiver_node_core::epochs::BootEpochs;
+use quiver_node_core::replica::Replica;
+use quiver_storage::MemoryEngine;
 
 struct Counter(u64);
 impl EpochSource for Counter {
@@ -50,52 +52,53 @@ fn roots(ae: &AeIndex) -> Vec<((u8, u32), merkle::Hash)> {
         .collect()
 }
 
-fn reopened(store: &Store, p: Placement) -> AeIndex {
+fn reopened(store: &dyn StorageEngine, p: Placement) -> AeIndex {
     let ae = AeIndex::default();
     ae.set_placement(p);
     ae.open(store).expect("open index");
     ae
 }
 
-#[tokio::test]
-async fn incremental_trees_equal_loaded_and_rebuilt_trees() {
-    let store = Store::new(Arc::new(MemoryEngine::new()), Durability::Buffered);
-    let epochs = BootEpochs::start(&store, 7).await.expect("boot");
-    let kv = KvService::new("n1".into(), store.clone(), epochs, 1 << 20);
+#[test]
+fn incremental_trees_equal_loaded_and_rebuilt_trees() {
+    let store: Arc<dyn StorageEngine> = Arc::new(MemoryEngine::new());
+    let epochs = boot(&*store).expect("boot");
+    let kv = Replica::new(
+        "n1".into(),
+        Arc::clone(&store),
+        epochs,
+        1 << 20,
+        Arc::new(SystemClock),
+    );
     kv.ae().set_placement(placement(2));
-    assert_eq!(kv.ae().open(&store).expect("open"), 0);
+    assert_eq!(kv.ae().open(&*store).expect("open"), 0);
 
     let mut live = Vec::new();
     for i in 0..300u32 {
         let bucket = if i % 3 == 0 { "two" } else { "b" };
         let key = format!("k{i}");
         let v1 = write("n2", WriteOp::Put(key.clone().into_bytes()), None);
-        kv.merge_remote(bucket, key.as_bytes(), &v1, Durability::Buffered, None)
-            .await
+        kv.merge_remote(bucket, key.as_bytes(), &v1, None)
             .expect("merge");
         match i % 5 {
             // Overwritten by a later version.
             0 => {
                 let v2 = write("n3", WriteOp::Put(b"newer".to_vec()), Some(&v1));
-                kv.merge_remote(bucket, key.as_bytes(), &v2, Durability::Buffered, None)
-                    .await
+                kv.merge_remote(bucket, key.as_bytes(), &v2, None)
                     .expect("merge newer");
             }
             // Deleted: a tombstone.
             1 => {
                 let t = write("n3", WriteOp::Delete, Some(&v1));
-                kv.merge_remote(bucket, key.as_bytes(), &t, Durability::Buffered, None)
-                    .await
+                kv.merge_remote(bucket, key.as_bytes(), &t, None)
                     .expect("merge tombstone");
             }
             // A stand-in copy handed off and dropped.
             2 => {
                 let k2 = format!("h{i}");
-                kv.merge_remote(bucket, k2.as_bytes(), &v1, Durability::Buffered, Some("n4"))
-                    .await
+                kv.merge_remote(bucket, k2.as_bytes(), &v1, Some("n4"))
                     .expect("hinted");
                 kv.hint_delivered("n4", bucket, k2.as_bytes(), &v1, false)
-                    .await
                     .expect("delivered");
             }
             _ => live.push(key),
@@ -126,7 +129,7 @@ async fn incremental_trees_equal_loaded_and_rebuilt_trees() {
     let incremental = roots(kv.ae());
     assert!(incremental.iter().any(|((n, _), _)| *n == 2));
     assert!(incremental.iter().any(|((n, _), _)| *n == 3));
-    let loaded = reopened(&store, placement(2));
+    let loaded = reopened(&*store, placement(2));
     assert_eq!(roots(&loaded), incremental, "loaded from the entries");
     assert_eq!(loaded.tombstones(), 60 - reaped);
 
@@ -134,12 +137,12 @@ async fn incremental_trees_equal_loaded_and_rebuilt_trees() {
     let mut batch = WriteBatch::new();
     batch.delete(keys::meta_key("ae-index-v1"));
     store.apply(&batch).expect("drop marker");
-    let rebuilt = reopened(&store, placement(2));
+    let rebuilt = reopened(&*store, placement(2));
     assert_eq!(roots(&rebuilt), incremental, "rebuilt from the records");
 
     // A bucket whose n changes is refiled, to the trees a rebuild would give.
     assert!(kv.ae().set_placement(placement(3)));
-    let misfiled = kv.ae().misfiled(&store, usize::MAX).expect("scan");
+    let misfiled = kv.ae().misfiled(&*store, usize::MAX).expect("scan");
     // Bucket "two" holds every third key (100) less the 10 of them reaped.
     assert_eq!(misfiled.len(), 90, "the keys of bucket two");
     for dkey in &misfiled {
@@ -147,13 +150,21 @@ async fn incremental_trees_equal_loaded_and_rebuilt_trees() {
     }
     assert!(
         kv.ae()
-            .misfiled(&store, usize::MAX)
+            .misfiled(&*store, usize::MAX)
             .expect("scan")
             .is_empty()
     );
     let mut batch = WriteBatch::new();
     batch.delete(keys::meta_key("ae-index-v1"));
     store.apply(&batch).expect("drop marker");
-    assert_eq!(roots(&reopened(&store, placement(3))), roots(kv.ae()));
+    assert_eq!(roots(&reopened(&*store, placement(3))), roots(kv.ae()));
     assert!(live.len() > 100);
+}
+
+/// Starts a boot on `store` and makes its batch durable, as a driver does.
+fn boot(store: &dyn StorageEngine) -> Result<BootEpochs, Box<dyn std::error::Error>> {
+    let (epochs, batch) = BootEpochs::start(store, 7)?;
+    store.apply(&batch)?;
+    store.sync()?;
+    Ok(epochs)
 }

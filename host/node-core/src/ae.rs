@@ -15,19 +15,22 @@
 //! guessing.
 //!
 //! Beside the entries sits the tombstone index (`keys::reap_key`): one entry per key whose
-//! siblings are all tombstones, holding the newest tombstone's timestamp, kept in the same
-//! batches. The reaper (`cluster/reap.rs`) walks it instead of the data.
+//! siblings are all tombstones, holding the time, by this node's own clock, at which it
+//! stored exactly that state, kept in the same batches. The reaper (`cluster/reap.rs`)
+//! walks it instead of the data.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use quiver_core::causality::Object;
 use quiver_core::merkle::{self, HASH_BYTES, Hash, Tree};
 use quiver_core::ring;
 use quiver_core::storage::{StorageError, WriteBatch, keys};
 
-use quiver_storage::Store;
+use quiver_core::storage::StorageEngine;
+
+use crate::{SystemClock, WallClock};
 
 /// Metadata key marking that every data record has its anti-entropy entry.
 const INDEX_MARKER: &str = "ae-index-v1";
@@ -131,17 +134,14 @@ impl Entry {
     }
 }
 
-/// This node's wall clock, in ms since the Unix epoch, as the tombstone index stores it.
+/// How the tombstone index stores a time: this node's wall clock, ms since the Unix epoch.
 ///
 /// The index records when *this node* stored a tombstone state, not the coordinator's
 /// timestamp in the siblings: hold times are then measured on one clock each, so clock skew
 /// between nodes cannot make a fresh tombstone look old (the simulator found resurrections
 /// with skew beyond the grace when sibling timestamps were used).
-fn local_stamp() -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    now.to_be_bytes().to_vec()
+fn encode_stamp(now_ms: u64) -> Vec<u8> {
+    now_ms.to_be_bytes().to_vec()
 }
 
 fn decode_stamp(bytes: &[u8]) -> u64 {
@@ -173,8 +173,10 @@ pub struct AeMetrics {
 }
 
 /// The trees of one node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AeIndex {
+    /// This node's wall clock, for the tombstone index's hold times.
+    clock: Arc<dyn WallClock>,
     placement: RwLock<Placement>,
     trees: Mutex<HashMap<TreeId, Tree>>,
     metrics: AeMetrics,
@@ -190,12 +192,33 @@ pub struct AeIndex {
     generation: AtomicU64,
 }
 
+impl Default for AeIndex {
+    /// An index on the system clock.
+    fn default() -> Self {
+        AeIndex::with_clock(Arc::new(SystemClock))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Trees are only changed by whole XOR steps; a panic elsewhere leaves them usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AeIndex {
+    /// An empty index whose tombstone hold times follow `clock`.
+    pub fn with_clock(clock: Arc<dyn WallClock>) -> Self {
+        AeIndex {
+            clock,
+            placement: RwLock::default(),
+            trees: Mutex::default(),
+            metrics: AeMetrics::default(),
+            tombstones: AtomicU64::default(),
+            reap_cursor: Mutex::default(),
+            exact: std::sync::atomic::AtomicBool::default(),
+            generation: AtomicU64::default(),
+        }
+    }
+
     /// The current placement.
     pub fn placement(&self) -> Placement {
         self.placement
@@ -261,7 +284,7 @@ impl AeIndex {
     #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &self,
-        store: &Store,
+        store: &dyn StorageEngine,
         batch: &mut WriteBatch,
         bucket: &[u8],
         key: &[u8],
@@ -283,7 +306,7 @@ impl AeIndex {
         match (object, old.is_some_and(|e| e.tombstone)) {
             // The hold time restarts only when the state changes.
             (Some(o), _) if is_tombstone(o) && old != new => {
-                batch.put(keys::reap_key(data_key), local_stamp());
+                batch.put(keys::reap_key(data_key), encode_stamp(self.clock.now_ms()));
             }
             (Some(o), _) if is_tombstone(o) => {}
             (_, true) => {
@@ -336,7 +359,7 @@ impl AeIndex {
     /// Loads the trees at start, first (re)building the on-disk entries from the data
     /// records when they are absent, unreadable, or filed for another partition count.
     /// Returns the number of keys indexed.
-    pub fn open(&self, store: &Store) -> Result<u64, StorageError> {
+    pub fn open(&self, store: &dyn StorageEngine) -> Result<u64, StorageError> {
         let marker = keys::meta_key(INDEX_MARKER);
         // The marker holds the partition count the entries were filed under.
         let filed_for = self.placement().partitions.to_be_bytes().to_vec();
@@ -351,7 +374,7 @@ impl AeIndex {
             );
             if !self.load(store)? {
                 return Err(StorageError::Corrupt {
-                    engine: store.engine_name().to_string(),
+                    engine: store.name().to_string(),
                     key_hex: String::new(),
                     message: "anti-entropy entries unreadable right after a rebuild".into(),
                 });
@@ -363,7 +386,7 @@ impl AeIndex {
     /// Reads every entry into fresh trees; false if an entry is unreadable.
     /// Entries filed under a replication factor their bucket no longer has (it changed while
     /// the node was down) are refiled on the way, before the node serves.
-    fn load(&self, store: &Store) -> Result<bool, StorageError> {
+    fn load(&self, store: &dyn StorageEngine) -> Result<bool, StorageError> {
         let placement = self.placement();
         let mut trees: HashMap<TreeId, Tree> = HashMap::new();
         let mut ok = true;
@@ -409,7 +432,7 @@ impl AeIndex {
     }
 
     /// Drops every entry and writes one per data record.
-    fn rebuild(&self, store: &Store) -> Result<u64, StorageError> {
+    fn rebuild(&self, store: &dyn StorageEngine) -> Result<u64, StorageError> {
         let mut stale = Vec::new();
         for prefix in [keys::AE_PREFIX, keys::REAP_PREFIX] {
             scan_prefix(store, &[prefix], |k, _| {
@@ -446,7 +469,7 @@ impl AeIndex {
                 ring::partition_of_position(&position, placement.partitions.max(1)).unwrap_or(0);
             let entry = Entry::of(placement.n(bucket), &object);
             if entry.tombstone {
-                batch.put(keys::reap_key(k), local_stamp());
+                batch.put(keys::reap_key(k), encode_stamp(self.clock.now_ms()));
             }
             batch.put(
                 keys::ae_key(partition, merkle::leaf_of(&position), k),
@@ -495,7 +518,7 @@ impl AeIndex {
     /// tombstones behind many young ones are reached too.
     pub fn reap_candidates(
         &self,
-        store: &Store,
+        store: &dyn StorageEngine,
         before_ms: u64,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, StorageError> {
@@ -531,7 +554,11 @@ impl AeIndex {
 
     /// When this node stored its current tombstone state of `data_key` (its own clock, ms),
     /// if the key is a tombstone here.
-    pub fn held_since(&self, store: &Store, data_key: &[u8]) -> Result<Option<u64>, StorageError> {
+    pub fn held_since(
+        &self,
+        store: &dyn StorageEngine,
+        data_key: &[u8],
+    ) -> Result<Option<u64>, StorageError> {
         Ok(store
             .get(&keys::reap_key(data_key))?
             .map(|v| decode_stamp(&v)))
@@ -562,7 +589,7 @@ impl AeIndex {
     /// `limit` long.
     pub fn leaf_keys(
         &self,
-        store: &Store,
+        store: &dyn StorageEngine,
         (n, partition): TreeId,
         leaf: u8,
         limit: usize,
@@ -582,7 +609,11 @@ impl AeIndex {
 
     /// Data keys whose entries are filed under a replication factor their bucket no longer
     /// has (after `quiver bucket set --n`), at most `limit`.
-    pub fn misfiled(&self, store: &Store, limit: usize) -> Result<Vec<Vec<u8>>, StorageError> {
+    pub fn misfiled(
+        &self,
+        store: &dyn StorageEngine,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StorageError> {
         let placement = self.placement();
         let mut out = Vec::new();
         scan_prefix(store, &[keys::AE_PREFIX], |k, v| {
@@ -601,7 +632,7 @@ impl AeIndex {
 /// Calls `f` on every pair whose key starts with `prefix`, in key order, until it returns
 /// false.
 fn scan_prefix(
-    store: &Store,
+    store: &dyn StorageEngine,
     prefix: &[u8],
     f: impl FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<(), StorageError> {
@@ -611,7 +642,7 @@ fn scan_prefix(
 /// Calls `f` on every pair with `start <= key < end` (unbounded without `end`), in key
 /// order, until it returns false.
 fn scan_range(
-    store: &Store,
+    store: &dyn StorageEngine,
     start: &[u8],
     end: Option<&[u8]>,
     mut f: impl FnMut(&[u8], &[u8]) -> bool,
