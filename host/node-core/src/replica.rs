@@ -112,6 +112,8 @@ pub struct WriteOutcome {
     pub context: VersionVector,
     /// The key's full state after the write, to replicate.
     pub object: Object,
+    /// The dot this write issued.
+    pub dot: Dot,
 }
 
 /// Largest number of hint markers a node keeps by default; beyond it the node refuses to
@@ -313,6 +315,7 @@ impl Replica {
         Ok(WriteOutcome {
             context: reply,
             object: record.object,
+            dot,
         })
     }
 
@@ -370,6 +373,7 @@ impl Replica {
         Ok(Some(WriteOutcome {
             context,
             object: record.object,
+            dot,
         }))
     }
 

@@ -1,9 +1,11 @@
 //! Quiver's deterministic whole-cluster simulator.
 //!
 //! A run is a pure function of `(seed, Config)`: [`sim::run`] boots several nodes whose
-//! replication logic is the production logic (the same `quiver-core` calls, in the same
-//! order, as `host/node/src/cluster.rs` and `host/node/src/kv.rs`), connects them by a
-//! simulated network and clock, injects faults while random clients read and write, then
+//! storage rules *are* production's — every record write, replica merge, hint marker,
+//! anti-entropy entry, tombstone-index entry and actor epoch goes through the
+//! `quiver-node-core` `Replica` that the server runs, over [`disk::SimDisk`] — and whose
+//! replication glue makes the same `quiver-core` calls, in the same order, as
+//! `host/node/src/cluster.rs`; it connects them by a simulated network and clock, injects faults while random clients read and write, then
 //! heals everything, lets hints drain and read-repairs every key, and runs the checkers.
 //! A failure prints its seed and a one-line replay command
 //! (`QUIVER_SIM_SEED=<seed> cargo test -p quiver-sim --test sim replay -- --nocapture`).
@@ -13,19 +15,21 @@
 //! - [`node`]: one node as a pure state machine (`on_client`, `on_message`, `on_tick`
 //!   return [`node::Effect`]s). It mirrors `cluster.rs` (coordination of puts and gets,
 //!   forwarding by non-replicas, sloppy quorum with fallback retry on failure, read repair
-//!   after all replies, hinted handoff passes) and `kv.rs` (`write` with
-//!   `coordinate_write`, the sibling limit and hint markers, `merge_remote`,
-//!   `hint_delivered`), plus the local failure detector of `peer.rs` (timeouts mark a
-//!   peer down, probes with backoff from 200 ms to 5 s) and the per-boot epoch allocator
-//!   of `epochs.rs`. **This is the shape the production runtime should adopt next**: move
-//!   `node::Node` into the core, and make the tokio/quinn code a driver that delivers
-//!   messages, client requests and ticks and carries out effects, so the code the
-//!   simulator runs *is* the code production runs, not a mirror of it. Each node holds
+//!   after all replies, hinted handoff passes) and drives the production `Replica` of
+//!   `quiver-node-core` for everything a node stores (`check_write` + `write`,
+//!   `merge_remote`, `hint_delivered`, `hinted_keys`, `reap_status`, `reap`, `drop_copy`,
+//!   the `AeIndex` trees and tombstone index, `BootEpochs`), plus the local failure
+//!   detector of `peer.rs` (timeouts mark a peer down, probes with backoff from 200 ms to
+//!   5 s). The fsyncs stay the driver's, as in production (`KvService`). **Next** (issue
+//!   12): the replication glue moves into `quiver-node-core` too, and the tokio/quinn code
+//!   becomes a driver that delivers messages, client requests and ticks and carries out
+//!   effects, so everything the simulator runs *is* the code production runs. Each node holds
 //!   its own ring and member states (`store::Meta`, on its disk), learns changes by
 //!   gossip, hands off what it no longer owns and departs when it has left
 //!   (`node::membership`, mirroring `cluster/membership.rs`).
-//! - [`store`]: a node's disk: applied vs durable writes, `sync` (group commit), OS
-//!   writeback, and what a kill, a power loss or a disk replacement leaves.
+//! - [`store`]: a node's disk between lives ([`store::Disk`]: its `SimDisk` and the
+//!   cluster metadata), what a kill, a power loss or a disk replacement leaves, and
+//!   [`store::Tables`], the decoded view the checkers read.
 //! - [`disk`]: a simulated disk that implements the production `StorageEngine` (applied vs
 //!   durable batches, `sync`, OS writeback, kill, power loss, wipe, failing syncs), so the
 //!   production node can run on it; a crash hands out a new handle and makes the old ones
@@ -75,7 +79,7 @@
 //!
 //! # Findings
 //!
-//! The simulator found that `KvService::merge_remote` fsynced a `sync` Store only when the
+//! The simulator found that `KvService::merge_remote` (then in `quiver-node`) fsynced a `sync` Store only when the
 //! merge changed the record or added a hint marker. If the same data had arrived earlier
 //! through a `buffered` path (read repair, or a replica's earlier buffered Store), the
 //! record was unchanged but only buffered, and the replica still answered `Stored`: the

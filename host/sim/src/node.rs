@@ -1,5 +1,6 @@
-//! One simulated node: the replication logic of `host/node/src/cluster.rs` and the record
-//! rules of `host/node/src/kv.rs`, written as a pure state machine.
+//! One simulated node: the replication logic of `host/node/src/cluster.rs` as a pure state
+//! machine, over the production replica (`quiver_node_core::replica::Replica`) on a
+//! simulated disk.
 //!
 //! # Shape
 //!
@@ -25,14 +26,17 @@
 //! [`Ring`] placement and [`select_targets`]; `route_write`, `Forwarding`, `PutFanout`
 //! (stores, fallbacks with hints, the W decision), `ReadFanout` (the R decision, read
 //! repair) and the `FailureDetector` from `quiver_core::coordinator`; `merge_incoming`,
-//! `handoff_cleanup` and `keep_copy_after_handoff` from `quiver_core::replica`;
-//! [`coordinate_write`] with a per-boot [`EpochSource`]. What this module adds is what
+//! `keep_copy_after_handoff` from `quiver_core::replica`. Everything the node stores goes
+//! through the production `Replica` (the write rule with the client-context check, replica
+//! merges, hint markers, the anti-entropy and tombstone indexes, reaping and handoff drops,
+//! `BootEpochs`), so those rules are not mirrored here: they are run. What this module adds is what
 //! `cluster.rs` adds with tokio tasks: it carries messages and remembers which request each
 //! reply belongs to. Where the production async code awaits, this machine keeps an explicit
 //! pending operation (`PutOp`, `GetOp`, `ForwardOp`, `HintPass`).
 //!
-//! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of steps inside one
-//! request (validate, read the record, apply, fsync), the hint-delivery pass, and timeouts.
+//! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of a request around
+//! the replica (when to fsync, fan out, answer), the hint-delivery pass, anti-entropy and
+//! reaping exchanges, gossip, handoff, departure, and timeouts (issue 12).
 
 mod ae;
 mod membership;
@@ -40,20 +44,22 @@ mod membership;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use quiver_core::causality::{
-    self, Coordinator, Dot, EpochSource, Object, VersionVector, WriteOp, coordinate_write,
-};
+use quiver_core::causality::{self, Coordinator, Dot, Object, VersionVector, WriteOp};
 use quiver_core::coordinator::{
     FailureDetector, Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
 };
-use quiver_core::limits::SIBLINGS_MAX_DEFAULT;
 use quiver_core::merkle::Hash;
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
-use quiver_core::replica::{self, HandoffCleanup};
+use quiver_core::replica;
 use quiver_core::ring::Ring;
+use quiver_core::storage::StorageEngine;
+
+use quiver_node_core::WallClock;
+use quiver_node_core::epochs::BootEpochs;
+use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 
 use crate::rng::Rng;
-use crate::store::{CrashKind, Disk, Meta, Store, Tables};
+use crate::store::{CrashKind, Disk, Meta, Tables};
 
 pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
 
@@ -66,8 +72,6 @@ pub const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
 /// Bits of a call id that count calls within one life of a node; the rest is the life, so
 /// a response to a call of a previous life can never complete a call of this one.
 const CALL_ID_BITS_PER_LIFE: u32 = 40;
-/// Bits of an epoch that count within one boot (production: `EPOCH_BITS_PER_BOOT`).
-const EPOCH_BITS_PER_BOOT: u32 = 32;
 
 /// A leaf's keys as an exchange lists them: `(data key, object digest)`, sorted.
 pub type KeyList = Vec<(Vec<u8>, Hash)>;
@@ -361,9 +365,10 @@ pub struct NodeConfig {
     pub ack_before_quorum: bool,
     /// BROKEN VARIANT: trust every epoch found in a local record, even after a crash.
     pub trust_all_epochs: bool,
-    /// Fsync a `sync` Store even when the merge changed nothing. Production
-    /// (`KvService::merge_remote`) does not, which acknowledges data that may be buffered
-    /// only (see the crate docs, "Findings").
+    /// Fsync a `sync` Store even when the merge changed nothing, as production's
+    /// `KvService::merge_remote` does since the simulator's finding; `false` is the old,
+    /// broken behaviour, which acknowledges data that may be buffered only (see the crate
+    /// docs, "Findings").
     pub sync_unchanged_merges: bool,
     /// Read repair after reads (production: `--read-repair`, on by default).
     pub read_repair: bool,
@@ -455,24 +460,26 @@ impl MembershipFixes {
     };
 }
 
-/// The per-boot epoch allocator (production: `epochs::BootEpochs`).
-#[derive(Debug, Clone)]
-struct Epochs {
-    boot: u64,
-    next: u64,
-    trust_all: bool,
-}
+/// A node's wall clock as its replica reads it (the tombstone index's hold times): the
+/// simulated time of the input being handled, with the node's skew. The node sets it before
+/// every input.
+#[derive(Debug, Default)]
+struct SimClock(std::sync::atomic::AtomicU64);
 
-impl EpochSource for Epochs {
-    fn is_trusted(&self, epoch: u64) -> bool {
-        self.trust_all || (epoch >> EPOCH_BITS_PER_BOOT == self.boot && epoch < self.next)
-    }
-
-    fn fresh(&mut self) -> u64 {
-        self.next += 1;
-        self.next - 1
+impl SimClock {
+    fn set(&self, wall_ms: u64) {
+        self.0.store(wall_ms, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+impl WallClock for SimClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Largest value the simulated clients write (production default: 1 MiB).
+const VALUE_BYTES_MAX: usize = 1 << 20;
 
 /// Who waits for the outcome of a client operation.
 #[derive(Debug, Clone)]
@@ -587,8 +594,13 @@ pub struct Node {
     /// Members that have not left, this node excluded (production: `Peers::names`).
     peers: Vec<NodeId>,
     life: u64,
-    store: Store,
-    epochs: Epochs,
+    /// The node's disk: the engine its replica writes to, and the cluster metadata.
+    disk: Disk,
+    /// The production replica (`quiver-node-core`): records, hint markers, the
+    /// anti-entropy index and the tombstone index, over the simulated disk.
+    replica: Replica,
+    /// The wall clock the replica reads.
+    clock: Arc<SimClock>,
     health: FailureDetector,
     next_call: u64,
     calls: BTreeMap<u64, Call>,
@@ -601,7 +613,6 @@ pub struct Node {
     hint_pass: Option<HintPass>,
     next_hint_pass_ms: u64,
     next_writeback_ms: u64,
-    ae: ae::AeIndex,
     exchange: Option<ae::Exchange>,
     reap_pass: Option<ae::ReapPass>,
     next_ae_ms: u64,
@@ -632,17 +643,40 @@ impl Node {
         life: u64,
         now_ms: u64,
     ) -> Node {
-        let mut store = Store::open(disk);
-        let boot = store.begin_boot();
-        let (_, incarnation) = store.disk_identity();
-        let meta = match store.meta() {
+        let mut disk = disk;
+        let engine = disk.engine.engine();
+        // As the server: the boot counter (and a first incarnation) durable before any
+        // epoch of this boot is handed out.
+        let (mut epochs, boot) = BootEpochs::start(&*engine, disk.fresh_incarnation)
+            .expect("a booting node's disk is live and its counters readable");
+        engine
+            .apply(&boot)
+            .and_then(|()| engine.sync())
+            .expect("a booting node's disk accepts its boot record");
+        if cfg.trust_all_epochs {
+            epochs.trust_all_epochs();
+        }
+        let incarnation = epochs.incarnation();
+        let meta = match &disk.meta {
             Some(m) => m.clone(),
             None => {
                 // Production stores the first ring with the members at the first start.
-                store.set_meta(initial.clone());
+                disk.meta = Some(initial.clone());
                 initial.clone()
             }
         };
+        let clock = Arc::new(SimClock::default());
+        clock.set(wall_ms(cfg.clock_skew_ms, now_ms));
+        let mut replica = Replica::new(
+            name.to_string(),
+            engine,
+            epochs,
+            VALUE_BYTES_MAX,
+            Arc::clone(&clock) as Arc<dyn WallClock>,
+        );
+        replica
+            .init_hints(HINTS_MAX_DEFAULT)
+            .expect("a booting node's disk is live");
         let mut node = Node {
             cfg,
             me: Coordinator {
@@ -652,12 +686,9 @@ impl Node {
             peers: Vec::new(),
             meta,
             life,
-            store,
-            epochs: Epochs {
-                boot,
-                next: boot << EPOCH_BITS_PER_BOOT,
-                trust_all: cfg.trust_all_epochs,
-            },
+            disk,
+            replica,
+            clock,
             health: FailureDetector::new(),
             next_call: 0,
             calls: BTreeMap::new(),
@@ -669,7 +700,6 @@ impl Node {
             hint_pass: None,
             next_hint_pass_ms: now_ms + cfg.hints_every_ms,
             next_writeback_ms: now_ms + cfg.writeback_every_ms,
-            ae: ae::AeIndex::default(),
             exchange: None,
             reap_pass: None,
             next_ae_ms: now_ms + cfg.ae_every_ms.unwrap_or(0),
@@ -703,14 +733,15 @@ impl Node {
         &self.me.node
     }
 
-    /// The node's records and hint markers as readers see them.
-    pub fn tables(&self) -> &Tables {
-        self.store.tables()
+    /// The node's records, hint markers and tombstone index as readers see them, decoded
+    /// from its disk (for the checkers: it reads the whole disk).
+    pub fn tables(&self) -> Tables {
+        Tables::read(&self.disk.engine).expect("a live node's disk is readable")
     }
 
     /// Hint markers held.
     pub fn hint_count(&self) -> usize {
-        self.store.tables().hints.len()
+        usize::try_from(self.replica.hint_count()).unwrap_or(usize::MAX)
     }
 
     /// Operations still waiting for replies (puts, gets incl. read repair, forwards).
@@ -725,7 +756,7 @@ impl Node {
 
     /// The node goes down: in-memory state is lost, the disk keeps what `kind` allows.
     pub fn crash(self, kind: CrashKind, rng: &mut Rng, new_incarnation: u64) -> Disk {
-        self.store.crash(kind, rng, new_incarnation)
+        self.disk.crash(kind, rng, new_incarnation)
     }
 
     /// A client request arrived.
@@ -736,7 +767,7 @@ impl Node {
         request: ClientRequest,
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
-        self.clock_ms = now_ms;
+        self.set_clock(now_ms);
         self.handle_client(now_ms, Origin::Client(ticket), request, None, &mut fx);
         fx
     }
@@ -744,7 +775,7 @@ impl Node {
     /// A peer message arrived.
     pub fn on_message(&mut self, now_ms: u64, from: &str, msg: Message) -> Vec<Effect> {
         let mut fx = Vec::new();
-        self.clock_ms = now_ms;
+        self.set_clock(now_ms);
         match msg {
             Message::Request { id, body } => self.handle_peer(now_ms, from, id, body, &mut fx),
             Message::Response { id, body } => {
@@ -770,10 +801,10 @@ impl Node {
     /// Time passed: expire calls, probe down peers, hand off hints, write back buffers.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
-        self.clock_ms = now_ms;
+        self.set_clock(now_ms);
         if !self.local_syncs.is_empty() {
             // The coordinators' own fsyncs (group-committed): their copies now count.
-            self.store.sync();
+            self.sync();
             for op in std::mem::take(&mut self.local_syncs) {
                 if let Some(mut put) = self.puts.remove(&op) {
                     let stand_in = put.fanout.on_local_synced(Ok(()), |n| self.is_up(n));
@@ -838,7 +869,7 @@ impl Node {
         self.gossip_tick(now_ms, &mut fx);
         self.handoff_tick(now_ms, &mut fx);
         if now_ms >= self.next_writeback_ms {
-            self.store.sync();
+            self.sync();
             self.next_writeback_ms = now_ms + self.cfg.writeback_every_ms;
         }
         fx
@@ -974,11 +1005,7 @@ impl Node {
                         let (primaries, _) = self.preference(&key, self.cfg.quorum.n);
                         let keep = replica::keep_copy_after_handoff(
                             primaries.contains(&self.me.node),
-                            self.store
-                                .tables()
-                                .hints
-                                .iter()
-                                .any(|(o, k)| *o != owner && *k == key),
+                            self.hinted_for_other(&key, &owner),
                         );
                         if self.hint_delivered(&owner, &key, &object, keep) {
                             fx.push(Effect::Observe(Observation::HintHandedOff));
@@ -1039,8 +1066,21 @@ impl Node {
     }
 
     fn wall_ms(&self, now_ms: u64) -> u64 {
-        let t = WALL_CLOCK_BASE_MS + now_ms as i64 + self.cfg.clock_skew_ms;
-        u64::try_from(t).unwrap_or(0)
+        wall_ms(self.cfg.clock_skew_ms, now_ms)
+    }
+
+    /// The input being handled happens at `now_ms`: the node's clock (and its replica's).
+    fn set_clock(&mut self, now_ms: u64) {
+        self.clock_ms = now_ms;
+        self.clock.set(self.wall_ms(now_ms));
+    }
+
+    /// Makes every applied write durable (production: a group-commit round).
+    fn sync(&self) {
+        self.disk
+            .engine
+            .sync()
+            .expect("the simulated disk fails no sync unless told to");
     }
 
     // ----- client side (production: Cluster::handle_client, get, put, forward) -----
@@ -1188,13 +1228,11 @@ impl Node {
         }
     }
 
-    fn local_object(&self, key: &str) -> Object {
-        self.store
-            .tables()
-            .records
-            .get(key)
-            .map(|r| r.object.clone())
-            .unwrap_or_default()
+    /// This node's state of `key` (empty when it holds none).
+    pub fn local_object(&self, key: &str) -> Object {
+        self.replica
+            .get(BUCKET, key.as_bytes())
+            .expect("a live node's records are readable")
     }
 
     fn start_put(
@@ -1226,40 +1264,35 @@ impl Node {
                 return self.forward_next(now_ms, op, fwd, fx);
             }
         };
-        let client_context = match causality::decode_context(&req.context) {
-            Ok(c) => c,
-            Err(e) => return self.reply(origin, ClientResult::Failed(e.to_string()), fx),
-        };
         let (value, op) = match req.op {
             ClientOp::Put(v) => (v.clone(), WriteOp::Put(v)),
             _ => (Vec::new(), WriteOp::Delete),
         };
-        // KvService::write: read the record, issue the dot, check the sibling limit, apply
-        // record + hint marker in one batch, fsync for `sync` durability.
-        let local = self.store.tables().records.get(&req.key).cloned();
-        let timestamp = self.wall_ms(now_ms);
-        let (record, dot) = coordinate_write(
-            local,
-            &self.me,
-            &mut self.epochs,
-            &client_context,
-            op,
-            timestamp,
-        );
-        let count = record.object.siblings().len();
-        if count > SIBLINGS_MAX_DEFAULT {
-            let msg = format!("key {}: {count} siblings exceed the limit", req.key);
-            return self.reply(origin, ClientResult::Failed(msg), fx);
-        }
-        let object = record.object.clone();
-        self.store.begin_batch();
-        self.put_record(&req.key, record);
-        if let Some(owner) = &my_target.hint_for
-            && !self.has_hint(owner, &req.key)
-        {
-            self.store.put_hint(owner, &req.key);
-        }
-        self.store.end_batch();
+        // The production replica's write: check the context, read the record, issue the
+        // dot, check the sibling limit, apply record + hint marker + anti-entropy entry in
+        // one batch. The fsync for `sync` durability is the driver's, below.
+        let written = self
+            .replica
+            .check_write(BUCKET, req.key.as_bytes(), &op, &req.context)
+            .and_then(|(dkey, client_context)| {
+                let outcome = self.replica.write(
+                    &dkey,
+                    LocalWrite {
+                        bucket: BUCKET,
+                        key: req.key.as_bytes(),
+                        context: &client_context,
+                        op,
+                        now_ms: self.wall_ms(now_ms),
+                        hint_for: my_target.hint_for.as_deref(),
+                    },
+                )?;
+                Ok((client_context, outcome))
+            });
+        let (client_context, outcome) = match written {
+            Ok(w) => w,
+            Err(e) => return self.reply(origin, ClientResult::Failed(e.to_string()), fx),
+        };
+        let (object, dot) = (outcome.object, outcome.dot);
         let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
         // Like production: with other replicas the coordinator's own fsync runs alongside
         // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
@@ -1267,7 +1300,7 @@ impl Node {
         let sync_first = route.sync_before_fanout(sync);
         let local_sync_pending = sync && !sync_first;
         if sync_first {
-            self.store.sync();
+            self.sync();
         }
         fx.push(Effect::Observe(Observation::DotIssued {
             node: me.clone(),
@@ -1482,14 +1515,20 @@ impl Node {
     }
 
     fn has_hint(&self, owner: &str, key: &str) -> bool {
-        self.store
-            .tables()
-            .hints
-            .contains(&(owner.to_string(), key.to_string()))
+        self.replica.has_hint(owner, BUCKET, key.as_bytes())
     }
 
-    /// KvService::merge_remote: merge, add a hint marker, fsync if asked and (in production)
-    /// only if something changed.
+    /// True when this node holds a hint for `key` for any member but `except`.
+    fn hinted_for_other(&self, key: &str, except: &str) -> bool {
+        self.meta
+            .members
+            .keys()
+            .any(|o| o != except && self.has_hint(o, key))
+    }
+
+    /// A replica's merge (the production `Replica::merge_remote`: merge, hint marker and
+    /// anti-entropy entry in one batch), then the driver's fsync when asked — since the
+    /// fix of the crate docs' finding also when nothing changed (production's `KvService`).
     fn merge_remote(
         &mut self,
         key: &str,
@@ -1497,42 +1536,28 @@ impl Node {
         sync: bool,
         hint_for: Option<&str>,
     ) -> Result<bool, String> {
-        incoming.validate().map_err(|e| format!("key {key}: {e}"))?;
-        let local = self.store.tables().records.get(key);
-        let held = hint_for.is_some_and(|owner| self.has_hint(owner, key));
-        let plan = replica::merge_incoming(local, incoming, hint_for, held);
-        let changed = !plan.is_empty();
-        // Record and hint marker in one batch (a power loss keeps both or neither).
-        self.store.begin_batch();
-        if let Some(record) = plan.record {
-            self.put_record(key, record);
-        }
-        if let Some(owner) = hint_for
-            && plan.add_hint
-        {
-            self.store.put_hint(owner, key);
-        }
-        self.store.end_batch();
+        let changed = self
+            .replica
+            .merge_remote(BUCKET, key.as_bytes(), incoming, hint_for)
+            .map_err(|e| e.to_string())?;
         if sync && (changed || self.cfg.sync_unchanged_merges) {
-            self.store.sync();
+            self.sync();
         }
         Ok(changed)
     }
 
-    /// KvService::hint_delivered: drop the marker (and the copy unless `keep`) only if the
-    /// copy did not change since it was sent. True when the marker was dropped.
+    /// The owner acknowledged a delivered hint (the production `Replica::hint_delivered`:
+    /// drop the marker, and the copy unless `keep`, only if the copy did not change since it
+    /// was sent), then the driver's fsync. True when the marker was dropped.
     fn hint_delivered(&mut self, owner: &str, key: &str, delivered: &Object, keep: bool) -> bool {
-        let current = self.local_object(key);
-        match replica::handoff_cleanup(self.has_hint(owner, key), &current, delivered, keep) {
-            HandoffCleanup::Nothing => return false,
-            HandoffCleanup::DropMarker => self.store.delete_hint(owner, key),
-            HandoffCleanup::DropMarkerAndCopy => {
-                self.store.delete_hint(owner, key);
-                self.delete_record(key);
-            }
+        let dropped = self
+            .replica
+            .hint_delivered(owner, BUCKET, key.as_bytes(), delivered, keep)
+            .expect("a live node's records are readable");
+        if dropped {
+            self.sync();
         }
-        self.store.sync();
-        true
+        dropped
     }
 
     /// One step of a hint-delivery pass (production: `Cluster::deliver_hints`, which awaits
@@ -1568,13 +1593,12 @@ impl Node {
                         continue;
                     }
                     let batch: VecDeque<(String, Object)> = self
-                        .store
-                        .tables()
-                        .hints
-                        .iter()
-                        .filter(|(o, _)| *o == owner)
-                        .take(HINT_BATCH_KEYS)
-                        .map(|(_, k)| (k.clone(), self.local_object(k)))
+                        .replica
+                        .hinted_keys(&owner, HINT_BATCH_KEYS)
+                        .expect("a live node's hints are readable")
+                        .into_iter()
+                        .filter(|h| h.bucket == BUCKET)
+                        .filter_map(|h| Some((String::from_utf8(h.key).ok()?, h.object)))
                         .collect();
                     if let Some(pass) = self.hint_pass.as_mut() {
                         pass.owner = owner;
@@ -1589,4 +1613,10 @@ impl Node {
             }
         }
     }
+}
+
+/// A node's wall clock at simulated time `now_ms`: the run's base time plus the node's skew.
+fn wall_ms(skew_ms: i64, now_ms: u64) -> u64 {
+    let t = WALL_CLOCK_BASE_MS + now_ms as i64 + skew_ms;
+    u64::try_from(t).unwrap_or(0)
 }

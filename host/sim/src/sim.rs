@@ -1002,8 +1002,7 @@ impl World {
     fn object_on(&self, node: usize, key: &str) -> Object {
         self.nodes[node]
             .as_ref()
-            .and_then(|n| n.tables().records.get(key))
-            .map(|r| r.object.clone())
+            .map(|n| n.local_object(key))
             .unwrap_or_default()
     }
 
@@ -1603,8 +1602,8 @@ impl World {
             .flat_map(|n| {
                 n.tables()
                     .records
-                    .keys()
-                    .map(|k| (n.name().to_string(), k.clone()))
+                    .into_keys()
+                    .map(|k| (n.name().to_string(), k))
             })
             .collect();
         let primaries: BTreeMap<String, Vec<String>> = holdings
@@ -1672,8 +1671,8 @@ impl World {
             .flat_map(|n| {
                 n.tables()
                     .hints
-                    .iter()
-                    .map(|(o, k)| (n.name().to_string(), o.clone(), k.clone()))
+                    .into_iter()
+                    .map(|(o, k)| (n.name().to_string(), o, k))
             })
             .collect();
         check::hints_drained(&hints).map_err(|m| (Checker::HintsDrain, m))?;

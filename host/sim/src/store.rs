@@ -1,12 +1,11 @@
-//! A node's simulated disk: what survives which crash.
+//! A node's disk between two lives, and what the checkers read of it.
 //!
-//! Mirrors the production storage contract (`host/node/src/storage`): writes are applied
-//! at once (readers see them) but become durable only when synced; `sync` makes every
-//! write applied so far durable (group commit), and the OS writes buffered data back on its
-//! own from time to time. A process kill keeps everything applied (the OS holds it); a power
-//! loss keeps the durable part plus a prefix of the unsynced write batches (whatever
-//! writeback got to), like a journal torn at some point. A batch (production: one
-//! `WriteBatch`, e.g. a record with its hint marker) is never torn.
+//! The data lives on a [`SimDisk`], the production `StorageEngine` contract simulated: the
+//! node's `quiver-node-core` replica writes its records, hint markers, anti-entropy entries,
+//! tombstone index and boot counter there exactly as in production; writes are applied at
+//! once (readers see them) and durable only once synced; a process kill keeps everything
+//! applied, a power loss the durable part plus a prefix of the unsynced write batches
+//! (never part of one), a wipe nothing.
 //!
 //! Cluster metadata (the ring and the member states) is durable as soon as it is written:
 //! production's `MetaStore` fsyncs a change before applying or acknowledging it.
@@ -18,54 +17,66 @@ use std::sync::Arc;
 use quiver_core::causality::LocalRecord;
 use quiver_core::membership::MemberState;
 use quiver_core::ring::Ring;
+use quiver_core::storage::{StorageEngine, StorageError, keys};
+use quiver_node_core::record::decode_record;
 
+use crate::disk::SimDisk;
+use crate::node::BUCKET;
 use crate::rng::Rng;
 
-/// One write to the simulated disk, in application order.
-#[derive(Debug, Clone)]
-enum Op {
-    /// A record and its tombstone-index entry (`Some(local ms)` when tombstone-only),
-    /// written in one batch as production writes `d|…` and `keys::reap_key`.
-    PutRecord(String, LocalRecord, Option<u64>),
-    DeleteRecord(String),
-    PutHint(String, String),
-    DeleteHint(String, String),
-}
-
-/// The part of a node's state that lives on disk: records and hint markers.
+/// What a node holds, decoded from its engine: records, hint markers and the tombstone
+/// index, keyed by simulation key. For the checkers, which read whole nodes at the end;
+/// the node itself reads single keys through its replica.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tables {
-    /// Key -> the node's record of it (`d | bucket | key` in production).
+    /// Key -> the node's record of it (`d | bucket | key`).
     pub records: BTreeMap<String, LocalRecord>,
-    /// (owner, key): a hint marker (`h | owner | data key` in production).
+    /// (owner, key): a hint marker (`h | owner | data key`).
     pub hints: BTreeSet<(String, String)>,
-    /// The tombstone index (production: `keys::reap_key`, in the record's batch): for each
-    /// key whose siblings are all tombstones, the node's own wall-clock ms at which it
-    /// stored exactly that state.
+    /// The tombstone index (`keys::reap_key`, in the record's batch): for each key whose
+    /// siblings are all tombstones, the node's own wall-clock ms at which it stored exactly
+    /// that state.
     pub tombstones: BTreeMap<String, u64>,
 }
 
+/// The simulation key of an engine data key (only keys of [`BUCKET`]).
+fn sim_key(data_key: &[u8]) -> Option<String> {
+    let (bucket, key) = keys::split_data_key(data_key)?;
+    if bucket != BUCKET.as_bytes() {
+        return None;
+    }
+    String::from_utf8(key.to_vec()).ok()
+}
+
 impl Tables {
-    fn apply(&mut self, op: &Op) {
-        match op {
-            Op::PutRecord(k, r, held) => {
-                self.records.insert(k.clone(), r.clone());
-                match held {
-                    Some(t) => self.tombstones.insert(k.clone(), *t),
-                    None => self.tombstones.remove(k),
-                };
-            }
-            Op::DeleteRecord(k) => {
-                self.records.remove(k);
-                self.tombstones.remove(k);
-            }
-            Op::PutHint(o, k) => {
-                self.hints.insert((o.clone(), k.clone()));
-            }
-            Op::DeleteHint(o, k) => {
-                self.hints.remove(&(o.clone(), k.clone()));
+    /// Reads every record, hint marker and tombstone-index entry of `engine`. An
+    /// unreadable record is an error: production refuses to serve it.
+    pub fn read(engine: &dyn StorageEngine) -> Result<Tables, StorageError> {
+        let mut tables = Tables::default();
+        let scan = |prefix: u8| engine.scan(&[prefix], Some(&[prefix + 1]), usize::MAX);
+        for (k, v) in scan(keys::DATA_PREFIX)? {
+            let Some(key) = sim_key(&k) else { continue };
+            let record = decode_record(&v).map_err(|message| StorageError::Corrupt {
+                engine: engine.name().to_string(),
+                key_hex: key.clone(),
+                message,
+            })?;
+            tables.records.insert(key, record);
+        }
+        for (k, _) in scan(keys::HINT_PREFIX)? {
+            if let Some((owner, dkey)) = keys::split_hint_key(&k)
+                && let Some(key) = sim_key(dkey)
+            {
+                tables.hints.insert((owner.to_string(), key));
             }
         }
+        for (k, v) in scan(keys::REAP_PREFIX)? {
+            if let Some(key) = sim_key(&k[1..]) {
+                let since = v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                tables.tombstones.insert(key, since);
+            }
+        }
+        Ok(tables)
     }
 }
 
@@ -139,26 +150,29 @@ impl Hash for Meta {
 /// What a node's disk holds between two lives of the node.
 #[derive(Debug, Clone)]
 pub struct Disk {
-    /// Durable tables.
-    pub durable: Tables,
+    /// The data: the production engine contract, simulated.
+    pub engine: SimDisk,
     /// Cluster metadata, if this disk ever stored any (a fresh or wiped disk has none and
     /// the node starts from the ring every node derives from the initial member list).
     pub meta: Option<Meta>,
-    /// Boot counter (production: `m/boot`, fsynced before serving).
-    pub boot: u64,
-    /// Data-directory identity (production: `m/incarnation`); a wiped disk gets a new one.
-    pub incarnation: u64,
+    /// The incarnation a first boot on this disk records (production draws it at random
+    /// when `m/incarnation` is absent); a wiped disk gets a new one.
+    pub fresh_incarnation: u64,
 }
 
 impl Disk {
-    /// An empty disk with the given incarnation.
+    /// An empty disk whose first boot records `incarnation`.
     pub fn new(incarnation: u64) -> Self {
         Disk {
-            durable: Tables::default(),
+            engine: SimDisk::new(),
             meta: None,
-            boot: 0,
-            incarnation,
+            fresh_incarnation: incarnation,
         }
+    }
+
+    /// What survives on this disk, decoded (for checks after a crash).
+    pub fn tables(&self) -> Result<Tables, StorageError> {
+        Tables::read(&self.engine)
     }
 }
 
@@ -173,124 +187,17 @@ pub enum CrashKind {
     Wipe,
 }
 
-/// A live node's store: the tables readers see, over the disk and its unsynced log.
-#[derive(Debug, Clone)]
-pub struct Store {
-    disk: Disk,
-    current: Tables,
-    /// Unsynced write batches, in application order.
-    unsynced: Vec<Vec<Op>>,
-    /// Writes join the last batch (between [`Store::begin_batch`] and [`Store::end_batch`]).
-    in_batch: bool,
-}
-
-impl Store {
-    /// Opens a disk after a (re)start: readers see exactly what is durable.
-    pub fn open(disk: Disk) -> Self {
-        Store {
-            current: disk.durable.clone(),
-            disk,
-            unsynced: Vec::new(),
-            in_batch: false,
-        }
-    }
-
-    /// The tables as readers see them.
-    pub fn tables(&self) -> &Tables {
-        &self.current
-    }
-
-    /// The cluster metadata on disk, if any.
-    pub fn meta(&self) -> Option<&Meta> {
-        self.disk.meta.as_ref()
-    }
-
-    /// Stores cluster metadata, durable at once (production: `MetaStore` syncs a change
-    /// before it takes effect).
-    pub fn set_meta(&mut self, meta: Meta) {
-        self.disk.meta = Some(meta);
-    }
-
-    /// Boot counter and incarnation of the disk.
-    pub fn disk_identity(&self) -> (u64, u64) {
-        (self.disk.boot, self.disk.incarnation)
-    }
-
-    fn push(&mut self, op: Op) {
-        self.current.apply(&op);
-        match self.unsynced.last_mut() {
-            Some(batch) if self.in_batch => batch.push(op),
-            _ => self.unsynced.push(vec![op]),
-        }
-    }
-
-    /// The writes until [`Store::end_batch`] form one batch: a power loss keeps all or none.
-    pub fn begin_batch(&mut self) {
-        self.unsynced.push(Vec::new());
-        self.in_batch = true;
-    }
-
-    /// Ends the batch [`Store::begin_batch`] opened.
-    pub fn end_batch(&mut self) {
-        self.in_batch = false;
-        if self.unsynced.last().is_some_and(Vec::is_empty) {
-            self.unsynced.pop();
-        }
-    }
-
-    /// Applies a record write with its tombstone-index entry (`held_since`: the local
-    /// wall-clock ms the tombstone-only state was first stored; `None` for any other
-    /// state). Visible at once, durable after [`Store::sync`].
-    pub fn put_record(&mut self, key: &str, record: LocalRecord, held_since: Option<u64>) {
-        self.push(Op::PutRecord(key.to_string(), record, held_since));
-    }
-
-    /// Applies a record deletion.
-    pub fn delete_record(&mut self, key: &str) {
-        self.push(Op::DeleteRecord(key.to_string()));
-    }
-
-    /// Applies a hint marker.
-    pub fn put_hint(&mut self, owner: &str, key: &str) {
-        self.push(Op::PutHint(owner.to_string(), key.to_string()));
-    }
-
-    /// Applies a hint marker deletion.
-    pub fn delete_hint(&mut self, owner: &str, key: &str) {
-        self.push(Op::DeleteHint(owner.to_string(), key.to_string()));
-    }
-
-    /// Makes every applied write durable (the group-commit fsync; instantaneous here).
-    pub fn sync(&mut self) {
-        for op in self.unsynced.drain(..).flatten() {
-            self.disk.durable.apply(&op);
-        }
-    }
-
-    /// Number of writes not yet durable.
-    pub fn unsynced_len(&self) -> usize {
-        self.unsynced.iter().map(Vec::len).sum()
-    }
-
-    /// The node goes down: returns what its disk keeps, per the kind of crash.
-    pub fn crash(mut self, kind: CrashKind, rng: &mut Rng, new_incarnation: u64) -> Disk {
-        match kind {
-            CrashKind::Kill => self.sync(),
-            CrashKind::PowerLoss => {
-                let kept = rng.index(self.unsynced.len() + 1);
-                for op in self.unsynced[..kept].iter().flatten() {
-                    self.disk.durable.apply(op);
-                }
-            }
+impl Disk {
+    /// The node on this disk goes down: returns what the disk keeps, per the kind of crash.
+    /// The node's engine handle is stale from then on (every call on it fails).
+    pub fn crash(self, kind: CrashKind, rng: &mut Rng, new_incarnation: u64) -> Disk {
+        let survived = match kind {
+            CrashKind::Kill => self.engine.kill(),
+            CrashKind::PowerLoss => self.engine.power_loss(rng),
             CrashKind::Wipe => return Disk::new(new_incarnation),
-        }
-        self.disk
-    }
-
-    /// Starts a new boot: bumps the durable boot counter (production fsyncs it before
-    /// serving) and returns the new boot number.
-    pub fn begin_boot(&mut self) -> u64 {
-        self.disk.boot += 1;
-        self.disk.boot
+        };
+        // Only a stale handle refuses a crash, and the node holds the live one.
+        let engine = survived.expect("a node crashes through its disk's live handle");
+        Disk { engine, ..self }
     }
 }

@@ -438,7 +438,7 @@ fn unchanged_sync_store_must_still_fsync() {
             }
         )));
         let disk = b.crash(CrashKind::PowerLoss, &mut rng_keeping_nothing.clone(), 3);
-        let survived = disk.durable.records.contains_key("k");
+        let survived = disk.tables().expect("readable").records.contains_key("k");
         assert_eq!(
             survived, fixed,
             "sync_unchanged_merges={fixed}: an acknowledged sync Store survived a power loss: {survived}"
@@ -522,10 +522,12 @@ fn broken_reap_without_checks_is_caught() {
 // The grace period is load-bearing: with no grace, a tombstone is reaped while a store or
 // repair computed before the delete is still in flight, and that stale copy brings the
 // deleted value back although every replica and member was asked. The same seeds pass with
-// the 2 s grace.
+// the 2 s grace. (The seeds were 277, 352 and 715 while the simulator ran its own copy of
+// the replica; on the production replica, with its cursor walk of the tombstone index, the
+// first three of seeds 0..2000 that resurrect are these.)
 #[test]
 fn reaping_without_grace_resurrects() {
-    for seed in [277, 352, 715] {
+    for seed in [136, 715, 886] {
         let config = Config {
             tombstone_grace_ms: Some(0),
             ..Config::reaping(seed)

@@ -18,40 +18,26 @@
 //! are ignored. Exchanges and reaping checks do not feed the failure detector (production:
 //! `call_untracked`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use quiver_core::causality::Object;
-use quiver_core::merkle::{self, FANOUT, Hash, Tree};
-use quiver_core::ring::{self, Ring};
-use quiver_core::storage::keys;
+use quiver_core::merkle::{self, FANOUT, Hash};
+use quiver_core::storage::{StorageEngine, keys};
+use quiver_node_core::ae::{AeIndex, Placement};
 
 use super::{
     BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
 };
-use crate::store::Tables;
+use crate::disk::SimDisk;
 
 /// Keys repaired per exchange at most (production: `--ae-max-keys`).
 pub const AE_MAX_KEYS: usize = 10_000;
 
 /// A tree's identity: replication factor and partition.
-pub type TreeId = (u8, u32);
+pub type TreeId = quiver_node_core::ae::TreeId;
 
-/// Where a key sits and what it contributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Entry {
-    tree: TreeId,
-    leaf: u8,
-    data_key: Vec<u8>,
-    digest: Hash,
-    hash: Hash,
-}
-
-/// The node's trees and the entries they are made of.
-#[derive(Debug, Clone, Default)]
-pub(super) struct AeIndex {
-    trees: BTreeMap<TreeId, Tree>,
-    entries: BTreeMap<String, Entry>,
-}
+/// Tombstones a reaping pass considers at most (production: `REAP_BATCH`).
+const REAP_BATCH: usize = 512;
 
 /// Engine data key of a simulation key (production: `keys::data_key(bucket, key)`).
 pub fn data_key(key: &str) -> Vec<u8> {
@@ -69,109 +55,6 @@ pub(super) fn key_of(data_key: &[u8]) -> Option<String> {
 /// True for a state that is nothing but deletions (production: `ae::is_tombstone`).
 pub fn is_tombstone(object: &Object) -> bool {
     !object.siblings().is_empty() && object.siblings().iter().all(|s| s.meta.tombstone)
-}
-
-impl AeIndex {
-    /// The index of `tables`, built from scratch (at boot).
-    pub(super) fn build(ring: &Ring, n: u8, tables: &Tables) -> AeIndex {
-        let mut index = AeIndex::default();
-        for (key, record) in &tables.records {
-            index.set(ring, n, key, Some(&record.object));
-        }
-        index
-    }
-
-    /// Files the new state of `key` (`None`: the record was deleted).
-    pub(super) fn set(&mut self, ring: &Ring, n: u8, key: &str, object: Option<&Object>) {
-        if let Some(old) = self.entries.remove(key)
-            && let Some(tree) = self.trees.get_mut(&old.tree)
-        {
-            tree.remove(old.leaf, &old.hash);
-        }
-        let Some(object) = object else {
-            return;
-        };
-        let position = ring::key_position(BUCKET.as_bytes(), key.as_bytes());
-        let partition = ring::partition_of_position(&position, ring.partitions()).unwrap_or(0);
-        let leaf = merkle::leaf_of(&position);
-        let data_key = data_key(key);
-        let digest = merkle::object_digest(object);
-        let hash = merkle::entry_hash(&data_key, &digest);
-        let tree = (n, partition);
-        self.trees.entry(tree).or_default().insert(leaf, &hash);
-        self.entries.insert(
-            key.to_string(),
-            Entry {
-                tree,
-                leaf,
-                data_key,
-                digest,
-                hash,
-            },
-        );
-    }
-
-    fn root(&mut self, id: TreeId) -> Hash {
-        self.trees.entry(id).or_default().root()
-    }
-
-    fn groups(&mut self, id: TreeId) -> Vec<Hash> {
-        self.trees.entry(id).or_default().groups()
-    }
-
-    /// The trees holding at least one key (production: `AeIndex::tree_ids`).
-    pub(super) fn held_trees(&self) -> BTreeSet<TreeId> {
-        self.entries.values().map(|e| e.tree).collect()
-    }
-
-    /// Keys filed (production: `AeIndex::keys`).
-    pub(super) fn keys(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub(super) fn leaves(&self, id: TreeId, group: u8) -> Vec<Hash> {
-        match self.trees.get(&id) {
-            Some(t) => t.leaves(group),
-            None => Tree::new().leaves(group),
-        }
-    }
-
-    /// `(data key, digest)` of every key in a leaf, sorted by data key.
-    pub(super) fn leaf_keys(&self, id: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
-        let mut out: Vec<(Vec<u8>, Hash)> = self
-            .entries
-            .values()
-            .filter(|e| e.tree == id && e.leaf == leaf)
-            .map(|e| (e.data_key.clone(), e.digest))
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Compares with an index rebuilt from `tables`: `Err` names the first difference.
-    pub(super) fn check_against(&self, ring: &Ring, n: u8, tables: &Tables) -> Result<(), String> {
-        let fresh = AeIndex::build(ring, n, tables);
-        if fresh.entries != self.entries {
-            return Err(format!(
-                "entries {:?} differ from the records' {:?}",
-                self.entries.keys().collect::<Vec<_>>(),
-                fresh.entries.keys().collect::<Vec<_>>()
-            ));
-        }
-        let ids: BTreeSet<TreeId> = self
-            .trees
-            .keys()
-            .chain(fresh.trees.keys())
-            .copied()
-            .collect();
-        let (mut mine, mut theirs) = (self.clone(), fresh);
-        for id in ids {
-            if mine.root(id) != theirs.root(id) {
-                return Err(format!("tree {id:?} has a root the records do not give"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One exchange in flight, driven by the initiator.
@@ -201,72 +84,89 @@ impl Node {
         u8::try_from(self.cfg.quorum.n).unwrap_or(u8::MAX)
     }
 
-    /// Writes a record and files its new entry (production: the record's batch with its
-    /// entry, then `AeIndex::commit`).
-    ///
-    /// The tombstone index keeps the node's own wall-clock time at which it stored a
-    /// tombstone-only state; a write of the same state (same digest) keeps that time, any
-    /// other state resets it (or drops the entry when the state is not tombstone-only).
-    pub(super) fn put_record(&mut self, key: &str, record: quiver_core::causality::LocalRecord) {
-        let n = self.tree_n();
-        let held_since = is_tombstone(&record.object).then(|| {
-            let tables = self.store.tables();
-            let same = tables.records.get(key).is_some_and(|old| {
-                merkle::object_digest(&old.object) == merkle::object_digest(&record.object)
-            });
-            match tables.tombstones.get(key) {
-                Some(&t) if same => t,
-                _ => self.wall_ms(self.clock_ms),
-            }
-        });
-        self.ae.set(&self.meta.ring, n, key, Some(&record.object));
-        self.store.put_record(key, record, held_since);
+    /// Where this node files its keys: the ring's partitions and the run's replication
+    /// factor (production: `Cluster::refresh_views` sets it from the ring and the buckets).
+    fn placement(&self) -> Placement {
+        Placement {
+            partitions: self.meta.ring.partitions(),
+            default_n: self.tree_n(),
+            buckets: Default::default(),
+        }
     }
 
-    /// How long this node has held exactly the tombstone state `digest` of `key`, by its own
-    /// clock (0 when it holds another state or no tombstone index entry).
-    fn held_ms(&self, key: &str, digest: &Hash) -> u64 {
-        let tables = self.store.tables();
-        let same = tables
-            .records
-            .get(key)
-            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
-        match tables.tombstones.get(key) {
-            Some(&since) if same => self.wall_ms(self.clock_ms).saturating_sub(since),
-            _ => 0,
-        }
+    /// Loads the anti-entropy index from the disk, or rebuilds it from the records when its
+    /// entries are absent (at boot; production: `AeIndex::open`).
+    pub(super) fn rebuild_ae(&mut self) {
+        self.replica.ae().set_placement(self.placement());
+        self.replica
+            .ae()
+            .open(&self.disk.engine)
+            .expect("a booting node's disk is live");
+    }
+
+    /// `(data key, digest)` of every key in one leaf of a tree, sorted by data key.
+    pub(super) fn leaf_keys(&self, tree: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
+        self.replica
+            .ae()
+            .leaf_keys(&self.disk.engine, tree, leaf, usize::MAX)
+            .expect("a live node's disk is readable")
     }
 
     /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
     /// state), for the liveness check of reaping.
     pub fn tombstones_held_since(&self) -> Vec<(String, u64)> {
         let offset = super::WALL_CLOCK_BASE_MS + self.cfg.clock_skew_ms;
-        self.store
-            .tables()
+        self.tables()
             .tombstones
             .iter()
             .map(|(k, &t)| (k.clone(), u64::try_from(t as i64 - offset).unwrap_or(0)))
             .collect()
     }
 
-    /// Deletes a record and its entry.
-    pub(super) fn delete_record(&mut self, key: &str) {
-        let n = self.tree_n();
-        self.ae.set(&self.meta.ring, n, key, None);
-        self.store.delete_record(key);
-    }
-
-    /// Rebuilds the index from the records (at boot).
-    pub(super) fn rebuild_ae(&mut self) {
-        let n = self.tree_n();
-        self.ae = AeIndex::build(&self.meta.ring, n, self.store.tables());
-    }
-
-    /// Checks that the trees match the records the node holds (the index never drifts).
+    /// Checks that the trees match the records the node holds (the index never drifts):
+    /// an index rebuilt from the records alone, on a fresh disk, has the same roots.
     pub fn check_ae_index(&self) -> Result<(), String> {
-        self.ae
-            .check_against(&self.meta.ring, self.tree_n(), self.store.tables())
-            .map_err(|e| format!("node {}: anti-entropy index: {e}", self.me.node))
+        let fresh_disk = SimDisk::new();
+        let data = self
+            .disk
+            .engine
+            .scan(
+                &[keys::DATA_PREFIX],
+                Some(&[keys::DATA_PREFIX + 1]),
+                usize::MAX,
+            )
+            .map_err(|e| e.to_string())?;
+        let mut batch = quiver_core::storage::WriteBatch::new();
+        for (k, v) in data {
+            batch.put(k, v);
+        }
+        fresh_disk.apply(&batch).map_err(|e| e.to_string())?;
+        let fresh = AeIndex::default();
+        fresh.set_placement(self.placement());
+        fresh.open(&fresh_disk).map_err(|e| e.to_string())?;
+        let live = self.replica.ae();
+        let ids: BTreeSet<TreeId> = live
+            .tree_ids()
+            .into_iter()
+            .chain(fresh.tree_ids())
+            .collect();
+        for id in ids {
+            if live.root(id) != fresh.root(id) {
+                return Err(format!(
+                    "node {}: anti-entropy index: tree {id:?} has a root the records do not give",
+                    self.me.node
+                ));
+            }
+        }
+        if live.keys() != fresh.keys() {
+            return Err(format!(
+                "node {}: anti-entropy index: {} keys filed, the records give {}",
+                self.me.node,
+                live.keys(),
+                fresh.keys()
+            ));
+        }
+        Ok(())
     }
 
     /// Stops starting new reaping passes (the driver's final phase).
@@ -294,7 +194,7 @@ impl Node {
     fn roots(&mut self, trees: &[TreeId]) -> Vec<(u8, u32, Hash)> {
         trees
             .iter()
-            .map(|&(n, p)| (n, p, self.ae.root((n, p))))
+            .map(|&(n, p)| (n, p, self.replica.ae().root((n, p))))
             .collect()
     }
 
@@ -400,7 +300,7 @@ impl Node {
             PeerResponse::AeGroups(groups) => {
                 let mut asks = Vec::new();
                 for (n, p, theirs) in groups {
-                    for g in merkle::differing(&self.ae.groups((n, p)), &theirs) {
+                    for g in merkle::differing(&self.replica.ae().groups((n, p)), &theirs) {
                         asks.push((n, p, g));
                     }
                 }
@@ -409,7 +309,7 @@ impl Node {
             PeerResponse::AeLeafHashes(lists) => {
                 let mut asks = Vec::new();
                 for (n, p, g, theirs) in lists {
-                    for i in merkle::differing(&self.ae.leaves((n, p), g), &theirs) {
+                    for i in merkle::differing(&self.replica.ae().leaves((n, p), g), &theirs) {
                         let leaf = usize::from(g) * FANOUT + usize::from(i);
                         if let Ok(leaf) = u8::try_from(leaf) {
                             asks.push((n, p, leaf));
@@ -421,7 +321,7 @@ impl Node {
             PeerResponse::AeKeyLists(lists) => {
                 let (mut pull, mut push) = (Vec::new(), Vec::new());
                 for (n, p, leaf, theirs) in lists {
-                    let diff = merkle::diff_keys(&self.ae.leaf_keys((n, p), leaf), &theirs);
+                    let diff = merkle::diff_keys(&self.leaf_keys((n, p), leaf), &theirs);
                     pull.extend(diff.pull);
                     push.extend(diff.push);
                 }
@@ -522,8 +422,8 @@ impl Node {
                 }
                 let mut groups = Vec::new();
                 for (n, p, root) in roots {
-                    if self.ae.root((n, p)) != root {
-                        groups.push((n, p, self.ae.groups((n, p))));
+                    if self.replica.ae().root((n, p)) != root {
+                        groups.push((n, p, self.replica.ae().groups((n, p))));
                     }
                 }
                 PeerResponse::AeGroups(groups)
@@ -537,7 +437,7 @@ impl Node {
                 }
                 PeerResponse::AeLeafHashes(
                     asks.into_iter()
-                        .map(|(n, p, g)| (n, p, g, self.ae.leaves((n, p), g)))
+                        .map(|(n, p, g)| (n, p, g, self.replica.ae().leaves((n, p), g)))
                         .collect(),
                 )
             }
@@ -547,7 +447,7 @@ impl Node {
                 }
                 PeerResponse::AeKeyLists(
                     asks.into_iter()
-                        .map(|(n, p, leaf)| (n, p, leaf, self.ae.leaf_keys((n, p), leaf)))
+                        .map(|(n, p, leaf)| (n, p, leaf, self.leaf_keys((n, p), leaf)))
                         .collect(),
                 )
             }
@@ -565,7 +465,7 @@ impl Node {
                 // Durable before confirming: a state counted towards a reap must survive a
                 // power loss (production: `KvService::reap_status` syncs first).
                 if !self.cfg.reap_check_without_sync {
-                    self.store.sync();
+                    self.sync();
                 }
                 // A member on another ring may count as a replica what the reaper does not
                 // (or the reverse): it confirms nothing until the rings agree.
@@ -598,28 +498,27 @@ impl Node {
         })
     }
 
-    pub(super) fn hinted(&self, key: &str) -> bool {
-        self.store.tables().hints.iter().any(|(_, k)| k == key)
+    /// Every member this node knows: the owners a hint for a key could be for.
+    fn known_members(&self) -> Vec<String> {
+        self.meta.members.keys().cloned().collect()
     }
 
-    /// `KvService::reap_status`: (holds exactly this state, holds a hint for the key, how
-    /// long it has held exactly this state by its own clock, 0 if not the same).
+    /// The production `Replica::reap_status`: (holds exactly this state, holds a hint for
+    /// the key, how long it has held exactly this state by its own clock, 0 if not).
     fn reap_status(&self, dkey: &[u8], digest: &Hash) -> (bool, bool, u64) {
-        let Some(key) = key_of(dkey) else {
-            return (false, false, 0);
-        };
-        let same = self
-            .store
-            .tables()
-            .records
-            .get(&key)
-            .is_some_and(|r| merkle::object_digest(&r.object) == *digest);
-        let held = if same { self.held_ms(&key, digest) } else { 0 };
-        (same, self.hinted(&key), held)
+        let now = self.wall_ms(self.clock_ms);
+        match self
+            .replica
+            .reap_status(dkey, digest, &self.known_members(), now)
+        {
+            Ok((held, hinted)) => (held.is_some(), hinted, held.unwrap_or(0)),
+            Err(_) => (false, true, 0),
+        }
     }
 
-    /// `KvService::reap`: deletes the record if it is still exactly that tombstone and (when
-    /// `check_hints`) no hint for the key is held. True when it was removed.
+    /// The production `Replica::reap`: deletes the record if it is still exactly that
+    /// tombstone and no hint for the key is held (for any owner; none with the broken
+    /// variant that skips checks). True when it was removed.
     fn reap_local(
         &mut self,
         dkey: &[u8],
@@ -630,17 +529,15 @@ impl Node {
         let Some(key) = key_of(dkey) else {
             return false;
         };
-        let Some(record) = self.store.tables().records.get(&key) else {
-            return false;
+        let object = self.local_object(&key);
+        let owners = if check_hints {
+            self.known_members()
+        } else {
+            Vec::new()
         };
-        if !is_tombstone(&record.object)
-            || merkle::object_digest(&record.object) != *digest
-            || (check_hints && self.hinted(&key))
-        {
+        if !matches!(self.replica.reap(dkey, digest, &owners), Ok(true)) {
             return false;
         }
-        let object = record.object.clone();
-        self.delete_record(&key);
         fx.push(Effect::Observe(Observation::Reaped {
             node: self.me.node.clone(),
             key,
@@ -662,19 +559,26 @@ impl Node {
         let n = self.cfg.quorum.n;
         let now_wall = self.wall_ms(now_ms);
         let mut mine = Vec::new();
-        let tables = self.store.tables();
-        for (key, record) in &tables.records {
-            // Hold time is local: the reaper itself must have held this exact state for the
-            // grace period by its own clock (production: the tombstone index's stamp).
-            let held = tables
-                .tombstones
-                .get(key)
-                .map_or(0, |&since| now_wall.saturating_sub(since));
-            if !is_tombstone(&record.object) || !tables.tombstones.contains_key(key) || held < grace
-            {
+        // Hold time is local: the reaper itself must have held this exact state for the
+        // grace period by its own clock (production: the tombstone index's stamp, walked
+        // with a cursor by `reap_candidates`).
+        let candidates = self
+            .replica
+            .ae()
+            .reap_candidates(
+                &self.disk.engine,
+                now_wall.saturating_sub(grace),
+                REAP_BATCH,
+            )
+            .expect("a live node's disk is readable");
+        for dkey in candidates {
+            let Some(key) = key_of(&dkey) else { continue };
+            // The candidate walk reads the index; the record says what the state is now.
+            let object = self.local_object(&key);
+            if !is_tombstone(&object) {
                 continue;
             }
-            let (primaries, _) = self.preference(key, n);
+            let (primaries, _) = self.preference(&key, n);
             if primaries.first() != Some(&self.me.node) {
                 continue;
             }
@@ -682,19 +586,15 @@ impl Node {
                 .into_iter()
                 .filter(|p| *p != self.me.node)
                 .collect();
-            mine.push((
-                key.clone(),
-                data_key(key),
-                merkle::object_digest(&record.object),
-                others,
-            ));
+            let digest = merkle::object_digest(&object);
+            mine.push((key, dkey, digest, others));
         }
         if mine.is_empty() {
             return;
         }
         // Durable before confirming: the reaper's own copy too.
         if !broken && !self.cfg.reap_check_without_sync {
-            self.store.sync();
+            self.sync();
         }
         let confirmed: Vec<bool> = mine
             .iter()

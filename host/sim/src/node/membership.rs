@@ -98,7 +98,7 @@ impl Node {
         if !meta.merge(incoming) {
             return false;
         }
-        self.store.set_meta(meta.clone());
+        self.disk.meta = Some(meta.clone());
         self.meta = meta;
         self.apply_membership();
         true
@@ -175,22 +175,30 @@ impl Node {
     /// forever, and a leaving node holding one never departs). The copy stays: if this node
     /// is not a primary of the key, ownership handoff takes it to the key's primaries.
     pub(super) fn forget_hints_for_left(&mut self) {
-        let stale: Vec<(String, String)> = self
-            .store
-            .tables()
-            .hints
-            .iter()
-            .filter(|(owner, _)| self.meta.state(owner) == Some(MemberState::Left))
-            .cloned()
-            .collect();
-        if stale.is_empty() {
+        if self.hint_count() == 0 {
             return;
         }
-        self.store.begin_batch();
-        for (owner, key) in &stale {
-            self.store.delete_hint(owner, key);
+        let left: Vec<String> = self
+            .meta
+            .members
+            .iter()
+            .filter(|(id, state)| **state == MemberState::Left && **id != self.me.node)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // As production's `forget_hints_for_departed`: a pass drops up to 256 markers per
+        // departed owner, keeping the copies.
+        for owner in left {
+            let hinted = self
+                .replica
+                .hinted_keys(&owner, 256)
+                .expect("a live node's hints are readable");
+            for h in hinted {
+                let Ok(key) = String::from_utf8(h.key) else {
+                    continue;
+                };
+                self.hint_delivered(&owner, &key, &h.object, true);
+            }
         }
-        self.store.end_batch();
     }
 
     /// True when this node holds a copy of the key (engine data key) but is not one of its
@@ -204,18 +212,16 @@ impl Node {
         if primaries.contains(&self.me.node) {
             return false;
         }
-        self.store
-            .tables()
-            .records
-            .get(&key)
-            .is_some_and(|r| !r.object.siblings().is_empty() || !r.object.context().is_empty())
+        let object = self.local_object(&key);
+        !object.siblings().is_empty() || !object.context().is_empty()
     }
 
     /// Trees this node holds keys in but does not replicate under its ring, with the
     /// partition's current primaries (production: `handoff_trees`).
     fn handoff_trees(&self) -> Vec<(TreeId, Vec<NodeId>)> {
-        self.ae
-            .held_trees()
+        self.replica
+            .ae()
+            .tree_ids()
             .into_iter()
             .filter_map(|(n, p)| {
                 let list = self.meta.ring.preference_list(p, usize::from(n)).ok()?;
@@ -275,7 +281,7 @@ impl Node {
                 continue;
             }
             let my_leaves: Vec<Hash> = (0..FANOUT as u8)
-                .flat_map(|g| self.ae.leaves(tree, g))
+                .flat_map(|g| self.replica.ae().leaves(tree, g))
                 .collect();
             let empty = Hash::default();
             let mine: BTreeMap<u8, KeyList> = my_leaves
@@ -283,7 +289,7 @@ impl Node {
                 .enumerate()
                 .filter(|(_, h)| **h != empty)
                 .filter_map(|(i, _)| u8::try_from(i).ok())
-                .map(|leaf| (leaf, self.ae.leaf_keys(tree, leaf)))
+                .map(|leaf| (leaf, self.leaf_keys(tree, leaf)))
                 .collect();
             let transfer = TreeTransfer {
                 tree,
@@ -491,14 +497,12 @@ impl Node {
     /// `digest` and no hint for the key is held (buffered, like production: a copy a power
     /// loss brings back is handed off again). True when it was removed.
     fn drop_copy(&mut self, key: &str, digest: &Hash) -> bool {
-        let Some(record) = self.store.tables().records.get(key) else {
-            return false;
-        };
-        if merkle::object_digest(&record.object) != *digest || self.hinted(key) {
-            return false;
-        }
-        self.delete_record(key);
-        true
+        let owners: Vec<String> = self.meta.members.keys().cloned().collect();
+        matches!(
+            self.replica
+                .drop_copy(&super::ae::data_key(key), digest, &owners, false),
+            Ok(true)
+        )
     }
 
     /// The primary's side of a handoff step (production answers `AeLeaves`, `AeKeys` and
@@ -528,7 +532,7 @@ impl Node {
     /// make it durable before answering (production: `handle_handoff_push`).
     pub(super) fn on_handoff_push(&mut self, objects: &[(Vec<u8>, Object)]) -> PeerResponse {
         let changed = self.ae_merge(objects);
-        self.store.sync();
+        self.sync();
         PeerResponse::HandoffStored(changed)
     }
 
@@ -538,7 +542,7 @@ impl Node {
             self.meta.state(&self.me.node),
             Some(MemberState::Leaving | MemberState::Left)
         ) && self.meta.ring.member(&self.me.node).is_none()
-            && self.ae.keys() == 0
+            && self.replica.ae().keys() == 0
             && self.hint_count() == 0
     }
 
