@@ -19,7 +19,7 @@ use quiver_core::merkle;
 use quiver_core::meta::{BucketEntry, BucketSpec, MetaState, PluginInfo, PluginRef, Stamp};
 use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_core::storage::keys;
-use quiver_node::kv::encode_record;
+use quiver_node_core::record::encode_record;
 use quiver_node::peer::{PeerRequest, PeerResponse};
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, KeyInfo, ReadOptions, Request, Response, WireDurability, WireSibling,
