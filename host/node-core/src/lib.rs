@@ -13,6 +13,8 @@
 //!   hint marker + anti-entropy entry.
 //! - [`ae`]: the anti-entropy index (Merkle trees per `(n, partition)`, the tombstone index).
 //! - [`epochs`]: the durable per-boot actor-epoch allocator.
+//! - [`hints`]: a hint-delivery pass as a state machine (which `Store` next, what an
+//!   acknowledgement cleans up).
 //! - [`record`]: the stored record format.
 //!
 //! [`StorageEngine`]: quiver_core::storage::StorageEngine
@@ -20,6 +22,7 @@
 
 pub mod ae;
 pub mod epochs;
+pub mod hints;
 pub mod record;
 pub mod replica;
 

@@ -27,7 +27,7 @@ use crate::record::{decode_record, encode_record, render_key};
 
 /// Number of lock stripes serialising read-modify-write of records; a power of two so the
 /// stripe is a mask of the key hash.
-const KEY_LOCK_STRIPES: usize = 1024;
+pub const KEY_LOCK_STRIPES: usize = 1024;
 
 /// Errors of key-value operations, each mapping to a wire [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +121,7 @@ pub struct WriteOutcome {
 pub const HINTS_MAX_DEFAULT: u64 = 1_000_000;
 
 /// A hinted key due for delivery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HintedKey {
     /// Bucket.
     pub bucket: String,
@@ -937,7 +937,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn stripe(dkey: &[u8]) -> usize {
+/// The lock stripe of an engine data key, `0..KEY_LOCK_STRIPES`.
+pub fn stripe(dkey: &[u8]) -> usize {
     // FNV-1a: cheap, and good enough to spread keys over stripes.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in dkey {

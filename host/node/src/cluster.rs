@@ -20,8 +20,8 @@ use quiver_core::coordinator::{
     Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
 };
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
-use quiver_core::replica;
 use quiver_core::ring::Ring;
+use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
     Response, WireDurability, WireSibling, WriteOptions,
@@ -43,9 +43,6 @@ pub use admin::BucketView;
 pub use ae::{AeConfig, AeReport};
 pub use membership::{HandoffMetrics, MembershipConfig, first_membership};
 use quiver_storage::Durability;
-
-/// Keys handed over per hint-delivery pass and owner.
-const HINT_BATCH_KEYS: usize = 256;
 
 /// Replication settings of a node.
 #[derive(Debug, Clone)]
@@ -989,58 +986,44 @@ impl Cluster {
         if self.kv.hint_count() == 0 {
             return 0;
         }
-        let mut delivered = 0;
-        let owners: Vec<String> = self.peers.names();
-        for owner in owners {
-            if !self.peers.is_up(&owner) {
-                continue;
-            }
-            let batch = match self.kv.hinted_keys(&owner, HINT_BATCH_KEYS) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(owner, error = %e, "cannot read hints");
-                    continue;
-                }
+        let members = self.peers.names();
+        let mut pass = HintPass::new(members.clone());
+        let is_up = |p: &str| self.peers.is_up(p);
+        let is_primary = |bucket: &str, key: &[u8]| {
+            let (primaries, _) = self.preference(bucket, key, self.props(bucket).quorum.n);
+            primaries.iter().any(|p| p == self.me())
+        };
+        let delivered = loop {
+            let (owner, hinted) = match pass.next(&self.kv, &is_up) {
+                HintStep::Done { delivered } => break delivered,
+                HintStep::Store { owner, hinted } => (owner, hinted),
             };
-            for hinted in batch {
-                let req = PeerRequest::Store {
-                    bucket: hinted.bucket.clone(),
-                    key: hinted.key.clone(),
-                    object: hinted.object.clone(),
-                    hint_for: None,
-                    sync: true,
-                };
-                match self.peers.call(&owner, &req).await {
-                    Ok(PeerResponse::Stored) => {}
-                    Ok(_) | Err(PeerError::Refused { .. }) => continue,
-                    // The owner went away again: stop for now, it is marked down.
-                    Err(_) => break,
+            let req = PeerRequest::Store {
+                bucket: hinted.bucket.clone(),
+                key: hinted.key.clone(),
+                object: hinted.object,
+                hint_for: None,
+                sync: true,
+            };
+            let reply = match self.peers.call(&owner, &req).await {
+                Ok(PeerResponse::Stored) => StoreReply::Stored,
+                Ok(_) | Err(PeerError::Refused { .. }) => StoreReply::Refused,
+                Err(_) => StoreReply::Unreachable,
+            };
+            match pass.on_reply(&self.kv, reply, &is_primary, &members) {
+                Ok(true) => {
+                    if let Err(e) = self.kv.store().sync_applied().await {
+                        tracing::error!(owner, error = %e, "cannot make a delivered hint's cleanup durable");
+                    }
                 }
-                let (primaries, _) = self.preference(
-                    &hinted.bucket,
-                    &hinted.key,
-                    self.props(&hinted.bucket).quorum.n,
-                );
-                let keep = replica::keep_copy_after_handoff(
-                    primaries.iter().any(|p| p == self.me()),
-                    self.peers.names().iter().any(|other| {
-                        *other != owner && self.kv.has_hint(other, &hinted.bucket, &hinted.key)
-                    }),
-                );
-                match self
-                    .kv
-                    .hint_delivered(&owner, &hinted.bucket, &hinted.key, &hinted.object, keep)
-                    .await
-                {
-                    Ok(()) => delivered += 1,
-                    Err(e) => tracing::error!(owner, error = %e, "cannot drop a delivered hint"),
-                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(owner, error = %e, "cannot drop a delivered hint"),
             }
-        }
+        };
         if delivered > 0 {
             tracing::info!(delivered, "hinted handoff");
         }
-        delivered
+        usize::try_from(delivered).unwrap_or(usize::MAX)
     }
 
     /// Background duties until the process ends: probing down peers and delivering hints.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use quiver_core::causality::{Object, WriteOp};
 use quiver_node_core::SystemClock;
 use quiver_node_core::epochs::BootEpochs;
-use quiver_node_core::replica::{LocalWrite, Replica};
+use quiver_node_core::replica::{KEY_LOCK_STRIPES, LocalWrite, Replica, stripe};
 use quiver_storage::{Durability, Store};
 
 use crate::plugins::Attached;
@@ -18,9 +18,9 @@ pub use quiver_node_core::replica::{HINTS_MAX_DEFAULT, HintedKey, KvError, Write
 
 mod reconciled;
 
-/// Number of stripes serialising server-side updates of one key; a power of two so the
-/// stripe is a mask of the key hash.
-const UPDATE_LOCK_STRIPES: usize = 1024;
+/// Number of stripes serialising server-side updates of one key: one per record lock
+/// stripe.
+const UPDATE_LOCK_STRIPES: usize = KEY_LOCK_STRIPES;
 
 /// A validated write.
 #[derive(Debug)]
@@ -179,14 +179,4 @@ impl KvService {
             .await
             .map_err(|e| self.replica.storage_err(bucket, key, e))
     }
-}
-
-fn stripe(dkey: &[u8]) -> usize {
-    // FNV-1a: cheap, and good enough to spread keys over stripes.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in dkey {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h as usize) & (UPDATE_LOCK_STRIPES - 1)
 }

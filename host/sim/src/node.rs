@@ -41,7 +41,7 @@
 mod ae;
 mod membership;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use quiver_core::causality::{self, Coordinator, Dot, Object, VersionVector, WriteOp};
@@ -50,12 +50,12 @@ use quiver_core::coordinator::{
 };
 use quiver_core::merkle::Hash;
 use quiver_core::quorum::{Quorum, Status, Target, select_targets};
-use quiver_core::replica;
 use quiver_core::ring::Ring;
 use quiver_core::storage::StorageEngine;
 
 use quiver_node_core::WallClock;
 use quiver_node_core::epochs::BootEpochs;
+use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 
 use crate::rng::Rng;
@@ -65,8 +65,6 @@ pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
 
 /// The single bucket the simulation writes to (placement hashes bucket and key).
 pub const BUCKET: &str = "sim";
-/// Keys handed over per hint-delivery pass and owner (production: `HINT_BATCH_KEYS`).
-pub const HINT_BATCH_KEYS: usize = 256;
 /// Wall-clock ms at simulated time 0, so sibling timestamps look like real ones.
 pub const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
 /// Bits of a call id that count calls within one life of a node; the rest is the life, so
@@ -513,11 +511,8 @@ enum Purpose {
         op: u64,
     },
     Repair,
-    Hint {
-        owner: NodeId,
-        key: String,
-        object: Object,
-    },
+    /// The `Store` of the hint-delivery pass in flight.
+    Hint,
     Ae {
         exchange: u64,
     },
@@ -574,14 +569,6 @@ struct ForwardOp {
     forwarding: Forwarding,
     /// The target the forward is waiting for.
     current: NodeId,
-}
-
-#[derive(Debug, Default)]
-struct HintPass {
-    owners: VecDeque<NodeId>,
-    owner: NodeId,
-    batch: VecDeque<(String, Object)>,
-    in_flight: bool,
 }
 
 /// One node's state machine. See the module docs for the driver contract.
@@ -857,10 +844,7 @@ impl Node {
             if self.hint_count() == 0 {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             } else {
-                self.hint_pass = Some(HintPass {
-                    owners: self.peers.iter().cloned().collect(),
-                    ..HintPass::default()
-                });
+                self.hint_pass = Some(HintPass::new(self.peers.iter().cloned()));
                 self.hint_step(now_ms, &mut fx);
             }
         }
@@ -998,27 +982,27 @@ impl Node {
                     }
                 }
             }
-            Purpose::Hint { owner, key, object } => {
-                let mut stop_owner = false;
-                match result {
-                    Ok(PeerResponse::Stored) => {
-                        let (primaries, _) = self.preference(&key, self.cfg.quorum.n);
-                        let keep = replica::keep_copy_after_handoff(
-                            primaries.contains(&self.me.node),
-                            self.hinted_for_other(&key, &owner),
-                        );
-                        if self.hint_delivered(&owner, &key, &object, keep) {
-                            fx.push(Effect::Observe(Observation::HintHandedOff));
-                        }
-                    }
-                    Ok(_) | Err(CallError::Refused(_)) => {}
+            Purpose::Hint => {
+                let reply = match result {
+                    Ok(PeerResponse::Stored) => StoreReply::Stored,
+                    Ok(_) | Err(CallError::Refused(_)) => StoreReply::Refused,
                     // The owner went away again: stop for now, it is marked down.
-                    Err(CallError::Timeout) => stop_owner = true,
-                }
-                if let Some(pass) = self.hint_pass.as_mut() {
-                    pass.in_flight = false;
-                    if stop_owner {
-                        pass.batch.clear();
+                    Err(CallError::Timeout) => StoreReply::Unreachable,
+                };
+                if let Some(mut pass) = self.hint_pass.take() {
+                    let members: Vec<String> = self.meta.members.keys().cloned().collect();
+                    let n = self.cfg.quorum.n;
+                    let is_primary = |_: &str, key: &[u8]| {
+                        let (primaries, _) = self.preference(&String::from_utf8_lossy(key), n);
+                        primaries.contains(&self.me.node)
+                    };
+                    let changed = pass
+                        .on_reply(&self.replica, reply, &is_primary, &members)
+                        .expect("a live node's records are readable");
+                    self.hint_pass = Some(pass);
+                    if changed {
+                        self.sync();
+                        fx.push(Effect::Observe(Observation::HintHandedOff));
                     }
                 }
                 self.hint_step(now_ms, fx);
@@ -1514,18 +1498,6 @@ impl Node {
         }
     }
 
-    fn has_hint(&self, owner: &str, key: &str) -> bool {
-        self.replica.has_hint(owner, BUCKET, key.as_bytes())
-    }
-
-    /// True when this node holds a hint for `key` for any member but `except`.
-    fn hinted_for_other(&self, key: &str, except: &str) -> bool {
-        self.meta
-            .members
-            .keys()
-            .any(|o| o != except && self.has_hint(o, key))
-    }
-
     /// A replica's merge (the production `Replica::merge_remote`: merge, hint marker and
     /// anti-entropy entry in one batch), then the driver's fsync when asked — since the
     /// fix of the crate docs' finding also when nothing changed (production's `KvService`).
@@ -1560,56 +1532,38 @@ impl Node {
         dropped
     }
 
-    /// One step of a hint-delivery pass (production: `Cluster::deliver_hints`, which awaits
-    /// each Store in turn; here the next Store goes out when the previous one completes).
+    /// One step of a hint-delivery pass: the production `HintPass` says which `Store` goes
+    /// out next (the server awaits each in turn; here the next one goes out when the
+    /// previous one's answer arrives, with other events in between).
     fn hint_step(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        loop {
-            let Some(pass) = self.hint_pass.as_mut() else {
-                return;
-            };
-            if pass.in_flight {
-                return;
+        let Some(pass) = self.hint_pass.as_mut() else {
+            return;
+        };
+        if pass.in_flight() {
+            return;
+        }
+        let (me, health) = (&self.me.node, &self.health);
+        let is_up = |n: &str| n == me || health.is_up(n);
+        match pass.next(&self.replica, &is_up) {
+            HintStep::Done { .. } => {
+                self.hint_pass = None;
+                self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             }
-            if let Some((key, object)) = pass.batch.pop_front() {
-                pass.in_flight = true;
-                let owner = pass.owner.clone();
+            HintStep::Store { owner, hinted } => {
                 let body = PeerRequest::Store {
-                    key: key.clone(),
-                    object: object.clone(),
+                    key: String::from_utf8_lossy(&hinted.key).into_owned(),
+                    object: hinted.object,
                     hint_for: None,
                     sync: true,
                 };
-                let purpose = Purpose::Hint {
-                    owner: owner.clone(),
-                    key,
-                    object,
-                };
-                self.call(now_ms, &owner, body, self.cfg.peer_timeout_ms, purpose, fx);
-                return;
-            }
-            match pass.owners.pop_front() {
-                Some(owner) => {
-                    if !self.is_up(&owner) {
-                        continue;
-                    }
-                    let batch: VecDeque<(String, Object)> = self
-                        .replica
-                        .hinted_keys(&owner, HINT_BATCH_KEYS)
-                        .expect("a live node's hints are readable")
-                        .into_iter()
-                        .filter(|h| h.bucket == BUCKET)
-                        .filter_map(|h| Some((String::from_utf8(h.key).ok()?, h.object)))
-                        .collect();
-                    if let Some(pass) = self.hint_pass.as_mut() {
-                        pass.owner = owner;
-                        pass.batch = batch;
-                    }
-                }
-                None => {
-                    self.hint_pass = None;
-                    self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
-                    return;
-                }
+                self.call(
+                    now_ms,
+                    &owner,
+                    body,
+                    self.cfg.peer_timeout_ms,
+                    Purpose::Hint,
+                    fx,
+                );
             }
         }
     }
