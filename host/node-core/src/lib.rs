@@ -22,6 +22,7 @@
 
 pub mod ae;
 pub mod epochs;
+pub mod exchange;
 pub mod hints;
 pub mod record;
 pub mod replica;

@@ -40,8 +40,9 @@ mod reap;
 pub use crate::config::BucketProps;
 use crate::peer::{PeerError, PeerRequest, PeerResponse, Peers};
 pub use admin::BucketView;
-pub use ae::{AeConfig, AeReport};
+pub use ae::AeConfig;
 pub use membership::{HandoffMetrics, MembershipConfig, first_membership};
+pub use quiver_node_core::exchange::AeReport;
 use quiver_storage::Durability;
 
 /// Replication settings of a node.
@@ -87,7 +88,9 @@ pub struct Cluster {
     ae_next_peer: std::sync::atomic::AtomicUsize,
     /// The exchange this node takes part in (initiator or replica) and until when, so that
     /// several peers do not repair the same keys here at once.
-    ae_lease: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+    ae_lease: std::sync::Mutex<quiver_node_core::exchange::AeLease>,
+    /// When this node started: the anti-entropy lease's monotonic clock counts from here.
+    started: std::time::Instant,
     handoff_metrics: HandoffMetrics,
     /// Gets coordinated so far: picks which ones ask every replica, and rotates which
     /// replicas the others ask.
@@ -167,6 +170,7 @@ impl Cluster {
             ae_refile_pending: Default::default(),
             ae_next_peer: Default::default(),
             ae_lease: Default::default(),
+            started: std::time::Instant::now(),
             handoff_metrics: Default::default(),
             reads: Default::default(),
             reads_speculated: Default::default(),
@@ -943,7 +947,13 @@ impl Cluster {
             | PeerRequest::AeLeaves(_)
             | PeerRequest::AeKeys(_)
             | PeerRequest::AeFetch(_)
-            | PeerRequest::AePush(_)) => self.handle_ae_peer(ae).await,
+            | PeerRequest::AePush(_)) => match ae.into_ae() {
+                Some(request) => self.handle_ae_peer(request),
+                None => PeerResponse::Error(ErrorReply {
+                    code: ErrorCode::Internal,
+                    message: "not an anti-entropy request".into(),
+                }),
+            },
             reap @ (PeerRequest::ReapCheck(_) | PeerRequest::Reap(_)) => {
                 self.handle_reap_peer(reap).await
             }

@@ -21,10 +21,13 @@ use quiver_core::coordinator::FailureDetector;
 use quiver_core::membership::MemberEntry;
 use quiver_core::merkle::Hash;
 use quiver_core::meta::MetaState;
-use quiver_sdk::wire::{self, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response};
+use quiver_sdk::wire::{
+    self, ErrorCode, ErrorReply, FRAME_HEADER_BYTES, NODE_SERVER_NAME, Request, Response,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::certs::NodeIdentity;
+use quiver_node_core::exchange::{AeRequest, AeResponse};
 use quiver_storage::Durability;
 
 /// ALPN of version 1 of the peer protocol.
@@ -35,7 +38,7 @@ const PEER_FRAME_BYTES_MAX: usize = quiver_core::limits::PEER_FRAME_BYTES_MAX;
 pub const TRANSFER_BYTES_PER_SEC_MIN: u64 = 4 * 1024 * 1024;
 
 /// The `(engine data key, object digest)` list of one anti-entropy leaf, sorted by key.
-pub type LeafKeys = Vec<(Vec<u8>, Hash)>;
+pub use quiver_node_core::exchange::LeafKeys;
 
 /// A request from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +235,91 @@ impl PeerRequest {
     /// Durability flag for a store.
     pub fn sync_flag(d: Durability) -> bool {
         d == Durability::Sync
+    }
+}
+
+/// Anti-entropy steps travel as their own `PeerRequest` variants (the wire format predates
+/// the shared protocol of `quiver_node_core::exchange`); these convert both ways.
+impl From<AeRequest> for PeerRequest {
+    fn from(request: AeRequest) -> Self {
+        match request {
+            AeRequest::Digest {
+                from,
+                trees,
+                digest,
+            } => PeerRequest::AeDigest {
+                from,
+                trees,
+                digest,
+            },
+            AeRequest::Done { from } => PeerRequest::AeDone { from },
+            AeRequest::Roots(r) => PeerRequest::AeRoots(r),
+            AeRequest::Leaves(a) => PeerRequest::AeLeaves(a),
+            AeRequest::Keys(a) => PeerRequest::AeKeys(a),
+            AeRequest::Fetch(k) => PeerRequest::AeFetch(k),
+            AeRequest::Push(o) => PeerRequest::AePush(o),
+        }
+    }
+}
+
+impl PeerRequest {
+    /// The anti-entropy step this request is, if it is one.
+    pub fn into_ae(self) -> Option<AeRequest> {
+        Some(match self {
+            PeerRequest::AeDigest {
+                from,
+                trees,
+                digest,
+            } => AeRequest::Digest {
+                from,
+                trees,
+                digest,
+            },
+            PeerRequest::AeDone { from } => AeRequest::Done { from },
+            PeerRequest::AeRoots(r) => AeRequest::Roots(r),
+            PeerRequest::AeLeaves(a) => AeRequest::Leaves(a),
+            PeerRequest::AeKeys(a) => AeRequest::Keys(a),
+            PeerRequest::AeFetch(k) => AeRequest::Fetch(k),
+            PeerRequest::AePush(o) => AeRequest::Push(o),
+            _ => return None,
+        })
+    }
+}
+
+impl From<AeResponse> for PeerResponse {
+    fn from(response: AeResponse) -> Self {
+        match response {
+            AeResponse::Match(m) => PeerResponse::AeMatch(m),
+            AeResponse::Busy => PeerResponse::AeBusy,
+            AeResponse::Released => PeerResponse::AeReleased,
+            AeResponse::Groups(g) => PeerResponse::AeGroups(g),
+            AeResponse::LeafHashes(l) => PeerResponse::AeLeafHashes(l),
+            AeResponse::KeyLists(k) => PeerResponse::AeKeyLists(k),
+            AeResponse::Objects(o) => PeerResponse::AeObjects(o),
+            AeResponse::Pushed(n) => PeerResponse::AePushed(n),
+            AeResponse::Refused(message) => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::MalformedRequest,
+                message,
+            }),
+        }
+    }
+}
+
+impl PeerResponse {
+    /// The anti-entropy answer this response is, if it is one (an error is a refusal).
+    pub fn into_ae(self) -> Option<AeResponse> {
+        Some(match self {
+            PeerResponse::AeMatch(m) => AeResponse::Match(m),
+            PeerResponse::AeBusy => AeResponse::Busy,
+            PeerResponse::AeReleased => AeResponse::Released,
+            PeerResponse::AeGroups(g) => AeResponse::Groups(g),
+            PeerResponse::AeLeafHashes(l) => AeResponse::LeafHashes(l),
+            PeerResponse::AeKeyLists(k) => AeResponse::KeyLists(k),
+            PeerResponse::AeObjects(o) => AeResponse::Objects(o),
+            PeerResponse::AePushed(n) => AeResponse::Pushed(n),
+            PeerResponse::Error(e) => AeResponse::Refused(e.message),
+            _ => return None,
+        })
     }
 }
 

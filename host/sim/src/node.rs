@@ -55,6 +55,7 @@ use quiver_core::storage::StorageEngine;
 
 use quiver_node_core::WallClock;
 use quiver_node_core::epochs::BootEpochs;
+use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 
@@ -157,24 +158,8 @@ pub enum PeerRequest {
         /// The primary the receiver stands in for, if the sender chose it as a fallback.
         hint_for: Option<NodeId>,
     },
-    /// Anti-entropy: the number of trees both replicate and the digest of their roots.
-    AeDigest {
-        /// Trees compared.
-        trees: u32,
-        /// `merkle::roots_digest` of their roots.
-        digest: Hash,
-    },
-    /// Anti-entropy: the initiator's roots; the peer answers with its groups of the trees
-    /// whose roots differ.
-    AeRoots(Vec<(u8, u32, Hash)>),
-    /// Anti-entropy: leaf hashes of these groups.
-    AeLeaves(Vec<(u8, u32, u8)>),
-    /// Anti-entropy: `(data key, digest)` lists of these leaves.
-    AeKeys(Vec<(u8, u32, u8)>),
-    /// Anti-entropy: the states of these data keys.
-    AeFetch(Vec<Vec<u8>>),
-    /// Anti-entropy: merge these states.
-    AePush(Vec<(Vec<u8>, Object)>),
+    /// An anti-entropy step (the production protocol, `quiver_node_core::exchange`).
+    Ae(AeRequest),
     /// Reaping: does the receiver hold exactly these states (and since how long, by its own
     /// clock), and a hint for the key? The receiver makes its applied writes durable first.
     ReapCheck {
@@ -216,18 +201,8 @@ pub enum PeerResponse {
     Forwarded(ClientResult),
     /// The request was refused (the peer is up).
     Error(String),
-    /// Answer to `AeDigest`: equal.
-    AeMatch(bool),
-    /// Answer to `AeRoots`: groups of the differing trees.
-    AeGroups(Vec<(u8, u32, Vec<Hash>)>),
-    /// Answer to `AeLeaves`.
-    AeLeafHashes(Vec<(u8, u32, u8, Vec<Hash>)>),
-    /// Answer to `AeKeys`.
-    AeKeyLists(Vec<(u8, u32, u8, KeyList)>),
-    /// Answer to `AeFetch`.
-    AeObjects(Vec<(Vec<u8>, Object)>),
-    /// Answer to `AePush`: keys whose state changed.
-    AePushed(u64),
+    /// Answer to an anti-entropy step.
+    Ae(AeResponse),
     /// Answer to `ReapCheck`: (same state, hint held, ms the same state has been held by
     /// the answering node's clock, 0 if not the same) per key.
     ReapStatus(Vec<(bool, bool, u64)>),
@@ -601,6 +576,8 @@ pub struct Node {
     next_hint_pass_ms: u64,
     next_writeback_ms: u64,
     exchange: Option<ae::Exchange>,
+    /// This node's anti-entropy reservation (production: `Cluster::ae_lease`).
+    ae_lease: AeLease,
     reap_pass: Option<ae::ReapPass>,
     next_ae_ms: u64,
     ae_next_peer: usize,
@@ -688,6 +665,7 @@ impl Node {
             next_hint_pass_ms: now_ms + cfg.hints_every_ms,
             next_writeback_ms: now_ms + cfg.writeback_every_ms,
             exchange: None,
+            ae_lease: AeLease::default(),
             reap_pass: None,
             next_ae_ms: now_ms + cfg.ae_every_ms.unwrap_or(0),
             ae_next_peer: 0,

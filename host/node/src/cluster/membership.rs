@@ -724,7 +724,7 @@ impl Cluster {
         &self,
         objects: Vec<(Vec<u8>, Object)>,
     ) -> PeerResponse {
-        let changed = self.ae_merge(&objects).await;
+        let changed = self.ae_merge(&objects);
         match self.kv.store().sync_applied().await {
             Ok(()) => PeerResponse::HandoffStored(changed),
             Err(e) => PeerResponse::Error(ErrorReply {

@@ -21,9 +21,10 @@
 use std::collections::BTreeSet;
 
 use quiver_core::causality::Object;
-use quiver_core::merkle::{self, FANOUT, Hash};
+use quiver_core::merkle::{self, Hash};
 use quiver_core::storage::{StorageEngine, keys};
 use quiver_node_core::ae::{AeIndex, Placement};
+use quiver_node_core::exchange::{self, AeRequest, AeResponse, Answering, Step};
 
 use super::{
     BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
@@ -61,10 +62,8 @@ pub fn is_tombstone(object: &Object) -> bool {
 #[derive(Debug)]
 pub(super) struct Exchange {
     id: u64,
-    peer: NodeId,
-    trees: Vec<TreeId>,
-    push: Vec<Vec<u8>>,
-    changed: u64,
+    /// The production initiator (`quiver_node_core::exchange::Exchange`).
+    machine: exchange::Exchange,
 }
 
 /// One reaping pass in flight.
@@ -176,26 +175,7 @@ impl Node {
 
     /// The trees this node and `peer` both replicate (production: `shared_trees`).
     fn shared_trees(&self, peer: &str) -> Vec<TreeId> {
-        let n = self.tree_n();
-        (0..self.meta.ring.partitions())
-            .filter(|&p| {
-                self.meta
-                    .ring
-                    .preference_list(p, usize::from(n))
-                    .is_ok_and(|list| {
-                        let has = |id: &str| list.primaries.iter().any(|m| m.id == id);
-                        has(&self.me.node) && has(peer)
-                    })
-            })
-            .map(|p| (n, p))
-            .collect()
-    }
-
-    fn roots(&mut self, trees: &[TreeId]) -> Vec<(u8, u32, Hash)> {
-        trees
-            .iter()
-            .map(|&(n, p)| (n, p, self.replica.ae().root((n, p))))
-            .collect()
+        exchange::shared_trees(&self.meta.ring, &self.placement(), &self.me.node, peer)
     }
 
     /// The AE tick (production: `Cluster::ae_tick`): one exchange with the next up peer in
@@ -231,47 +211,35 @@ impl Node {
         (self.life << super::CALL_ID_BITS_PER_LIFE) | self.next_bg
     }
 
+    /// Starts an exchange with `peer` (production: `Cluster::ae_exchange`) unless a peer's
+    /// exchange is repairing this node: the production initiator's digest.
     fn start_exchange(&mut self, now_ms: u64, peer: NodeId, fx: &mut Vec<Effect>) {
         let trees = self.shared_trees(&peer);
-        if trees.is_empty() {
+        if trees.is_empty() || self.ae_lease.held_by_another(&self.me.node, now_ms) {
             return;
         }
         let id = self.next_bg_id();
-        let roots = self.roots(&trees);
-        let body = PeerRequest::AeDigest {
-            trees: u32::try_from(trees.len()).unwrap_or(u32::MAX),
-            digest: merkle::roots_digest(&roots),
-        };
-        self.exchange = Some(Exchange {
-            id,
-            peer: peer.clone(),
-            trees,
-            push: Vec::new(),
-            changed: 0,
-        });
-        self.ae_call(now_ms, &peer, body, id, fx);
+        let (machine, first) =
+            exchange::Exchange::start(&self.replica, &self.me.node, &peer, trees, AE_MAX_KEYS);
+        self.exchange = Some(Exchange { id, machine });
+        self.ae_call(now_ms, &peer, first, id, fx);
     }
 
-    fn ae_call(
-        &mut self,
-        now_ms: u64,
-        peer: &str,
-        body: PeerRequest,
-        id: u64,
-        fx: &mut Vec<Effect>,
-    ) {
+    fn ae_call(&mut self, now_ms: u64, peer: &str, body: AeRequest, id: u64, fx: &mut Vec<Effect>) {
         let timeout = self.cfg.peer_timeout_ms;
         self.call_untracked(
             now_ms,
             peer,
-            body,
+            PeerRequest::Ae(body),
             timeout,
             Purpose::Ae { exchange: id },
             fx,
         );
     }
 
-    /// A reply (or failure) of a step of exchange `id`.
+    /// A reply (or failure) of a step of exchange `id`: the production initiator says what
+    /// comes next. A finished exchange that descended tells the peer (best effort; its
+    /// lease also ends by itself).
     pub(super) fn ae_result(
         &mut self,
         now_ms: u64,
@@ -279,122 +247,45 @@ impl Node {
         result: Result<PeerResponse, CallError>,
         fx: &mut Vec<Effect>,
     ) {
-        let Some(ex) = self.exchange.take() else {
+        let Some(mut ex) = self.exchange.take() else {
             return;
         };
         if ex.id != id {
             self.exchange = Some(ex);
             return;
         }
-        // Any failure abandons the exchange; the next tick starts another.
-        let Ok(reply) = result else {
-            return;
+        let response = match result {
+            Ok(PeerResponse::Ae(r)) => Ok(r),
+            Ok(other) => Err(format!("not an anti-entropy answer: {other:?}")),
+            Err(CallError::Refused(e)) => Err(e),
+            Err(CallError::Timeout) => Err("no answer in time".to_string()),
         };
-        let peer = ex.peer.clone();
-        let next = match reply {
-            PeerResponse::AeMatch(true) => None,
-            PeerResponse::AeMatch(false) => {
-                let roots = self.roots(&ex.trees);
-                Some(PeerRequest::AeRoots(roots))
-            }
-            PeerResponse::AeGroups(groups) => {
-                let mut asks = Vec::new();
-                for (n, p, theirs) in groups {
-                    for g in merkle::differing(&self.replica.ae().groups((n, p)), &theirs) {
-                        asks.push((n, p, g));
-                    }
-                }
-                (!asks.is_empty()).then_some(PeerRequest::AeLeaves(asks))
-            }
-            PeerResponse::AeLeafHashes(lists) => {
-                let mut asks = Vec::new();
-                for (n, p, g, theirs) in lists {
-                    for i in merkle::differing(&self.replica.ae().leaves((n, p), g), &theirs) {
-                        let leaf = usize::from(g) * FANOUT + usize::from(i);
-                        if let Ok(leaf) = u8::try_from(leaf) {
-                            asks.push((n, p, leaf));
-                        }
-                    }
-                }
-                (!asks.is_empty()).then_some(PeerRequest::AeKeys(asks))
-            }
-            PeerResponse::AeKeyLists(lists) => {
-                let (mut pull, mut push) = (Vec::new(), Vec::new());
-                for (n, p, leaf, theirs) in lists {
-                    let diff = merkle::diff_keys(&self.leaf_keys((n, p), leaf), &theirs);
-                    pull.extend(diff.pull);
-                    push.extend(diff.push);
-                }
-                pull.truncate(AE_MAX_KEYS);
-                push.truncate(AE_MAX_KEYS);
-                let mut ex = ex;
-                ex.push = push;
-                if pull.is_empty() {
-                    return self.ae_push(now_ms, ex, fx);
-                }
+        let peer = ex.machine.peer().to_string();
+        match ex.machine.on_response(&self.replica, response) {
+            Step::Send(next) => {
                 self.exchange = Some(ex);
-                return self.ae_call(now_ms, &peer, PeerRequest::AeFetch(pull), id, fx);
+                self.ae_call(now_ms, &peer, next, id, fx);
             }
-            PeerResponse::AeObjects(objects) => {
-                let mut ex = ex;
-                ex.changed += self.ae_merge(&objects);
-                return self.ae_push(now_ms, ex, fx);
+            Step::Finished(result) => {
+                if ex.machine.descended() {
+                    let done = AeRequest::Done {
+                        from: self.me.node.clone(),
+                    };
+                    self.ae_call(now_ms, &peer, done, id, fx);
+                }
+                if let Ok(report) = result {
+                    fx.push(Effect::Observe(Observation::AeExchange {
+                        repaired: report.pulled + report.pushed,
+                    }));
+                }
             }
-            PeerResponse::AePushed(changed) => {
-                fx.push(Effect::Observe(Observation::AeExchange {
-                    repaired: ex.changed + changed,
-                }));
-                return;
-            }
-            _ => return,
-        };
-        match next {
-            Some(body) => {
-                self.exchange = Some(ex);
-                self.ae_call(now_ms, &peer, body, id, fx);
-            }
-            None => fx.push(Effect::Observe(Observation::AeExchange {
-                repaired: ex.changed,
-            })),
         }
     }
 
-    fn ae_push(&mut self, now_ms: u64, ex: Exchange, fx: &mut Vec<Effect>) {
-        let objects: Vec<(Vec<u8>, Object)> = ex
-            .push
-            .iter()
-            .filter_map(|d| {
-                let key = key_of(d)?;
-                let object = self.local_object(&key);
-                let empty = object.siblings().is_empty() && object.context().is_empty();
-                (!empty).then(|| (d.clone(), object))
-            })
-            .collect();
-        if objects.is_empty() {
-            fx.push(Effect::Observe(Observation::AeExchange {
-                repaired: ex.changed,
-            }));
-            return;
-        }
-        let (id, peer) = (ex.id, ex.peer.clone());
-        self.exchange = Some(ex);
-        self.ae_call(now_ms, &peer, PeerRequest::AePush(objects), id, fx);
-    }
-
-    /// Merges objects received by anti-entropy (production: `ae_merge`, a buffered
+    /// Merges states received by anti-entropy or handoff (production: `merge_all`, buffered
     /// `merge_remote` without a hint); returns how many changed the local state.
     pub(super) fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
-        let mut changed = 0;
-        for (dkey, object) in objects {
-            let Some(key) = key_of(dkey) else { continue };
-            if object.siblings().is_empty() && object.context().is_empty() {
-                continue;
-            }
-            if let Ok(true) = self.merge_remote(&key, object, false, None) {
-                changed += 1;
-            }
-        }
-        changed
+        exchange::merge_all(&self.replica, objects)
     }
 
     /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,
@@ -404,63 +295,22 @@ impl Node {
         from: &str,
         body: PeerRequest,
     ) -> Option<PeerResponse> {
-        let partitions = self.meta.ring.partitions();
-        let bad_tree = |n: u8, p: u32| n == 0 || p >= partitions;
         Some(match body {
-            PeerRequest::AeDigest { trees, digest } => {
-                let shared = self.shared_trees(from);
-                let roots = self.roots(&shared);
-                PeerResponse::AeMatch(
-                    self.peers.iter().any(|p| p == from)
-                        && u32::try_from(shared.len()).ok() == Some(trees)
-                        && merkle::roots_digest(&roots) == digest,
-                )
-            }
-            PeerRequest::AeRoots(roots) => {
-                if roots.iter().any(|&(n, p, _)| bad_tree(n, p)) {
-                    return Some(PeerResponse::Error("AeRoots: tree out of range".into()));
+            PeerRequest::Ae(request) => {
+                // The production answering side, lease included.
+                let placement = self.placement();
+                let at = Answering {
+                    me: &self.me.node,
+                    ring: &self.meta.ring,
+                    placement: &placement,
+                    sender_is_member: self.peers.iter().any(|p| p == from),
+                };
+                let now = self.clock_ms;
+                match exchange::answer(&self.replica, &at, &mut self.ae_lease, now, request) {
+                    AeResponse::Refused(e) => PeerResponse::Error(e),
+                    answer => PeerResponse::Ae(answer),
                 }
-                let mut groups = Vec::new();
-                for (n, p, root) in roots {
-                    if self.replica.ae().root((n, p)) != root {
-                        groups.push((n, p, self.replica.ae().groups((n, p))));
-                    }
-                }
-                PeerResponse::AeGroups(groups)
             }
-            PeerRequest::AeLeaves(asks) => {
-                if asks
-                    .iter()
-                    .any(|&(n, p, g)| bad_tree(n, p) || usize::from(g) >= FANOUT)
-                {
-                    return Some(PeerResponse::Error("AeLeaves: out of range".into()));
-                }
-                PeerResponse::AeLeafHashes(
-                    asks.into_iter()
-                        .map(|(n, p, g)| (n, p, g, self.replica.ae().leaves((n, p), g)))
-                        .collect(),
-                )
-            }
-            PeerRequest::AeKeys(asks) => {
-                if asks.iter().any(|&(n, p, _)| bad_tree(n, p)) {
-                    return Some(PeerResponse::Error("AeKeys: tree out of range".into()));
-                }
-                PeerResponse::AeKeyLists(
-                    asks.into_iter()
-                        .map(|(n, p, leaf)| (n, p, leaf, self.leaf_keys((n, p), leaf)))
-                        .collect(),
-                )
-            }
-            PeerRequest::AeFetch(dkeys) => PeerResponse::AeObjects(
-                dkeys
-                    .into_iter()
-                    .filter_map(|d| {
-                        let key = key_of(&d)?;
-                        Some((d, self.local_object(&key)))
-                    })
-                    .collect(),
-            ),
-            PeerRequest::AePush(objects) => PeerResponse::AePushed(self.ae_merge(&objects)),
             PeerRequest::ReapCheck { ring_version, keys } => {
                 // Durable before confirming: a state counted towards a reap must survive a
                 // power loss (production: `KvService::reap_status` syncs first).

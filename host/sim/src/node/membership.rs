@@ -38,6 +38,7 @@ use quiver_core::causality::Object;
 use quiver_core::membership::MemberState;
 use quiver_core::merkle::{self, FANOUT, Hash, LEAVES};
 use quiver_core::ring::Ring;
+use quiver_node_core::exchange::{AeRequest, AeResponse};
 
 use super::ae::{AE_MAX_KEYS, TreeId, key_of};
 use super::{
@@ -338,7 +339,7 @@ impl Node {
     fn handoff_ask_leaves(&mut self, now_ms: u64, t: TreeTransfer, fx: &mut Vec<Effect>) {
         let (n, p) = t.tree;
         let asks = (0..FANOUT as u8).map(|g| (n, p, g)).collect();
-        self.handoff_call(now_ms, &t, PeerRequest::AeLeaves(asks), fx);
+        self.handoff_call(now_ms, &t, PeerRequest::Ae(AeRequest::Leaves(asks)), fx);
         if let Some(pass) = self.handoff.as_mut() {
             pass.tree = Some(t);
         }
@@ -362,7 +363,7 @@ impl Node {
             return;
         };
         match result {
-            Ok(PeerResponse::AeLeafHashes(lists)) => {
+            Ok(PeerResponse::Ae(AeResponse::LeafHashes(lists))) => {
                 let empty = Hash::default();
                 let mut theirs = vec![empty; LEAVES];
                 for (_, _, g, hashes) in lists {
@@ -388,10 +389,10 @@ impl Node {
                 }
                 let (n, p) = t.tree;
                 let asks = differing.into_iter().map(|l| (n, p, l)).collect();
-                self.handoff_call(now_ms, &t, PeerRequest::AeKeys(asks), fx);
+                self.handoff_call(now_ms, &t, PeerRequest::Ae(AeRequest::Keys(asks)), fx);
                 self.handoff_keep(t);
             }
-            Ok(PeerResponse::AeKeyLists(lists)) => {
+            Ok(PeerResponse::Ae(AeResponse::KeyLists(lists))) => {
                 let mut push = Vec::new();
                 for (_, _, leaf, theirs) in lists {
                     let Some(my_keys) = t.mine.get(&leaf) else {
@@ -521,7 +522,7 @@ impl Node {
         }
         match step {
             PeerRequest::HandoffPush(objects) => self.on_handoff_push(&objects),
-            step @ (PeerRequest::AeLeaves(_) | PeerRequest::AeKeys(_)) => self
+            step @ PeerRequest::Ae(AeRequest::Leaves(_) | AeRequest::Keys(_)) => self
                 .handle_background(from, step)
                 .unwrap_or_else(|| PeerResponse::Error("handoff step not answered".into())),
             other => PeerResponse::Error(format!("not a handoff step: {other:?}")),
