@@ -7,8 +7,8 @@ use std::sync::Arc;
 use quiver_core::ring::Ring;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::client::{Client, ClientConfig, Context, Error, GetResult};
-use crate::wire::{NodeStatus, ReadOptions, WriteOptions};
+use crate::client::{Client, ClientConfig, Context, Error, GetResult, ReplicaAttempt};
+use crate::wire::{ErrorCode, NodeStatus, ReadOptions, WriteOptions};
 
 /// What the client knows of the cluster layout.
 #[derive(Debug)]
@@ -20,7 +20,8 @@ struct Layout {
 }
 
 /// A client for a whole cluster: routes every request to a replica of its key, falling back
-/// to the other members when a node cannot be reached. Cheap to clone.
+/// to the next replica when a node cannot be reached or cannot gather its quorum (see
+/// [`ClusterClient::route`] for the order). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ClusterClient {
     inner: Arc<Inner>,
@@ -76,12 +77,21 @@ impl ClusterClient {
     /// Addresses to try for a key, best first: its primaries in preference order, then every
     /// other member.
     pub async fn route(&self, bucket: &str, key: &[u8]) -> Vec<String> {
+        self.route_named(bucket, key)
+            .await
+            .into_iter()
+            .map(|(_, addr)| addr)
+            .collect()
+    }
+
+    /// [`ClusterClient::route`] with each address's node name, for error reports.
+    async fn route_named(&self, bucket: &str, key: &[u8]) -> Vec<(String, String)> {
         let layout = self.inner.layout.read().await;
         let list = layout
             .ring
             .preference_list_for_key(bucket.as_bytes(), key, layout.n);
         list.nodes()
-            .filter_map(|m| layout.addrs.get(&m.id).cloned())
+            .filter_map(|m| layout.addrs.get(&m.id).map(|a| (m.id.clone(), a.clone())))
             .collect()
     }
 
@@ -101,10 +111,24 @@ impl ClusterClient {
         self.inner.conns.lock().await.remove(addr);
     }
 
-    /// Runs `call` against the key's best reachable node. Writes move on to the next node
-    /// only after failures that prove the request never reached a node (cannot connect,
-    /// connection already broken): a timed-out write may have been applied, and repeating it
-    /// elsewhere would create a needless sibling. Reads also move on after a timeout.
+    /// Runs `call` against the key's best reachable node, moving on to the next node of the
+    /// preference list (primaries first, then the other members) after:
+    ///
+    /// - failures that prove the request never reached a node (cannot connect, connection
+    ///   already broken), for every kind of request;
+    /// - `QuorumFailed`, for gets, puts and deletes: the coordinator could not reach enough
+    ///   replicas, but another replica may (a partition that cut the coordinator off; issue
+    ///   12). Repeating a put or delete is safe with dotted version vectors: a write the
+    ///   first coordinator applied locally and the retry both carry the client's context, so
+    ///   at worst the key gains a duplicate sibling of the same value, which the next write
+    ///   with a read context folds away. Not for `update`: the plugin's operation (a counter
+    ///   increment) runs at the coordinator and its result is not idempotent, so a retry
+    ///   after a partial apply could count it twice;
+    /// - for gets only, a client-side timeout or the node's own deadline. A timed-out write
+    ///   may have been applied, and repeating it elsewhere would create a needless sibling.
+    ///
+    /// When every node tried failed, the error ([`Error::Replicas`]) names each with its
+    /// answer.
     async fn routed(&self, bucket: &str, key: &[u8], call: Call<'_>) -> Result<Outcome, Error> {
         if self.refresh_due() {
             // Best effort: a client that cannot fetch the ring keeps routing with the old one.
@@ -113,10 +137,14 @@ impl ClusterClient {
         match self.routed_once(bucket, key, &call).await {
             // Every node the ring named failed before the request reached one: the cluster
             // may have changed under us (a node left); learn the ring again and retry once.
-            Err(e @ (Error::Connect { .. } | Error::Connection { .. })) => {
+            Err(Error::Replicas { attempts })
+                if attempts.iter().all(|a| {
+                    matches!(a.error, Error::Connect { .. } | Error::Connection { .. })
+                }) =>
+            {
                 match self.refresh().await {
                     Ok(true) => self.routed_once(bucket, key, &call).await,
-                    _ => Err(e),
+                    _ => Err(Error::Replicas { attempts }),
                 }
             }
             other => other,
@@ -165,12 +193,12 @@ impl ClusterClient {
         key: &[u8],
         call: &Call<'_>,
     ) -> Result<Outcome, Error> {
-        let mut last = None;
-        for addr in self.route(bucket, key).await {
+        let mut attempts: Vec<ReplicaAttempt> = Vec::new();
+        for (node, addr) in self.route_named(bucket, key).await {
             let client = match self.client_for(&addr).await {
                 Ok(c) => c,
-                Err(e) => {
-                    last = Some(e);
+                Err(error) => {
+                    attempts.push(ReplicaAttempt { node, addr, error });
                     continue;
                 }
             };
@@ -196,24 +224,44 @@ impl ClusterClient {
                     .await
                     .map(Outcome::Written),
             };
-            match result {
-                Err(e @ (Error::Connect { .. } | Error::Connection { .. })) => {
+            let error = match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) => e,
+            };
+            let retry = match &error {
+                Error::Connect { .. } | Error::Connection { .. } => {
                     self.forget(&addr).await;
-                    last = Some(e);
+                    true
                 }
                 // A silent node: its connection may be dead without knowing it, so the next
                 // request dials afresh. Reads are safe to repeat elsewhere; writes are not.
-                Err(e @ Error::Timeout { .. }) => {
+                Error::Timeout { .. } => {
                     self.forget(&addr).await;
-                    if !matches!(call, Call::Get(_)) {
-                        return Err(e);
-                    }
-                    last = Some(e);
+                    call.is_get()
                 }
-                other => return other,
+                Error::Server {
+                    code: ErrorCode::QuorumFailed,
+                    ..
+                } => !call.is_update(),
+                Error::Server {
+                    code: ErrorCode::Timeout,
+                    ..
+                } => call.is_get(),
+                _ => false,
+            };
+            if !retry && attempts.is_empty() {
+                // The first node's definite answer: the same error as a single-node client.
+                return Err(error);
+            }
+            attempts.push(ReplicaAttempt { node, addr, error });
+            if !retry {
+                return Err(Error::Replicas { attempts });
             }
         }
-        Err(last.unwrap_or_else(|| Error::Config("the ring names no reachable member".into())))
+        if attempts.is_empty() {
+            return Err(Error::Config("the ring names no reachable member".into()));
+        }
+        Err(Error::Replicas { attempts })
     }
 
     /// Reads a key from a replica.
@@ -292,6 +340,12 @@ impl ClusterClient {
     }
 
     /// Applies `op` with the bucket reconciler's `update` at a replica of the key.
+    ///
+    /// Unlike gets, puts and deletes, an update that fails with `QuorumFailed` is not
+    /// retried on another replica: the coordinator may have applied the operation to its own
+    /// copy (and to some replicas) before the quorum failed, and the operation is not
+    /// idempotent (a counter increment applied at two coordinators counts twice). Only
+    /// failures that prove the request reached no node move it on.
     pub async fn update(
         &self,
         bucket: &str,
@@ -377,6 +431,15 @@ enum Call<'a> {
         op: &'a [u8],
         options: &'a WriteOptions,
     },
+}
+
+impl Call<'_> {
+    fn is_get(&self) -> bool {
+        matches!(self, Call::Get(_))
+    }
+    fn is_update(&self) -> bool {
+        matches!(self, Call::Update { .. })
+    }
 }
 
 /// What a routed request produced.
