@@ -74,6 +74,8 @@ pub struct Report {
     /// Time from the final heal until every replica of every key, read with r = 1 at that
     /// replica (which answers from its own copy first), held every acknowledged add.
     pub convergence_replicas_ms: Option<u64>,
+    /// What the r = n reads answered before they converged (distinct consecutive answers).
+    pub convergence_obstacles: Vec<String>,
     /// Where the node logs were (deleted at the end of the run).
     pub cluster_dir: String,
 }
@@ -136,6 +138,9 @@ impl Report {
             ms(self.convergence_all_nodes_ms),
             ms(self.convergence_replicas_ms)
         ));
+        for o in &self.convergence_obstacles {
+            s.push_str(&format!("  before convergence: {o}\n"));
+        }
         if !v.errors.is_empty() {
             s.push_str("failed operations by error:\n");
             for (e, n) in &v.errors {
@@ -184,7 +189,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     wait_until(
         "every node serves r = n reads",
         Duration::from_secs(60),
-        || all_nodes_have(&cluster, &config, spec, &nothing),
+        || async { all_nodes_have(&cluster, &config, spec, &nothing).await.is_ok() },
     )
     .await?;
 
@@ -255,6 +260,8 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     let (mut all_nodes_ms, mut replicas_ms) = (None, None);
     let deadline = healed + spec.convergence_timeout;
     let mut probe = Probe::default();
+    // What kept the r = n reads from converging, in order (distinct consecutive answers).
+    let mut obstacles: Vec<String> = Vec::new();
     while Instant::now() < deadline && (all_nodes_ms.is_none() || replicas_ms.is_none()) {
         // Replicas first: the r = n reads below repair what they find stale.
         if replicas_ms.is_none()
@@ -265,8 +272,19 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         {
             replicas_ms = Some(healed.elapsed().as_millis() as u64);
         }
-        if all_nodes_ms.is_none() && all_nodes_have(&cluster, &config, spec, &acked).await {
-            all_nodes_ms = Some(healed.elapsed().as_millis() as u64);
+        if all_nodes_ms.is_none() {
+            match all_nodes_have(&cluster, &config, spec, &acked).await {
+                Ok(()) => all_nodes_ms = Some(healed.elapsed().as_millis() as u64),
+                Err(why) => {
+                    if obstacles.last() != Some(&why) {
+                        log(format!(
+                            "{:>6} ms after heal: {why}",
+                            healed.elapsed().as_millis()
+                        ));
+                        obstacles.push(why);
+                    }
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -302,6 +320,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         verdict,
         convergence_all_nodes_ms: all_nodes_ms,
         convergence_replicas_ms: replicas_ms,
+        convergence_obstacles: obstacles,
         cluster_dir: cluster.dir().display().to_string(),
     })
 }
@@ -326,38 +345,41 @@ fn read_all(n: usize) -> ReadOptions {
     }
 }
 
-/// True when every node, coordinating a read of each key with r = n, returns every element
-/// of `want` (an empty `want` only checks that the reads succeed).
+/// `Ok` when every node, coordinating a read of each key with r = n, returns every element
+/// of `want` (an empty `want` only checks that the reads succeed); otherwise what the first
+/// node that fell short answered.
 async fn all_nodes_have(
     cluster: &Cluster,
     config: &ClientConfig,
     spec: &RunSpec,
     want: &BTreeMap<usize, BTreeSet<u64>>,
-) -> bool {
-    for addr in cluster.addrs() {
-        let Ok(c) = Client::connect(addr, config.clone()).await else {
-            return false;
-        };
-        let mut ok = true;
+) -> Result<(), String> {
+    for (i, addr) in cluster.addrs().iter().enumerate() {
+        let node = cluster.name(i);
+        let c = Client::connect(addr, config.clone())
+            .await
+            .map_err(|e| format!("{node}: {e}"))?;
+        let mut result = Ok(());
         for k in 0..spec.keys {
-            ok = match c.get_with(BUCKET, key_name(k), &read_all(spec.n)).await {
+            result = match c.get_with(BUCKET, key_name(k), &read_all(spec.n)).await {
                 Ok(got) => match (workload::union(&got), want.get(&k)) {
-                    (Ok(have), Some(w)) => w.is_subset(&have),
-                    (Ok(_), None) => true,
-                    (Err(_), _) => false,
+                    (Ok(have), Some(w)) if !w.is_subset(&have) => Err(format!(
+                        "{node}: key {k} lacks {} acknowledged adds",
+                        w.difference(&have).count()
+                    )),
+                    (Ok(_), _) => Ok(()),
+                    (Err(e), _) => Err(format!("{node}: key {k}: {e}")),
                 },
-                Err(_) => false,
+                Err(e) => Err(format!("{node}: key {k}: {e}")),
             };
-            if !ok {
+            if result.is_err() {
                 break;
             }
         }
         c.close().await;
-        if !ok {
-            return false;
-        }
+        result?;
     }
-    true
+    Ok(())
 }
 
 /// Connections for the replica probe, kept between rounds.
