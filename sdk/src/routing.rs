@@ -39,7 +39,8 @@ struct Inner {
     next_refresh: std::sync::Mutex<std::time::Instant>,
 }
 
-/// How long a node that failed at the transport level is tried after the others.
+/// How long a node that failed at the transport level, or could not gather a quorum, is
+/// tried after the others.
 const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a client fetches the ring again, so it follows joins and leaves.
@@ -129,7 +130,8 @@ impl ClusterClient {
     }
 
     /// Notes that `addr` just failed at the transport level (cannot connect, connection
-    /// broken, no reply in time): for [`SUSPECT_FOR`] it is tried after the other nodes.
+    /// broken, no reply in time) or could not gather a quorum: for [`SUSPECT_FOR`] it is
+    /// tried after the other nodes.
     fn suspect(&self, addr: &str) {
         self.inner
             .suspects
@@ -140,7 +142,11 @@ impl ClusterClient {
 
     /// Notes that `addr` answered.
     fn trust(&self, addr: &str) {
-        let mut suspects = self.inner.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut suspects = self
+            .inner
+            .suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if !suspects.is_empty() {
             suspects.remove(addr);
         }
@@ -151,7 +157,11 @@ impl ClusterClient {
     /// moments ago when another replica can serve it.
     fn order(&self, route: Vec<(String, String)>) -> Vec<(String, String)> {
         let now = std::time::Instant::now();
-        let suspects = self.inner.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let suspects = self
+            .inner
+            .suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if suspects.is_empty() {
             return route;
         }
@@ -178,7 +188,8 @@ impl ClusterClient {
     /// - for gets only, a client-side timeout or the node's own deadline. A timed-out write
     ///   may have been applied, and repeating it elsewhere would create a needless sibling.
     ///
-    /// Nodes that failed at the transport level in the last few seconds are tried last.
+    /// Nodes that failed at the transport level or answered `QuorumFailed` in the last few
+    /// seconds are tried last.
     /// When every node tried failed, the error ([`Error::Replicas`]) names each with its
     /// answer.
     async fn routed(&self, bucket: &str, key: &[u8], call: Call<'_>) -> Result<Outcome, Error> {
@@ -298,10 +309,17 @@ impl ClusterClient {
                     self.suspect(&addr);
                     call.is_get()
                 }
+                // Tried last for a while too: a coordinator cut off from its peers still
+                // applies each write to its own copy before its quorum fails, so every
+                // retried write would leave one more unacknowledged sibling there (under a
+                // one-way partition quiver-faults saw keys pass the 100-sibling limit).
                 Error::Server {
                     code: ErrorCode::QuorumFailed,
                     ..
-                } => !call.is_update(),
+                } => {
+                    self.suspect(&addr);
+                    !call.is_update()
+                }
                 Error::Server {
                     code: ErrorCode::Timeout,
                     ..
