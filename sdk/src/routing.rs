@@ -33,7 +33,8 @@ struct Inner {
     layout: RwLock<Layout>,
     /// One connection per node address, opened on first use.
     conns: Mutex<HashMap<String, Client>>,
-    /// Node address → until when it is tried last, after a transport failure.
+    /// Node address → until when it is tried last, after a transport failure or a
+    /// `QuorumFailed` answer.
     suspects: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// When the ring is next fetched again (Dynamo §6.4: clients poll for membership).
     next_refresh: std::sync::Mutex<std::time::Instant>,
@@ -189,8 +190,7 @@ impl ClusterClient {
     ///   may have been applied, and repeating it elsewhere would create a needless sibling.
     ///
     /// Nodes that failed at the transport level or answered `QuorumFailed` in the last few
-    /// seconds are tried last.
-    /// When every node tried failed, the error ([`Error::Replicas`]) names each with its
+    /// seconds are tried last. When every node tried failed, the error ([`Error::Replicas`]) names each with its
     /// answer.
     async fn routed(&self, bucket: &str, key: &[u8], call: Call<'_>) -> Result<Outcome, Error> {
         if self.refresh_due() {

@@ -168,6 +168,12 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Keeps the cluster directory (node logs, data) after the cluster is dropped, for a
+    /// run whose checker found something to look at.
+    pub fn keep_dir(&mut self) {
+        self.dir.disable_cleanup(true);
+    }
+
     /// Client settings: the cluster CA and admin key.
     pub fn client_config(&self) -> Result<ClientConfig, ClusterError> {
         let ca_dir = self.dir.path().join("ca");

@@ -226,3 +226,57 @@ impl Nemesis {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(seed: u64) -> ScheduleSpec {
+        ScheduleSpec {
+            seed,
+            nodes: 5,
+            duration: Duration::from_secs(600),
+            hold: (Duration::from_secs(10), Duration::from_secs(30)),
+            gap: (Duration::from_secs(5), Duration::from_secs(15)),
+            kinds: KINDS.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_seed_gives_one_schedule_and_every_round_holds_every_kind() {
+        let a = Schedule::generate(&spec(7));
+        let b = Schedule::generate(&spec(7));
+        let faults = |s: &Schedule| {
+            s.windows
+                .iter()
+                .map(|w| w.fault.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(faults(&a), faults(&b));
+        assert_ne!(faults(&a), faults(&Schedule::generate(&spec(8))));
+        let total: Duration = a.windows.iter().map(|w| w.gap + w.hold).sum();
+        assert!(total <= Duration::from_secs(600));
+        for round in a
+            .windows
+            .chunks(KINDS.len())
+            .filter(|r| r.len() == KINDS.len())
+        {
+            let mut kinds: Vec<&str> = round.iter().map(|w| w.fault.kind()).collect();
+            kinds.sort();
+            let mut all = KINDS.to_vec();
+            all.sort();
+            assert_eq!(kinds, all);
+        }
+    }
+
+    #[test]
+    fn partitions_cut_a_minority() {
+        for seed in 0..50 {
+            for w in Schedule::generate(&spec(seed)).windows {
+                if let Fault::Partition { side } = w.fault {
+                    assert!(!side.is_empty() && side.len() * 2 < 5, "{side:?}");
+                }
+            }
+        }
+    }
+}

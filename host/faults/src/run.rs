@@ -76,7 +76,8 @@ pub struct Report {
     pub convergence_replicas_ms: Option<u64>,
     /// What the r = n reads answered before they converged (distinct consecutive answers).
     pub convergence_obstacles: Vec<String>,
-    /// Where the node logs were (deleted at the end of the run).
+    /// The cluster directory (node logs `nI.log`, data): deleted at the end of the run,
+    /// unless the run failed or `QUIVER_FAULTS_KEEP` is set.
     pub cluster_dir: String,
 }
 
@@ -189,7 +190,11 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     wait_until(
         "every node serves r = n reads",
         Duration::from_secs(60),
-        || async { all_nodes_have(&cluster, &config, spec, &nothing).await.is_ok() },
+        || async {
+            all_nodes_have(&cluster, &config, spec, &nothing)
+                .await
+                .is_ok()
+        },
     )
     .await?;
 
@@ -239,10 +244,11 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
             end_s: started.elapsed().as_secs_f64(),
         });
     }
-    // A run without faults (or a short one) still runs the workload for its duration.
-    let elapsed = started.elapsed();
-    if elapsed < spec.duration {
-        tokio::time::sleep(spec.duration - elapsed).await;
+    // The workload stops at the final heal, so convergence is timed from the heal itself
+    // (the healed node's peers must find it up again) with every acknowledged add in the
+    // target. A schedule without windows runs the workload for the whole duration.
+    if applied.is_empty() {
+        tokio::time::sleep(spec.duration).await;
     }
     let healed = Instant::now();
     let history = load.stop().await;
@@ -310,6 +316,14 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         c.close().await;
     }
     let verdict = checker::check(&history, &final_sets, &applied);
+    if !verdict.valid()
+        || all_nodes_ms.is_none()
+        || std::env::var_os("QUIVER_FAULTS_KEEP").is_some()
+    {
+        // Node logs and data stay for a post-mortem; the processes still end.
+        cluster.keep_dir();
+        log(format!("kept {}", cluster.dir().display()));
+    }
     Ok(Report {
         seed: spec.seed,
         nodes: spec.nodes,
