@@ -103,6 +103,7 @@ impl Cluster {
     /// Creates the CA and admin key with the `quiver` binary and starts every node, each
     /// awaited by its readiness line (no sleeping).
     pub fn start(spec: ClusterSpec) -> Result<Cluster, ClusterError> {
+        kill_stale(spec.subnet);
         let dir = tempfile::Builder::new()
             .prefix("quiver-faults-")
             .tempdir()
@@ -319,9 +320,63 @@ impl Cluster {
             });
         }
         self.procs[i] = Some(guard);
+        self.record_pids();
         self.paused[i] = false;
         Ok(())
     }
+}
+
+impl Cluster {
+    /// Writes the PIDs of the running nodes to [`pid_file`], so a later run on this subnet
+    /// can end them if this one is killed before its guards run (SIGKILL of the test).
+    fn record_pids(&self) {
+        let pids: Vec<String> = self
+            .procs
+            .iter()
+            .flatten()
+            .map(|p| p.pid().to_string())
+            .collect();
+        let _ = std::fs::write(pid_file(self.spec.subnet), pids.join("\n"));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The node guards kill the processes; the PID file has nothing left to say.
+        let _ = std::fs::remove_file(pid_file(self.spec.subnet));
+    }
+}
+
+/// Where the node PIDs of a run on `subnet` are recorded.
+fn pid_file(subnet: u8) -> PathBuf {
+    std::env::temp_dir().join(format!("quiver-faults-{subnet}.pids"))
+}
+
+/// Kills the nodes a killed earlier run on `subnet` left behind: only PIDs from its PID
+/// file whose command line is still a `quiver server` listening on this subnet (a PID
+/// reused by another process is left alone).
+fn kill_stale(subnet: u8) {
+    let Ok(text) = std::fs::read_to_string(pid_file(subnet)) else {
+        return;
+    };
+    let listen = format!("127.0.{subnet}.");
+    for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours =
+            args.iter().any(|a| a == "server") && args.iter().any(|a| a.starts_with(&listen));
+        if ours {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+    let _ = std::fs::remove_file(pid_file(subnet));
 }
 
 fn setup(quiver: &Path, args: &[&str], path: &Path) -> Result<(), ClusterError> {

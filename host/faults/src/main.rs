@@ -144,7 +144,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(&spec)) {
+    // Ctrl-C drops the run, whose guards kill the nodes and delete the nft table; the
+    // default SIGINT action would end the process without running them.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = run(&spec) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    let Some(outcome) = outcome else {
+        eprintln!("quiver-faults: interrupted; nodes and nft rules removed");
+        return ExitCode::from(130);
+    };
+    match outcome {
         Ok(report) => {
             match a.output {
                 Output::Text => print!("{}", report.text()),
