@@ -19,6 +19,10 @@ pub struct AppliedWindow {
     pub start_s: f64,
     /// Heal done, seconds since the workload started.
     pub end_s: f64,
+    /// Time from the heal until every node, coordinating a read with r = n, returned every
+    /// add acknowledged before the heal; `None` if not before the next fault (or, after the
+    /// final heal, within the convergence timeout).
+    pub converged_ms: Option<u64>,
 }
 
 /// Operations that succeeded out of those started.
@@ -201,6 +205,7 @@ mod tests {
             fault: "pause n1".into(),
             start_s: 1.0,
             end_s: 2.0,
+            converged_ms: None,
         }];
         let finals = BTreeMap::from([(0, BTreeSet::from([1, 3, 4]))]);
         let v = check(&history, &finals, &windows);

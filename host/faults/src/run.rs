@@ -102,14 +102,18 @@ impl Report {
             "quiver-faults: seed {}, {} nodes, {} keys, {} workers, workload {:.1} s\n",
             self.seed, self.nodes, self.keys, self.workers, self.workload_s
         ));
-        s.push_str("fault windows:\n");
+        s.push_str(
+            "fault windows (availability of the ops started inside; convergence: every node \
+             returns, with r = n, every add acknowledged before the heal):\n",
+        );
         for (w, a) in self.windows.iter().zip(&v.per_window) {
             s.push_str(&format!(
-                "  {:>7.1}-{:>7.1} s  {:<40} {}\n",
+                "  {:>7.1}-{:>7.1} s  {:<40} {:<32} converged {}\n",
                 w.start_s,
                 w.end_s,
                 w.fault,
-                pct(a)
+                pct(a),
+                ms(w.converged_ms)
             ));
         }
         s.push_str(&format!(
@@ -223,9 +227,27 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         },
         started,
     );
-    let mut applied = Vec::new();
+    let mut applied: Vec<AppliedWindow> = Vec::new();
+    let mut last_heal: Option<Instant> = None;
     for w in &schedule.windows {
-        tokio::time::sleep(w.gap).await;
+        let gap_end = tokio::time::Instant::now() + w.gap;
+        // During the quiet time, time the convergence of the previous heal: every node
+        // must return every add acknowledged before it (the workload keeps running).
+        if let (Some(healed), Some(prev)) = (last_heal, applied.last_mut()) {
+            let target = load.acked();
+            while tokio::time::Instant::now() < gap_end {
+                let probe = all_nodes_have(&cluster, &config, spec, &target);
+                if let Ok(Ok(())) = tokio::time::timeout_at(gap_end, probe).await {
+                    prev.converged_ms = Some(healed.elapsed().as_millis() as u64);
+                    break;
+                }
+                tokio::time::sleep_until(
+                    gap_end.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                )
+                .await;
+            }
+        }
+        tokio::time::sleep_until(gap_end).await;
         let start = started.elapsed();
         blocking(|| nemesis.apply(&mut cluster, &w.fault))?;
         log(format!(
@@ -237,11 +259,13 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         ));
         tokio::time::sleep(w.hold).await;
         blocking(|| nemesis.heal(&mut cluster))?;
+        last_heal = Some(Instant::now());
         applied.push(AppliedWindow {
             kind: w.fault.kind().to_string(),
             fault: describe(&w.fault, &cluster),
             start_s: start.as_secs_f64(),
             end_s: started.elapsed().as_secs_f64(),
+            converged_ms: None,
         });
     }
     // The workload stops at the final heal, so convergence is timed from the heal itself
@@ -297,6 +321,10 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     log(format!(
         "convergence: all nodes {all_nodes_ms:?} ms, replicas {replicas_ms:?} ms"
     ));
+
+    if let Some(last) = applied.last_mut() {
+        last.converged_ms = all_nodes_ms;
+    }
 
     // The final read: the union of every node's r = n read, so an add any replica holds is
     // found; whatever a node could not read is simply missing (and reported as lost).

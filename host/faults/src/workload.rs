@@ -3,7 +3,7 @@
 //! the read's context. With dotted version vectors no add may be lost: a write covers only
 //! what its context saw, so concurrent or unseen versions survive as siblings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -179,6 +179,22 @@ impl Workload {
     /// Operations finished so far.
     pub fn ops(&self) -> usize {
         self.history.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The adds acknowledged so far, by key index.
+    pub fn acked(&self) -> BTreeMap<usize, BTreeSet<u64>> {
+        let mut acked: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+        for op in self
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if op.outcome == Outcome::Acked {
+                acked.entry(op.key).or_default().insert(op.element);
+            }
+        }
+        acked
     }
 
     /// Asks every worker to stop after its current operation, waits for them and returns
