@@ -106,14 +106,18 @@ impl Report {
             "fault windows (availability of the ops started inside; convergence: every node \
              returns, with r = n, every add acknowledged before the heal):\n",
         );
-        for (w, a) in self.windows.iter().zip(&v.per_window) {
+        for (i, (w, a)) in self.windows.iter().zip(&v.per_window).enumerate() {
+            let converged = match w.converged_ms {
+                Some(m) => format!("{m} ms"),
+                None if i + 1 < self.windows.len() => "not before the next fault".into(),
+                None => "NOT REACHED".into(),
+            };
             s.push_str(&format!(
-                "  {:>7.1}-{:>7.1} s  {:<40} {:<32} converged {}\n",
+                "  {:>7.1}-{:>7.1} s  {:<40} {:<32} converged {converged}\n",
                 w.start_s,
                 w.end_s,
                 w.fault,
                 pct(a),
-                ms(w.converged_ms)
             ));
         }
         s.push_str(&format!(
