@@ -84,13 +84,44 @@ pub enum Error {
     /// A context string given by the user is not one this client produced.
     #[error("invalid context: {0}")]
     InvalidContext(String),
+    /// A routed request ([`crate::ClusterClient`]) failed on every replica it tried; lists
+    /// each replica in the order tried with what it answered.
+    #[error("{}", ReplicaAttempt::describe(.attempts))]
+    Replicas {
+        /// One entry per replica tried, in order; never empty.
+        attempts: Vec<ReplicaAttempt>,
+    },
+}
+
+/// One replica a routed request was sent to, and how it failed.
+#[derive(Debug)]
+pub struct ReplicaAttempt {
+    /// The node's name in the ring.
+    pub node: String,
+    /// The node's client address.
+    pub addr: String,
+    /// What it answered (or why it could not be reached).
+    pub error: Error,
+}
+
+impl ReplicaAttempt {
+    fn describe(attempts: &[ReplicaAttempt]) -> String {
+        let mut s = format!("the request failed on {} replica(s):", attempts.len());
+        for a in attempts {
+            s.push_str(&format!(" [{} at {}: {}]", a.node, a.addr, a.error));
+        }
+        s
+    }
 }
 
 impl Error {
-    /// The node's error code, when the node answered with a typed error.
+    /// The node's error code, when the node answered with a typed error; for a routed
+    /// request that failed on several replicas, the code of the last one (the answer the
+    /// caller would have seen without the retries).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Server { code, .. } => Some(*code),
+            Error::Replicas { attempts } => attempts.last().and_then(|a| a.error.code()),
             _ => None,
         }
     }

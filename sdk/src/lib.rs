@@ -40,7 +40,9 @@ pub mod wire;
 mod client;
 mod routing;
 
-pub use client::{Client, ClientConfig, Context, Error, GetResult, NodeInfo, Sibling};
+pub use client::{
+    Client, ClientConfig, Context, Error, GetResult, NodeInfo, ReplicaAttempt, Sibling,
+};
 pub use quiver_core::access::KeyToken;
 pub use routing::ClusterClient;
 pub use wire::{ErrorCode, ReadOptions, WireDurability as Durability, WriteOptions};
