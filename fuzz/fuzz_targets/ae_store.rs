@@ -27,7 +27,7 @@ fuzz_target!(|bytes: &[u8]| {
     // entries claim to be filed for (64), so it loads them first instead of rebuilding.
     batch.put(keys::meta_key("ae-index-v1"), 64u32.to_be_bytes().to_vec());
     store.apply(&batch).expect("memory store");
-    let index = AeIndex::default();
+    let index = AeIndex::with_clock(std::sync::Arc::new(quiver_node_core::SystemClock));
     index.set_placement(Placement {
         partitions: 64,
         default_n: 3,

@@ -30,7 +30,7 @@ use quiver_core::storage::{StorageError, WriteBatch, keys};
 
 use quiver_core::storage::StorageEngine;
 
-use crate::{SystemClock, WallClock};
+use crate::WallClock;
 
 /// Metadata key marking that every data record has its anti-entropy entry.
 const INDEX_MARKER: &str = "ae-index-v1";
@@ -190,13 +190,6 @@ pub struct AeIndex {
     exact: std::sync::atomic::AtomicBool,
     /// Bumped on every placement change, so a refile pass knows whether it caught up.
     generation: AtomicU64,
-}
-
-impl Default for AeIndex {
-    /// An index on the system clock.
-    fn default() -> Self {
-        AeIndex::with_clock(Arc::new(SystemClock))
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

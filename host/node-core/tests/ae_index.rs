@@ -4,26 +4,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_core::causality::{Coordinator, EpochSource, Object, WriteOp, coordinate_write};
+mod support;
+
+use quiver_core::causality::{Coordinator, Object, WriteOp, coordinate_write};
 use quiver_core::merkle;
 use quiver_core::storage::StorageEngine;
 use quiver_core::storage::{WriteBatch, keys};
 use quiver_node_core::SystemClock;
 use quiver_node_core::ae::{AeIndex, Placement};
-use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::replica::Replica;
 use quiver_storage::MemoryEngine;
-
-struct Counter(u64);
-impl EpochSource for Counter {
-    fn is_trusted(&self, _: u64) -> bool {
-        false
-    }
-    fn fresh(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-}
+use support::{Counter, boot};
 
 fn write(node: &str, op: WriteOp, after: Option<&Object>) -> Object {
     let me = Coordinator {
@@ -53,7 +44,7 @@ fn roots(ae: &AeIndex) -> Vec<((u8, u32), merkle::Hash)> {
 }
 
 fn reopened(store: &dyn StorageEngine, p: Placement) -> AeIndex {
-    let ae = AeIndex::default();
+    let ae = AeIndex::with_clock(Arc::new(SystemClock));
     ae.set_placement(p);
     ae.open(store).expect("open index");
     ae
@@ -159,12 +150,4 @@ fn incremental_trees_equal_loaded_and_rebuilt_trees() {
     store.apply(&batch).expect("drop marker");
     assert_eq!(roots(&reopened(&*store, placement(3))), roots(kv.ae()));
     assert!(live.len() > 100);
-}
-
-/// Starts a boot on `store` and makes its batch durable, as a driver does.
-fn boot(store: &dyn StorageEngine) -> Result<BootEpochs, Box<dyn std::error::Error>> {
-    let (epochs, batch) = BootEpochs::start(store, 7)?;
-    store.apply(&batch)?;
-    store.sync()?;
-    Ok(epochs)
 }

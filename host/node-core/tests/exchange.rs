@@ -4,42 +4,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
+mod support;
+
 use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_core::storage::StorageEngine;
 use quiver_node_core::SystemClock;
 use quiver_node_core::ae::Placement;
-use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::{self, AeLease, AeRequest, AeResponse, Answering, Exchange, Step};
 use quiver_node_core::replica::Replica;
 use quiver_storage::MemoryEngine;
-
-struct Counter(u64);
-impl EpochSource for Counter {
-    fn is_trusted(&self, _: u64) -> bool {
-        false
-    }
-    fn fresh(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-}
-
-fn object(value: &str) -> quiver_core::causality::Object {
-    let me = Coordinator {
-        node: "writer".into(),
-        incarnation: 1,
-    };
-    let op = WriteOp::Put(value.as_bytes().to_vec());
-    coordinate_write(None, &me, &mut Counter(0), &VersionVector::new(), op, 1)
-        .0
-        .object
-}
+use support::{boot, object};
 
 fn replica(name: &str, placement: &Placement) -> Replica {
     let store: Arc<dyn StorageEngine> = Arc::new(MemoryEngine::new());
-    let (epochs, batch) = BootEpochs::start(&*store, 7).expect("boot");
-    store.apply(&batch).expect("boot record");
+    let epochs = boot(&*store).expect("boot");
     let r = Replica::new(name.into(), store, epochs, 1 << 20, Arc::new(SystemClock));
     r.ae().set_placement(placement.clone());
     r.ae().open(r.store()).expect("open index");

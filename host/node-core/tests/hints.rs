@@ -3,35 +3,14 @@
 
 use std::sync::Arc;
 
-use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
+mod support;
+
 use quiver_core::storage::StorageEngine;
 use quiver_node_core::SystemClock;
-use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::replica::{KvError, Replica};
 use quiver_storage::MemoryEngine;
-
-struct Counter(u64);
-impl EpochSource for Counter {
-    fn is_trusted(&self, _: u64) -> bool {
-        false
-    }
-    fn fresh(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
-}
-
-fn object(value: &str) -> quiver_core::causality::Object {
-    let me = Coordinator {
-        node: "n9".into(),
-        incarnation: 1,
-    };
-    let op = WriteOp::Put(value.as_bytes().to_vec());
-    coordinate_write(None, &me, &mut Counter(0), &VersionVector::new(), op, 1)
-        .0
-        .object
-}
+use support::{boot, object};
 
 #[test]
 fn a_full_hint_store_refuses_to_stand_in_and_delivery_frees_it() {
@@ -138,12 +117,4 @@ fn a_delivery_pass_hands_each_hint_back_once_acknowledged() {
         "not a replica here: the stand-in copy goes with the hint"
     );
     assert_eq!(kv.hint_count(), 3);
-}
-
-/// Starts a boot on `store` and makes its batch durable, as a driver does.
-fn boot(store: &dyn StorageEngine) -> Result<BootEpochs, Box<dyn std::error::Error>> {
-    let (epochs, batch) = BootEpochs::start(store, 7)?;
-    store.apply(&batch)?;
-    store.sync()?;
-    Ok(epochs)
 }

@@ -19,10 +19,12 @@
 //! `call_untracked`).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use quiver_core::causality::Object;
 use quiver_core::merkle::{self, Hash};
 use quiver_core::storage::{StorageEngine, keys};
+use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, Placement};
 use quiver_node_core::exchange::{self, AeRequest, AeResponse, Answering, Step};
 
@@ -140,7 +142,8 @@ impl Node {
             batch.put(k, v);
         }
         fresh_disk.apply(&batch).map_err(|e| e.to_string())?;
-        let fresh = AeIndex::default();
+        // On the node's simulated clock: the simulator reads no real clock.
+        let fresh = AeIndex::with_clock(Arc::clone(&self.clock) as Arc<dyn WallClock>);
         fresh.set_placement(self.placement());
         fresh.open(&fresh_disk).map_err(|e| e.to_string())?;
         let live = self.replica.ae();
