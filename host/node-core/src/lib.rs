@@ -16,11 +16,13 @@
 //! - [`hints`]: a hint-delivery pass as a state machine (which `Store` next, what an
 //!   acknowledgement cleans up).
 //! - [`record`]: the stored record format.
+//! - [`broken`]: deliberately broken variants of these rules, for the simulator only.
 //!
 //! [`StorageEngine`]: quiver_core::storage::StorageEngine
 #![deny(clippy::unwrap_used)]
 
 pub mod ae;
+pub mod broken;
 pub mod epochs;
 pub mod exchange;
 pub mod hints;

@@ -54,6 +54,7 @@ use quiver_core::ring::Ring;
 use quiver_core::storage::StorageEngine;
 
 use quiver_node_core::WallClock;
+use quiver_node_core::broken::{Broken, Variant};
 use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
