@@ -15,6 +15,8 @@
 //! - [`epochs`]: the durable per-boot actor-epoch allocator.
 //! - [`hints`]: a hint-delivery pass as a state machine (which `Store` next, what an
 //!   acknowledgement cleans up).
+//! - [`request`]: a client request at its coordinator (route, local write, fan-out, answer,
+//!   read repair) and a replica's `Fetch`/`Store`.
 //! - [`record`]: the stored record format.
 //! - [`broken`]: deliberately broken variants of these rules, for the simulator only.
 //!
@@ -28,6 +30,7 @@ pub mod exchange;
 pub mod hints;
 pub mod record;
 pub mod replica;
+pub mod request;
 
 /// The node's wall clock, in ms since the Unix epoch. Production reads the system clock;
 /// the simulator gives each node its own, skewed, simulated clock.

@@ -376,6 +376,30 @@ pub struct NodeConfig {
     pub fixes: MembershipFixes,
 }
 
+impl NodeConfig {
+    /// The broken variants this configuration turns on, as the production state machines
+    /// in `quiver-node-core` take them.
+    pub fn broken(&self) -> Broken {
+        let f = &self.fixes;
+        [
+            (self.ack_before_quorum, Variant::AckBeforeQuorum),
+            (self.trust_all_epochs, Variant::TrustAllEpochs),
+            (self.reap_without_checks, Variant::ReapWithoutChecks),
+            (self.reap_check_without_sync, Variant::ReapCheckWithoutSync),
+            (self.handoff_drop_before_ack, Variant::HandoffDropBeforeAck),
+            (!self.sync_unchanged_merges, Variant::UnsyncedUnchangedMerges),
+            (!f.forget_hints_for_left, Variant::KeepHintsForLeft),
+            (!f.pass_ring_version, Variant::TreeRingVersion),
+            (!f.handoff_same_ring, Variant::HandoffAnyRing),
+            (!f.reap_check_same_ring, Variant::ReapCheckAnyRing),
+            (!f.depart_recheck, Variant::DepartNoRecheck),
+            (!f.depart_when_all_told, Variant::DepartWhenOneTold),
+        ]
+        .into_iter()
+        .fold(Broken::NONE, |b, (on, v)| b.set(v, on))
+    }
+}
+
 /// Rules the simulator found missing from the first version of production's membership
 /// handling (`host/node/src/cluster/membership.rs`, `reap.rs`); production has all of them
 /// now. Each is on in every scenario; turning one off reproduces the first version, which a
