@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::broken::{Broken, Variant};
 use crate::record::render_key;
-use crate::replica::WriteOutcome;
+use crate::replica::{KvError, Replica, WriteOutcome};
 
 /// Node-to-node requests of the data path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,6 +35,15 @@ pub enum DataRequest {
     },
     /// Merge an object into the replica's record (replication, read repair).
     Store(StoreRequest),
+}
+
+/// Answers to [`DataRequest`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DataResponse {
+    /// The replica's object (empty when it holds none).
+    Fetched(Object),
+    /// The object was merged (and is durable if `sync` was asked).
+    Stored,
 }
 
 /// Merge `object` into the receiver's record of `bucket`/`key`.
@@ -58,6 +67,23 @@ pub struct StoreRequest {
 /// sender counts this answer towards a durable quorum.
 pub fn store_needs_sync(sync: bool, changed: bool, broken: Broken) -> bool {
     sync && (changed || !broken.is(Variant::UnsyncedUnchangedMerges))
+}
+
+/// A replica takes a `Store`: merges it (record, hint marker and anti-entropy entry in one
+/// batch). Returns whether the driver must make applied writes durable before it answers
+/// [`DataResponse::Stored`].
+pub fn apply_store(
+    replica: &Replica,
+    store: &StoreRequest,
+    broken: Broken,
+) -> Result<bool, KvError> {
+    let changed = replica.merge_remote(
+        &store.bucket,
+        &store.key,
+        &store.object,
+        store.hint_for.as_deref(),
+    )?;
+    Ok(store_needs_sync(store.sync, changed, broken))
 }
 
 /// What a node does with a client write.

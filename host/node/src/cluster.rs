@@ -16,12 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quiver_core::causality::{self, Object, WriteOp};
-use quiver_core::coordinator::{
-    Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
-};
-use quiver_core::quorum::{Quorum, Status, Target, select_targets};
+use quiver_core::coordinator::{Forwarding, ReadSpread};
+use quiver_core::quorum::{Quorum, Target, select_targets};
 use quiver_core::ring::Ring;
+use quiver_node_core::broken::Broken;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
+use quiver_node_core::request::{
+    DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed, plan_write,
+};
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
     Response, WireDurability, WireSibling, WriteOptions,
@@ -197,6 +199,11 @@ impl Cluster {
     /// The ring as this node currently holds it.
     pub fn ring(&self) -> Arc<Ring> {
         Arc::clone(&self.ring.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The node's monotonic clock: ms since it started (timers of the sans-IO machines).
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn me(&self) -> &str {
@@ -448,7 +455,6 @@ impl Cluster {
                 Err(e) => kv_error(&e),
             };
         }
-        let me = self.me();
         let index = self
             .reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -456,42 +462,44 @@ impl Cluster {
             true => ReadSpread::for_read(index, self.config.full_reads_per_mille),
             false => ReadSpread::Quorum,
         };
-        let (mut read, remote) = ReadFanout::start(me, &targets, quorum.r, n, spread, index);
+        // The local replica answers inline: no task, no channel (with R=1 on a replica, the
+        // read never leaves this function).
+        let (mut read, remote) = Get::start(
+            GetArgs {
+                me: self.me(),
+                bucket,
+                key,
+                targets: &targets,
+                r: quorum.r,
+                n,
+                spread,
+                index,
+                now_ms: self.mono_ms(),
+                speculate_ms: self
+                    .config
+                    .read_speculate
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            },
+            || self.kv.get(bucket, key).map_err(|e| e.to_string()),
+        );
         let (tx, mut rx) = mpsc::channel(targets.len().max(1));
+        let fetch = read.fetch_request();
         let fetch_from = |target: Target| {
-            let (this, tx, bucket, key) = (
-                Arc::clone(self),
-                tx.clone(),
-                bucket.to_string(),
-                key.to_vec(),
-            );
+            let (this, tx, request) = (Arc::clone(self), tx.clone(), fetch.clone());
             tokio::spawn(async move {
-                let result = this.fetch(&target.node, &bucket, &key).await;
+                let result = this.fetch(&target.node, request).await;
                 let _ = tx.send((target.node, result)).await;
             });
         };
-        // The local replica answers inline: no task, no channel (with R=1 on a replica, the
-        // read never leaves this function).
-        if remote.len() < targets.len()
-            && let Some(spare) =
-                read.on_reply(me, self.kv.get(bucket, key).map_err(|e| e.to_string()))
-        {
-            fetch_from(spare);
-        }
         for target in remote {
             fetch_from(target);
         }
-        let mut speculate_at = self
-            .config
-            .read_speculate
-            .map(|d| tokio::time::Instant::now() + d);
         loop {
             match read.decision() {
-                Some(Status::Reached(merged)) => {
+                Some(Ok(merged)) => {
                     if !(read.is_finished() && read.repairs().is_empty()) {
                         // Late replies and read repair continue in the background.
                         let this = Arc::clone(self);
-                        let (bucket, key) = (bucket.to_string(), key.to_vec());
                         drop(tx);
                         tokio::spawn(async move {
                             while !read.is_finished() {
@@ -501,35 +509,28 @@ impl Cluster {
                                 // Decided: a failure here needs no stand-in.
                                 let _ = read.on_reply(&node, result);
                             }
-                            this.read_repair(&bucket, &key, &read).await;
+                            this.read_repair(&read).await;
                         });
                     }
                     return self.answer_get(bucket, key, merged, options).await;
                 }
-                Some(Status::Failed(f)) => {
-                    return error(
-                        ErrorCode::QuorumFailed,
-                        format!(
-                            "get {bucket:?} {}: read quorum r={} not reached: {f}",
-                            quiver_node_core::record::render_key(key),
-                            quorum.r
-                        ),
-                    );
-                }
-                Some(Status::Pending) | None => {
-                    let reply = match speculate_at.filter(|_| read.has_spares()) {
-                        Some(at) => tokio::select! {
-                            reply = rx.recv() => reply,
-                            () = tokio::time::sleep_until(at) => {
-                                if let Some(spare) = read.speculate() {
-                                    tracing::debug!(bucket, node = spare.node, "speculative read");
-                                    self.reads_speculated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    fetch_from(spare);
+                Some(Err(message)) => return error(ErrorCode::QuorumFailed, message),
+                None => {
+                    let reply = match read.deadline() {
+                        Some(at) => {
+                            let at = self.started + Duration::from_millis(at);
+                            tokio::select! {
+                                reply = rx.recv() => reply,
+                                () = tokio::time::sleep_until(at.into()) => {
+                                    if let Some(spare) = read.on_deadline(self.mono_ms()) {
+                                        tracing::debug!(bucket, node = spare.node, "speculative read");
+                                        self.reads_speculated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        fetch_from(spare);
+                                    }
+                                    continue;
                                 }
-                                speculate_at = self.config.read_speculate.map(|d| at + d);
-                                continue;
                             }
-                        },
+                        }
                         None => rx.recv().await,
                     };
                     match reply {
@@ -654,67 +655,65 @@ impl Cluster {
         }
     }
 
-    async fn fetch(&self, node: &str, bucket: &str, key: &[u8]) -> Result<Object, String> {
-        if node == self.me() {
-            return self.kv.get(bucket, key).map_err(|e| e.to_string());
-        }
-        let req = PeerRequest::Fetch {
-            bucket: bucket.to_string(),
-            key: key.to_vec(),
+    async fn fetch(&self, node: &str, request: DataRequest) -> Result<Object, String> {
+        let DataRequest::Fetch { bucket, key } = request else {
+            return Err("not a fetch".into());
         };
-        match self.peers.call(node, &req).await {
+        if node == self.me() {
+            return self.kv.get(&bucket, &key).map_err(|e| e.to_string());
+        }
+        match self
+            .peers
+            .call(node, &PeerRequest::Fetch { bucket, key })
+            .await
+        {
             Ok(PeerResponse::Fetched(o)) => Ok(o),
             Ok(other) => Err(format!("unexpected reply {other:?}")),
             Err(e) => Err(e.to_string()),
         }
     }
 
-    async fn read_repair(&self, bucket: &str, key: &[u8], read: &ReadFanout) {
+    async fn read_repair(&self, read: &Get) {
         if !self.config.read_repair {
             return;
         }
-        for repair in read.repairs() {
-            let node = repair.target.node;
-            let result = self
-                .store_on(
-                    &node,
-                    bucket,
-                    key,
-                    read.merged(),
-                    repair.target.hint_for,
-                    Durability::Buffered,
-                )
-                .await;
-            match result {
-                Ok(()) => tracing::debug!(node, bucket, "read repair"),
-                Err(e) => tracing::debug!(node, bucket, error = %e, "read repair failed"),
+        for (target, store) in read.repairs() {
+            let bucket = store.bucket.clone();
+            match self.store_on(&target.node, store).await {
+                Ok(()) => tracing::debug!(node = target.node, bucket, "read repair"),
+                Err(e) => {
+                    tracing::debug!(node = target.node, bucket, error = %e, "read repair failed")
+                }
             }
         }
     }
 
-    async fn store_on(
-        &self,
-        node: &str,
-        bucket: &str,
-        key: &[u8],
-        object: &Object,
-        hint_for: Option<String>,
-        durability: Durability,
-    ) -> Result<(), String> {
+    async fn store_on(&self, node: &str, store: StoreRequest) -> Result<(), String> {
         if node == self.me() {
+            let durability = if store.sync {
+                Durability::Sync
+            } else {
+                Durability::Buffered
+            };
             return self
                 .kv
-                .merge_remote(bucket, key, object, durability, hint_for.as_deref())
+                .merge_remote(
+                    &store.bucket,
+                    &store.key,
+                    &store.object,
+                    durability,
+                    store.hint_for.as_deref(),
+                )
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string());
         }
         let req = PeerRequest::Store {
-            bucket: bucket.to_string(),
-            key: key.to_vec(),
-            object: object.clone(),
-            hint_for,
-            sync: durability == Durability::Sync,
+            bucket: store.bucket,
+            key: store.key,
+            object: store.object,
+            hint_for: store.hint_for,
+            sync: store.sync,
         };
         match self.peers.call(node, &req).await {
             Ok(PeerResponse::Stored) => Ok(()),
@@ -737,38 +736,40 @@ impl Cluster {
             Err(e) => return e,
         };
         let (targets, n) = self.targets(&bucket, &key, quorum.n);
-        let me = self.me().to_string();
-        let route = route_write(&me, &targets, forwarded);
-        let my_target = match &route {
-            WriteRoute::Coordinate { me, .. } => me.clone(),
-            WriteRoute::Forward => {
-                let request = match write {
-                    ClientWrite::Put(value) => Request::Put {
-                        bucket,
-                        key,
-                        context,
-                        value,
-                        options,
-                    },
-                    ClientWrite::Delete => Request::Delete {
-                        bucket,
-                        key,
-                        context,
-                        options,
-                    },
-                    ClientWrite::Update(op) => Request::Update {
-                        bucket,
-                        key,
-                        op,
-                        options,
-                    },
-                };
-                return self.forward(request, &targets, quorum, n).await;
-            }
-        };
         let durability = self.durability(options.durability);
         let sync = durability == Durability::Sync;
-        let sync_first = route.sync_before_fanout(sync);
+        let (my_target, sync_first, sync_alongside) =
+            match plan_write(self.me(), &targets, forwarded, quorum.w, n, sync) {
+                WritePlan::Coordinate {
+                    me,
+                    sync_first,
+                    sync_alongside,
+                } => (me, sync_first, sync_alongside),
+                WritePlan::Forward(forwarding) => {
+                    let request = match write {
+                        ClientWrite::Put(value) => Request::Put {
+                            bucket,
+                            key,
+                            context,
+                            value,
+                            options,
+                        },
+                        ClientWrite::Delete => Request::Delete {
+                            bucket,
+                            key,
+                            context,
+                            options,
+                        },
+                        ClientWrite::Update(op) => Request::Update {
+                            bucket,
+                            key,
+                            op,
+                            options,
+                        },
+                    };
+                    return self.forward(request, forwarding).await;
+                }
+            };
         let local_durability = if sync_first {
             durability
         } else {
@@ -813,67 +814,55 @@ impl Cluster {
             Err(e) => return kv_error(&e),
         };
         let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
-        let local_sync_pending = sync && !sync_first;
-        let (fanout, sends) = PutFanout::start(
-            &my_target,
-            &targets,
-            &fallbacks,
-            quorum.w,
-            n,
-            self.props(&bucket).sloppy,
-            local_sync_pending,
+        let (put, sends) = Put::start(
+            PutArgs {
+                bucket: &bucket,
+                key: &key,
+                me: &my_target,
+                targets: &targets,
+                fallbacks: &fallbacks,
+                w: quorum.w,
+                n,
+                sloppy: self.props(&bucket).sloppy,
+                sync,
+                sync_alongside,
+            },
+            &outcome,
+            Broken::NONE,
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let mut stores = Stores {
             cluster: Arc::clone(self),
-            bucket: bucket.clone(),
-            key: key.clone(),
-            object: Arc::new(outcome.object),
-            durability,
             tx,
             rx,
-            fanout,
+            put,
         };
-        if local_sync_pending {
+        if sync_alongside {
             let (kv, tx) = (Arc::clone(&self.kv), stores.tx.clone());
             tokio::spawn(async move {
                 let result = kv.store().sync_applied().await.map_err(|e| e.to_string());
                 let _ = tx.send((my_target, result));
             });
         }
-        for target in sends {
-            stores.spawn(target);
+        for (target, store) in sends {
+            stores.spawn(target, store);
         }
         let decided = stores.until_decided().await;
         // Late acks and failures (with their fallbacks) are handled in the background.
-        if !stores.fanout.is_finished() {
+        if !stores.put.is_finished() {
             tokio::spawn(stores.drain());
         }
         match decided {
-            Some(Status::Reached(())) => Response::Written {
+            Some(Ok(())) => Response::Written {
                 context: causality::encode_context(&outcome.context),
             },
-            Some(Status::Failed(f)) => error(
-                ErrorCode::QuorumFailed,
-                format!(
-                    "put {bucket:?} {}: write quorum w={} not reached: {f}",
-                    quiver_node_core::record::render_key(&key),
-                    quorum.w
-                ),
-            ),
-            _ => error(ErrorCode::Internal, "write replies ended undecided".into()),
+            Some(Err(message)) => error(ErrorCode::QuorumFailed, message),
+            None => error(ErrorCode::Internal, "write replies ended undecided".into()),
         }
     }
 
     /// Hands a client write to a node of the preference list, trying each target in turn.
-    async fn forward(
-        &self,
-        request: Request,
-        targets: &[Target],
-        quorum: Quorum,
-        n: usize,
-    ) -> Response {
-        let mut forwarding = Forwarding::new(targets, quorum.w, n);
+    async fn forward(&self, request: Request, mut forwarding: Forwarding) -> Response {
         while let Some(target) = forwarding.next_target() {
             let req = PeerRequest::Forward {
                 request: request.clone(),
@@ -891,13 +880,7 @@ impl Cluster {
                 Err(e) => forwarding.on_failure(&target.node, e.to_string()),
             }
         }
-        error(
-            ErrorCode::QuorumFailed,
-            format!(
-                "no replica could coordinate the write: {}",
-                forwarding.failure()
-            ),
-        )
+        error(ErrorCode::QuorumFailed, forward_failed(&forwarding))
     }
 
     /// Answers a request from another node.
@@ -1084,60 +1067,40 @@ impl Cluster {
     }
 }
 
-/// The driver of one put's [`PutFanout`]: runs the stores it asks for as tasks and feeds
-/// their results back, before and after the client's answer.
+/// The driver of one [`Put`]: runs the stores it asks for as tasks and feeds their results
+/// back, before and after the client's answer.
 struct Stores {
     cluster: Arc<Cluster>,
-    bucket: String,
-    key: Vec<u8>,
-    object: Arc<Object>,
-    durability: Durability,
     tx: mpsc::UnboundedSender<(Target, Result<(), String>)>,
     rx: mpsc::UnboundedReceiver<(Target, Result<(), String>)>,
-    fanout: PutFanout,
+    put: Put,
 }
 
 impl Stores {
-    fn spawn(&self, target: Target) {
-        let (cluster, tx, bucket, key, object, durability) = (
-            Arc::clone(&self.cluster),
-            self.tx.clone(),
-            self.bucket.clone(),
-            self.key.clone(),
-            Arc::clone(&self.object),
-            self.durability,
-        );
+    fn spawn(&self, target: Target, store: StoreRequest) {
+        let (cluster, tx) = (Arc::clone(&self.cluster), self.tx.clone());
         tokio::spawn(async move {
-            let result = cluster
-                .store_on(
-                    &target.node,
-                    &bucket,
-                    &key,
-                    &object,
-                    target.hint_for.clone(),
-                    durability,
-                )
-                .await;
+            let result = cluster.store_on(&target.node, store).await;
             let _ = tx.send((target, result));
         });
     }
 
-    /// Feeds one result (of a store, or of the local fsync) to the fan-out and sends the
+    /// Feeds one result (of a store, or of the local fsync) to the put and sends the
     /// replacement store it asks for.
     fn on_result(&mut self, target: Target, result: Result<(), String>) {
         let peers = &self.cluster.peers;
-        if let Some(next) = self
-            .fanout
+        if let Some((next, store)) = self
+            .put
             .on_store_result(&target, result, |n| peers.is_up(n))
         {
-            self.spawn(next);
+            self.spawn(next, store);
         }
     }
 
     /// Waits until the quorum is decided (`None` only if replies stopped, a bug).
-    async fn until_decided(&mut self) -> Option<Status<()>> {
+    async fn until_decided(&mut self) -> Option<Result<(), String>> {
         loop {
-            if let Some(decided) = self.fanout.decision() {
+            if let Some(decided) = self.put.decision() {
                 return Some(decided);
             }
             let (target, result) = self.rx.recv().await?;
@@ -1147,7 +1110,7 @@ impl Stores {
 
     /// Handles every remaining result, so late failures still reach a fallback.
     async fn drain(mut self) {
-        while !self.fanout.is_finished() {
+        while !self.put.is_finished() {
             let Some((target, result)) = self.rx.recv().await else {
                 return;
             };

@@ -45,11 +45,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use quiver_core::causality::{self, Coordinator, Dot, Object, VersionVector, WriteOp};
-use quiver_core::coordinator::{
-    FailureDetector, Forwarding, PutFanout, ReadFanout, ReadSpread, WriteRoute, route_write,
-};
+use quiver_core::coordinator::{FailureDetector, Forwarding, ReadSpread};
 use quiver_core::merkle::Hash;
-use quiver_core::quorum::{Quorum, Status, Target, select_targets};
+use quiver_core::quorum::{Quorum, Target, select_targets};
 use quiver_core::ring::Ring;
 use quiver_core::storage::StorageEngine;
 
@@ -59,6 +57,10 @@ use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
+use quiver_node_core::request::{
+    self, DataRequest, DataResponse, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan,
+    forward_failed, plan_write,
+};
 
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk, Meta, Tables};
@@ -136,22 +138,9 @@ pub enum ClientResult {
 pub enum PeerRequest {
     /// Liveness probe.
     Ping,
-    /// Read the replica's object of a key.
-    Fetch {
-        /// Key.
-        key: String,
-    },
-    /// Merge an object into the replica's record (replication, read repair, handoff).
-    Store {
-        /// Key.
-        key: String,
-        /// State to merge.
-        object: Object,
-        /// Keep a hint for this unreachable primary.
-        hint_for: Option<NodeId>,
-        /// Acknowledge only once durable.
-        sync: bool,
-    },
+    /// The data path: `Fetch` and `Store` (the production protocol,
+    /// `quiver_node_core::request`).
+    Data(DataRequest),
     /// Coordinate a client write (sent by a node outside the preference list).
     Forward {
         /// The client's request.
@@ -194,10 +183,8 @@ pub enum PeerRequest {
 pub enum PeerResponse {
     /// Answer to `Ping`.
     Pong,
-    /// Answer to `Fetch` (empty object when the replica holds nothing).
-    Fetched(Object),
-    /// Answer to `Store`.
-    Stored,
+    /// Answer to a data-path request.
+    Data(DataResponse),
     /// Answer to `Forward`: the coordinator's reply to the client.
     Forwarded(ClientResult),
     /// The request was refused (the peer is up).
@@ -387,7 +374,10 @@ impl NodeConfig {
             (self.reap_without_checks, Variant::ReapWithoutChecks),
             (self.reap_check_without_sync, Variant::ReapCheckWithoutSync),
             (self.handoff_drop_before_ack, Variant::HandoffDropBeforeAck),
-            (!self.sync_unchanged_merges, Variant::UnsyncedUnchangedMerges),
+            (
+                !self.sync_unchanged_merges,
+                Variant::UnsyncedUnchangedMerges,
+            ),
             (!f.forget_hints_for_left, Variant::KeepHintsForLeft),
             (!f.pass_ring_version, Variant::TreeRingVersion),
             (!f.handoff_same_ring, Variant::HandoffAnyRing),
@@ -542,24 +532,18 @@ struct Call {
 struct PutOp {
     /// `None` once the client has its answer.
     origin: Option<Origin>,
-    key: String,
-    fanout: PutFanout,
-    object: Object,
-    sync: bool,
+    /// The production coordinator (`quiver_node_core::request::Put`).
+    put: Put,
+    /// The client's answer: its context plus the write's dot.
     reply: VersionVector,
-    dot: Dot,
-    w: usize,
 }
 
 #[derive(Debug)]
 struct GetOp {
     /// `None` once the client has its answer; the op then lives on for read repair.
     origin: Option<Origin>,
-    key: String,
-    read: ReadFanout,
-    r: usize,
-    /// When the read asks a spare if it is still short of R replies.
-    speculate_at_ms: Option<u64>,
+    /// The production coordinator (`quiver_node_core::request::Get`).
+    get: Get,
 }
 
 #[derive(Debug)]
@@ -796,15 +780,7 @@ impl Node {
             // The coordinators' own fsyncs (group-committed): their copies now count.
             self.sync();
             for op in std::mem::take(&mut self.local_syncs) {
-                if let Some(mut put) = self.puts.remove(&op) {
-                    let stand_in = put.fanout.on_local_synced(Ok(()), |n| self.is_up(n));
-                    if let Some(target) = stand_in {
-                        let (key, object, sync) = (put.key.clone(), put.object.clone(), put.sync);
-                        self.send_store(now_ms, op, target, &key, &object, sync, &mut fx);
-                    }
-                    self.puts.insert(op, put);
-                }
-                self.put_progress(op, &mut fx);
+                self.store_result(now_ms, op, None, Ok(()), &mut fx);
             }
         }
         let expired: Vec<u64> = self
@@ -951,21 +927,21 @@ impl Node {
             Purpose::Depart => self.depart_result(result, fx),
             Purpose::Store { op, target } => {
                 let result = match result {
-                    Ok(PeerResponse::Stored) => Ok(()),
+                    Ok(PeerResponse::Data(DataResponse::Stored)) => Ok(()),
                     Ok(other) => Err(format!("unexpected reply {other:?}")),
                     Err(CallError::Refused(e)) => Err(e),
                     Err(CallError::Timeout) => Err("timeout".to_string()),
                 };
-                self.store_result(now_ms, op, target, result, fx);
+                self.store_result(now_ms, op, Some(target), result, fx);
             }
             Purpose::Fetch { op, node } => {
-                if let Some(get) = self.gets.get_mut(&op) {
+                if let Some(g) = self.gets.get_mut(&op) {
                     let reply = match result {
-                        Ok(PeerResponse::Fetched(o)) => Ok(o),
+                        Ok(PeerResponse::Data(DataResponse::Fetched(o))) => Ok(o),
                         Ok(other) => Err(format!("unexpected {other:?}")),
                         Err(e) => Err(format!("{e:?}")),
                     };
-                    if let Some(spare) = get.read.on_reply(&node, reply) {
+                    if let Some(spare) = g.get.on_reply(&node, reply) {
                         self.send_fetch(now_ms, op, &spare.node, fx);
                     }
                     self.get_progress(now_ms, op, fx);
@@ -987,7 +963,7 @@ impl Node {
             }
             Purpose::Hint => {
                 let reply = match result {
-                    Ok(PeerResponse::Stored) => StoreReply::Stored,
+                    Ok(PeerResponse::Data(DataResponse::Stored)) => StoreReply::Stored,
                     Ok(_) | Err(CallError::Refused(_)) => StoreReply::Refused,
                     // The owner went away again: stop for now, it is marked down.
                     Err(CallError::Timeout) => StoreReply::Unreachable,
@@ -1101,36 +1077,36 @@ impl Node {
             true => ReadSpread::for_read(op, self.cfg.full_reads_per_mille),
             false => ReadSpread::Quorum,
         };
-        let (mut read, mut remote) = ReadFanout::start(&me, &targets, quorum.r, n, spread, op);
-        if remote.len() < targets.len() {
-            // The simulated local read cannot fail, so no spare stands in for it.
-            let spare = read.on_reply(&me, Ok(self.local_object(&req.key)));
-            remote.extend(spare);
-        }
-        self.gets.insert(
-            op,
-            GetOp {
-                origin: Some(origin),
-                key: req.key,
-                read,
+        let (get, fetches) = Get::start(
+            GetArgs {
+                me: &me,
+                bucket: BUCKET,
+                key: req.key.as_bytes(),
+                targets: &targets,
                 r: quorum.r,
-                speculate_at_ms: self.cfg.read_speculate_ms.map(|d| now_ms + d),
+                n,
+                spread,
+                index: op,
+                now_ms,
+                speculate_ms: self.cfg.read_speculate_ms,
             },
+            // The simulated local read cannot fail.
+            || Ok(self.local_object(&req.key)),
         );
-        for t in remote {
+        let origin = Some(origin);
+        self.gets.insert(op, GetOp { origin, get });
+        for t in fetches {
             self.send_fetch(now_ms, op, &t.node, fx);
         }
         self.get_progress(now_ms, op, fx);
     }
 
-    /// Asks `node` for its copy of get `op`'s key (production: `Cluster::fetch`).
+    /// Asks `node` for its copy of get `op`'s key.
     fn send_fetch(&mut self, now_ms: u64, op: u64, node: &str, fx: &mut Vec<Effect>) {
-        let Some(get) = self.gets.get(&op) else {
+        let Some(op_state) = self.gets.get(&op) else {
             return;
         };
-        let body = PeerRequest::Fetch {
-            key: get.key.clone(),
-        };
+        let body = PeerRequest::Data(op_state.get.fetch_request());
         let purpose = Purpose::Fetch {
             op,
             node: node.to_string(),
@@ -1138,19 +1114,15 @@ impl Node {
         self.call(now_ms, node, body, self.cfg.peer_timeout_ms, purpose, fx);
     }
 
-    /// Gets still short of R replies at their speculation time ask a spare each
-    /// (production: the speculation timer in `Cluster::get`).
+    /// Gets past their speculation deadline ask a spare each (production: the
+    /// speculation timer in `Cluster::get`).
     fn speculate_reads(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        let Some(every) = self.cfg.read_speculate_ms else {
-            return;
-        };
         let mut due = Vec::new();
-        for (&op, get) in &mut self.gets {
-            if get.speculate_at_ms.is_some_and(|at| at <= now_ms) {
-                get.speculate_at_ms = Some(now_ms + every);
-                if let Some(spare) = get.read.speculate() {
-                    due.push((op, spare.node));
-                }
+        for (&op, g) in &mut self.gets {
+            if g.get.deadline().is_some_and(|at| at <= now_ms)
+                && let Some(spare) = g.get.on_deadline(now_ms)
+            {
+                due.push((op, spare.node));
             }
         }
         for (op, node) in due {
@@ -1160,57 +1132,39 @@ impl Node {
     }
 
     fn get_progress(&mut self, now_ms: u64, op: u64, fx: &mut Vec<Effect>) {
-        let Some(get) = self.gets.get_mut(&op) else {
+        let Some(g) = self.gets.get_mut(&op) else {
             return;
         };
-        let decided = match get.read.decision() {
-            Some(Status::Reached(merged)) => Some(ClientResult::Got {
+        let decided = g.get.decision().map(|d| match d {
+            Ok(merged) => ClientResult::Got {
                 context: causality::encode_context(merged.context()),
                 object: merged,
-            }),
-            Some(Status::Failed(f)) => Some(ClientResult::Failed(format!(
-                "get {}: read quorum r={} not reached: {f}",
-                get.key, get.r
-            ))),
-            Some(Status::Pending) | None => None,
-        };
+            },
+            Err(e) => ClientResult::Failed(e),
+        });
         if let Some(result) = decided
-            && let Some(origin) = get.origin.take()
+            && let Some(origin) = g.origin.take()
         {
             self.reply(origin, result, fx);
         }
-        // Every target answered (or the read failed): read repair (production:
-        // Cluster::read_repair, which repairs nothing after a failed read).
-        if !self.gets.get(&op).is_some_and(|g| g.read.is_finished()) {
+        // Every target answered (or the read failed): read repair.
+        if !self.gets.get(&op).is_some_and(|g| g.get.is_finished()) {
             return;
         }
-        let Some(get) = self.gets.remove(&op) else {
+        let Some(g) = self.gets.remove(&op) else {
             return;
         };
         if !self.cfg.read_repair {
             return;
         }
-        let merged = get.read.merged().clone();
-        for repair in get.read.repairs() {
-            let Target { node, hint_for } = repair.target;
+        for (target, store) in g.get.repairs() {
             fx.push(Effect::Observe(Observation::ReadRepair));
-            if node == self.me.node {
-                let _ = self.merge_remote(&get.key, &merged, false, hint_for.as_deref());
+            if target.node == self.me.node {
+                let _ = self.apply_store(&store);
             } else {
-                let body = PeerRequest::Store {
-                    key: get.key.clone(),
-                    object: merged.clone(),
-                    hint_for,
-                    sync: false,
-                };
-                self.call(
-                    now_ms,
-                    &node,
-                    body,
-                    self.cfg.peer_timeout_ms,
-                    Purpose::Repair,
-                    fx,
-                );
+                let body = PeerRequest::Data(DataRequest::Store(store));
+                let timeout = self.cfg.peer_timeout_ms;
+                self.call(now_ms, &target.node, body, timeout, Purpose::Repair, fx);
             }
         }
     }
@@ -1236,21 +1190,26 @@ impl Node {
         };
         let (targets, n) = self.targets(&req.key, quorum.n);
         let me = self.me.node.clone();
-        let route = route_write(&me, &targets, forwarded);
-        let my_target = match &route {
-            WriteRoute::Coordinate { me, .. } => me.clone(),
-            WriteRoute::Forward => {
-                let op = self.next_op;
-                self.next_op += 1;
-                let fwd = ForwardOp {
-                    origin,
-                    request: req,
-                    forwarding: Forwarding::new(&targets, quorum.w, n),
-                    current: NodeId::new(),
-                };
-                return self.forward_next(now_ms, op, fwd, fx);
-            }
-        };
+        let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
+        let (my_target, sync_first, sync_alongside) =
+            match plan_write(&me, &targets, forwarded, quorum.w, n, sync) {
+                WritePlan::Coordinate {
+                    me,
+                    sync_first,
+                    sync_alongside,
+                } => (me, sync_first, sync_alongside),
+                WritePlan::Forward(forwarding) => {
+                    let op = self.next_op;
+                    self.next_op += 1;
+                    let fwd = ForwardOp {
+                        origin,
+                        request: req,
+                        forwarding,
+                        current: NodeId::new(),
+                    };
+                    return self.forward_next(now_ms, op, fwd, fx);
+                }
+            };
         let (value, op) = match req.op {
             ClientOp::Put(v) => (v.clone(), WriteOp::Put(v)),
             _ => (Vec::new(), WriteOp::Delete),
@@ -1279,143 +1238,106 @@ impl Node {
             Ok(w) => w,
             Err(e) => return self.reply(origin, ClientResult::Failed(e.to_string()), fx),
         };
-        let (object, dot) = (outcome.object, outcome.dot);
-        let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
-        // Like production: with other replicas the coordinator's own fsync runs alongside
-        // theirs (here: at the next tick, so a crash can fall in between) and its copy counts
-        // towards W only once durable; alone, it syncs before answering.
-        let sync_first = route.sync_before_fanout(sync);
-        let local_sync_pending = sync && !sync_first;
+        // With other replicas the coordinator's own fsync runs alongside theirs (here: at
+        // the next tick, so a crash can fall in between) and its copy counts towards W only
+        // once durable; alone, it syncs before answering.
         if sync_first {
             self.sync();
         }
         fx.push(Effect::Observe(Observation::DotIssued {
             node: me.clone(),
             key: req.key.clone(),
-            dot: dot.clone(),
-            context: client_context.clone(),
+            dot: outcome.dot.clone(),
+            context: client_context,
             value,
         }));
-        let mut reply = client_context;
-        reply.add(&dot);
-
         let (_, fallbacks) = self.preference(&req.key, quorum.n);
-        let (fanout, sends) = PutFanout::start(
-            &my_target,
-            &targets,
-            &fallbacks,
-            quorum.w,
-            n,
-            self.cfg.sloppy,
-            local_sync_pending,
+        let (put, sends) = Put::start(
+            PutArgs {
+                bucket: BUCKET,
+                key: req.key.as_bytes(),
+                me: &my_target,
+                targets: &targets,
+                fallbacks: &fallbacks,
+                w: quorum.w,
+                n,
+                sloppy: self.cfg.sloppy,
+                sync,
+                sync_alongside,
+            },
+            &outcome,
+            self.cfg.broken(),
         );
         let op = self.next_op;
         self.next_op += 1;
-        let mut origin = Some(origin);
-        if self.cfg.ack_before_quorum
-            && let Some(o) = origin.take()
-        {
-            let result = ClientResult::Written {
-                context: causality::encode_context(&reply),
-                dot: dot.clone(),
-            };
-            self.reply(o, result, fx);
-        }
-        if local_sync_pending {
+        if sync_alongside {
             self.local_syncs.push(op);
         }
-        for target in sends {
-            self.send_store(now_ms, op, target, &req.key, &object, sync, fx);
+        for (target, store) in sends {
+            self.send_store(now_ms, op, target, store, fx);
         }
-        self.puts.insert(
-            op,
-            PutOp {
-                origin,
-                key: req.key,
-                fanout,
-                object,
-                sync,
-                reply,
-                dot,
-                w: quorum.w,
-            },
-        );
+        let origin = Some(origin);
+        let reply = outcome.context;
+        self.puts.insert(op, PutOp { origin, put, reply });
         self.put_progress(op, fx);
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn send_store(
         &mut self,
         now_ms: u64,
         op: u64,
         target: Target,
-        key: &str,
-        object: &Object,
-        sync: bool,
+        store: StoreRequest,
         fx: &mut Vec<Effect>,
     ) {
-        let body = PeerRequest::Store {
-            key: key.to_string(),
-            object: object.clone(),
-            hint_for: target.hint_for.clone(),
-            sync,
-        };
         let node = target.node.clone();
-        self.call(
-            now_ms,
-            &node,
-            body,
-            self.cfg.peer_timeout_ms,
-            Purpose::Store { op, target },
-            fx,
-        );
+        let body = PeerRequest::Data(DataRequest::Store(store));
+        let purpose = Purpose::Store { op, target };
+        self.call(now_ms, &node, body, self.cfg.peer_timeout_ms, purpose, fx);
     }
 
     fn store_result(
         &mut self,
         now_ms: u64,
         op: u64,
-        target: Target,
+        target: Option<Target>,
         result: Result<(), String>,
         fx: &mut Vec<Effect>,
     ) {
         // A put stays until every store has answered, as in production: failures after the
         // client's answer still go to a fallback with a hint.
-        let Some(mut put) = self.puts.remove(&op) else {
+        let Some(p) = self.puts.get_mut(&op) else {
             return;
         };
-        if let Some(replacement) = put
-            .fanout
-            .on_store_result(&target, result, |n| self.is_up(n))
-        {
-            let (key, object, sync) = (put.key.clone(), put.object.clone(), put.sync);
-            self.send_store(now_ms, op, replacement, &key, &object, sync, fx);
+        let (me, health) = (&self.me.node, &self.health);
+        let is_up = |n: &str| n == me || health.is_up(n);
+        let next = match target {
+            Some(target) => p.put.on_store_result(&target, result, is_up),
+            None => p.put.on_local_synced(result, is_up),
+        };
+        if let Some((target, store)) = next {
+            self.send_store(now_ms, op, target, store, fx);
         }
-        self.puts.insert(op, put);
         self.put_progress(op, fx);
     }
 
     fn put_progress(&mut self, op: u64, fx: &mut Vec<Effect>) {
-        let Some(put) = self.puts.get_mut(&op) else {
+        let Some(p) = self.puts.get_mut(&op) else {
             return;
         };
-        let result = match put.fanout.decision() {
-            Some(Status::Reached(())) => Some(ClientResult::Written {
-                context: causality::encode_context(&put.reply),
-                dot: put.dot.clone(),
-            }),
-            Some(Status::Failed(f)) => Some(ClientResult::Failed(format!(
-                "put {}: write quorum w={} not reached: {f}",
-                put.key, put.w
-            ))),
-            Some(Status::Pending) | None => None,
-        };
+        let result = p.put.decision().map(|d| match d {
+            Ok(()) => ClientResult::Written {
+                context: causality::encode_context(&p.reply),
+                dot: p.put.dot().clone(),
+            },
+            Err(e) => ClientResult::Failed(e),
+        });
         let origin = if result.is_some() {
-            put.origin.take()
+            p.origin.take()
         } else {
             None
         };
-        if put.fanout.is_finished() {
+        if p.put.is_finished() {
             self.puts.remove(&op);
         }
         if let (Some(origin), Some(result)) = (origin, result) {
@@ -1425,10 +1347,7 @@ impl Node {
 
     fn forward_next(&mut self, now_ms: u64, op: u64, mut fwd: ForwardOp, fx: &mut Vec<Effect>) {
         let Some(target) = fwd.forwarding.next_target() else {
-            let msg = format!(
-                "no replica could coordinate the write: {}",
-                fwd.forwarding.failure()
-            );
+            let msg = forward_failed(&fwd.forwarding);
             return self.reply(fwd.origin, ClientResult::Failed(msg), fx);
         };
         let body = PeerRequest::Forward {
@@ -1463,17 +1382,16 @@ impl Node {
         };
         match body {
             PeerRequest::Ping => fx.push(respond(PeerResponse::Pong)),
-            PeerRequest::Fetch { key } => {
-                fx.push(respond(PeerResponse::Fetched(self.local_object(&key))))
+            PeerRequest::Data(DataRequest::Fetch { bucket, key }) => {
+                let body = match self.replica.get(&bucket, &key) {
+                    Ok(object) => PeerResponse::Data(DataResponse::Fetched(object)),
+                    Err(e) => PeerResponse::Error(e.to_string()),
+                };
+                fx.push(respond(body));
             }
-            PeerRequest::Store {
-                key,
-                object,
-                hint_for,
-                sync,
-            } => {
-                let body = match self.merge_remote(&key, &object, sync, hint_for.as_deref()) {
-                    Ok(_) => PeerResponse::Stored,
+            PeerRequest::Data(DataRequest::Store(store)) => {
+                let body = match self.apply_store(&store) {
+                    Ok(()) => PeerResponse::Data(DataResponse::Stored),
                     Err(e) => PeerResponse::Error(e),
                 };
                 fx.push(respond(body));
@@ -1501,24 +1419,15 @@ impl Node {
         }
     }
 
-    /// A replica's merge (the production `Replica::merge_remote`: merge, hint marker and
-    /// anti-entropy entry in one batch), then the driver's fsync when asked — since the
-    /// fix of the crate docs' finding also when nothing changed (production's `KvService`).
-    fn merge_remote(
-        &mut self,
-        key: &str,
-        incoming: &Object,
-        sync: bool,
-        hint_for: Option<&str>,
-    ) -> Result<bool, String> {
-        let changed = self
-            .replica
-            .merge_remote(BUCKET, key.as_bytes(), incoming, hint_for)
+    /// A replica takes a `Store` (the production `request::apply_store`), then the
+    /// driver's fsync when it says so.
+    fn apply_store(&mut self, store: &StoreRequest) -> Result<(), String> {
+        let sync_first = request::apply_store(&self.replica, store, self.cfg.broken())
             .map_err(|e| e.to_string())?;
-        if sync && (changed || self.cfg.sync_unchanged_merges) {
+        if sync_first {
             self.sync();
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// The owner acknowledged a delivered hint (the production `Replica::hint_delivered`:
@@ -1553,12 +1462,13 @@ impl Node {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             }
             HintStep::Store { owner, hinted } => {
-                let body = PeerRequest::Store {
-                    key: String::from_utf8_lossy(&hinted.key).into_owned(),
+                let body = PeerRequest::Data(DataRequest::Store(StoreRequest {
+                    bucket: BUCKET.to_string(),
+                    key: hinted.key,
                     object: hinted.object,
                     hint_for: None,
                     sync: true,
-                };
+                }));
                 self.call(
                     now_ms,
                     &owner,

@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use quiver_node_core::request::{DataRequest, DataResponse, StoreRequest};
 use quiver_sim::node::{Durability, MembershipFixes};
 use quiver_sim::sim::{Checker, Config, Failure, Report, run};
 
@@ -417,12 +418,13 @@ fn unchanged_sync_store_must_still_fsync() {
         let mut b = Node::boot("b", &initial, cfg, Disk::new(2), 0, 0);
         let store = |id, sync| Message::Request {
             id,
-            body: PeerRequest::Store {
-                key: "k".into(),
+            body: PeerRequest::Data(DataRequest::Store(StoreRequest {
+                bucket: quiver_sim::node::BUCKET.into(),
+                key: b"k".to_vec(),
                 object: record.object.clone(),
                 hint_for: None,
                 sync,
-            },
+            })),
         };
         // Read repair (buffered), then the coordinator's replication Store (sync).
         b.on_message(1, "a", store(1, false));
@@ -431,7 +433,7 @@ fn unchanged_sync_store_must_still_fsync() {
             e,
             quiver_sim::node::Effect::Send {
                 msg: Message::Response {
-                    body: PeerResponse::Stored,
+                    body: PeerResponse::Data(DataResponse::Stored),
                     ..
                 },
                 ..

@@ -37,7 +37,7 @@ impl Cluster {
 
     /// The lease's monotonic clock: ms since this node started.
     fn lease_now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.mono_ms()
     }
 
     fn ae_lease(&self) -> std::sync::MutexGuard<'_, AeLease> {
