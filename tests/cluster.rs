@@ -523,3 +523,51 @@ async fn bucket_properties_reach_every_node_and_survive_restarts() {
     assert_eq!((info.w, info.sibling_threshold), (3, 5));
     assert!(info.set_by.is_some());
 }
+
+// A node killed and restarted on its data directory answers packets of its previous life's
+// connections with stateless resets its peers accept (the reset key derives from its
+// identity), so the peer redials at once and resends: the first write after the restart
+// succeeds instead of waiting out the (here 30 s) peer timeout on a dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_redialled_at_once() {
+    let mut c = ClusterProc::start(
+        26,
+        2,
+        &[
+            "--n",
+            "2",
+            "--peer-timeout-ms",
+            "30000",
+            "--request-timeout-ms",
+            "60000",
+            "--sloppy-quorum",
+            "false",
+        ],
+    );
+    let n1 = c.client(0).await;
+    // Opens n1's connection to n2.
+    eventually("a w=2 put through n1", || {
+        let n1 = n1.clone();
+        async move {
+            n1.put_with("b", "k0", b"v".to_vec(), None, &w(2))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    c.kill9(1);
+    c.restart(1);
+    let n2 = c.client(1).await;
+    n2.ping().await.expect("n2 serves again");
+    let started = std::time::Instant::now();
+    n1.put_with("b", "k1", b"v".to_vec(), None, &w(2))
+        .await
+        .expect("the write reaches the restarted n2");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "took {took:?}: the old connection was waited out, not reset"
+    );
+    let got = n2.get_with("b", "k1", &r(1)).await.expect("get on n2");
+    assert_eq!(got.values(), vec![&b"v"[..]]);
+}

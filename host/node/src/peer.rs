@@ -725,7 +725,18 @@ impl Peers {
         background: bool,
     ) -> Result<PeerResponse, PeerError> {
         let conn = self.connection(node, background).await?;
-        Self::exchange_on(&conn, node, req).await
+        let result = Self::exchange_on(&conn, node, req).await;
+        // A stateless reset means the peer restarted and holds no state of this
+        // connection, so it never saw the request: redial once and send it again.
+        if result.is_err() && matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) {
+            tracing::debug!(
+                peer = node,
+                "connection reset by a restarted peer; redialling"
+            );
+            let conn = self.connection(node, background).await?;
+            return Self::exchange_on(&conn, node, req).await;
+        }
+        result
     }
 
     async fn exchange_on(

@@ -165,12 +165,18 @@ impl Node {
         }
         let kv = Arc::new(kv);
         let server_config = server_config(&identity, config.streams_per_connection_max)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config(&identity),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         let meta = MetaStore::open(kv.store().clone()).map_err(|e| storage_err(e.to_string()))?;
         let my_addr = match config.advertise {
             Some(a) => a,
@@ -456,6 +462,32 @@ fn engine_dir(kind: EngineKind) -> &'static str {
         EngineKind::Fjall => "fjall",
         EngineKind::Memory => "memory",
     }
+}
+
+/// The endpoint's stateless-reset key and connection-ID key, both derived from the node's
+/// private key (each with a label of its own, so neither is another use of that key). A
+/// node restarted on the same data directory then recognises the connection IDs of its
+/// previous life as its own and answers their packets with resets its peers and clients
+/// accept: they redial at once instead of waiting out a timeout on a connection nobody
+/// holds any more. quinn's defaults (random keys per start) drop those packets silently.
+fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut seed = ring::digest::Context::new(&ring::digest::SHA256);
+        seed.update(label);
+        seed.update(identity.key.secret_der());
+        seed.finish()
+    };
+    let reset = derive(b"quiver stateless reset key v1");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let cid = derive(b"quiver connection id key v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 fn server_config(
