@@ -111,6 +111,7 @@ impl Forwarding {
             needed: self.w,
             succeeded: Vec::new(),
             failed: self.failed.clone(),
+            pending: Vec::new(),
             unavailable: self
                 .n
                 .saturating_sub(self.failed.len() + self.targets.len()),

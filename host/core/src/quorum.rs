@@ -119,6 +119,9 @@ pub struct QuorumFailure {
     pub succeeded: Vec<String>,
     /// Replicas that failed, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Replicas asked that had not answered when the quorum became unreachable.
+    #[serde(default)]
+    pub pending: Vec<String>,
     /// Replicas of the preference list that were not even tried (known down, no fallback).
     pub unavailable: usize,
 }
@@ -136,6 +139,9 @@ impl std::fmt::Display for QuorumFailure {
         }
         for (node, why) in &self.failed {
             write!(f, "; {node} failed: {why}")?;
+        }
+        if !self.pending.is_empty() {
+            write!(f, "; no answer yet from {}", self.pending.join(", "))?;
         }
         if self.unavailable > 0 {
             write!(f, "; {} replica(s) unavailable", self.unavailable)?;
@@ -185,6 +191,7 @@ impl Tally {
                 needed: self.needed,
                 succeeded: self.succeeded.clone(),
                 failed: self.failed.clone(),
+                pending: self.pending.clone(),
                 unavailable: self.unavailable,
             }));
         }
@@ -324,6 +331,24 @@ mod tests {
                 hint_for: None,
             })
             .collect()
+    }
+
+    // Found by the fault suite: "1 of 3 needed replicas answered (n3); 1 replica(s)
+    // unavailable" left the third replica unaccounted for. It had not answered yet.
+    #[test]
+    fn a_failed_quorum_accounts_for_every_replica() {
+        let mut q = WriteQuorum::new(&t(&["a", "b", "c"]), 3, 4);
+        q.on_ack("a");
+        q.on_failure("b", "timeout");
+        let Status::Failed(f) = q.status() else {
+            panic!("3 of 3 can no longer be reached");
+        };
+        assert_eq!(f.pending, vec!["c".to_string()]);
+        assert_eq!(
+            f.to_string(),
+            "1 of 3 needed replicas answered (a); b failed: timeout; no answer yet from c; \
+             1 replica(s) unavailable"
+        );
     }
 
     #[test]
