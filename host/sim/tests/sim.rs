@@ -647,7 +647,7 @@ fn membership_fixes_are_load_bearing() {
             "handoff_same_ring",
             |f| f.handoff_same_ring = false,
             "membership-stress",
-            5,
+            12,
             Checker::LostWrite,
         ),
         (
