@@ -16,7 +16,7 @@
 //!
 //! Beside the entries sits the tombstone index (`keys::reap_key`): one entry per key whose
 //! siblings are all tombstones, holding the time, by this node's own clock, at which it
-//! stored exactly that state, kept in the same batches. The reaper (`cluster/reap.rs`)
+//! stored exactly that state, kept in the same batches. The reaper ([`crate::reap`])
 //! walks it instead of the data.
 
 use std::collections::{BTreeMap, HashMap};

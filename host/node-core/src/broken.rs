@@ -39,7 +39,8 @@ pub enum Variant {
     TreeRingVersion,
     /// A primary answers a handoff step whatever ring the sender holds.
     HandoffAnyRing,
-    /// A member on another ring than the reaper's still confirms a reaping check.
+    /// A member on another ring than the reaper's still confirms a reaping check (and
+    /// reaps when told to).
     ReapCheckAnyRing,
     /// A leaving node does not check again that it holds nothing once its departure was
     /// taken.

@@ -15,6 +15,8 @@
 //! - [`epochs`]: the durable per-boot actor-epoch allocator.
 //! - [`hints`]: a hint-delivery pass as a state machine (which `Store` next, what an
 //!   acknowledgement cleans up).
+//! - [`reap`]: tombstone reaping as a state machine (the first primary's pass: checks
+//!   of every member, then the reaps) and the members' answers.
 //! - [`request`]: a client request at its coordinator (route, local write, fan-out, answer,
 //!   read repair) and a replica's `Fetch`/`Store`.
 //! - [`record`]: the stored record format.
@@ -28,6 +30,7 @@ pub mod broken;
 pub mod epochs;
 pub mod exchange;
 pub mod hints;
+pub mod reap;
 pub mod record;
 pub mod replica;
 pub mod request;

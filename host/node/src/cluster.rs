@@ -955,6 +955,12 @@ impl Cluster {
                         message: "nested OnRing".into(),
                     });
                 }
+                // Reaping checks the ring itself (`quiver_node_core::reap::answer`).
+                if request.is_reap() {
+                    return self
+                        .handle_reap_peer(PeerRequest::OnRing { ring, request })
+                        .await;
+                }
                 if mine != ring {
                     return PeerResponse::Error(ErrorReply {
                         code: ErrorCode::Membership,

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::certs::NodeIdentity;
 use quiver_node_core::exchange::{AeRequest, AeResponse};
+use quiver_node_core::reap::{ReapRequest, ReapResponse};
 use quiver_storage::Durability;
 
 /// ALPN of version 1 of the peer protocol.
@@ -318,6 +319,82 @@ impl PeerResponse {
             PeerResponse::AeObjects(o) => AeResponse::Objects(o),
             PeerResponse::AePushed(n) => AeResponse::Pushed(n),
             PeerResponse::Error(e) => AeResponse::Refused(e.message),
+            _ => return None,
+        })
+    }
+}
+
+/// Reaping steps travel as `OnRing { ring, ReapCheck | Reap }` (the wire format predates
+/// the shared protocol of `quiver_node_core::reap`); these convert both ways.
+impl From<ReapRequest> for PeerRequest {
+    fn from(request: ReapRequest) -> Self {
+        let (ring, step) = match request {
+            ReapRequest::Check { ring, keys } => (ring, PeerRequest::ReapCheck(keys)),
+            ReapRequest::Reap { ring, keys } => (ring, PeerRequest::Reap(keys)),
+        };
+        PeerRequest::OnRing {
+            ring,
+            request: Box::new(step),
+        }
+    }
+}
+
+impl PeerRequest {
+    /// True for a reaping step (`ReapCheck` or `Reap`), bare or inside an `OnRing`.
+    pub fn is_reap(&self) -> bool {
+        match self {
+            PeerRequest::ReapCheck(_) | PeerRequest::Reap(_) => true,
+            PeerRequest::OnRing { request, .. } => {
+                matches!(**request, PeerRequest::ReapCheck(_) | PeerRequest::Reap(_))
+            }
+            _ => false,
+        }
+    }
+
+    /// The reaping step this request is, if it is one. A bare `ReapCheck` or `Reap` (what
+    /// nodes sent before `OnRing`) counts as sent on `own`, the receiver's ring, as it was
+    /// answered then.
+    pub fn into_reap(self, own: quiver_core::ring::RingId) -> Option<ReapRequest> {
+        let (ring, step) = match self {
+            PeerRequest::OnRing { ring, request } => (ring, *request),
+            step => (own, step),
+        };
+        match step {
+            PeerRequest::ReapCheck(keys) => Some(ReapRequest::Check { ring, keys }),
+            PeerRequest::Reap(keys) => Some(ReapRequest::Reap { ring, keys }),
+            _ => None,
+        }
+    }
+}
+
+impl From<ReapResponse> for PeerResponse {
+    fn from(response: ReapResponse) -> Self {
+        match response {
+            ReapResponse::Status(s) => PeerResponse::ReapStatus(s),
+            ReapResponse::Reaped(n) => PeerResponse::Reaped(n),
+            ReapResponse::OtherRing => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::Membership,
+                message: "the receiver holds another ring than the sender; retry once gossip \
+                          has spread it"
+                    .into(),
+            }),
+            ReapResponse::Refused(message) => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::Storage,
+                message,
+            }),
+        }
+    }
+}
+
+impl PeerResponse {
+    /// The reaping answer this response is, if it is one: a `Membership` error is a refusal
+    /// on ring grounds (the answer to an `OnRing` step), any other error a failure there.
+    pub fn into_reap(self) -> Option<ReapResponse> {
+        Some(match self {
+            PeerResponse::ReapStatus(s) => ReapResponse::Status(s),
+            PeerResponse::Reaped(n) => ReapResponse::Reaped(n),
+            PeerResponse::Error(e) if e.code == ErrorCode::Membership => ReapResponse::OtherRing,
+            PeerResponse::Error(e) => ReapResponse::Refused(e.message),
             _ => return None,
         })
     }

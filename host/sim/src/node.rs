@@ -56,6 +56,7 @@ use quiver_node_core::broken::{Broken, Variant};
 use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
+use quiver_node_core::reap::{ReapRequest, ReapResponse};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 use quiver_node_core::request::{
     self, DataRequest, DataResponse, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan,
@@ -150,17 +151,8 @@ pub enum PeerRequest {
     },
     /// An anti-entropy step (the production protocol, `quiver_node_core::exchange`).
     Ae(AeRequest),
-    /// Reaping: does the receiver hold exactly these states (and since how long, by its own
-    /// clock), and a hint for the key? The receiver makes its applied writes durable first.
-    ReapCheck {
-        /// The reaper's ring version (production sends none; see
-        /// [`MembershipFixes::reap_check_same_ring`]).
-        ring_version: u64,
-        /// (data key, digest) of the tombstones asked about.
-        keys: Vec<(Vec<u8>, Hash)>,
-    },
-    /// Reaping: remove these tombstones if still exactly these states.
-    Reap(Vec<(Vec<u8>, Hash)>),
+    /// A reaping step (the production protocol, `quiver_node_core::reap`).
+    Reap(ReapRequest),
     /// Membership gossip: the sender's view, which the receiver merges and answers with its
     /// own (production: `MetaPush` and the digest-first metadata pull, here one round trip).
     Gossip(Meta),
@@ -191,11 +183,8 @@ pub enum PeerResponse {
     Error(String),
     /// Answer to an anti-entropy step.
     Ae(AeResponse),
-    /// Answer to `ReapCheck`: (same state, hint held, ms the same state has been held by
-    /// the answering node's clock, 0 if not the same) per key.
-    ReapStatus(Vec<(bool, bool, u64)>),
-    /// Answer to `Reap`: tombstones removed.
-    Reaped(u64),
+    /// Answer to a reaping step.
+    Reap(ReapResponse),
     /// Answer to `Gossip`: the receiver's view after the merge.
     Gossip(Meta),
     /// Answer to `HandoffPush`, once the states are durable: keys whose state changed.

@@ -1,32 +1,24 @@
-//! Active anti-entropy and tombstone reaping in the simulated node: the index of
-//! `host/node/src/ae.rs`, the exchange of `host/node/src/cluster/ae.rs` and the reaper of
-//! `host/node/src/cluster/reap.rs` with `KvService::{reap, reap_status}`, as steps of the
-//! node's state machine.
+//! Active anti-entropy and tombstone reaping in the simulated node, as drivers of the
+//! production machines: the index (`quiver_node_core::ae::AeIndex`, on the simulated disk
+//! in the record's batch), the exchange (`quiver_node_core::exchange`, production's driver
+//! is `host/node/src/cluster/ae.rs`) and the reaping pass with its member side
+//! (`quiver_node_core::reap`, production's driver is `host/node/src/cluster/reap.rs`).
 //!
-//! The trees are the core's ([`merkle::Tree`], one per `(n, partition)`, leaf
-//! [`merkle::leaf_of`] of the key's ring position, entry [`merkle::entry_hash`] of the engine
-//! data key and [`merkle::object_digest`]); every comparison is [`merkle::differing`] or
-//! [`merkle::diff_keys`]. Production keeps the leaf level on disk in the record's batch;
-//! here the index lives in memory, follows every record write and delete of the node
-//! (`Node::put_record`, `Node::delete_record`), and is rebuilt from the records the disk
-//! kept when the node boots, which gives the same guarantee: the trees never drift from
-//! the data.
-//!
-//! An exchange is one message sequence with one peer (digest of roots, roots, groups,
-//! leaves, key lists, fetch, push), each step a call with the peer timeout. A failed or
-//! timed-out step abandons the exchange; replies to an abandoned exchange carry its id and
-//! are ignored. Exchanges and reaping checks do not feed the failure detector (production:
-//! `call_untracked`).
+//! Each step of an exchange or a reaping pass is a call with the peer timeout; a failed or
+//! timed-out step is reported to the machine as such; replies to an abandoned exchange or
+//! pass carry its id and are ignored. Exchanges and reaping checks do not feed the failure
+//! detector (production: `call_untracked`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use quiver_core::causality::Object;
-use quiver_core::merkle::{self, Hash};
+use quiver_core::merkle::Hash;
 use quiver_core::storage::{StorageEngine, keys};
 use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, Placement};
 use quiver_node_core::exchange::{self, AeRequest, AeResponse, Answering, Step};
+use quiver_node_core::reap::{self, ReapAnswering, ReapRequest, ReapResponse, ReapStart, ReapStep};
 
 use super::{
     BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
@@ -38,9 +30,6 @@ pub const AE_MAX_KEYS: usize = 10_000;
 
 /// A tree's identity: replication factor and partition.
 pub type TreeId = quiver_node_core::ae::TreeId;
-
-/// Tombstones a reaping pass considers at most (production: `REAP_BATCH`).
-const REAP_BATCH: usize = 512;
 
 /// Engine data key of a simulation key (production: `keys::data_key(bucket, key)`).
 pub fn data_key(key: &str) -> Vec<u8> {
@@ -72,12 +61,8 @@ pub(super) struct Exchange {
 #[derive(Debug)]
 pub(super) struct ReapPass {
     id: u64,
-    members: Vec<NodeId>,
-    /// (key, data key, digest, the other primaries).
-    mine: Vec<(String, Vec<u8>, Hash, Vec<NodeId>)>,
-    confirmed: Vec<bool>,
-    waiting: BTreeSet<NodeId>,
-    reaping: bool,
+    /// The production pass (`quiver_node_core::reap::ReapPass`).
+    machine: reap::ReapPass,
 }
 
 impl Node {
@@ -314,214 +299,83 @@ impl Node {
                     answer => PeerResponse::Ae(answer),
                 }
             }
-            PeerRequest::ReapCheck { ring_version, keys } => {
-                // Durable before confirming: a state counted towards a reap must survive a
-                // power loss (production: `KvService::reap_status` syncs first).
-                if !self.cfg.reap_check_without_sync {
-                    self.sync();
-                }
-                // A member on another ring may count as a replica what the reaper does not
-                // (or the reverse): it confirms nothing until the rings agree.
-                let other_ring =
-                    self.cfg.fixes.reap_check_same_ring && ring_version != self.meta.ring.version();
-                PeerResponse::ReapStatus(
-                    keys.iter()
-                        .map(|(dkey, digest)| {
-                            // A copy this node no longer replicates waits for handoff and
-                            // may be older than the tombstone: like a hint, it blocks
-                            // (production: `holds_orphan_copy`).
-                            if other_ring || self.holds_orphan_copy(dkey) {
-                                return (false, true, 0);
-                            }
-                            self.reap_status(dkey, digest)
-                        })
-                        .collect(),
-                )
-            }
-            PeerRequest::Reap(list) => {
-                let mut reaped = 0;
-                for (dkey, digest) in &list {
-                    if self.reap_local(dkey, digest, true, &mut Vec::new()) {
-                        reaped += 1;
-                    }
-                }
-                PeerResponse::Reaped(reaped)
-            }
+            PeerRequest::Reap(request) => PeerResponse::Reap(self.answer_reap(request)),
             _ => return None,
         })
     }
 
-    /// Every member this node knows: the owners a hint for a key could be for.
-    fn known_members(&self) -> Vec<String> {
-        self.meta.members.keys().cloned().collect()
-    }
-
-    /// The production `Replica::reap_status`: (holds exactly this state, holds a hint for
-    /// the key, how long it has held exactly this state by its own clock, 0 if not).
-    fn reap_status(&self, dkey: &[u8], digest: &Hash) -> (bool, bool, u64) {
-        let now = self.wall_ms(self.clock_ms);
-        match self
-            .replica
-            .reap_status(dkey, digest, &self.known_members(), now)
-        {
-            Ok((held, hinted)) => (held.is_some(), hinted, held.unwrap_or(0)),
-            Err(_) => (false, true, 0),
-        }
-    }
-
-    /// The production `Replica::reap`: deletes the record if it is still exactly that
-    /// tombstone and no hint for the key is held (for any owner; none with the broken
-    /// variant that skips checks). True when it was removed.
-    fn reap_local(
-        &mut self,
-        dkey: &[u8],
-        digest: &Hash,
-        check_hints: bool,
-        fx: &mut Vec<Effect>,
-    ) -> bool {
-        let Some(key) = key_of(dkey) else {
-            return false;
-        };
-        let object = self.local_object(&key);
-        let owners = if check_hints {
-            self.known_members()
-        } else {
-            Vec::new()
-        };
-        if !matches!(self.replica.reap(dkey, digest, &owners), Ok(true)) {
-            return false;
-        }
-        fx.push(Effect::Observe(Observation::Reaped {
-            node: self.me.node.clone(),
-            key,
-            object,
-        }));
-        true
-    }
-
-    /// Starts a reaping pass (production: `Cluster::reap_tombstones`).
+    /// Starts a reaping pass (production: `Cluster::reap_tombstones`), the machine of
+    /// `quiver_node_core::reap`.
     fn start_reap(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         let Some(grace) = self.cfg.tombstone_grace_ms else {
             return;
         };
         let members = self.peers.clone();
-        let broken = self.cfg.reap_without_checks;
-        if !broken && members.iter().any(|m| !self.is_up(m)) {
-            return;
-        }
         let n = self.cfg.quorum.n;
-        let now_wall = self.wall_ms(now_ms);
-        let mut mine = Vec::new();
-        // Hold time is local: the reaper itself must have held this exact state for the
-        // grace period by its own clock (production: the tombstone index's stamp, walked
-        // with a cursor by `reap_candidates`).
-        let candidates = self
-            .replica
-            .ae()
-            .reap_candidates(
-                &self.disk.engine,
-                now_wall.saturating_sub(grace),
-                REAP_BATCH,
-            )
-            .expect("a live node's disk is readable");
-        for dkey in candidates {
-            let Some(key) = key_of(&dkey) else { continue };
-            // The candidate walk reads the index; the record says what the state is now.
-            let object = self.local_object(&key);
-            if !is_tombstone(&object) {
-                continue;
-            }
-            let (primaries, _) = self.preference(&key, n);
-            if primaries.first() != Some(&self.me.node) {
-                continue;
-            }
-            let others: Vec<NodeId> = primaries
-                .into_iter()
-                .filter(|p| *p != self.me.node)
-                .collect();
-            let digest = merkle::object_digest(&object);
-            mine.push((key, dkey, digest, others));
-        }
-        if mine.is_empty() {
-            return;
-        }
-        // Durable before confirming: the reaper's own copy too.
-        if !broken && !self.cfg.reap_check_without_sync {
-            self.sync();
-        }
-        let confirmed: Vec<bool> = mine
-            .iter()
-            .map(|(_, d, digest, _)| {
-                let (same, hinted, held) = self.reap_status(d, digest);
-                broken || (same && !hinted && held >= grace)
-            })
-            .collect();
-        let id = self.next_bg_id();
-        let mut pass = ReapPass {
-            id,
-            members: members.clone(),
-            mine,
-            confirmed,
-            waiting: BTreeSet::new(),
-            reaping: false,
+        let is_up = |m: &str| self.is_up(m);
+        let primaries = |bucket: &str, key: &[u8]| match std::str::from_utf8(key) {
+            Ok(key) if bucket == BUCKET => self.preference(key, n).0,
+            _ => Vec::new(),
         };
-        if broken {
-            // BROKEN VARIANT: no member is asked; straight to reaping.
-            return self.reap_phase(now_ms, pass, fx);
-        }
-        let asked: Vec<(Vec<u8>, Hash)> = pass
-            .mine
-            .iter()
-            .map(|(_, d, h, _)| (d.clone(), *h))
-            .collect();
-        pass.waiting = members.iter().cloned().collect();
-        self.reap_pass = Some(pass);
-        let ring_version = self.meta.ring.version();
-        for m in &members {
-            let body = PeerRequest::ReapCheck {
-                ring_version,
-                keys: asked.clone(),
-            };
-            let timeout = self.cfg.peer_timeout_ms;
-            self.call_untracked(now_ms, m, body, timeout, Purpose::Reap { pass: id }, fx);
-        }
+        let start = ReapStart {
+            me: &self.me.node,
+            ring: self.meta.ring.id(),
+            members: &members,
+            is_up: &is_up,
+            primaries: &primaries,
+            grace_ms: grace,
+            now_ms: self.wall_ms(now_ms),
+            broken: self.cfg.broken(),
+        };
+        let Some((machine, step)) = reap::ReapPass::start(&self.replica, &start) else {
+            return;
+        };
+        let id = self.next_bg_id();
+        self.reap_drive(now_ms, ReapPass { id, machine }, step, fx);
     }
 
-    fn reap_phase(&mut self, now_ms: u64, mut pass: ReapPass, fx: &mut Vec<Effect>) {
-        pass.reaping = true;
-        pass.waiting.clear();
-        let mut sends = Vec::new();
-        for member in &pass.members {
-            let theirs: Vec<(Vec<u8>, Hash)> = pass
-                .mine
-                .iter()
-                .zip(&pass.confirmed)
-                .filter(|((_, _, _, others), ok)| **ok && others.contains(member))
-                .map(|((_, d, h, _), _)| (d.clone(), *h))
-                .collect();
-            if !theirs.is_empty() {
-                sends.push((member.clone(), theirs));
-            }
-        }
-        if sends.is_empty() {
-            return self.reap_finish(pass, fx);
-        }
-        let id = pass.id;
-        pass.waiting = sends.iter().map(|(m, _)| m.clone()).collect();
-        self.reap_pass = Some(pass);
-        for (m, theirs) in sends {
-            let timeout = self.cfg.peer_timeout_ms;
-            let body = PeerRequest::Reap(theirs);
-            self.call_untracked(now_ms, &m, body, timeout, Purpose::Reap { pass: id }, fx);
-        }
-    }
-
-    /// The other replicas were asked (answered or not): reap the confirmed keys here.
-    fn reap_finish(&mut self, pass: ReapPass, fx: &mut Vec<Effect>) {
-        let check_hints = !self.cfg.reap_without_checks;
-        for ((_, dkey, digest, _), ok) in pass.mine.iter().zip(&pass.confirmed) {
-            if *ok {
-                self.reap_local(dkey, digest, check_hints, fx);
+    /// Carries out `step` of `pass`: a sync at once (the simulated disk's is instant), the
+    /// requests as calls with the peer timeout, the keys reaped as observations.
+    fn reap_drive(
+        &mut self,
+        now_ms: u64,
+        mut pass: ReapPass,
+        step: ReapStep,
+        fx: &mut Vec<Effect>,
+    ) {
+        let mut step = step;
+        loop {
+            match step {
+                ReapStep::Sync => {
+                    self.sync();
+                    step = pass.machine.synced(&self.replica);
+                }
+                ReapStep::Send(requests) => {
+                    let id = pass.id;
+                    self.reap_pass = Some(pass);
+                    for (member, request) in requests {
+                        let timeout = self.cfg.peer_timeout_ms;
+                        let body = PeerRequest::Reap(request);
+                        let purpose = Purpose::Reap { pass: id };
+                        self.call_untracked(now_ms, &member, body, timeout, purpose, fx);
+                    }
+                    return;
+                }
+                ReapStep::Wait => {
+                    self.reap_pass = Some(pass);
+                    return;
+                }
+                ReapStep::Done(report) => {
+                    for (dkey, object) in report.reaped {
+                        let Some(key) = key_of(&dkey) else { continue };
+                        fx.push(Effect::Observe(Observation::Reaped {
+                            node: self.me.node.clone(),
+                            key,
+                            object,
+                        }));
+                    }
+                    return;
+                }
             }
         }
     }
@@ -538,38 +392,44 @@ impl Node {
         let Some(mut pass) = self.reap_pass.take() else {
             return;
         };
-        if pass.id != id || !pass.waiting.remove(peer) {
+        if pass.id != id {
             self.reap_pass = Some(pass);
             return;
         }
-        if pass.reaping {
-            // Production awaits each Reap call and ignores its failure.
-            if pass.waiting.is_empty() {
-                self.reap_finish(pass, fx);
-            } else {
-                self.reap_pass = Some(pass);
+        let answer = match result {
+            Ok(PeerResponse::Reap(r)) => Ok(r),
+            Ok(PeerResponse::Error(e)) => Ok(ReapResponse::Refused(e)),
+            Ok(other) => Err(format!("not a reaping answer: {other:?}")),
+            Err(CallError::Refused(e)) => Err(e),
+            Err(CallError::Timeout) => Err("no answer in time".to_string()),
+        };
+        let ring = self.meta.ring.id();
+        let step = pass.machine.on_response(&self.replica, peer, answer, ring);
+        self.reap_drive(now_ms, pass, step, fx);
+    }
+
+    /// The member side of reaping (production: `handle_reap_peer`).
+    fn answer_reap(&mut self, request: ReapRequest) -> ReapResponse {
+        let members = self.peers.clone();
+        let n = self.cfg.quorum.n;
+        let me = self.me.node.clone();
+        let is_primary = |bucket: &str, key: &[u8]| match std::str::from_utf8(key) {
+            Ok(key) if bucket == BUCKET => self.preference(key, n).0.contains(&me),
+            _ => false,
+        };
+        let at = ReapAnswering {
+            ring: self.meta.ring.id(),
+            members: &members,
+            is_primary: &is_primary,
+            broken: self.cfg.broken(),
+        };
+        let now = self.wall_ms(self.clock_ms);
+        match reap::answer(&self.replica, &at, request, now) {
+            reap::Answer::Reply(response) => response,
+            reap::Answer::SyncFirst(pending) => {
+                self.sync();
+                pending.answer(&self.replica, &at, now)
             }
-            return;
-        }
-        match result {
-            Ok(PeerResponse::ReapStatus(answers)) if answers.len() == pass.mine.len() => {
-                // Every other replica must have held exactly this state for the grace period
-                // by its own clock; no member may hold a hint for the key.
-                let grace = self.cfg.tombstone_grace_ms.unwrap_or(u64::MAX);
-                for (i, (same, hinted, held)) in answers.into_iter().enumerate() {
-                    let replica = pass.mine[i].3.iter().any(|p| p == peer);
-                    if hinted || (replica && !(same && held >= grace)) {
-                        pass.confirmed[i] = false;
-                    }
-                }
-            }
-            // An unanswered check proves nothing: this pass reaps nothing.
-            _ => return,
-        }
-        if pass.waiting.is_empty() {
-            self.reap_phase(now_ms, pass, fx);
-        } else {
-            self.reap_pass = Some(pass);
         }
     }
 }

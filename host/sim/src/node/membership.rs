@@ -202,21 +202,6 @@ impl Node {
         }
     }
 
-    /// True when this node holds a copy of the key (engine data key) but is not one of its
-    /// primaries under its ring: an old owner that has not handed it off yet (production:
-    /// `holds_orphan_copy`).
-    pub(super) fn holds_orphan_copy(&self, dkey: &[u8]) -> bool {
-        let Some(key) = key_of(dkey) else {
-            return false;
-        };
-        let (primaries, _) = self.preference(&key, self.cfg.quorum.n);
-        if primaries.contains(&self.me.node) {
-            return false;
-        }
-        let object = self.local_object(&key);
-        !object.siblings().is_empty() || !object.context().is_empty()
-    }
-
     /// Trees this node holds keys in but does not replicate under its ring, with the
     /// partition's current primaries (production: `handoff_trees`).
     fn handoff_trees(&self) -> Vec<(TreeId, Vec<NodeId>)> {
