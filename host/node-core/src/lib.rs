@@ -15,6 +15,8 @@
 //! - [`epochs`]: the durable per-boot actor-epoch allocator.
 //! - [`hints`]: a hint-delivery pass as a state machine (which `Store` next, what an
 //!   acknowledgement cleans up).
+//! - [`handoff`]: ownership handoff after a ring change as a state machine (offer each
+//!   orphaned tree to its primaries, drop what all of them hold) and its answering side.
 //! - [`request`]: a client request at its coordinator (route, local write, fan-out, answer,
 //!   read repair) and a replica's `Fetch`/`Store`.
 //! - [`record`]: the stored record format.
@@ -27,6 +29,7 @@ pub mod ae;
 pub mod broken;
 pub mod epochs;
 pub mod exchange;
+pub mod handoff;
 pub mod hints;
 pub mod record;
 pub mod replica;

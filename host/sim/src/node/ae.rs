@@ -105,14 +105,6 @@ impl Node {
             .expect("a booting node's disk is live");
     }
 
-    /// `(data key, digest)` of every key in one leaf of a tree, sorted by data key.
-    pub(super) fn leaf_keys(&self, tree: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
-        self.replica
-            .ae()
-            .leaf_keys(&self.disk.engine, tree, leaf, usize::MAX)
-            .expect("a live node's disk is readable")
-    }
-
     /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
     /// state), for the liveness check of reaping.
     pub fn tombstones_held_since(&self) -> Vec<(String, u64)> {
@@ -283,12 +275,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    /// Merges states received by anti-entropy or handoff (production: `merge_all`, buffered
-    /// `merge_remote` without a hint); returns how many changed the local state.
-    pub(super) fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
-        exchange::merge_all(&self.replica, objects)
     }
 
     /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,
