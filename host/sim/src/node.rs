@@ -36,7 +36,8 @@
 //!
 //! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of a request around
 //! the replica (when to fsync, fan out, answer), the hint-delivery pass, anti-entropy and
-//! reaping exchanges, gossip, handoff, departure, and timeouts (issue 12).
+//! reaping exchanges, gossip, departure, and timeouts (issue 12). Ownership handoff is
+//! node-core's (`quiver_node_core::handoff`), driven by `node::membership`.
 
 mod ae;
 mod membership;
