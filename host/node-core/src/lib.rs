@@ -17,6 +17,8 @@
 //!   acknowledgement cleans up).
 //! - [`reap`]: tombstone reaping as a state machine (the first primary's pass: checks
 //!   of every member, then the reaps) and the members' answers.
+//! - [`handoff`]: ownership handoff after a ring change as a state machine (offer each
+//!   orphaned tree to its primaries, drop what all of them hold) and its answering side.
 //! - [`request`]: a client request at its coordinator (route, local write, fan-out, answer,
 //!   read repair) and a replica's `Fetch`/`Store`.
 //! - [`record`]: the stored record format.
@@ -29,6 +31,7 @@ pub mod ae;
 pub mod broken;
 pub mod epochs;
 pub mod exchange;
+pub mod handoff;
 pub mod hints;
 pub mod reap;
 pub mod record;

@@ -946,7 +946,21 @@ impl Cluster {
                 partitions,
                 quorum,
             } => self.handle_join(node, entry, partitions, quorum).await,
-            PeerRequest::HandoffPush(objects) => self.handle_handoff_push(objects).await,
+            // A bare push (no sender sends one): answered as if on this node's ring.
+            PeerRequest::HandoffPush(objects) => {
+                let request = quiver_node_core::handoff::HandoffRequest {
+                    ring: self.ring().id(),
+                    ask: quiver_node_core::handoff::Ask::Push(objects),
+                };
+                self.handle_handoff(request).await
+            }
+            step @ PeerRequest::OnRing { .. } if step.is_handoff() => match step.into_handoff() {
+                Some(request) => self.handle_handoff(request).await,
+                None => PeerResponse::Error(ErrorReply {
+                    code: ErrorCode::Internal,
+                    message: "not a handoff step".into(),
+                }),
+            },
             PeerRequest::OnRing { ring, request } => {
                 let mine = self.ring().id();
                 if matches!(*request, PeerRequest::OnRing { .. }) {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::certs::NodeIdentity;
 use quiver_node_core::exchange::{AeRequest, AeResponse};
+use quiver_node_core::handoff::{Ask, HandoffRequest, HandoffResponse};
 use quiver_node_core::reap::{ReapRequest, ReapResponse};
 use quiver_storage::Durability;
 
@@ -396,6 +397,78 @@ impl PeerResponse {
             PeerResponse::Error(e) if e.code == ErrorCode::Membership => ReapResponse::OtherRing,
             PeerResponse::Error(e) => ReapResponse::Refused(e.message),
             _ => return None,
+        })
+    }
+}
+
+/// Handoff steps travel as `OnRing` around the anti-entropy leaf and key requests and
+/// `HandoffPush` (the wire format predates `quiver_node_core::handoff`); these convert both
+/// ways.
+impl From<HandoffRequest> for PeerRequest {
+    fn from(request: HandoffRequest) -> Self {
+        let step = match request.ask {
+            Ask::Leaves(a) => PeerRequest::AeLeaves(a),
+            Ask::Keys(a) => PeerRequest::AeKeys(a),
+            Ask::Push(o) => PeerRequest::HandoffPush(o),
+        };
+        PeerRequest::OnRing {
+            ring: request.ring,
+            request: Box::new(step),
+        }
+    }
+}
+
+impl PeerRequest {
+    /// True for an `OnRing` around a handoff step.
+    pub fn is_handoff(&self) -> bool {
+        matches!(self, PeerRequest::OnRing { request, .. } if matches!(
+            **request,
+            PeerRequest::AeLeaves(_) | PeerRequest::AeKeys(_) | PeerRequest::HandoffPush(_)
+        ))
+    }
+
+    /// The handoff step this request is, if it is one (see [`PeerRequest::is_handoff`]).
+    pub fn into_handoff(self) -> Option<HandoffRequest> {
+        let PeerRequest::OnRing { ring, request } = self else {
+            return None;
+        };
+        let ask = match *request {
+            PeerRequest::AeLeaves(a) => Ask::Leaves(a),
+            PeerRequest::AeKeys(a) => Ask::Keys(a),
+            PeerRequest::HandoffPush(o) => Ask::Push(o),
+            _ => return None,
+        };
+        Some(HandoffRequest { ring, ask })
+    }
+}
+
+impl From<HandoffResponse> for PeerResponse {
+    fn from(response: HandoffResponse) -> Self {
+        match response {
+            HandoffResponse::LeafHashes(l) => PeerResponse::AeLeafHashes(l),
+            HandoffResponse::KeyLists(k) => PeerResponse::AeKeyLists(k),
+            HandoffResponse::Stored(n) => PeerResponse::HandoffStored(n),
+            HandoffResponse::WrongRing(message) => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::Membership,
+                message,
+            }),
+            HandoffResponse::Refused(message) => PeerResponse::Error(ErrorReply {
+                code: ErrorCode::MalformedRequest,
+                message,
+            }),
+        }
+    }
+}
+
+impl PeerResponse {
+    /// The answer to a handoff step (an error is a refusal); `Err` for any other reply.
+    pub fn into_handoff(self) -> Result<HandoffResponse, String> {
+        Ok(match self {
+            PeerResponse::AeLeafHashes(l) => HandoffResponse::LeafHashes(l),
+            PeerResponse::AeKeyLists(k) => HandoffResponse::KeyLists(k),
+            PeerResponse::HandoffStored(n) => HandoffResponse::Stored(n),
+            PeerResponse::Error(e) => HandoffResponse::Refused(e.message),
+            other => return Err(format!("unexpected reply {other:?}")),
         })
     }
 }

@@ -71,7 +71,8 @@
 //! member from the start), Wasm reconcilers, the hint-store limit, fsync latency and
 //! failures (a poisoned store), QUIC connection state (a lost message is a timeout; a
 //! "connection refused" fast failure is not modelled), the `--ae-max-keys` paging of large
-//! exchanges and handoff pushes (one push per primary and tree), and refiling after a
+//! exchanges (handoff pushes are production's, bounded by bytes; the simulated values make
+//! one push per primary and tree), and refiling after a
 //! change of `n` (one bucket, one `n`).
 //! Anti-entropy and tombstone reaping are modelled (`node::ae`, off by default; see
 //! [`sim::Config::ae_only`] and [`sim::Config::reaping`]), as are the checkers (5) no

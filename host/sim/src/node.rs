@@ -36,7 +36,8 @@
 //!
 //! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of a request around
 //! the replica (when to fsync, fan out, answer), the hint-delivery pass, anti-entropy and
-//! reaping exchanges, gossip, handoff, departure, and timeouts (issue 12).
+//! reaping exchanges, gossip, departure, and timeouts (issue 12). Ownership handoff is
+//! node-core's (`quiver_node_core::handoff`), driven by `node::membership`.
 
 mod ae;
 mod membership;
@@ -55,6 +56,7 @@ use quiver_node_core::WallClock;
 use quiver_node_core::broken::{Broken, Variant};
 use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
+use quiver_node_core::handoff::{HandoffRequest, HandoffResponse};
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::reap::{ReapRequest, ReapResponse};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
@@ -156,18 +158,9 @@ pub enum PeerRequest {
     /// Membership gossip: the sender's view, which the receiver merges and answers with its
     /// own (production: `MetaPush` and the digest-first metadata pull, here one round trip).
     Gossip(Meta),
-    /// Ownership handoff: one step (`AeLeaves`, `AeKeys` or `HandoffPush`) of a pass the
-    /// sender runs under ring `ring_version` (production sends the step alone; see
-    /// [`MembershipFixes::handoff_same_ring`]).
-    Handoff {
-        /// The sender's ring version.
-        ring_version: u64,
-        /// The step.
-        step: Box<PeerRequest>,
-    },
-    /// Ownership handoff: merge these states and make them durable before answering
-    /// (production: `PeerRequest::HandoffPush`).
-    HandoffPush(Vec<(Vec<u8>, Object)>),
+    /// Ownership handoff: one step of a pass, with the sender's ring (the production
+    /// protocol, `quiver_node_core::handoff`).
+    Handoff(HandoffRequest),
 }
 
 /// Node-to-node responses (production: `peer::PeerResponse`).
@@ -187,8 +180,8 @@ pub enum PeerResponse {
     Reap(ReapResponse),
     /// Answer to `Gossip`: the receiver's view after the merge.
     Gossip(Meta),
-    /// Answer to `HandoffPush`, once the states are durable: keys whose state changed.
-    HandoffStored(u64),
+    /// Answer to a handoff step.
+    Handoff(HandoffResponse),
 }
 
 /// A message on the simulated network.
@@ -348,6 +341,9 @@ pub struct NodeConfig {
     /// BROKEN VARIANT: count a handoff push as held by the primary as soon as it is sent,
     /// without waiting for the primary's durable acknowledgement, and drop the local copy.
     pub handoff_drop_before_ack: bool,
+    /// BROKEN VARIANT: compare a primary's leaf hashes with this node's tree as it is when
+    /// the answer arrives, not with the hashes of the keys as listed.
+    pub leaf_hashes_as_now: bool,
     /// Membership rules the simulator found missing at first (see [`MembershipFixes`]).
     pub fixes: MembershipFixes,
 }
@@ -363,6 +359,7 @@ impl NodeConfig {
             (self.reap_without_checks, Variant::ReapWithoutChecks),
             (self.reap_check_without_sync, Variant::ReapCheckWithoutSync),
             (self.handoff_drop_before_ack, Variant::HandoffDropBeforeAck),
+            (self.leaf_hashes_as_now, Variant::LeafHashesAsNow),
             (
                 !self.sync_unchanged_merges,
                 Variant::UnsyncedUnchangedMerges,
@@ -583,7 +580,7 @@ pub struct Node {
     reaping_paused: bool,
     next_gossip_ms: u64,
     gossip_next_peer: usize,
-    handoff: Option<membership::HandoffPass>,
+    handoff: Option<membership::Handoff>,
     next_handoff_ms: u64,
     /// The departure announcement in flight, if any.
     departing: Option<membership::Departure>,
@@ -1393,13 +1390,7 @@ impl Node {
                 self.handle_client(now_ms, origin, request, Some(hint_for), fx);
             }
             PeerRequest::Gossip(meta) => fx.push(respond(self.on_gossip(&meta))),
-            PeerRequest::Handoff { ring_version, step } => {
-                let body = self.on_handoff_step(from, ring_version, *step);
-                fx.push(respond(body));
-            }
-            PeerRequest::HandoffPush(objects) => {
-                fx.push(respond(self.on_handoff_push(&objects)));
-            }
+            PeerRequest::Handoff(request) => fx.push(respond(self.on_handoff(request))),
             other => {
                 if let Some(body) = self.handle_background(from, other) {
                     fx.push(respond(body));

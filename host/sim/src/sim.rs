@@ -140,6 +140,9 @@ pub struct Config {
     /// BROKEN VARIANT: a handoff push counts as held once sent, not once durably
     /// acknowledged, and the old holder drops its copy.
     pub handoff_drop_before_ack: bool,
+    /// BROKEN VARIANT: the old holder compares a primary's leaf hashes with its tree as it
+    /// is when the answer arrives, not with the hashes of the keys it listed.
+    pub leaf_hashes_as_now: bool,
     /// Membership rules the simulator found (production has them too); all on unless a test
     /// shows what one prevents.
     pub fixes: MembershipFixes,
@@ -197,6 +200,7 @@ impl Default for Config {
             gossip_every_ms: 1_000,
             handoff_every_ms: 1_000,
             handoff_drop_before_ack: false,
+            leaf_hashes_as_now: false,
             fixes: MembershipFixes::ALL,
             scenario: "custom",
         }
@@ -367,6 +371,7 @@ impl Config {
                 self.handoff_drop_before_ack,
                 "BROKEN:handoff-drop-before-ack",
             ),
+            (self.leaf_hashes_as_now, "BROKEN:leaf-hashes-as-now"),
             (
                 !self.fixes.forget_hints_for_left,
                 "production-keeps-hints-for-left",
@@ -803,6 +808,7 @@ impl World {
                 gossip_every_ms: cfg.gossip_every_ms,
                 handoff_every_ms: cfg.handoff_every_ms,
                 handoff_drop_before_ack: cfg.handoff_drop_before_ack,
+                leaf_hashes_as_now: cfg.leaf_hashes_as_now,
                 fixes: cfg.fixes,
             })
             .collect();

@@ -412,6 +412,7 @@ fn unchanged_sync_store_must_still_fsync() {
             gossip_every_ms: 1_000,
             handoff_every_ms: 1_000,
             handoff_drop_before_ack: false,
+            leaf_hashes_as_now: false,
             fixes: MembershipFixes::ALL,
         };
         let initial = Meta::of_ring(Arc::clone(&ring));

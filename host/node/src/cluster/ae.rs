@@ -107,11 +107,6 @@ impl Cluster {
         Ok(report)
     }
 
-    /// Merges states received by anti-entropy or handoff; how many changed the local state.
-    pub(super) fn ae_merge(&self, objects: &[(Vec<u8>, quiver_core::causality::Object)]) -> u64 {
-        exchange::merge_all(&self.kv, objects)
-    }
-
     /// The answering side of an exchange.
     pub(crate) fn handle_ae_peer(&self, request: exchange::AeRequest) -> PeerResponse {
         let ring = self.ring();

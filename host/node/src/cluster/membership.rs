@@ -6,15 +6,13 @@
 //! `quiver_core::membership`), so they spread like bucket properties: pushed to every peer
 //! on a change and pulled by gossip. A node applies whatever ring its metadata holds.
 //!
-//! Handoff is driven by the old holder of a replica. Every pass, each tree `(n, partition)`
-//! this node holds but no longer replicates under its ring is offered to the partition's
-//! current primaries: leaf hashes first, key lists of the leaves that differ, then the
-//! keys a primary lacks or holds differently are pushed (`HandoffPush`, which the receiver
-//! makes durable before answering, and merges, so nothing newer there is overwritten).
-//! A key is dropped here only once every primary holds it and only if its state is still
-//! the one that was checked, so a write that lands meanwhile stays for the next pass.
-//! All state is on disk (the orphaned records themselves), so a crash of either side just
-//! resumes; the pass size is bounded by `--ae-max-keys`.
+//! Handoff is driven by the old holder of a replica: every pass offers each tree this node
+//! holds but no longer replicates to the partition's current primaries and drops what all
+//! of them hold. The rules are `quiver_node_core::handoff` (shared with the simulator);
+//! this module drives a pass (awaits each call, lists trees on the blocking pool) and makes
+//! a received push durable before answering. All state is on disk (the orphaned records
+//! themselves), so a crash of either side just resumes; the pass size is bounded by
+//! `--ae-max-keys`.
 //!
 //! A node that was told to leave exits once the committed ring no longer has it, it holds
 //! no keys and no hints, and every peer took the news that it left (checked once more just
@@ -25,49 +23,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use quiver_core::causality::Object;
 use quiver_core::membership::{
     MemberEntry, MemberState, MembershipError, RingEntry, replica_moves, staged_ring,
 };
-use quiver_core::merkle::{self, FANOUT, Hash, LEAVES};
 use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::{ClaimParams, Member, Ring};
 use quiver_sdk::wire::{ErrorCode, ErrorReply, PlanMember, PlanView, Response};
 
 use super::{Cluster, error};
-use crate::kv::KvService;
 use crate::peer::{PeerRequest, PeerResponse};
 use quiver_node_core::ae::TreeId;
-
-/// Value bytes per handoff push message (one larger object still goes alone).
-const HANDOFF_PUSH_BYTES: usize = 512 * 1024;
-/// Leaves asked for per key-list message.
-const HANDOFF_LEAF_ASKS: usize = 64;
-/// Keys listed per leaf at most.
-const HANDOFF_LEAF_KEYS_MAX: usize = 65_536;
-
-/// The `(data key, digest)` lists of some leaves of a tree, and each list's leaf hash.
-type LeafListing = (BTreeMap<u8, Vec<(Vec<u8>, Hash)>>, BTreeMap<u8, Hash>);
-
-fn list_leaves(kv: &KvService, tree: TreeId, leaves: &[u8]) -> Result<LeafListing, String> {
-    let mut mine = BTreeMap::new();
-    let mut listed = BTreeMap::new();
-    for &leaf in leaves {
-        let keys = kv
-            .ae()
-            .leaf_keys(kv.store(), tree, leaf, HANDOFF_LEAF_KEYS_MAX)
-            .map_err(|e| e.to_string())?;
-        let mut hash = Hash::default();
-        for (dkey, digest) in &keys {
-            for (h, e) in hash.iter_mut().zip(merkle::entry_hash(dkey, digest)) {
-                *h ^= e;
-            }
-        }
-        listed.insert(leaf, hash);
-        mine.insert(leaf, keys);
-    }
-    Ok((mine, listed))
-}
+use quiver_node_core::broken::Broken;
+use quiver_node_core::handoff::{self, Answer, HandoffPass, HandoffRequest, Step};
 
 /// Membership settings of a node.
 #[derive(Debug, Clone)]
@@ -501,236 +468,89 @@ impl Cluster {
     /// Trees this node holds keys in but does not replicate under `ring`, with the
     /// partition's primaries there.
     pub(crate) fn handoff_trees(&self, ring: &Ring) -> Vec<(TreeId, Vec<String>)> {
-        self.kv
-            .ae()
-            .tree_ids()
-            .into_iter()
-            .filter_map(|(n, p)| {
-                let list = ring.preference_list(p, usize::from(n)).ok()?;
-                if list.primaries.iter().any(|m| m.id == self.me()) {
-                    return None;
-                }
-                Some((
-                    (n, p),
-                    list.primaries.iter().map(|m| m.id.clone()).collect(),
-                ))
-            })
-            .collect()
+        handoff::orphaned_trees(&self.kv, ring, self.me())
     }
 
-    /// One handoff pass: offers every orphaned tree to its primaries, up to `max_keys`
-    /// pushed keys; then, on a leaving node with nothing left, departs.
+    /// One handoff pass: node-core's [`HandoffPass`] offers every orphaned tree to its
+    /// primaries, up to `max_keys` pushed keys; this drives it (lists trees on the blocking
+    /// pool, awaits each call). Then, on a leaving node with nothing left, departs.
     pub async fn handoff_tick(self: &Arc<Self>, max_keys: usize) {
         self.forget_hints_for_departed().await;
-        let mut budget = max_keys;
         // The whole pass works on one ring: its primaries, and the check before any drop.
         let ring = self.ring();
-        for (tree, primaries) in self.handoff_trees(&ring) {
-            if budget == 0 {
-                break;
-            }
-            // Every primary must take the keys before any copy here is dropped; while one
-            // is down, the tree waits (hinted handoff covers writes made meanwhile).
-            if !primaries.iter().all(|p| self.peers.is_up(p)) {
-                continue;
-            }
-            match self
-                .hand_off_tree(&ring, tree, &primaries, &mut budget)
-                .await
-            {
-                Ok((sent, dropped)) if sent + dropped > 0 => {
-                    tracing::info!(n = tree.0, partition = tree.1, sent, dropped, "handoff")
+        let mut pass = HandoffPass::start(&self.kv, self.me(), &ring, max_keys, Broken::NONE);
+        let current_ring = || self.ring().id();
+        let is_up = |p: &str| self.peers.is_up(p);
+        let owners = || self.peers.names();
+        let env = handoff::Env {
+            replica: &self.kv,
+            ring: &current_ring,
+            is_up: &is_up,
+            owners: &owners,
+        };
+        let mut step = pass.next(&env);
+        loop {
+            step = match step {
+                Step::List(listing) => {
+                    // Listing a tree's keys scans storage.
+                    let kv = Arc::clone(&self.kv);
+                    let listed = tokio::task::spawn_blocking(move || listing.run(&kv))
+                        .await
+                        .map_err(|e| format!("listing leaves did not finish: {e}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    pass.on_listed(&env, listed)
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(n = tree.0, partition = tree.1, error = %e, "handoff failed")
+                Step::Call { peer, request } => {
+                    let answer = self
+                        .peers
+                        .call_untracked(&peer, &PeerRequest::from(request))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(PeerResponse::into_handoff);
+                    pass.on_response(&env, answer)
                 }
-            }
+                Step::Post { peer, request } => {
+                    // Only a broken variant posts, and the server runs none.
+                    let _ = self
+                        .peers
+                        .call_untracked(&peer, &PeerRequest::from(request))
+                        .await;
+                    pass.next(&env)
+                }
+                Step::Tree(report) => {
+                    let (n, partition) = report.tree;
+                    let (sent, dropped) = (report.sent, report.dropped);
+                    let metrics = &self.handoff_metrics;
+                    metrics.keys_sent.fetch_add(sent, Ordering::Relaxed);
+                    metrics.keys_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    match report.error {
+                        Some(e) => tracing::debug!(n, partition, error = %e, "handoff failed"),
+                        None if sent + dropped > 0 => {
+                            tracing::info!(n, partition, sent, dropped, "handoff")
+                        }
+                        None => {}
+                    }
+                    pass.next(&env)
+                }
+                Step::Done => break,
+            };
         }
         self.depart_if_done().await;
     }
 
-    /// Hands one tree to its primaries; returns (keys that changed a primary, keys dropped).
-    async fn hand_off_tree(
-        &self,
-        ring: &Ring,
-        tree: TreeId,
-        primaries: &[String],
-        budget: &mut usize,
-    ) -> Result<(u64, u64), String> {
-        let ae = self.kv.ae();
-        let ring_id = ring.id();
-        // Each step is answered only by a primary on this very ring (see `OnRing`).
-        let on_ring = |request: PeerRequest| PeerRequest::OnRing {
-            ring: ring_id,
-            request: Box::new(request),
-        };
-        let my_leaves: Vec<Hash> = (0..FANOUT as u8).flat_map(|g| ae.leaves(tree, g)).collect();
-        let empty = Hash::default();
-        let leaves: Vec<u8> = my_leaves
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| **h != empty)
-            .filter_map(|(i, _)| u8::try_from(i).ok())
-            .collect();
-        // The hash of each leaf as listed, not as the tree holds it now: a write between
-        // the two would otherwise let an equal leaf vouch for a listed state the primary
-        // never saw. Listing scans storage, so it runs on the blocking pool.
-        let (mine, listed) = {
-            let (kv, leaves) = (Arc::clone(&self.kv), leaves.clone());
-            tokio::task::spawn_blocking(move || list_leaves(&kv, tree, &leaves))
-                .await
-                .map_err(|e| format!("listing leaves did not finish: {e}"))??
-        };
-        // How many primaries hold each key as listed here.
-        let mut covered: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut sent = 0;
-        for peer in primaries {
-            let asks: Vec<(u8, u32, u8)> = (0..FANOUT as u8).map(|g| (tree.0, tree.1, g)).collect();
-            let theirs = match self
-                .peers
-                .call_untracked(peer, &on_ring(PeerRequest::AeLeaves(asks)))
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                PeerResponse::AeLeafHashes(lists) => lists,
-                other => return Err(format!("{peer}: unexpected reply {other:?}")),
-            };
-            let mut their_leaves = vec![empty; LEAVES];
-            for (_, _, g, hashes) in theirs {
-                for (i, h) in hashes.into_iter().enumerate() {
-                    if let Some(slot) = their_leaves.get_mut(usize::from(g) * FANOUT + i) {
-                        *slot = h;
-                    }
-                }
-            }
-            let mut differing = Vec::new();
-            for &leaf in &leaves {
-                if listed.get(&leaf) == their_leaves.get(usize::from(leaf)) {
-                    for (dkey, _) in mine.get(&leaf).into_iter().flatten() {
-                        *covered.entry(dkey.clone()).or_default() += 1;
-                    }
-                } else {
-                    differing.push(leaf);
-                }
-            }
-            let mut push = Vec::new();
-            for chunk in differing.chunks(HANDOFF_LEAF_ASKS) {
-                let asks = chunk.iter().map(|&l| (tree.0, tree.1, l)).collect();
-                let lists = match self
-                    .peers
-                    .call_untracked(peer, &on_ring(PeerRequest::AeKeys(asks)))
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    PeerResponse::AeKeyLists(lists) => lists,
-                    other => return Err(format!("{peer}: unexpected reply {other:?}")),
-                };
-                for (_, _, leaf, theirs) in lists {
-                    let Some(my_keys) = mine.get(&leaf) else {
-                        continue;
-                    };
-                    let diff = merkle::diff_keys(my_keys, &theirs);
-                    let pushing: std::collections::HashSet<&Vec<u8>> = diff.push.iter().collect();
-                    for (dkey, _) in my_keys {
-                        if !pushing.contains(dkey) {
-                            *covered.entry(dkey.clone()).or_default() += 1;
-                        }
-                    }
-                    push.extend(diff.push);
-                }
-            }
-            push.truncate(*budget);
-            *budget -= push.len();
-            let objects = self.kv.objects(&push).map_err(|e| e.to_string())?;
-            let mut batch: Vec<(Vec<u8>, Object)> = Vec::new();
-            let mut batch_bytes = 0usize;
-            for (dkey, object) in objects {
-                let size: usize = object.siblings().iter().map(|s| s.value.len()).sum();
-                if !batch.is_empty() && batch_bytes + size > HANDOFF_PUSH_BYTES {
-                    sent += self
-                        .handoff_push(peer, ring_id, &mut batch, &mut covered)
-                        .await?;
-                    batch_bytes = 0;
-                }
-                batch_bytes += size;
-                batch.push((dkey, object));
-            }
-            if !batch.is_empty() {
-                sent += self
-                    .handoff_push(peer, ring_id, &mut batch, &mut covered)
-                    .await?;
-            }
-        }
-        self.handoff_metrics
-            .keys_sent
-            .fetch_add(sent, Ordering::Relaxed);
-        // A ring that changed since the pass started may have made this node a replica
-        // again, or other nodes the primaries.
-        if self.ring().id() != ring_id {
-            return Ok((sent, 0));
-        }
-        let members = self.peers.names();
-        let mut dropped = 0;
-        for (dkey, digest) in mine.into_values().flatten() {
-            if covered.get(&dkey).copied().unwrap_or(0) < primaries.len() {
-                continue;
-            }
-            match self.kv.drop_copy(&dkey, &digest, &members, false) {
-                Ok(true) => dropped += 1,
-                Ok(false) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.handoff_metrics
-            .keys_dropped
-            .fetch_add(dropped, Ordering::Relaxed);
-        Ok((sent, dropped))
-    }
-
-    async fn handoff_push(
-        &self,
-        peer: &str,
-        ring: quiver_core::ring::RingId,
-        batch: &mut Vec<(Vec<u8>, Object)>,
-        covered: &mut HashMap<Vec<u8>, usize>,
-    ) -> Result<u64, String> {
-        let objects = std::mem::take(batch);
-        let dkeys: Vec<Vec<u8>> = objects.iter().map(|(k, _)| k.clone()).collect();
-        match self
-            .peers
-            .call_untracked(
-                peer,
-                &PeerRequest::OnRing {
-                    ring,
-                    request: Box::new(PeerRequest::HandoffPush(objects)),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            PeerResponse::HandoffStored(changed) => {
-                for dkey in dkeys {
-                    *covered.entry(dkey).or_default() += 1;
-                }
-                Ok(changed)
-            }
-            other => Err(format!("{peer}: unexpected reply {other:?}")),
-        }
-    }
-
-    /// The receiving side of a handoff push: merge, then make it durable.
-    pub(super) async fn handle_handoff_push(
-        &self,
-        objects: Vec<(Vec<u8>, Object)>,
-    ) -> PeerResponse {
-        let changed = self.ae_merge(&objects);
-        match self.kv.store().sync_applied().await {
-            Ok(()) => PeerResponse::HandoffStored(changed),
-            Err(e) => PeerResponse::Error(ErrorReply {
-                code: ErrorCode::Storage,
-                message: format!("node {}: {e}", self.me()),
-            }),
+    /// The receiving side of a handoff step: node-core answers it (same ring only); a
+    /// merged push is made durable here before the answer goes out.
+    pub(super) async fn handle_handoff(&self, request: HandoffRequest) -> PeerResponse {
+        let ring = self.ring();
+        match handoff::answer(&self.kv, self.me(), &ring, Broken::NONE, request) {
+            Answer::Reply(response) => PeerResponse::from(response),
+            Answer::SyncThenStored(changed) => match self.kv.store().sync_applied().await {
+                Ok(()) => PeerResponse::HandoffStored(changed),
+                Err(e) => PeerResponse::Error(ErrorReply {
+                    code: ErrorCode::Storage,
+                    message: format!("node {}: {e}", self.me()),
+                }),
+            },
         }
     }
 

@@ -13,7 +13,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use quiver_core::causality::Object;
-use quiver_core::merkle::Hash;
 use quiver_core::storage::{StorageEngine, keys};
 use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, Placement};
@@ -88,14 +87,6 @@ impl Node {
             .ae()
             .open(&self.disk.engine)
             .expect("a booting node's disk is live");
-    }
-
-    /// `(data key, digest)` of every key in one leaf of a tree, sorted by data key.
-    pub(super) fn leaf_keys(&self, tree: TreeId, leaf: u8) -> Vec<(Vec<u8>, Hash)> {
-        self.replica
-            .ae()
-            .leaf_keys(&self.disk.engine, tree, leaf, usize::MAX)
-            .expect("a live node's disk is readable")
     }
 
     /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
@@ -268,12 +259,6 @@ impl Node {
                 }
             }
         }
-    }
-
-    /// Merges states received by anti-entropy or handoff (production: `merge_all`, buffered
-    /// `merge_remote` without a hint); returns how many changed the local state.
-    pub(super) fn ae_merge(&mut self, objects: &[(Vec<u8>, Object)]) -> u64 {
-        exchange::merge_all(&self.replica, objects)
     }
 
     /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,

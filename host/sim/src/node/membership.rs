@@ -1,7 +1,7 @@
-//! Membership changes in the simulated node: gossip of the ring and member states, and the
-//! ownership handoff and departure of `host/node/src/cluster/membership.rs`
-//! (`handoff_tick`, `hand_off_tree`, `handle_handoff_push`, `depart_if_done`) with
-//! `KvService::drop_copy`, as steps of the node's state machine.
+//! Membership changes in the simulated node: gossip of the ring and member states, the
+//! driver of ownership handoff (`quiver_node_core::handoff`, the production machine) and
+//! departure (`depart_if_done` of `host/node/src/cluster/membership.rs`), as steps of the
+//! node's state machine.
 //!
 //! **Gossip.** A node's ring and member states ([`Meta`]) are on its disk. A commit (the
 //! driver calls [`Node::commit`] on one node) is pushed to every peer at once; every gossip
@@ -10,17 +10,13 @@
 //! partition, down) catches up on a later round. Gossip calls do not feed the failure
 //! detector (production: metadata uses the background connections).
 //!
-//! **Handoff** is driven by the old holder. Every pass offers each tree `(n, partition)`
-//! this node holds keys in but is not a primary of under its own ring to the partition's
-//! current primaries, once all of them are up: leaf hashes first, key lists of the leaves
-//! that differ ([`merkle::diff_keys`]), then the keys a primary lacks or holds differently
-//! go out in one `HandoffPush`, which the primary merges and makes durable before it
-//! answers. A key is dropped here only once every primary held it (equal leaf, equal
-//! digest, or an acknowledged push), only if it is still the state that was checked and no
-//! hint for it is held, and only if the ring did not change since the primaries were
-//! worked out. A failed, refused or timed-out step abandons the tree (the next pass retries
-//! it). Each step carries the sender's ring version, and a primary on another ring refuses
-//! it ([`super::MembershipFixes::handoff_same_ring`]).
+//! **Handoff** is node-core's [`HandoffPass`]: every pass offers each tree this node holds
+//! keys in but no longer replicates to the partition's primaries and drops what all of them
+//! hold. This module feeds it: a tree's listing runs at once (production: on the blocking
+//! pool), each step goes out as [`PeerRequest::Handoff`] and its answer (or timeout) comes
+//! back as a later event, with client writes, crashes and other messages in between. The
+//! primary answers with node-core's [`handoff::answer`] and syncs a merged push before it
+//! replies.
 //!
 //! **Departure.** A node whose state is `Leaving` (or `Left`), which its ring no longer has
 //! and which holds no keys and no hints, marks itself `Left` and tells every peer; once
@@ -31,52 +27,25 @@
 //! names the rule added (here and in production); each can be turned off to reproduce the
 //! first version.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_core::causality::Object;
 use quiver_core::membership::MemberState;
-use quiver_core::merkle::{self, FANOUT, Hash, LEAVES};
 use quiver_core::ring::Ring;
-use quiver_node_core::exchange::{AeRequest, AeResponse};
-
-use super::ae::{AE_MAX_KEYS, TreeId, key_of};
-use super::{
-    CallError, Effect, KeyList, Meta, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
+use quiver_node_core::handoff::{
+    self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Step,
 };
 
-/// One handoff pass in flight.
-#[derive(Debug)]
-pub(in crate::node) struct HandoffPass {
-    id: u64,
-    /// The version of the ring the trees' primaries were computed from.
-    ring_version: u64,
-    /// Trees still to offer, with their primaries.
-    trees: VecDeque<(TreeId, Vec<NodeId>)>,
-    /// Keys the pass may still push (production: `--ae-max-keys`).
-    budget: usize,
-    tree: Option<TreeTransfer>,
-}
+use super::ae::AE_MAX_KEYS;
+use super::{
+    CallError, Effect, Meta, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
+};
 
-/// The transfer of one tree (production: one `hand_off_tree` call).
+/// One handoff pass in flight: node-core's machine, and the id its calls carry.
 #[derive(Debug)]
-struct TreeTransfer {
-    tree: TreeId,
-    primaries: Vec<NodeId>,
-    /// The ring version the transfer started under: a change drops nothing.
-    ring_version: u64,
-    /// Every leaf hash of the tree here.
-    my_leaves: Vec<Hash>,
-    /// Keys of the non-empty leaves as they were when the transfer started.
-    mine: BTreeMap<u8, KeyList>,
-    /// How many primaries hold each key as listed in `mine`.
-    covered: BTreeMap<Vec<u8>, usize>,
-    /// The primary being offered the tree (index into `primaries`).
-    primary: usize,
-    /// Keys of the push awaiting its acknowledgement.
-    pushed: Vec<Vec<u8>>,
-    /// Keys pushed that changed a primary.
-    sent: u64,
+pub(in crate::node) struct Handoff {
+    id: u64,
+    pass: HandoffPass,
 }
 
 impl Node {
@@ -202,132 +171,92 @@ impl Node {
         }
     }
 
-    /// Trees this node holds keys in but does not replicate under its ring, with the
-    /// partition's current primaries (production: `handoff_trees`).
-    fn handoff_trees(&self) -> Vec<(TreeId, Vec<NodeId>)> {
-        self.replica
-            .ae()
-            .tree_ids()
-            .into_iter()
-            .filter_map(|(n, p)| {
-                let list = self.meta.ring.preference_list(p, usize::from(n)).ok()?;
-                if list.primaries.iter().any(|m| m.id == self.me.node) {
-                    return None;
-                }
-                Some((
-                    (n, p),
-                    list.primaries.iter().map(|m| m.id.clone()).collect(),
-                ))
-            })
-            .collect()
-    }
-
     /// Starts a handoff pass when one is due (production: `handoff_tick` on its interval;
     /// the next pass starts an interval after the last one ended).
     pub(super) fn handoff_tick(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         if self.handoff.is_some() || now_ms < self.next_handoff_ms {
             return;
         }
-        let trees = self.handoff_trees();
         let id = self.next_bg_id();
-        self.handoff = Some(HandoffPass {
-            id,
-            ring_version: self.meta.ring.version(),
-            trees: trees.into(),
-            budget: AE_MAX_KEYS,
-            tree: None,
-        });
-        self.handoff_next_tree(now_ms, fx);
+        let broken = self.cfg.broken();
+        let pass = HandoffPass::start(
+            &self.replica,
+            &self.me.node,
+            &self.meta.ring,
+            AE_MAX_KEYS,
+            broken,
+        );
+        self.handoff = Some(Handoff { id, pass });
+        self.handoff_drive(now_ms, None, fx);
     }
 
-    /// Moves the pass to its next tree whose primaries are all up, or ends it.
-    fn handoff_next_tree(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        loop {
-            let Some(pass) = self.handoff.as_mut() else {
-                return;
-            };
-            let pass_ring = pass.ring_version;
-            // The trees and their primaries came from the ring at the pass start: after a
-            // change the pass ends and the next one works them out again.
-            let stale = self.cfg.fixes.pass_ring_version && self.meta.ring.version() != pass_ring;
-            let next = if pass.budget == 0 || stale {
-                None
-            } else {
-                pass.trees.pop_front()
-            };
-            let Some((tree, primaries)) = next else {
-                self.handoff = None;
-                self.next_handoff_ms = now_ms + self.cfg.handoff_every_ms;
-                self.depart_if_done(now_ms, fx);
-                return;
-            };
-            // Every primary must take the keys before any copy here is dropped; while one
-            // is down the tree waits (hinted handoff covers writes made meanwhile).
-            if !primaries.iter().all(|p| self.is_up(p)) {
-                continue;
-            }
-            let my_leaves: Vec<Hash> = (0..FANOUT as u8)
-                .flat_map(|g| self.replica.ae().leaves(tree, g))
-                .collect();
-            let empty = Hash::default();
-            let mine: BTreeMap<u8, KeyList> = my_leaves
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| **h != empty)
-                .filter_map(|(i, _)| u8::try_from(i).ok())
-                .map(|leaf| (leaf, self.leaf_keys(tree, leaf)))
-                .collect();
-            let transfer = TreeTransfer {
-                tree,
-                primaries,
-                // The ring the primaries came from; production reads the ring again here.
-                ring_version: if self.cfg.fixes.pass_ring_version {
-                    pass_ring
-                } else {
-                    self.meta.ring.version()
-                },
-                my_leaves,
-                mine,
-                covered: BTreeMap::new(),
-                primary: 0,
-                pushed: Vec::new(),
-                sent: 0,
-            };
-            self.handoff_ask_leaves(now_ms, transfer, fx);
-            return;
-        }
-    }
-
-    /// Sends one step of the tree's transfer to the primary being offered it.
-    fn handoff_call(
+    /// Feeds node-core's pass until it waits for an answer or ends: with `answer`, the
+    /// answer to its last call first. Listing runs at once (production: on the blocking
+    /// pool); each call's answer arrives as a later event, with anything in between.
+    fn handoff_drive(
         &mut self,
         now_ms: u64,
-        t: &TreeTransfer,
-        step: PeerRequest,
+        answer: Option<Result<HandoffResponse, String>>,
         fx: &mut Vec<Effect>,
     ) {
-        let Some(pass) = self.handoff.as_ref() else {
+        let Some(Handoff { id, mut pass }) = self.handoff.take() else {
             return;
         };
-        let Some(peer) = t.primaries.get(t.primary).cloned() else {
-            return;
-        };
-        let purpose = Purpose::Handoff { pass: pass.id };
-        let body = PeerRequest::Handoff {
-            ring_version: t.ring_version,
-            step: Box::new(step),
-        };
-        let timeout = self.cfg.peer_timeout_ms;
-        self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
+        let mut step = self.with_handoff_env(|env| match answer {
+            Some(a) => pass.on_response(env, a),
+            None => pass.next(env),
+        });
+        loop {
+            step = match step {
+                Step::List(listing) => {
+                    let listed = listing.run(&self.replica).map_err(|e| e.to_string());
+                    self.with_handoff_env(|env| pass.on_listed(env, listed))
+                }
+                Step::Call { peer, request } => {
+                    let timeout = self.cfg.peer_timeout_ms;
+                    let purpose = Purpose::Handoff { pass: id };
+                    let body = PeerRequest::Handoff(request);
+                    self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
+                    self.handoff = Some(Handoff { id, pass });
+                    return;
+                }
+                Step::Post { peer, request } => {
+                    let timeout = self.cfg.peer_timeout_ms;
+                    let purpose = Purpose::HandoffUnawaited;
+                    let body = PeerRequest::Handoff(request);
+                    self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
+                    self.with_handoff_env(|env| pass.next(env))
+                }
+                Step::Tree(report) => {
+                    if report.error.is_none() && report.sent + report.dropped > 0 {
+                        fx.push(Effect::Observe(Observation::Handoff {
+                            sent: report.sent,
+                            dropped: report.dropped,
+                        }));
+                    }
+                    self.with_handoff_env(|env| pass.next(env))
+                }
+                Step::Done => {
+                    self.next_handoff_ms = now_ms + self.cfg.handoff_every_ms;
+                    self.depart_if_done(now_ms, fx);
+                    return;
+                }
+            };
+        }
     }
 
-    fn handoff_ask_leaves(&mut self, now_ms: u64, t: TreeTransfer, fx: &mut Vec<Effect>) {
-        let (n, p) = t.tree;
-        let asks = (0..FANOUT as u8).map(|g| (n, p, g)).collect();
-        self.handoff_call(now_ms, &t, PeerRequest::Ae(AeRequest::Leaves(asks)), fx);
-        if let Some(pass) = self.handoff.as_mut() {
-            pass.tree = Some(t);
-        }
+    /// Runs `f` with what the pass reads of this node as it goes (production: the
+    /// server's `Peers::names` as the owners a hint could be held for).
+    fn with_handoff_env<R>(&self, f: impl FnOnce(&Env<'_>) -> R) -> R {
+        let ring = || self.meta.ring.id();
+        let is_up = |p: &str| self.is_up(p);
+        let owners = || self.peers.clone();
+        f(&Env {
+            replica: &self.replica,
+            ring: &ring,
+            is_up: &is_up,
+            owners: &owners,
+        })
     }
 
     /// A reply (or failure) of a step of handoff pass `id`.
@@ -338,188 +267,38 @@ impl Node {
         result: Result<PeerResponse, CallError>,
         fx: &mut Vec<Effect>,
     ) {
-        let Some(pass) = self.handoff.as_mut() else {
+        if self.handoff.as_ref().is_none_or(|h| h.id != id) {
             return;
+        }
+        let answer = match result {
+            Ok(PeerResponse::Handoff(r)) => Ok(r),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(CallError::Refused(e)) => Ok(HandoffResponse::Refused(e)),
+            Err(CallError::Timeout) => Err("no answer in time".to_string()),
         };
-        if pass.id != id {
-            return;
-        }
-        let Some(mut t) = pass.tree.take() else {
-            return;
-        };
-        match result {
-            Ok(PeerResponse::Ae(AeResponse::LeafHashes(lists))) => {
-                let empty = Hash::default();
-                let mut theirs = vec![empty; LEAVES];
-                for (_, _, g, hashes) in lists {
-                    for (i, h) in hashes.into_iter().enumerate() {
-                        if let Some(slot) = theirs.get_mut(usize::from(g) * FANOUT + i) {
-                            *slot = h;
-                        }
-                    }
-                }
-                let mut differing = Vec::new();
-                for (&leaf, keys) in &t.mine {
-                    let i = usize::from(leaf);
-                    if t.my_leaves.get(i) == theirs.get(i) {
-                        for (dkey, _) in keys {
-                            *t.covered.entry(dkey.clone()).or_default() += 1;
-                        }
-                    } else {
-                        differing.push(leaf);
-                    }
-                }
-                if differing.is_empty() {
-                    return self.handoff_next_primary(now_ms, t, fx);
-                }
-                let (n, p) = t.tree;
-                let asks = differing.into_iter().map(|l| (n, p, l)).collect();
-                self.handoff_call(now_ms, &t, PeerRequest::Ae(AeRequest::Keys(asks)), fx);
-                self.handoff_keep(t);
-            }
-            Ok(PeerResponse::Ae(AeResponse::KeyLists(lists))) => {
-                let mut push = Vec::new();
-                for (_, _, leaf, theirs) in lists {
-                    let Some(my_keys) = t.mine.get(&leaf) else {
-                        continue;
-                    };
-                    let diff = merkle::diff_keys(my_keys, &theirs);
-                    let pushing: BTreeSet<&Vec<u8>> = diff.push.iter().collect();
-                    for (dkey, _) in my_keys {
-                        if !pushing.contains(dkey) {
-                            *t.covered.entry(dkey.clone()).or_default() += 1;
-                        }
-                    }
-                    push.extend(diff.push);
-                }
-                let budget = self.handoff.as_ref().map_or(0, |p| p.budget);
-                push.truncate(budget);
-                if let Some(pass) = self.handoff.as_mut() {
-                    pass.budget -= push.len();
-                }
-                if push.is_empty() {
-                    return self.handoff_next_primary(now_ms, t, fx);
-                }
-                // Production (`KvService::objects`) sends an empty object for a key that
-                // is gone meanwhile; the receiver skips it and the drop finds nothing.
-                let objects: Vec<(Vec<u8>, Object)> = push
-                    .iter()
-                    .map(|d| {
-                        let object = key_of(d).map(|k| self.local_object(&k)).unwrap_or_default();
-                        (d.clone(), object)
-                    })
-                    .collect();
-                if self.cfg.handoff_drop_before_ack {
-                    // BROKEN VARIANT: the push counts as held the moment it is sent.
-                    let peer = t.primaries.get(t.primary).cloned().unwrap_or_default();
-                    let body = PeerRequest::HandoffPush(objects);
-                    let timeout = self.cfg.peer_timeout_ms;
-                    self.call_untracked(
-                        now_ms,
-                        &peer,
-                        body,
-                        timeout,
-                        Purpose::HandoffUnawaited,
-                        fx,
-                    );
-                    for dkey in push {
-                        *t.covered.entry(dkey).or_default() += 1;
-                    }
-                    return self.handoff_next_primary(now_ms, t, fx);
-                }
-                t.pushed = push;
-                self.handoff_call(now_ms, &t, PeerRequest::HandoffPush(objects), fx);
-                self.handoff_keep(t);
-            }
-            Ok(PeerResponse::HandoffStored(changed)) => {
-                for dkey in std::mem::take(&mut t.pushed) {
-                    *t.covered.entry(dkey).or_default() += 1;
-                }
-                t.sent += changed;
-                self.handoff_next_primary(now_ms, t, fx);
-            }
-            // Production: `hand_off_tree` returns the error and the pass goes on with the
-            // next tree; nothing of this one is dropped.
-            _ => self.handoff_next_tree(now_ms, fx),
-        }
+        self.handoff_drive(now_ms, Some(answer), fx);
     }
 
-    fn handoff_keep(&mut self, t: TreeTransfer) {
-        if let Some(pass) = self.handoff.as_mut() {
-            pass.tree = Some(t);
-        }
-    }
-
-    /// The current primary is done: offer the tree to the next one, or finish the tree.
-    fn handoff_next_primary(&mut self, now_ms: u64, mut t: TreeTransfer, fx: &mut Vec<Effect>) {
-        t.primary += 1;
-        if t.primary < t.primaries.len() {
-            return self.handoff_ask_leaves(now_ms, t, fx);
-        }
-        let mut dropped = 0;
-        // A ring that changed during the transfer may have made this node a replica again.
-        if self.meta.ring.version() == t.ring_version {
-            for (dkey, digest) in t.mine.values().flatten() {
-                if t.covered.get(dkey).copied().unwrap_or(0) < t.primaries.len() {
-                    continue;
-                }
-                if let Some(key) = key_of(dkey)
-                    && self.drop_copy(&key, digest)
-                {
-                    dropped += 1;
-                }
+    /// The primary's side of a handoff step (production: `handle_handoff`): node-core
+    /// answers; a merged push is made durable before the answer goes out.
+    pub(super) fn on_handoff(&mut self, request: HandoffRequest) -> PeerResponse {
+        let broken = self.cfg.broken();
+        match handoff::answer(
+            &self.replica,
+            &self.me.node,
+            &self.meta.ring,
+            broken,
+            request,
+        ) {
+            Answer::Reply(HandoffResponse::WrongRing(e) | HandoffResponse::Refused(e)) => {
+                PeerResponse::Error(e)
+            }
+            Answer::Reply(response) => PeerResponse::Handoff(response),
+            Answer::SyncThenStored(changed) => {
+                self.sync();
+                PeerResponse::Handoff(HandoffResponse::Stored(changed))
             }
         }
-        if t.sent + dropped > 0 {
-            fx.push(Effect::Observe(Observation::Handoff {
-                sent: t.sent,
-                dropped,
-            }));
-        }
-        self.handoff_next_tree(now_ms, fx);
-    }
-
-    /// `KvService::drop_copy`: deletes this node's copy if it is still exactly the state
-    /// `digest` and no hint for the key is held (buffered, like production: a copy a power
-    /// loss brings back is handed off again). True when it was removed.
-    fn drop_copy(&mut self, key: &str, digest: &Hash) -> bool {
-        let owners: Vec<String> = self.meta.members.keys().cloned().collect();
-        matches!(
-            self.replica
-                .drop_copy(&super::ae::data_key(key), digest, &owners, false),
-            Ok(true)
-        )
-    }
-
-    /// The primary's side of a handoff step (production answers `AeLeaves`, `AeKeys` and
-    /// `HandoffPush` whatever ring the sender holds).
-    pub(super) fn on_handoff_step(
-        &mut self,
-        from: &str,
-        ring_version: u64,
-        step: PeerRequest,
-    ) -> PeerResponse {
-        if self.cfg.fixes.handoff_same_ring && ring_version != self.meta.ring.version() {
-            return PeerResponse::Error(format!(
-                "handoff under ring {ring_version}, this node holds ring {}",
-                self.meta.ring.version()
-            ));
-        }
-        match step {
-            PeerRequest::HandoffPush(objects) => self.on_handoff_push(&objects),
-            step @ PeerRequest::Ae(AeRequest::Leaves(_) | AeRequest::Keys(_)) => self
-                .handle_background(from, step)
-                .unwrap_or_else(|| PeerResponse::Error("handoff step not answered".into())),
-            other => PeerResponse::Error(format!("not a handoff step: {other:?}")),
-        }
-    }
-
-    /// The receiving side of a handoff push: merge (nothing newer here is overwritten), then
-    /// make it durable before answering (production: `handle_handoff_push`).
-    pub(super) fn on_handoff_push(&mut self, objects: &[(Vec<u8>, Object)]) -> PeerResponse {
-        let changed = self.ae_merge(objects);
-        self.sync();
-        PeerResponse::HandoffStored(changed)
     }
 
     /// True when this node is done leaving: told to leave, out of its ring, nothing held.
