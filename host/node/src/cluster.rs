@@ -1050,7 +1050,7 @@ impl Cluster {
         let duties = async {
             loop {
                 tokio::select! {
-                    _ = probe.tick() => self.peers.probe_down_peers().await,
+                    _ = probe.tick() => self.peers.probe_down_peers(),
                     _ = hints.tick() => { self.deliver_hints().await; }
                     _ = meta.tick() => {
                         self.sync_meta().await;

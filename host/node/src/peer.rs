@@ -691,13 +691,26 @@ impl Peers {
         }
     }
 
-    /// Probes every down peer whose backoff has expired; called periodically.
-    pub async fn probe_down_peers(&self) {
+    /// `node` sent this node a request: if it is down here, probe it at the next probe tick
+    /// instead of when its backoff ends (see [`FailureDetector::on_heard_from`]).
+    pub fn heard_from(&self, node: &str) {
+        let now_ms = self.ms(Instant::now());
+        self.health().on_heard_from(node, now_ms);
+    }
+
+    /// Probes every down peer whose backoff has expired; called periodically. Each probe
+    /// runs on its own: a peer that is cut off takes the whole peer timeout to fail, which
+    /// must not hold up the probe of one that is back (the detector sends no second probe to
+    /// a peer while one is out).
+    pub fn probe_down_peers(self: &Arc<Self>) {
         let now_ms = self.ms(Instant::now());
         let due = self.health().due_probes(now_ms);
         for node in due {
+            let peers = Arc::clone(self);
             // `call` marks the peer up on success and pushes the backoff on failure.
-            let _ = self.call(&node, &PeerRequest::Ping).await;
+            tokio::spawn(async move {
+                let _ = peers.call(&node, &PeerRequest::Ping).await;
+            });
         }
     }
 

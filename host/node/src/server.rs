@@ -697,6 +697,7 @@ async fn serve_peer_connection(
                 return;
             }
         };
+        cluster.peers().heard_from(&peer_id);
         let guard = inflight.enter();
         let cluster = Arc::clone(&cluster);
         let limits = Arc::clone(&limits);

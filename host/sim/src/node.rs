@@ -737,7 +737,11 @@ impl Node {
         let mut fx = Vec::new();
         self.set_clock(now_ms);
         match msg {
-            Message::Request { id, body } => self.handle_peer(now_ms, from, id, body, &mut fx),
+            Message::Request { id, body } => {
+                // Production: `Peers::heard_from` on every stream a peer opens.
+                self.health.on_heard_from(from, now_ms);
+                self.handle_peer(now_ms, from, id, body, &mut fx)
+            }
             Message::Response { id, body } => {
                 // Unknown ids are late or duplicated responses: the call is already over.
                 if self.calls.get(&id).is_some_and(|c| c.peer == from)
