@@ -19,8 +19,12 @@
 //!   of every member, then the reaps) and the members' answers.
 //! - [`handoff`]: ownership handoff after a ring change as a state machine (offer each
 //!   orphaned tree to its primaries, drop what all of them hold) and its answering side.
+//! - [`membership`]: the first membership, gossip (digest first), hint markers for members
+//!   that left, and departure.
 //! - [`request`]: a client request at its coordinator (route, local write, fan-out, answer,
 //!   read repair) and a replica's `Fetch`/`Store`.
+//! - [`protocol`]: the peer protocol on the wire (`PeerRequest`, `PeerResponse`), with
+//!   conversions from and to the machines' own messages.
 //! - [`record`]: the stored record format.
 //! - [`broken`]: deliberately broken variants of these rules, for the simulator only.
 //!
@@ -33,6 +37,8 @@ pub mod epochs;
 pub mod exchange;
 pub mod handoff;
 pub mod hints;
+pub mod membership;
+pub mod protocol;
 pub mod reap;
 pub mod record;
 pub mod replica;

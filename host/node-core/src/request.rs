@@ -398,6 +398,11 @@ impl Get {
         self.read.is_finished()
     }
 
+    /// True when some replica that answered needs the merge (without building the stores).
+    pub fn needs_repair(&self) -> bool {
+        !self.read.repairs().is_empty()
+    }
+
     /// Once finished: the stores that bring stale replicas up to date (read repair, at
     /// buffered durability). Nothing after a failed read.
     pub fn repairs(&self) -> Vec<(Target, StoreRequest)> {
@@ -416,4 +421,19 @@ impl Get {
             })
             .collect()
     }
+}
+
+/// The siblings of `object` as a client reads them.
+pub fn wire_siblings(object: &Object) -> Vec<quiver_sdk::wire::WireSibling> {
+    object
+        .siblings()
+        .iter()
+        .map(|s| quiver_sdk::wire::WireSibling {
+            value: s.value.clone(),
+            value_bytes: s.value.len() as u64,
+            tombstone: s.meta.tombstone,
+            timestamp_ms: s.meta.timestamp_ms,
+            actor: s.dot.actor.to_string(),
+        })
+        .collect()
 }

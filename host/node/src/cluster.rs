@@ -23,6 +23,7 @@ use quiver_node_core::broken::Broken;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::request::{
     DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed, plan_write,
+    wire_siblings,
 };
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
@@ -135,20 +136,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn wire_siblings(object: &Object) -> Vec<WireSibling> {
-    object
-        .siblings()
-        .iter()
-        .map(|s| WireSibling {
-            value: s.value.clone(),
-            value_bytes: s.value.len() as u64,
-            tombstone: s.meta.tombstone,
-            timestamp_ms: s.meta.timestamp_ms,
-            actor: s.dot.actor.to_string(),
-        })
-        .collect()
 }
 
 impl Cluster {
@@ -497,7 +484,7 @@ impl Cluster {
         loop {
             match read.decision() {
                 Some(Ok(merged)) => {
-                    if !(read.is_finished() && read.repairs().is_empty()) {
+                    if !read.is_finished() || read.needs_repair() {
                         // Late replies and read repair continue in the background.
                         let this = Arc::clone(self);
                         drop(tx);
@@ -656,17 +643,13 @@ impl Cluster {
     }
 
     async fn fetch(&self, node: &str, request: DataRequest) -> Result<Object, String> {
-        let DataRequest::Fetch { bucket, key } = request else {
-            return Err("not a fetch".into());
-        };
         if node == self.me() {
+            let DataRequest::Fetch { bucket, key } = request else {
+                return Err("not a fetch".into());
+            };
             return self.kv.get(&bucket, &key).map_err(|e| e.to_string());
         }
-        match self
-            .peers
-            .call(node, &PeerRequest::Fetch { bucket, key })
-            .await
-        {
+        match self.peers.call(node, &PeerRequest::from(request)).await {
             Ok(PeerResponse::Fetched(o)) => Ok(o),
             Ok(other) => Err(format!("unexpected reply {other:?}")),
             Err(e) => Err(e.to_string()),
@@ -708,13 +691,7 @@ impl Cluster {
                 .map(|_| ())
                 .map_err(|e| e.to_string());
         }
-        let req = PeerRequest::Store {
-            bucket: store.bucket,
-            key: store.key,
-            object: store.object,
-            hint_for: store.hint_for,
-            sync: store.sync,
-        };
+        let req = PeerRequest::from(DataRequest::Store(store));
         match self.peers.call(node, &req).await {
             Ok(PeerResponse::Stored) => Ok(()),
             Ok(other) => Err(format!("unexpected reply {other:?}")),

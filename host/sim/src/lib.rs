@@ -13,20 +13,16 @@
 //! # Layout
 //!
 //! - [`node`]: one node as a pure state machine (`on_client`, `on_message`, `on_tick`
-//!   return [`node::Effect`]s). It mirrors `cluster.rs` (coordination of puts and gets,
-//!   forwarding by non-replicas, sloppy quorum with fallback retry on failure, read repair
-//!   after all replies, hinted handoff passes) and drives the production `Replica` of
-//!   `quiver-node-core` for everything a node stores (`check_write` + `write`,
-//!   `merge_remote`, `hint_delivered`, `hinted_keys`, `reap_status`, `reap`, `drop_copy`,
-//!   the `AeIndex` trees and tombstone index, `BootEpochs`), plus the local failure
-//!   detector of `peer.rs` (timeouts mark a peer down, probes with backoff from 200 ms to
-//!   5 s). The fsyncs stay the driver's, as in production (`KvService`). **Next** (issue
-//!   12): the replication glue moves into `quiver-node-core` too, and the tokio/quinn code
-//!   becomes a driver that delivers messages, client requests and ticks and carries out
-//!   effects, so everything the simulator runs *is* the code production runs. Each node holds
-//!   its own ring and member states (`store::Meta`, on its disk), learns changes by
-//!   gossip, hands off what it no longer owns and departs when it has left
-//!   (`node::membership`, mirroring `cluster/membership.rs`).
+//!   return [`node::Effect`]s) that drives node-core's machines — the order of a request
+//!   (`request`), hint delivery, anti-entropy, reaping, handoff, gossip and departure — over
+//!   the production `Replica`, speaks the production peer protocol and takes the SDK's
+//!   client requests, with the failure detector of the core (timeouts mark a peer down,
+//!   probes with backoff). The fsyncs stay the driver's, as in production (`KvService`).
+//!   Each node holds its own metadata (production's `MetaState`, on its disk), learns
+//!   changes by gossip, hands off what it no longer owns and departs when it has left
+//!   (`node::membership`). **Next** (issue 12): the bookkeeping around the machines
+//!   (pending calls, timeouts, forwarding) moves into node-core too, and the tokio/quinn
+//!   code becomes a driver of one node-level machine.
 //! - [`store`]: a node's disk between lives ([`store::Disk`]: its `SimDisk` and the
 //!   cluster metadata), what a kill, a power loss or a disk replacement leaves, and
 //!   [`store::Tables`], the decoded view the checkers read.

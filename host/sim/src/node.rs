@@ -1,6 +1,5 @@
-//! One simulated node: the replication logic of `host/node/src/cluster.rs` as a pure state
-//! machine, over the production replica (`quiver_node_core::replica::Replica`) on a
-//! simulated disk.
+//! One simulated node: a driver of the production node's machines (`quiver-node-core`) as a
+//! pure state machine, over the production replica on a simulated disk.
 //!
 //! # Shape
 //!
@@ -19,25 +18,23 @@
 //! - [`Node::commit`]: an operator committed a membership change on this node (production:
 //!   `quiver cluster commit`).
 //!
-//! Each node routes by its own ring ([`Meta`], on its disk), which gossip brings up to date
-//! (`node::membership`), so nodes disagree while a change spreads, as in production.
+//! Each node routes by the ring of its own [`MetaState`] (on its disk), which gossip brings
+//! up to date (`node::membership`), so nodes disagree while a change spreads, as in
+//! production.
 //!
-//! Every decision is the core's, made by the same code the node runtime drives:
-//! [`Ring`] placement and [`select_targets`]; `route_write`, `Forwarding`, `PutFanout`
-//! (stores, fallbacks with hints, the W decision), `ReadFanout` (the R decision, read
-//! repair) and the `FailureDetector` from `quiver_core::coordinator`; `merge_incoming`,
-//! `keep_copy_after_handoff` from `quiver_core::replica`. Everything the node stores goes
-//! through the production `Replica` (the write rule with the client-context check, replica
-//! merges, hint markers, the anti-entropy and tombstone indexes, reaping and handoff drops,
-//! `BootEpochs`), so those rules are not mirrored here: they are run. What this module adds is what
-//! `cluster.rs` adds with tokio tasks: it carries messages and remembers which request each
-//! reply belongs to. Where the production async code awaits, this machine keeps an explicit
-//! pending operation (`PutOp`, `GetOp`, `ForwardOp`, `HintPass`).
+//! Every decision is production code: the core's placement, quorum and failure-detector
+//! rules, and node-core's machines — `request` (`plan_write`, `Put`, `Get`,
+//! `apply_store`), `hints::HintPass`, `exchange`, `reap`, `handoff` and `membership` —
+//! over the production `Replica` (records, hint markers, the anti-entropy and tombstone
+//! indexes, `BootEpochs`). Nodes speak the production peer protocol
+//! (`quiver_node_core::protocol`) and clients the SDK's `Request`/`Response`.
 //!
-//! Still written twice (in `cluster.rs`/`kv.rs` and here): the order of a request around
-//! the replica (when to fsync, fan out, answer), the hint-delivery pass, anti-entropy and
-//! reaping exchanges, gossip, departure, and timeouts (issue 12). Ownership handoff is
-//! node-core's (`quiver_node_core::handoff`), driven by `node::membership`.
+//! What this module adds is what `cluster.rs` adds with tokio tasks: it carries messages
+//! and remembers which call each reply belongs to. Where the production async code awaits,
+//! this machine keeps an explicit pending operation (`PutOp`, `GetOp`, `ForwardOp`, the
+//! passes in flight) and the answer comes back as a later event, with others in between.
+//! That bookkeeping — pending calls, timeouts, probes, forwarding retries, the tick
+//! schedule — is the part still written twice (issue 12).
 
 mod ae;
 mod membership;
@@ -48,6 +45,7 @@ use std::sync::Arc;
 use quiver_core::causality::{self, Coordinator, Dot, Object, VersionVector, WriteOp};
 use quiver_core::coordinator::{FailureDetector, Forwarding, ReadSpread};
 use quiver_core::merkle::Hash;
+use quiver_core::meta::MetaState;
 use quiver_core::quorum::{Quorum, Target, select_targets};
 use quiver_core::ring::Ring;
 use quiver_core::storage::StorageEngine;
@@ -55,18 +53,18 @@ use quiver_core::storage::StorageEngine;
 use quiver_node_core::WallClock;
 use quiver_node_core::broken::{Broken, Variant};
 use quiver_node_core::epochs::BootEpochs;
-use quiver_node_core::exchange::{AeLease, AeRequest, AeResponse};
-use quiver_node_core::handoff::{HandoffRequest, HandoffResponse};
+use quiver_node_core::exchange::AeLease;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
-use quiver_node_core::reap::{ReapRequest, ReapResponse};
+pub use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 use quiver_node_core::request::{
-    self, DataRequest, DataResponse, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan,
-    forward_failed, plan_write,
+    self, DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed,
+    plan_write, wire_siblings,
 };
+use quiver_sdk::wire::{ErrorCode, ErrorReply, Request, Response, WireDurability};
 
 use crate::rng::Rng;
-use crate::store::{CrashKind, Disk, Meta, Tables};
+use crate::store::{CrashKind, Disk, Tables};
 
 pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
 
@@ -86,106 +84,10 @@ pub type NodeId = String;
 /// Identifies one client request for the driver.
 pub type Ticket = u64;
 
-/// What a client asks.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ClientOp {
-    /// Read the key.
-    Get,
-    /// Write a value.
-    Put(Vec<u8>),
-    /// Write a tombstone.
-    Delete,
-}
-
-/// A client request (production: `quiver_sdk::wire::Request::{Get, Put, Delete}`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClientRequest {
-    /// Key in [`BUCKET`].
-    pub key: String,
-    /// The operation.
-    pub op: ClientOp,
-    /// Opaque context from an earlier reply (empty for a blind write).
-    pub context: Vec<u8>,
-    /// Read quorum override.
-    pub r: Option<usize>,
-    /// Write quorum override.
-    pub w: Option<usize>,
-    /// Durability override for a write (production: `WriteOptions::durability`).
-    pub durability: Option<Durability>,
-}
-
-/// What the client gets back.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ClientResult {
-    /// A read reached its quorum: the merge of the replies and its context.
-    Got {
-        /// Merged object (siblings and context).
-        object: Object,
-        /// Opaque context to send with a follow-up write.
-        context: Vec<u8>,
-    },
-    /// A write reached its quorum.
-    Written {
-        /// Opaque context: the client's context plus the new dot.
-        context: Vec<u8>,
-        /// The write's dot. Production replies carry only the context; the simulator's
-        /// checker needs the dot, which the context also implies.
-        dot: Dot,
-    },
-    /// The request failed (quorum not reached, refused, no coordinator).
-    Failed(String),
-}
-
-/// Node-to-node requests (production: `peer::PeerRequest`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PeerRequest {
-    /// Liveness probe.
-    Ping,
-    /// The data path: `Fetch` and `Store` (the production protocol,
-    /// `quiver_node_core::request`).
-    Data(DataRequest),
-    /// Coordinate a client write (sent by a node outside the preference list).
-    Forward {
-        /// The client's request.
-        request: ClientRequest,
-        /// The primary the receiver stands in for, if the sender chose it as a fallback.
-        hint_for: Option<NodeId>,
-    },
-    /// An anti-entropy step (the production protocol, `quiver_node_core::exchange`).
-    Ae(AeRequest),
-    /// A reaping step (the production protocol, `quiver_node_core::reap`).
-    Reap(ReapRequest),
-    /// Membership gossip: the sender's view, which the receiver merges and answers with its
-    /// own (production: `MetaPush` and the digest-first metadata pull, here one round trip).
-    Gossip(Meta),
-    /// Ownership handoff: one step of a pass, with the sender's ring (the production
-    /// protocol, `quiver_node_core::handoff`).
-    Handoff(HandoffRequest),
-}
-
-/// Node-to-node responses (production: `peer::PeerResponse`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PeerResponse {
-    /// Answer to `Ping`.
-    Pong,
-    /// Answer to a data-path request.
-    Data(DataResponse),
-    /// Answer to `Forward`: the coordinator's reply to the client.
-    Forwarded(ClientResult),
-    /// The request was refused (the peer is up).
-    Error(String),
-    /// Answer to an anti-entropy step.
-    Ae(AeResponse),
-    /// Answer to a reaping step.
-    Reap(ReapResponse),
-    /// Answer to `Gossip`: the receiver's view after the merge.
-    Gossip(Meta),
-    /// Answer to a handoff step.
-    Handoff(HandoffResponse),
-}
-
-/// A message on the simulated network.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A message on the simulated network: a frame of the production peer protocol
+/// ([`PeerRequest`], [`PeerResponse`]) with the id that pairs a response with its request
+/// (production: the QUIC stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// A request; `id` is unique per sender across its lives.
     Request {
@@ -201,6 +103,32 @@ pub enum Message {
         /// Body.
         body: PeerResponse,
     },
+}
+
+impl Message {
+    /// The message as it goes on the wire (postcard, as the production frames carry it).
+    pub fn encode(&self) -> Vec<u8> {
+        // Postcard encodes plain enums, maps and byte strings of these types into a Vec
+        // without failing.
+        let body = match self {
+            Message::Request { body, .. } => postcard::to_allocvec(body),
+            Message::Response { body, .. } => postcard::to_allocvec(body),
+        };
+        body.unwrap_or_default()
+    }
+}
+
+impl std::hash::Hash for Message {
+    // The determinism trace hashes what goes on the wire: the production types carry maps
+    // and rings that do not derive `Hash`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (kind, id) = match self {
+            Message::Request { id, .. } => (0u8, id),
+            Message::Response { id, .. } => (1u8, id),
+        };
+        (kind, id).hash(state);
+        self.encode().hash(state);
+    }
 }
 
 /// Something a node reports for checkers and metrics (production: a log line).
@@ -254,7 +182,7 @@ pub enum Observation {
 }
 
 /// What the driver must do for a node.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Send a message to a peer.
     Send {
@@ -267,8 +195,8 @@ pub enum Effect {
     Reply {
         /// The request.
         ticket: Ticket,
-        /// The answer.
-        result: ClientResult,
+        /// The answer, as production's client protocol gives it.
+        result: Response,
     },
     /// Report an observation.
     Observe(Observation),
@@ -466,7 +394,7 @@ enum Origin {
 #[derive(Debug, Clone)]
 enum CallError {
     /// The peer answered with an error: it is up.
-    Refused(String),
+    Refused(ErrorReply),
     /// No answer in time: the peer is marked down.
     Timeout,
 }
@@ -501,7 +429,9 @@ enum Purpose {
     },
     /// A handoff push whose answer nobody waits for (the broken variant).
     HandoffUnawaited,
-    Depart,
+    Depart {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -535,7 +465,7 @@ struct GetOp {
 #[derive(Debug)]
 struct ForwardOp {
     origin: Origin,
-    request: ClientRequest,
+    request: Request,
     forwarding: Forwarding,
     /// The target the forward is waiting for.
     current: NodeId,
@@ -546,8 +476,11 @@ struct ForwardOp {
 pub struct Node {
     cfg: NodeConfig,
     me: Coordinator,
-    /// The ring and member states this node knows (also on its disk).
-    meta: Meta,
+    /// The cluster metadata this node knows: members and the committed ring (also on its
+    /// disk).
+    meta: MetaState,
+    /// The ring this node routes and hands off by: `meta`'s (production: `Cluster::ring`).
+    ring: Arc<Ring>,
     /// Members that have not left, this node excluded (production: `Peers::names`).
     peers: Vec<NodeId>,
     life: u64,
@@ -583,7 +516,7 @@ pub struct Node {
     handoff: Option<membership::Handoff>,
     next_handoff_ms: u64,
     /// The departure announcement in flight, if any.
-    departing: Option<membership::Departure>,
+    departing: Option<membership::Leaving>,
     /// Simulated time of the input being handled (the node's clock for store times).
     clock_ms: u64,
 }
@@ -596,7 +529,7 @@ impl Node {
     /// keeps it.
     pub fn boot(
         name: &str,
-        initial: &Meta,
+        initial: &MetaState,
         cfg: NodeConfig,
         disk: Disk,
         life: u64,
@@ -624,6 +557,11 @@ impl Node {
                 initial.clone()
             }
         };
+        let ring = meta
+            .ring
+            .as_ref()
+            .map(|entry| Arc::new(entry.ring.clone()))
+            .expect("the simulator's initial metadata holds the first ring");
         let clock = Arc::new(SimClock::default());
         clock.set(wall_ms(cfg.clock_skew_ms, now_ms));
         let mut replica = Replica::new(
@@ -644,6 +582,7 @@ impl Node {
             },
             peers: Vec::new(),
             meta,
+            ring,
             life,
             disk,
             replica,
@@ -680,11 +619,11 @@ impl Node {
 
     /// The ring this node routes and hands off by.
     pub fn ring(&self) -> &Arc<Ring> {
-        &self.meta.ring
+        &self.ring
     }
 
     /// What this node knows about the membership.
-    pub fn meta(&self) -> &Meta {
+    pub fn meta(&self) -> &MetaState {
         &self.meta
     }
 
@@ -720,12 +659,7 @@ impl Node {
     }
 
     /// A client request arrived.
-    pub fn on_client(
-        &mut self,
-        now_ms: u64,
-        ticket: Ticket,
-        request: ClientRequest,
-    ) -> Vec<Effect> {
+    pub fn on_client(&mut self, now_ms: u64, ticket: Ticket, request: Request) -> Vec<Effect> {
         let mut fx = Vec::new();
         self.set_clock(now_ms);
         self.handle_client(now_ms, Origin::Client(ticket), request, None, &mut fx);
@@ -807,9 +741,7 @@ impl Node {
             );
         }
         if self.hint_pass.is_none() && now_ms >= self.next_hint_pass_ms {
-            if self.cfg.fixes.forget_hints_for_left {
-                self.forget_hints_for_left();
-            }
+            self.forget_hints_for_left();
             if self.hint_count() == 0 {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             } else {
@@ -914,12 +846,12 @@ impl Node {
             Purpose::Gossip => self.gossip_result(result),
             Purpose::Handoff { pass } => self.handoff_result(now_ms, pass, result, fx),
             Purpose::HandoffUnawaited => {}
-            Purpose::Depart => self.depart_result(result, fx),
+            Purpose::Depart { id } => self.depart_result(id, result, fx),
             Purpose::Store { op, target } => {
                 let result = match result {
-                    Ok(PeerResponse::Data(DataResponse::Stored)) => Ok(()),
+                    Ok(PeerResponse::Stored) => Ok(()),
                     Ok(other) => Err(format!("unexpected reply {other:?}")),
-                    Err(CallError::Refused(e)) => Err(e),
+                    Err(CallError::Refused(e)) => Err(e.message),
                     Err(CallError::Timeout) => Err("timeout".to_string()),
                 };
                 self.store_result(now_ms, op, Some(target), result, fx);
@@ -927,7 +859,7 @@ impl Node {
             Purpose::Fetch { op, node } => {
                 if let Some(g) = self.gets.get_mut(&op) {
                     let reply = match result {
-                        Ok(PeerResponse::Data(DataResponse::Fetched(o))) => Ok(o),
+                        Ok(PeerResponse::Fetched(o)) => Ok(o),
                         Ok(other) => Err(format!("unexpected {other:?}")),
                         Err(e) => Err(format!("{e:?}")),
                     };
@@ -953,7 +885,7 @@ impl Node {
             }
             Purpose::Hint => {
                 let reply = match result {
-                    Ok(PeerResponse::Data(DataResponse::Stored)) => StoreReply::Stored,
+                    Ok(PeerResponse::Stored) => StoreReply::Stored,
                     Ok(_) | Err(CallError::Refused(_)) => StoreReply::Refused,
                     // The owner went away again: stop for now, it is marked down.
                     Err(CallError::Timeout) => StoreReply::Unreachable,
@@ -979,7 +911,7 @@ impl Node {
         }
     }
 
-    fn reply(&mut self, origin: Origin, result: ClientResult, fx: &mut Vec<Effect>) {
+    fn reply(&mut self, origin: Origin, result: Response, fx: &mut Vec<Effect>) {
         match origin {
             Origin::Client(ticket) => fx.push(Effect::Reply { ticket, result }),
             Origin::Peer { from, id } => fx.push(Effect::Send {
@@ -996,7 +928,6 @@ impl Node {
 
     fn preference(&self, key: &str, n: usize) -> (Vec<NodeId>, Vec<NodeId>) {
         let list = self
-            .meta
             .ring
             .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), n);
         (
@@ -1042,24 +973,53 @@ impl Node {
         &mut self,
         now_ms: u64,
         origin: Origin,
-        request: ClientRequest,
+        request: Request,
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
-        match request.op {
-            ClientOp::Get => self.start_get(now_ms, origin, request, fx),
-            ClientOp::Put(_) | ClientOp::Delete => {
-                self.start_put(now_ms, origin, request, forwarded, fx)
+        let bucket = match &request {
+            Request::Get { bucket, .. }
+            | Request::Put { bucket, .. }
+            | Request::Delete { bucket, .. } => bucket,
+            other => {
+                let message = format!("the simulated node answers gets and writes, not {other:?}");
+                return self.reply(
+                    origin,
+                    client_error(ErrorCode::MalformedRequest, message),
+                    fx,
+                );
             }
+        };
+        if bucket != BUCKET {
+            let message = format!("bucket {bucket:?}: the simulation has only {BUCKET:?}");
+            return self.reply(
+                origin,
+                client_error(ErrorCode::MalformedRequest, message),
+                fx,
+            );
+        }
+        match request {
+            Request::Get { key, options, .. } => {
+                self.start_get(now_ms, origin, &key, options.r, fx)
+            }
+            write => self.start_put(now_ms, origin, write, forwarded, fx),
         }
     }
 
-    fn start_get(&mut self, now_ms: u64, origin: Origin, req: ClientRequest, fx: &mut Vec<Effect>) {
-        let quorum = match self.quorum(req.r, None) {
+    fn start_get(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        key: &[u8],
+        r: Option<u8>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let quorum = match self.quorum(r.map(usize::from), None) {
             Ok(q) => q,
-            Err(e) => return self.reply(origin, ClientResult::Failed(e), fx),
+            Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
         };
-        let (targets, n) = self.targets(&req.key, quorum.n);
+        let key = String::from_utf8_lossy(key).into_owned();
+        let (targets, n) = self.targets(&key, quorum.n);
         let me = self.me.node.clone();
         let op = self.next_op;
         self.next_op += 1;
@@ -1071,7 +1031,7 @@ impl Node {
             GetArgs {
                 me: &me,
                 bucket: BUCKET,
-                key: req.key.as_bytes(),
+                key: key.as_bytes(),
                 targets: &targets,
                 r: quorum.r,
                 n,
@@ -1081,7 +1041,7 @@ impl Node {
                 speculate_ms: self.cfg.read_speculate_ms,
             },
             // The simulated local read cannot fail.
-            || Ok(self.local_object(&req.key)),
+            || Ok(self.local_object(&key)),
         );
         let origin = Some(origin);
         self.gets.insert(op, GetOp { origin, get });
@@ -1096,7 +1056,7 @@ impl Node {
         let Some(op_state) = self.gets.get(&op) else {
             return;
         };
-        let body = PeerRequest::Data(op_state.get.fetch_request());
+        let body = PeerRequest::from(op_state.get.fetch_request());
         let purpose = Purpose::Fetch {
             op,
             node: node.to_string(),
@@ -1126,11 +1086,11 @@ impl Node {
             return;
         };
         let decided = g.get.decision().map(|d| match d {
-            Ok(merged) => ClientResult::Got {
+            Ok(merged) => Response::Get {
+                siblings: wire_siblings(&merged),
                 context: causality::encode_context(merged.context()),
-                object: merged,
             },
-            Err(e) => ClientResult::Failed(e),
+            Err(e) => client_error(ErrorCode::QuorumFailed, e),
         });
         if let Some(result) = decided
             && let Some(origin) = g.origin.take()
@@ -1152,7 +1112,7 @@ impl Node {
             if target.node == self.me.node {
                 let _ = self.apply_store(&store);
             } else {
-                let body = PeerRequest::Data(DataRequest::Store(store));
+                let body = PeerRequest::from(DataRequest::Store(store));
                 let timeout = self.cfg.peer_timeout_ms;
                 self.call(now_ms, &target.node, body, timeout, Purpose::Repair, fx);
             }
@@ -1170,17 +1130,46 @@ impl Node {
         &mut self,
         now_ms: u64,
         origin: Origin,
-        req: ClientRequest,
+        request: Request,
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
-        let quorum = match self.quorum(None, req.w) {
-            Ok(q) => q,
-            Err(e) => return self.reply(origin, ClientResult::Failed(e), fx),
+        let (key, context, op, options) = match &request {
+            Request::Put {
+                key,
+                context,
+                value,
+                options,
+                ..
+            } => (key, context, WriteOp::Put(value.clone()), options),
+            Request::Delete {
+                key,
+                context,
+                options,
+                ..
+            } => (key, context, WriteOp::Delete, options),
+            other => {
+                let message = format!("not a write: {other:?}");
+                return self.reply(
+                    origin,
+                    client_error(ErrorCode::MalformedRequest, message),
+                    fx,
+                );
+            }
         };
-        let (targets, n) = self.targets(&req.key, quorum.n);
+        let (key, context) = (String::from_utf8_lossy(key).into_owned(), context.clone());
+        let quorum = match self.quorum(None, options.w.map(usize::from)) {
+            Ok(q) => q,
+            Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
+        };
+        let (targets, n) = self.targets(&key, quorum.n);
         let me = self.me.node.clone();
-        let sync = req.durability.unwrap_or(self.cfg.durability) == Durability::Sync;
+        let durability = match options.durability {
+            Some(WireDurability::Sync) => Durability::Sync,
+            Some(WireDurability::Buffered) => Durability::Buffered,
+            None => self.cfg.durability,
+        };
+        let sync = durability == Durability::Sync;
         let (my_target, sync_first, sync_alongside) =
             match plan_write(&me, &targets, forwarded, quorum.w, n, sync) {
                 WritePlan::Coordinate {
@@ -1193,29 +1182,29 @@ impl Node {
                     self.next_op += 1;
                     let fwd = ForwardOp {
                         origin,
-                        request: req,
+                        request,
                         forwarding,
                         current: NodeId::new(),
                     };
                     return self.forward_next(now_ms, op, fwd, fx);
                 }
             };
-        let (value, op) = match req.op {
-            ClientOp::Put(v) => (v.clone(), WriteOp::Put(v)),
-            _ => (Vec::new(), WriteOp::Delete),
+        let value = match &op {
+            WriteOp::Put(v) => v.clone(),
+            _ => Vec::new(),
         };
         // The production replica's write: check the context, read the record, issue the
         // dot, check the sibling limit, apply record + hint marker + anti-entropy entry in
         // one batch. The fsync for `sync` durability is the driver's, below.
         let written = self
             .replica
-            .check_write(BUCKET, req.key.as_bytes(), &op, &req.context)
+            .check_write(BUCKET, key.as_bytes(), &op, &context)
             .and_then(|(dkey, client_context)| {
                 let outcome = self.replica.write(
                     &dkey,
                     LocalWrite {
                         bucket: BUCKET,
-                        key: req.key.as_bytes(),
+                        key: key.as_bytes(),
                         context: &client_context,
                         op,
                         now_ms: self.wall_ms(now_ms),
@@ -1226,7 +1215,7 @@ impl Node {
             });
         let (client_context, outcome) = match written {
             Ok(w) => w,
-            Err(e) => return self.reply(origin, ClientResult::Failed(e.to_string()), fx),
+            Err(e) => return self.reply(origin, client_error(e.code(), e.to_string()), fx),
         };
         // With other replicas the coordinator's own fsync runs alongside theirs (here: at
         // the next tick, so a crash can fall in between) and its copy counts towards W only
@@ -1236,16 +1225,16 @@ impl Node {
         }
         fx.push(Effect::Observe(Observation::DotIssued {
             node: me.clone(),
-            key: req.key.clone(),
+            key: key.to_string(),
             dot: outcome.dot.clone(),
             context: client_context,
             value,
         }));
-        let (_, fallbacks) = self.preference(&req.key, quorum.n);
+        let (_, fallbacks) = self.preference(&key, quorum.n);
         let (put, sends) = Put::start(
             PutArgs {
                 bucket: BUCKET,
-                key: req.key.as_bytes(),
+                key: key.as_bytes(),
                 me: &my_target,
                 targets: &targets,
                 fallbacks: &fallbacks,
@@ -1281,7 +1270,7 @@ impl Node {
         fx: &mut Vec<Effect>,
     ) {
         let node = target.node.clone();
-        let body = PeerRequest::Data(DataRequest::Store(store));
+        let body = PeerRequest::from(DataRequest::Store(store));
         let purpose = Purpose::Store { op, target };
         self.call(now_ms, &node, body, self.cfg.peer_timeout_ms, purpose, fx);
     }
@@ -1316,11 +1305,10 @@ impl Node {
             return;
         };
         let result = p.put.decision().map(|d| match d {
-            Ok(()) => ClientResult::Written {
+            Ok(()) => Response::Written {
                 context: causality::encode_context(&p.reply),
-                dot: p.put.dot().clone(),
             },
-            Err(e) => ClientResult::Failed(e),
+            Err(e) => client_error(ErrorCode::QuorumFailed, e),
         });
         let origin = if result.is_some() {
             p.origin.take()
@@ -1338,7 +1326,7 @@ impl Node {
     fn forward_next(&mut self, now_ms: u64, op: u64, mut fwd: ForwardOp, fx: &mut Vec<Effect>) {
         let Some(target) = fwd.forwarding.next_target() else {
             let msg = forward_failed(&fwd.forwarding);
-            return self.reply(fwd.origin, ClientResult::Failed(msg), fx);
+            return self.reply(fwd.origin, client_error(ErrorCode::QuorumFailed, msg), fx);
         };
         let body = PeerRequest::Forward {
             request: fwd.request.clone(),
@@ -1370,19 +1358,33 @@ impl Node {
             to: from.to_string(),
             msg: Message::Response { id, body },
         };
+        let refused = |code, message| PeerResponse::Error(ErrorReply { code, message });
         match body {
-            PeerRequest::Ping => fx.push(respond(PeerResponse::Pong)),
-            PeerRequest::Data(DataRequest::Fetch { bucket, key }) => {
+            PeerRequest::Ping => fx.push(respond(PeerResponse::Pong(self.me.node.clone()))),
+            PeerRequest::Fetch { bucket, key } => {
                 let body = match self.replica.get(&bucket, &key) {
-                    Ok(object) => PeerResponse::Data(DataResponse::Fetched(object)),
-                    Err(e) => PeerResponse::Error(e.to_string()),
+                    Ok(object) => PeerResponse::Fetched(object),
+                    Err(e) => refused(e.code(), e.to_string()),
                 };
                 fx.push(respond(body));
             }
-            PeerRequest::Data(DataRequest::Store(store)) => {
+            PeerRequest::Store {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            } => {
+                let store = StoreRequest {
+                    bucket,
+                    key,
+                    object,
+                    hint_for,
+                    sync,
+                };
                 let body = match self.apply_store(&store) {
-                    Ok(()) => PeerResponse::Data(DataResponse::Stored),
-                    Err(e) => PeerResponse::Error(e),
+                    Ok(()) => PeerResponse::Stored,
+                    Err(e) => refused(ErrorCode::Storage, e),
                 };
                 fx.push(respond(body));
             }
@@ -1393,13 +1395,16 @@ impl Node {
                 };
                 self.handle_client(now_ms, origin, request, Some(hint_for), fx);
             }
-            PeerRequest::Gossip(meta) => fx.push(respond(self.on_gossip(&meta))),
-            PeerRequest::Handoff(request) => fx.push(respond(self.on_handoff(request))),
-            other => {
-                if let Some(body) = self.handle_background(from, other) {
-                    fx.push(respond(body));
-                }
+            PeerRequest::MetaDigest(digest) => fx.push(respond(self.on_meta_digest(digest))),
+            PeerRequest::MetaPush { state, .. } => fx.push(respond(self.on_meta_push(&state))),
+            step if step.is_handoff() => {
+                let body = match step.into_handoff() {
+                    Some(request) => self.on_handoff(request),
+                    None => refused(ErrorCode::Internal, "not a handoff step".into()),
+                };
+                fx.push(respond(body));
             }
+            other => fx.push(respond(self.handle_background(from, other))),
         }
     }
 
@@ -1446,7 +1451,7 @@ impl Node {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
             }
             HintStep::Store { owner, hinted } => {
-                let body = PeerRequest::Data(DataRequest::Store(StoreRequest {
+                let body = PeerRequest::from(DataRequest::Store(StoreRequest {
                     bucket: BUCKET.to_string(),
                     key: hinted.key,
                     object: hinted.object,
@@ -1470,4 +1475,27 @@ impl Node {
 fn wall_ms(skew_ms: i64, now_ms: u64) -> u64 {
     let t = WALL_CLOCK_BASE_MS + now_ms as i64 + skew_ms;
     u64::try_from(t).unwrap_or(0)
+}
+
+/// A client's error answer (production: `cluster::error`).
+fn client_error(code: ErrorCode, message: String) -> Response {
+    Response::Error(ErrorReply { code, message })
+}
+
+/// A call's outcome as production's drivers see it (`Peers::call_untracked` turns a
+/// peer's error answer into a refusal): the answer, or why there is none.
+fn call_answer(result: Result<PeerResponse, CallError>) -> Result<PeerResponse, String> {
+    match result {
+        Ok(response) => Ok(response),
+        Err(CallError::Refused(e)) => Err(e.message),
+        Err(CallError::Timeout) => Err("no answer in time".to_string()),
+    }
+}
+
+/// A peer request this node does not answer.
+fn refusal(message: &str) -> PeerResponse {
+    PeerResponse::Error(ErrorReply {
+        code: ErrorCode::Internal,
+        message: message.to_string(),
+    })
 }

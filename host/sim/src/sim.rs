@@ -13,11 +13,13 @@ use quiver_core::ring::{ClaimParams, Member, Ring};
 
 use crate::check::{self, AckedWrite, Issued};
 use crate::node::{
-    BUCKET, ClientOp, ClientRequest, ClientResult, Durability, Effect, MembershipFixes, Message,
-    Node, NodeConfig, NodeId, Observation,
+    BUCKET, Durability, Effect, MembershipFixes, Message, Node, NodeConfig, NodeId, Observation,
 };
 use crate::rng::Rng;
-use crate::store::{CrashKind, Disk, Meta};
+use crate::store::{CrashKind, Disk};
+use quiver_core::causality::{Dot, VersionVector};
+use quiver_core::meta::MetaState;
+use quiver_sdk::wire::{ReadOptions, Request, Response, WireDurability, WriteOptions};
 
 /// Partitions of the simulated ring: small, so that keys share partitions and nodes.
 const RING_PARTITIONS: u32 = 16;
@@ -632,7 +634,7 @@ enum Event {
     Deliver {
         from: usize,
         to: usize,
-        msg: Message,
+        msg: Box<Message>,
     },
     Tick,
     ClientNext(usize),
@@ -689,8 +691,70 @@ struct OpRecord {
     exempt: bool,
     key: String,
     value: Vec<u8>,
+    /// The context the request carried (empty for none).
+    sent_context: Vec<u8>,
     outcome: Outcome,
     end_ms: u64,
+}
+
+/// What a simulated client does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    Get,
+    Put(Vec<u8>),
+    Delete,
+}
+
+impl Op {
+    /// The request, as production's client protocol carries it.
+    fn request(self, key: String, context: Vec<u8>, durability: Option<Durability>) -> Request {
+        let (bucket, key) = (BUCKET.to_string(), key.into_bytes());
+        let options = WriteOptions {
+            durability: durability.map(|d| match d {
+                Durability::Sync => WireDurability::Sync,
+                Durability::Buffered => WireDurability::Buffered,
+            }),
+            ..WriteOptions::default()
+        };
+        match self {
+            Op::Get => Request::Get {
+                bucket,
+                key,
+                options: ReadOptions::default(),
+            },
+            Op::Put(value) => Request::Put {
+                bucket,
+                key,
+                context,
+                value,
+                options,
+            },
+            Op::Delete => Request::Delete {
+                bucket,
+                key,
+                context,
+                options,
+            },
+        }
+    }
+}
+
+/// The dot a write acknowledged with `reply` issued: the one entry the reply's context
+/// holds beyond the context the client sent (production replies carry only the context).
+fn written_dot(sent: &[u8], reply: &[u8]) -> Option<Dot> {
+    let sent = if sent.is_empty() {
+        VersionVector::new()
+    } else {
+        causality::decode_context(sent).ok()?
+    };
+    let reply = causality::decode_context(reply).ok()?;
+    let mut grown = reply.iter().filter(|(actor, n)| *n > sent.get(actor));
+    let (actor, counter) = grown.next()?;
+    let dot = Dot {
+        actor: actor.clone(),
+        counter,
+    };
+    grown.next().is_none().then_some(dot)
 }
 
 #[derive(Debug, Default)]
@@ -712,7 +776,7 @@ struct World {
     names: Vec<NodeId>,
     index: BTreeMap<NodeId, usize>,
     /// What a node with a fresh disk starts from (production: the `--peer` list).
-    initial: Meta,
+    initial: MetaState,
     /// The last committed ring: the one every node must end up with.
     committed: Arc<Ring>,
     /// Member states as the committer made them.
@@ -775,10 +839,8 @@ impl World {
             n_val: cfg.n as u32,
         };
         let ring = Arc::new(Ring::new(members, params).map_err(|e| e.to_string())?);
-        let mut initial = Meta::of_ring(Arc::clone(&ring));
-        for spare in &names[cfg.nodes..] {
-            initial.members.insert(spare.clone(), MemberState::Joining);
-        }
+        let initial = crate::store::initial_meta(&names[..cfg.nodes], &names[cfg.nodes..], params)
+            .map_err(|e| e.to_string())?;
         let mut rng = Rng::new(seed);
         let skew = cfg.clock_skew_ms as i64;
         let node_cfgs: Vec<NodeConfig> = names
@@ -832,7 +894,11 @@ impl World {
             seq: 0,
             queue: BinaryHeap::new(),
             index,
-            states: initial.members.clone(),
+            states: initial
+                .members
+                .iter()
+                .map(|(id, e)| (id.clone(), e.state))
+                .collect(),
             initial,
             committed: ring,
             changes_left: cfg.membership_changes,
@@ -925,13 +991,13 @@ impl World {
             for k in 0..self.cfg.keys {
                 let key = self.key(k);
                 let primary = self.primaries(&key).first().copied().unwrap_or(0);
-                let request = ClientRequest {
-                    key: key.clone(),
-                    op: ClientOp::Get,
-                    context: Vec::new(),
-                    r: Some(self.cfg.n),
-                    w: None,
-                    durability: None,
+                let request = Request::Get {
+                    bucket: BUCKET.to_string(),
+                    key: key.clone().into_bytes(),
+                    options: ReadOptions {
+                        r: u8::try_from(self.cfg.n).ok(),
+                        ..ReadOptions::default()
+                    },
                 };
                 let ticket = self.history.len() as u64;
                 self.history.push(OpRecord {
@@ -939,6 +1005,7 @@ impl World {
                     exempt: false,
                     key,
                     value: Vec::new(),
+                    sent_context: Vec::new(),
                     outcome: Outcome::Pending,
                     end_ms: 0,
                 });
@@ -1023,7 +1090,7 @@ impl World {
                 let from_name = self.names[from].clone();
                 match self.nodes[to].as_mut() {
                     Some(node) => {
-                        let fx = node.on_message(now, &from_name, msg);
+                        let fx = node.on_message(now, &from_name, *msg);
                         self.effects(to, fx);
                     }
                     None => self.report.dropped += 1,
@@ -1152,7 +1219,7 @@ impl World {
                 Event::Deliver {
                     from,
                     to,
-                    msg: msg.clone(),
+                    msg: Box::new(msg.clone()),
                 },
             );
         }
@@ -1177,24 +1244,24 @@ impl World {
         let client = &mut self.clients[c];
         client.seq += 1;
         let (op, value) = if roll < 35 {
-            (ClientOp::Get, Vec::new())
+            (Op::Get, Vec::new())
         } else if roll < 100 - self.cfg.delete_pct.min(65) {
             let v = format!("c{c}-{}", client.seq).into_bytes();
-            (ClientOp::Put(v.clone()), v)
+            (Op::Put(v.clone()), v)
         } else if read_first {
             client.delete_next = Some(key.clone());
-            (ClientOp::Get, Vec::new())
+            (Op::Get, Vec::new())
         } else {
-            (ClientOp::Delete, Vec::new())
+            (Op::Delete, Vec::new())
         };
-        let durability = if op != ClientOp::Get && self.rng.chance(self.cfg.buffered_share) {
+        let durability = if op != Op::Get && self.rng.chance(self.cfg.buffered_share) {
             Some(Durability::Buffered)
         } else {
             None
         };
         let effective = durability.unwrap_or(self.cfg.durability);
         let exempt = effective == Durability::Buffered && self.power_losses_possible();
-        let context = if op != ClientOp::Get && (forced.is_some() || self.rng.chance(0.8)) {
+        let context = if op != Op::Get && (forced.is_some() || self.rng.chance(0.8)) {
             self.clients[c]
                 .contexts
                 .get(&key)
@@ -1218,17 +1285,11 @@ impl World {
             exempt,
             key: key.clone(),
             value,
+            sent_context: context.clone(),
             outcome: Outcome::Pending,
             end_ms: 0,
         });
-        let request = ClientRequest {
-            key,
-            op,
-            context,
-            r: None,
-            w: None,
-            durability,
-        };
+        let request = op.request(key, context, durability);
         let now = self.now_ms;
         match self.nodes[coordinator].as_mut() {
             None => {
@@ -1250,7 +1311,7 @@ impl World {
         }
     }
 
-    fn client_reply(&mut self, ticket: u64, result: ClientResult) {
+    fn client_reply(&mut self, ticket: u64, result: Response) {
         let now = self.now_ms;
         let Some(op) = self.history.get_mut(ticket as usize) else {
             return;
@@ -1261,17 +1322,19 @@ impl World {
         }
         op.end_ms = now;
         let context = match result {
-            ClientResult::Got { context, .. } => {
+            Response::Get { context, .. } => {
                 op.outcome = Outcome::Read;
                 self.report.reads += 1;
                 Some(context)
             }
-            ClientResult::Written { context, dot } => {
+            Response::Written { context } => {
+                let dot = written_dot(&op.sent_context, &context)
+                    .expect("a write's reply context is the client's plus one new dot");
                 op.outcome = Outcome::Written(dot);
                 self.report.acked_writes += 1;
                 Some(context)
             }
-            ClientResult::Failed(_) => {
+            _ => {
                 op.outcome = Outcome::Failed;
                 self.report.failed_operations += 1;
                 None
@@ -1449,7 +1512,8 @@ impl World {
             let on_disk = self.disks[i]
                 .as_ref()
                 .and_then(|d| d.meta.as_ref())
-                .map(|m| m.ring.version());
+                .and_then(|m| m.ring.as_ref())
+                .map(|e| e.ring.version());
             on_node.or(on_disk) == Some(version)
         });
         if !held {
@@ -1573,7 +1637,7 @@ impl World {
                     .meta()
                     .members
                     .iter()
-                    .filter(|(_, s)| **s == MemberState::Left)
+                    .filter(|(_, e)| e.state == MemberState::Left)
                     .map(|(id, _)| id.clone())
                     .collect();
                 (n.name().to_string(), n.ring().version(), left)

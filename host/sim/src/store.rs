@@ -11,13 +11,13 @@
 //! production's `MetaStore` fsyncs a change before applying or acknowledging it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 
 use quiver_core::causality::LocalRecord;
-use quiver_core::membership::MemberState;
-use quiver_core::ring::Ring;
+use quiver_core::membership::{MemberEntry, MemberState};
+use quiver_core::meta::{MetaState, Stamp};
+use quiver_core::ring::{ClaimParams, RingError};
 use quiver_core::storage::{StorageEngine, StorageError, keys};
+use quiver_node_core::membership::first_membership;
 use quiver_node_core::record::decode_record;
 
 use crate::disk::SimDisk;
@@ -80,71 +80,33 @@ impl Tables {
     }
 }
 
-/// A node's view of the membership (production: the `members` and `ring` of
-/// `quiver_core::meta::MetaState`), spread by gossip.
-///
-/// Production orders a member entry by `(version, stamp)` and the ring by
-/// `(ring version, stamp)`. In the simulator one committer makes every change and a member
-/// only moves forward through its life (`Joining < Valid < Leaving < Left`), so the newest
-/// ring version and the later member state are what those orders pick.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta {
-    /// The ring this node routes and hands off by.
-    pub ring: Arc<Ring>,
-    /// Every node's state, as far as this node knows.
-    pub members: BTreeMap<String, MemberState>,
+/// The address a simulated member is listed under (the simulated network routes by name).
+pub fn sim_addr(id: &str) -> String {
+    format!("sim:{id}")
 }
 
-impl Meta {
-    /// Every member of `ring` valid, nobody else known.
-    pub fn of_ring(ring: Arc<Ring>) -> Meta {
-        let members = ring
-            .members()
-            .iter()
-            .map(|m| (m.id.clone(), MemberState::Valid))
-            .collect();
-        Meta { ring, members }
+/// The metadata every node of a simulated cluster starts from (production:
+/// `first_membership` over the `--peer` list): `members` valid and in the first ring, and
+/// `spares` known as joining, all with the zero stamp.
+pub fn initial_meta(
+    members: &[String],
+    spares: &[String],
+    params: ClaimParams,
+) -> Result<MetaState, RingError> {
+    let listed = members.iter().map(|id| (id.clone(), sim_addr(id)));
+    let (mut meta, _) = first_membership(listed, params)?;
+    for id in spares {
+        let entry = MemberEntry {
+            version: 0,
+            stamp: Stamp::zero(),
+            addr: sim_addr(id),
+            weight: 1,
+            zone: None,
+            state: MemberState::Joining,
+        };
+        meta.members.insert(id.clone(), entry);
     }
-
-    /// Merges what another node knows (production: `MetaState::merge`); true when
-    /// anything changed here.
-    pub fn merge(&mut self, other: &Meta) -> bool {
-        let mut changed = false;
-        if other.ring.partitions() == self.ring.partitions()
-            && other.ring.version() > self.ring.version()
-        {
-            self.ring = Arc::clone(&other.ring);
-            changed = true;
-        }
-        for (id, &state) in &other.members {
-            match self.members.get_mut(id) {
-                Some(mine) if state > *mine => {
-                    *mine = state;
-                    changed = true;
-                }
-                Some(_) => {}
-                None => {
-                    self.members.insert(id.clone(), state);
-                    changed = true;
-                }
-            }
-        }
-        changed
-    }
-
-    /// The state of `id` (`None`: never heard of).
-    pub fn state(&self, id: &str) -> Option<MemberState> {
-        self.members.get(id).copied()
-    }
-}
-
-impl Hash for Meta {
-    // The ring's version identifies it within a run (one committer); hashing the whole
-    // ring on every traced gossip message would cost more than the run.
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.ring.version().hash(state);
-        self.members.hash(state);
-    }
+    Ok(meta)
 }
 
 /// What a node's disk holds between two lives of the node.
@@ -154,7 +116,7 @@ pub struct Disk {
     pub engine: SimDisk,
     /// Cluster metadata, if this disk ever stored any (a fresh or wiped disk has none and
     /// the node starts from the ring every node derives from the initial member list).
-    pub meta: Option<Meta>,
+    pub meta: Option<MetaState>,
     /// The incarnation a first boot on this disk records (production draws it at random
     /// when `m/incarnation` is absent); a wiped disk gets a new one.
     pub fresh_incarnation: u64,

@@ -299,12 +299,8 @@ impl Cluster {
     /// lacks.
     pub async fn sync_meta(&self) {
         for peer in self.gossip_targets() {
-            let digest = self.meta.digest();
-            let state = match self
-                .peers
-                .call_untracked(&peer, &PeerRequest::MetaDigest(digest))
-                .await
-            {
+            let question = quiver_node_core::membership::digest_request(&self.meta.state());
+            let state = match self.peers.call_untracked(&peer, &question).await {
                 Ok(PeerResponse::MetaSame) => None,
                 Ok(PeerResponse::Meta(state)) => Some(state),
                 Ok(other) => {
@@ -350,11 +346,7 @@ impl Cluster {
     pub(super) async fn handle_meta_peer(&self, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::MetaDigest(digest) => {
-                if self.meta.digest() == digest {
-                    PeerResponse::MetaSame
-                } else {
-                    PeerResponse::Meta(self.meta.state())
-                }
+                quiver_node_core::membership::answer_digest(&self.meta.state(), digest)
             }
             PeerRequest::MetaPush { state, blobs } => match self.take_meta(&state, &blobs).await {
                 Ok(()) => PeerResponse::Stored,

@@ -26,8 +26,8 @@ use std::sync::atomic::Ordering;
 use quiver_core::membership::{
     MemberEntry, MemberState, MembershipError, RingEntry, replica_moves, staged_ring,
 };
-use quiver_core::meta::{MetaState, Stamp};
-use quiver_core::ring::{ClaimParams, Member, Ring};
+use quiver_core::meta::MetaState;
+use quiver_core::ring::{ClaimParams, Ring};
 use quiver_sdk::wire::{ErrorCode, ErrorReply, PlanMember, PlanView, Response};
 
 use super::{Cluster, error};
@@ -35,6 +35,7 @@ use crate::peer::{PeerRequest, PeerResponse};
 use quiver_node_core::ae::TreeId;
 use quiver_node_core::broken::Broken;
 use quiver_node_core::handoff::{self, Answer, HandoffPass, HandoffRequest, Step};
+use quiver_node_core::membership::{self as node_membership, DepartStep};
 
 /// Membership settings of a node.
 #[derive(Debug, Clone)]
@@ -70,36 +71,17 @@ fn peer_refused(message: String) -> PeerResponse {
 }
 
 /// The membership every node of a cluster started from the same `--peer` list derives alike
-/// (every node listed, this one included): members of version 0, weight 1 and no zone, and
-/// the first ring over them, all with the zero stamp.
+/// (node-core's `first_membership` over these addresses).
 pub fn first_membership(
     addrs: &BTreeMap<String, SocketAddr>,
     params: ClaimParams,
 ) -> Result<(MetaState, Ring), quiver_core::ring::RingError> {
-    let members: BTreeMap<String, MemberEntry> = addrs
-        .iter()
-        .map(|(id, addr)| {
-            let entry = MemberEntry {
-                version: 0,
-                stamp: Stamp::zero(),
-                addr: addr.to_string(),
-                weight: 1,
-                zone: None,
-                state: MemberState::Valid,
-            };
-            (id.clone(), entry)
-        })
-        .collect();
-    let ring = Ring::new(members.keys().map(Member::new).collect(), params)?;
-    let state = MetaState {
-        members,
-        ring: Some(RingEntry {
-            ring: ring.clone(),
-            stamp: Stamp::zero(),
-        }),
-        ..MetaState::default()
-    };
-    Ok((state, ring))
+    node_membership::first_membership(
+        addrs
+            .iter()
+            .map(|(id, addr)| (id.clone(), addr.to_string())),
+        params,
+    )
 }
 
 impl Cluster {
@@ -107,32 +89,30 @@ impl Cluster {
     /// the ring).
     pub(crate) fn apply_membership(&self) {
         let state = self.meta.state();
-        if let Some(entry) = &state.ring {
-            let current = self.ring();
-            if entry.ring.partitions() != current.partitions() {
-                tracing::error!(
-                    theirs = entry.ring.partitions(),
-                    ours = current.partitions(),
-                    "ignoring a ring with another partition count"
-                );
-            } else if entry.ring != *current {
-                tracing::info!(
-                    from = current.version(),
-                    to = entry.ring.version(),
-                    "ring changed"
-                );
-                *self.ring.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(entry.ring.clone());
-            }
+        let current = self.ring();
+        if let Some(entry) = &state.ring
+            && entry.ring.partitions() != current.partitions()
+        {
+            tracing::error!(
+                theirs = entry.ring.partitions(),
+                ours = current.partitions(),
+                "ignoring a ring with another partition count"
+            );
         }
-        let addrs: HashMap<String, SocketAddr> = state
-            .members
-            .iter()
-            .filter(|(id, e)| e.state != MemberState::Left && id.as_str() != self.me())
-            .filter_map(|(id, e)| match e.addr.parse() {
-                Ok(addr) => Some((id.clone(), addr)),
+        if let Some(ring) = node_membership::ring_to_apply(&state, &current) {
+            tracing::info!(
+                from = current.version(),
+                to = ring.version(),
+                "ring changed"
+            );
+            *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ring.clone());
+        }
+        let addrs: HashMap<String, SocketAddr> = node_membership::peers(&state, self.me())
+            .into_iter()
+            .filter_map(|(id, addr)| match addr.parse() {
+                Ok(parsed) => Some((id, parsed)),
                 Err(_) => {
-                    tracing::warn!(member = id, addr = e.addr, "member address unreadable");
+                    tracing::warn!(member = id, addr, "member address unreadable");
                     None
                 }
             })
@@ -562,76 +542,76 @@ impl Cluster {
     /// made again after telling them: a coordinator still on an older ring may have stored a
     /// key here meanwhile, which must be handed off first (the next passes do).
     async fn depart_if_done(self: &Arc<Self>) {
-        let state = self.meta.state();
-        let Some(mine) = state.members.get(self.me()) else {
-            return;
-        };
         let holds_nothing = || self.kv.ae().keys() == 0 && self.kv.hint_count() == 0;
-        if !matches!(mine.state, MemberState::Leaving | MemberState::Left)
-            || self.ring().member(self.me()).is_some()
-            || !holds_nothing()
-        {
+        let done = || {
+            node_membership::done_leaving(
+                &self.meta.state(),
+                &self.ring(),
+                self.me(),
+                holds_nothing(),
+            )
+        };
+        if !done() {
             return;
         }
-        if mine.state == MemberState::Leaving {
-            let incoming = MetaState {
-                members: BTreeMap::from([(
-                    self.me().to_string(),
-                    mine.with_state(MemberState::Left, self.stamp()),
-                )]),
-                ..MetaState::default()
-            };
-            if let Err(e) = self.take_meta(&incoming, &[]).await {
-                tracing::error!(error = %e, "cannot record leaving");
-                return;
-            }
+        if let Some(change) =
+            node_membership::left_change(&self.meta.state(), self.me(), self.stamp())
+            && let Err(e) = self.take_meta(&change, &[]).await
+        {
+            tracing::error!(error = %e, "cannot record leaving");
+            return;
         }
         let (told, untold) = self.push_meta(Vec::new()).await;
-        if !untold.is_empty() {
-            tracing::warn!(
-                ?untold,
-                "left, but not every peer took the news yet; retrying"
-            );
-            return;
-        }
-        if !holds_nothing() {
-            tracing::info!("a write landed while leaving; handing it off first");
-            return;
-        }
         // `told` lists this node too.
-        let told = told.len().saturating_sub(1);
-        tracing::info!(told, "handoff complete; this node left the cluster");
-        self.departed.notify_one();
+        let told_peers = told.len().saturating_sub(1);
+        let mut departure =
+            node_membership::Departure::new(told_peers + untold.len(), Broken::NONE);
+        let answers =
+            std::iter::repeat_n(true, told_peers).chain(std::iter::repeat_n(false, untold.len()));
+        let step = answers.fold(departure.step(), |_, told| departure.on_answer(told));
+        match step {
+            DepartStep::Stop { recheck } if recheck && !done() => {
+                tracing::info!("a write landed while leaving; handing it off first");
+            }
+            DepartStep::Stop { .. } => {
+                tracing::info!(
+                    told = told_peers,
+                    "handoff complete; this node left the cluster"
+                );
+                self.departed.notify_one();
+            }
+            DepartStep::Wait | DepartStep::Retry => {
+                tracing::warn!(
+                    ?untold,
+                    "left, but not every peer took the news yet; retrying"
+                );
+            }
+        }
     }
 
     /// Hints held for members that left can never be delivered: the markers go, the copies
     /// stay and reach the key's replicas by handoff (they are orphaned here unless this node
     /// is a replica).
     async fn forget_hints_for_departed(&self) {
-        if self.kv.hint_count() == 0 {
-            return;
-        }
-        let state = self.meta.state();
-        let departed = state
-            .members
-            .iter()
-            .filter(|(id, e)| e.state == MemberState::Left && id.as_str() != self.me());
-        for (owner, _) in departed {
-            let hinted = match self.kv.hinted_keys(owner, 256) {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::error!(owner, error = %e, "cannot read hints");
-                    continue;
-                }
-            };
-            for h in hinted {
-                if let Err(e) = self
-                    .kv
-                    .hint_delivered(owner, &h.bucket, &h.key, &h.object, true)
-                    .await
-                {
-                    tracing::error!(owner, error = %e, "cannot drop a hint for a departed node");
-                }
+        let hinted = match node_membership::departed_hints(
+            &self.kv,
+            &self.meta.state(),
+            self.me(),
+            Broken::NONE,
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read hints");
+                return;
+            }
+        };
+        for (owner, h) in hinted {
+            if let Err(e) = self
+                .kv
+                .hint_delivered(&owner, &h.bucket, &h.key, &h.object, true)
+                .await
+            {
+                tracing::error!(owner, error = %e, "cannot drop a hint for a departed node");
             }
         }
     }
@@ -644,12 +624,8 @@ impl Cluster {
     /// Gossip partners of one round: a random peer that is up (two in clusters of more than
     /// five), so every change reaches all nodes in O(log n) rounds.
     pub(crate) fn gossip_targets(&self) -> Vec<String> {
-        use rand::seq::IndexedRandom;
-        let peers = self.peers.up_names();
-        let want = if peers.len() > 5 { 2 } else { 1 };
-        peers
-            .choose_multiple(&mut rand::rng(), want)
-            .cloned()
-            .collect()
+        use rand::Rng;
+        let mut rng = rand::rng();
+        node_membership::gossip_targets(&self.peers.up_names(), |n| rng.random_range(0..n))
     }
 }

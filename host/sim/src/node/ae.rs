@@ -16,11 +16,12 @@ use quiver_core::causality::Object;
 use quiver_core::storage::{StorageEngine, keys};
 use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, Placement};
-use quiver_node_core::exchange::{self, AeRequest, AeResponse, Answering, Step};
+use quiver_node_core::exchange::{self, AeRequest, Answering, Step};
 use quiver_node_core::reap::{self, ReapAnswering, ReapRequest, ReapResponse, ReapStart, ReapStep};
 
 use super::{
     BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
+    call_answer, refusal,
 };
 use crate::disk::SimDisk;
 
@@ -73,7 +74,7 @@ impl Node {
     /// factor (production: `Cluster::refresh_views` sets it from the ring and the buckets).
     fn placement(&self) -> Placement {
         Placement {
-            partitions: self.meta.ring.partitions(),
+            partitions: self.ring.partitions(),
             default_n: self.tree_n(),
             buckets: Default::default(),
         }
@@ -154,7 +155,7 @@ impl Node {
 
     /// The trees this node and `peer` both replicate (production: `shared_trees`).
     fn shared_trees(&self, peer: &str) -> Vec<TreeId> {
-        exchange::shared_trees(&self.meta.ring, &self.placement(), &self.me.node, peer)
+        exchange::shared_trees(&self.ring, &self.placement(), &self.me.node, peer)
     }
 
     /// The AE tick (production: `Cluster::ae_tick`): one exchange with the next up peer in
@@ -209,7 +210,7 @@ impl Node {
         self.call_untracked(
             now_ms,
             peer,
-            PeerRequest::Ae(body),
+            PeerRequest::from(body),
             timeout,
             Purpose::Ae { exchange: id },
             fx,
@@ -233,12 +234,10 @@ impl Node {
             self.exchange = Some(ex);
             return;
         }
-        let response = match result {
-            Ok(PeerResponse::Ae(r)) => Ok(r),
-            Ok(other) => Err(format!("not an anti-entropy answer: {other:?}")),
-            Err(CallError::Refused(e)) => Err(e),
-            Err(CallError::Timeout) => Err("no answer in time".to_string()),
-        };
+        let response = call_answer(result).and_then(|r| {
+            r.into_ae()
+                .ok_or_else(|| "not an anti-entropy answer".to_string())
+        });
         let peer = ex.machine.peer().to_string();
         match ex.machine.on_response(&self.replica, response) {
             Step::Send(next) => {
@@ -262,31 +261,34 @@ impl Node {
     }
 
     /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,
-    /// `handle_reap_peer`). `None` for a request that is not one of theirs.
-    pub(super) fn handle_background(
-        &mut self,
-        from: &str,
-        body: PeerRequest,
-    ) -> Option<PeerResponse> {
-        Some(match body {
-            PeerRequest::Ae(request) => {
-                // The production answering side, lease included.
-                let placement = self.placement();
-                let at = Answering {
-                    me: &self.me.node,
-                    ring: &self.meta.ring,
-                    placement: &placement,
-                    sender_is_member: self.peers.iter().any(|p| p == from),
-                };
-                let now = self.clock_ms;
-                match exchange::answer(&self.replica, &at, &mut self.ae_lease, now, request) {
-                    AeResponse::Refused(e) => PeerResponse::Error(e),
-                    answer => PeerResponse::Ae(answer),
-                }
-            }
-            PeerRequest::Reap(request) => PeerResponse::Reap(self.answer_reap(request)),
-            _ => return None,
-        })
+    /// `handle_reap_peer`); any other request is refused.
+    pub(super) fn handle_background(&mut self, from: &str, body: PeerRequest) -> PeerResponse {
+        if body.is_reap() {
+            // A bare step counts as sent on this node's ring, as production answers it.
+            return match body.into_reap(self.ring.id()) {
+                Some(request) => PeerResponse::from(self.answer_reap(request)),
+                None => refusal("not a reaping step"),
+            };
+        }
+        let Some(request) = body.into_ae() else {
+            return refusal("not a request the simulated node answers");
+        };
+        // The production answering side, lease included.
+        let placement = self.placement();
+        let at = Answering {
+            me: &self.me.node,
+            ring: &self.ring,
+            placement: &placement,
+            sender_is_member: self.peers.iter().any(|p| p == from),
+        };
+        let now = self.clock_ms;
+        PeerResponse::from(exchange::answer(
+            &self.replica,
+            &at,
+            &mut self.ae_lease,
+            now,
+            request,
+        ))
     }
 
     /// Starts a reaping pass (production: `Cluster::reap_tombstones`), the machine of
@@ -304,7 +306,7 @@ impl Node {
         };
         let start = ReapStart {
             me: &self.me.node,
-            ring: self.meta.ring.id(),
+            ring: self.ring.id(),
             members: &members,
             is_up: &is_up,
             primaries: &primaries,
@@ -340,7 +342,7 @@ impl Node {
                     self.reap_pass = Some(pass);
                     for (member, request) in requests {
                         let timeout = self.cfg.peer_timeout_ms;
-                        let body = PeerRequest::Reap(request);
+                        let body = PeerRequest::from(request);
                         let purpose = Purpose::Reap { pass: id };
                         self.call_untracked(now_ms, &member, body, timeout, purpose, fx);
                     }
@@ -381,14 +383,11 @@ impl Node {
             self.reap_pass = Some(pass);
             return;
         }
-        let answer = match result {
-            Ok(PeerResponse::Reap(r)) => Ok(r),
-            Ok(PeerResponse::Error(e)) => Ok(ReapResponse::Refused(e)),
-            Ok(other) => Err(format!("not a reaping answer: {other:?}")),
-            Err(CallError::Refused(e)) => Err(e),
-            Err(CallError::Timeout) => Err("no answer in time".to_string()),
-        };
-        let ring = self.meta.ring.id();
+        let answer = call_answer(result).and_then(|r| {
+            r.into_reap()
+                .ok_or_else(|| "not a reaping answer".to_string())
+        });
+        let ring = self.ring.id();
         let step = pass.machine.on_response(&self.replica, peer, answer, ring);
         self.reap_drive(now_ms, pass, step, fx);
     }
@@ -403,7 +402,7 @@ impl Node {
             _ => false,
         };
         let at = ReapAnswering {
-            ring: self.meta.ring.id(),
+            ring: self.ring.id(),
             members: &members,
             is_primary: &is_primary,
             broken: self.cfg.broken(),

@@ -1,44 +1,44 @@
-//! Membership changes in the simulated node: gossip of the ring and member states, the
-//! driver of ownership handoff (`quiver_node_core::handoff`, the production machine) and
-//! departure (`depart_if_done` of `host/node/src/cluster/membership.rs`), as steps of the
-//! node's state machine.
+//! Membership in the simulated node, as the driver of node-core's rules
+//! (`quiver_node_core::membership`, `quiver_node_core::handoff`): the production gossip,
+//! ownership handoff and departure, each step a message with other events in between.
 //!
-//! **Gossip.** A node's ring and member states ([`Meta`]) are on its disk. A commit (the
-//! driver calls [`Node::commit`] on one node) is pushed to every peer at once; every gossip
-//! tick the node also exchanges its view with the next up peer in turn. Both sides merge
-//! (newest ring version, later member state), so a node that missed the push (lost message,
-//! partition, down) catches up on a later round. Gossip calls do not feed the failure
-//! detector (production: metadata uses the background connections).
+//! **Gossip.** A node's metadata (production's `MetaState`: members and the committed ring)
+//! is on its disk. A commit (the driver calls [`Node::commit`] on one node) is pushed to
+//! every peer at once (`MetaPush`); every gossip tick the node asks one peer that is up (two
+//! in clusters of more than five), in turn, for its state if their digests differ
+//! (`MetaDigest`), and merges it. Gossip calls do not feed the failure detector (production:
+//! metadata uses the background connections).
 //!
 //! **Handoff** is node-core's [`HandoffPass`]: every pass offers each tree this node holds
 //! keys in but no longer replicates to the partition's primaries and drops what all of them
-//! hold. This module feeds it: a tree's listing runs at once (production: on the blocking
-//! pool), each step goes out as [`PeerRequest::Handoff`] and its answer (or timeout) comes
-//! back as a later event, with client writes, crashes and other messages in between. The
+//! hold. A tree's listing runs at once (production: on the blocking pool), each step goes
+//! out as its `OnRing` request and its answer (or timeout) comes back as a later event. The
 //! primary answers with node-core's [`handoff::answer`] and syncs a merged push before it
 //! replies.
 //!
-//! **Departure.** A node whose state is `Leaving` (or `Left`), which its ring no longer has
-//! and which holds no keys and no hints, marks itself `Left` and tells every peer; once
-//! every peer took the news, and it still holds nothing, it reports
+//! **Departure.** A node told to leave, which its ring no longer has and which holds no
+//! keys and no hints, marks itself `Left` and pushes that to every peer; node-core's
+//! [`Departure`] says when enough took the news, and if it still holds nothing it reports
 //! [`Observation::Departed`] and the driver removes it.
 //!
 //! Where production's first rules fell short under the simulator, [`super::MembershipFixes`]
-//! names the rule added (here and in production); each can be turned off to reproduce the
-//! first version.
+//! names the rule added; each maps to a broken variant of node-core's rules and can be
+//! turned off to reproduce the first version.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use quiver_core::membership::MemberState;
+use quiver_core::membership::{MemberEntry, MemberState, RingEntry};
+use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::Ring;
 use quiver_node_core::handoff::{
     self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Step,
 };
+use quiver_node_core::membership::{self as rules, DepartStep, Departure};
 
 use super::ae::AE_MAX_KEYS;
 use super::{
-    CallError, Effect, Meta, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
+    CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose, call_answer,
 };
 
 /// One handoff pass in flight: node-core's machine, and the id its calls carry.
@@ -48,24 +48,30 @@ pub(in crate::node) struct Handoff {
     pass: HandoffPass,
 }
 
+/// A departure announcement in flight: node-core's tally, and the id its calls carry.
+#[derive(Debug)]
+pub(in crate::node) struct Leaving {
+    id: u64,
+    departure: Departure,
+}
+
 impl Node {
-    /// Recomputes the peer list from the member states (production: `apply_membership`):
-    /// every member that has not left.
+    /// Makes the ring and peer list follow the metadata (production: `apply_membership`).
     pub(super) fn apply_membership(&mut self) {
-        self.peers = self
-            .meta
-            .members
-            .iter()
-            .filter(|(id, state)| **state != MemberState::Left && **id != self.me.node)
-            .map(|(id, _)| id.clone())
+        if let Some(ring) = rules::ring_to_apply(&self.meta, &self.ring) {
+            self.ring = Arc::new(ring.clone());
+        }
+        self.peers = rules::peers(&self.meta, &self.me.node)
+            .into_iter()
+            .map(|(id, _)| id)
             .collect();
     }
 
-    /// Merges `incoming` into this node's metadata, durable before it takes effect; true
-    /// when anything changed.
-    fn take_meta(&mut self, incoming: &Meta) -> bool {
+    /// Merges `incoming` into this node's metadata, durable before it takes effect
+    /// (production: `take_meta`); true when anything changed.
+    fn take_meta(&mut self, incoming: &MetaState) -> bool {
         let mut meta = self.meta.clone();
-        if !meta.merge(incoming) {
+        if meta.merge(incoming).is_empty() {
             return false;
         }
         self.disk.meta = Some(meta.clone());
@@ -74,9 +80,14 @@ impl Node {
         true
     }
 
-    /// An operator committed a membership change here (production: `quiver cluster commit`
-    /// on this node): `ring` becomes this node's ring, `states` the new member states; the
-    /// change is pushed to every peer at once.
+    /// A stamp of this node at `now_ms` by its (possibly skewed) wall clock.
+    fn stamp(&self, now_ms: u64) -> Stamp {
+        Stamp::at(self.wall_ms(now_ms), self.me.node.clone())
+    }
+
+    /// An operator committed a membership change here (production: `quiver cluster leave`
+    /// or `join`, then `commit`, on this node): `ring` becomes the committed ring, `states`
+    /// the new states of those members; the change is pushed to every peer at once.
     pub fn commit(
         &mut self,
         now_ms: u64,
@@ -84,10 +95,33 @@ impl Node {
         states: &BTreeMap<NodeId, MemberState>,
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
-        self.clock_ms = now_ms;
-        let incoming = Meta {
-            ring,
-            members: states.clone(),
+        self.set_clock(now_ms);
+        let stamp = self.stamp(now_ms);
+        let members = states
+            .iter()
+            .filter_map(|(id, &state)| {
+                let entry = match self.meta.members.get(id) {
+                    Some(e) if e.state == state => return None,
+                    Some(e) => e.with_state(state, stamp.clone()),
+                    None => MemberEntry {
+                        version: 0,
+                        stamp: stamp.clone(),
+                        addr: crate::store::sim_addr(id),
+                        weight: 1,
+                        zone: None,
+                        state,
+                    },
+                };
+                Some((id.clone(), entry))
+            })
+            .collect();
+        let incoming = MetaState {
+            members,
+            ring: Some(RingEntry {
+                ring: (*ring).clone(),
+                stamp,
+            }),
+            ..MetaState::default()
         };
         if self.take_meta(&incoming) {
             self.push_meta(now_ms, Purpose::Gossip, &mut fx);
@@ -95,18 +129,23 @@ impl Node {
         fx
     }
 
-    /// Sends this node's metadata to every peer; returns how many were asked.
+    /// Pushes this node's metadata to every peer (production: `push_meta`); returns how
+    /// many were asked.
     fn push_meta(&mut self, now_ms: u64, purpose: Purpose, fx: &mut Vec<Effect>) -> usize {
         let peers = self.peers.clone();
         for peer in &peers {
-            let body = PeerRequest::Gossip(self.meta.clone());
+            let body = PeerRequest::MetaPush {
+                state: self.meta.clone(),
+                blobs: Vec::new(),
+            };
             let timeout = self.cfg.peer_timeout_ms;
             self.call_untracked(now_ms, peer, body, timeout, purpose.clone(), fx);
         }
         peers.len()
     }
 
-    /// One gossip round: exchange views with the next up peer in turn.
+    /// One gossip round (production: `sync_meta`): ask one or two peers that are up, in
+    /// turn, whether their metadata differs.
     pub(super) fn gossip_tick(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         if now_ms < self.next_gossip_ms {
             return;
@@ -118,56 +157,49 @@ impl Node {
             .filter(|p| self.is_up(p))
             .cloned()
             .collect();
-        if up.is_empty() {
-            return;
+        let mut turn = self.gossip_next_peer;
+        let targets = rules::gossip_targets(&up, |n| {
+            turn = turn.wrapping_add(1);
+            turn % n
+        });
+        self.gossip_next_peer = turn;
+        for peer in targets {
+            let body = rules::digest_request(&self.meta);
+            let timeout = self.cfg.peer_timeout_ms;
+            self.call_untracked(now_ms, &peer, body, timeout, Purpose::Gossip, fx);
         }
-        let peer = up[self.gossip_next_peer % up.len()].clone();
-        self.gossip_next_peer = self.gossip_next_peer.wrapping_add(1);
-        let body = PeerRequest::Gossip(self.meta.clone());
-        let timeout = self.cfg.peer_timeout_ms;
-        self.call_untracked(now_ms, &peer, body, timeout, Purpose::Gossip, fx);
     }
 
-    /// The receiving side of a gossip round.
-    pub(super) fn on_gossip(&mut self, incoming: &Meta) -> PeerResponse {
-        self.take_meta(incoming);
-        PeerResponse::Gossip(self.meta.clone())
+    /// The answer to a gossip round's question (production: `handle_meta_peer`).
+    pub(super) fn on_meta_digest(&self, digest: [u8; 32]) -> PeerResponse {
+        rules::answer_digest(&self.meta, digest)
     }
 
-    /// The answer to a gossip round this node started (or to a pushed change).
+    /// A pushed change (production: `handle_meta_peer`): merged, durable, acknowledged.
+    pub(super) fn on_meta_push(&mut self, state: &MetaState) -> PeerResponse {
+        self.take_meta(state);
+        PeerResponse::Stored
+    }
+
+    /// The answer to a gossip round this node started, or to a pushed change.
     pub(super) fn gossip_result(&mut self, result: Result<PeerResponse, CallError>) {
-        if let Ok(PeerResponse::Gossip(meta)) = result {
-            self.take_meta(&meta);
+        if let Some(state) = call_answer(result).ok().and_then(rules::pulled_state) {
+            self.take_meta(&state);
         }
     }
 
-    /// Hint markers for members that left can never be delivered (production keeps them
-    /// forever, and a leaving node holding one never departs). The copy stays: if this node
-    /// is not a primary of the key, ownership handoff takes it to the key's primaries.
+    /// Hint markers for members that left can never be delivered (production:
+    /// `forget_hints_for_departed`, node-core's `departed_hints`): the markers go, the
+    /// copies stay and reach the key's primaries by handoff.
     pub(super) fn forget_hints_for_left(&mut self) {
-        if self.hint_count() == 0 {
-            return;
-        }
-        let left: Vec<String> = self
-            .meta
-            .members
-            .iter()
-            .filter(|(id, state)| **state == MemberState::Left && **id != self.me.node)
-            .map(|(id, _)| id.clone())
-            .collect();
-        // As production's `forget_hints_for_departed`: a pass drops up to 256 markers per
-        // departed owner, keeping the copies.
-        for owner in left {
-            let hinted = self
-                .replica
-                .hinted_keys(&owner, 256)
+        let hinted =
+            rules::departed_hints(&self.replica, &self.meta, &self.me.node, self.cfg.broken())
                 .expect("a live node's hints are readable");
-            for h in hinted {
-                let Ok(key) = String::from_utf8(h.key) else {
-                    continue;
-                };
-                self.hint_delivered(&owner, &key, &h.object, true);
-            }
+        for (owner, h) in hinted {
+            let Ok(key) = String::from_utf8(h.key) else {
+                continue;
+            };
+            self.hint_delivered(&owner, &key, &h.object, true);
         }
     }
 
@@ -182,7 +214,7 @@ impl Node {
         let pass = HandoffPass::start(
             &self.replica,
             &self.me.node,
-            &self.meta.ring,
+            &self.ring,
             AE_MAX_KEYS,
             broken,
         );
@@ -215,7 +247,7 @@ impl Node {
                 Step::Call { peer, request } => {
                     let timeout = self.cfg.peer_timeout_ms;
                     let purpose = Purpose::Handoff { pass: id };
-                    let body = PeerRequest::Handoff(request);
+                    let body = PeerRequest::from(request);
                     self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
                     self.handoff = Some(Handoff { id, pass });
                     return;
@@ -223,7 +255,7 @@ impl Node {
                 Step::Post { peer, request } => {
                     let timeout = self.cfg.peer_timeout_ms;
                     let purpose = Purpose::HandoffUnawaited;
-                    let body = PeerRequest::Handoff(request);
+                    let body = PeerRequest::from(request);
                     self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
                     self.with_handoff_env(|env| pass.next(env))
                 }
@@ -248,7 +280,7 @@ impl Node {
     /// Runs `f` with what the pass reads of this node as it goes (production: the
     /// server's `Peers::names` as the owners a hint could be held for).
     fn with_handoff_env<R>(&self, f: impl FnOnce(&Env<'_>) -> R) -> R {
-        let ring = || self.meta.ring.id();
+        let ring = || self.ring.id();
         let is_up = |p: &str| self.is_up(p);
         let owners = || self.peers.clone();
         f(&Env {
@@ -270,12 +302,7 @@ impl Node {
         if self.handoff.as_ref().is_none_or(|h| h.id != id) {
             return;
         }
-        let answer = match result {
-            Ok(PeerResponse::Handoff(r)) => Ok(r),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(CallError::Refused(e)) => Ok(HandoffResponse::Refused(e)),
-            Err(CallError::Timeout) => Err("no answer in time".to_string()),
-        };
+        let answer = call_answer(result).and_then(PeerResponse::into_handoff);
         self.handoff_drive(now_ms, Some(answer), fx);
     }
 
@@ -283,92 +310,69 @@ impl Node {
     /// answers; a merged push is made durable before the answer goes out.
     pub(super) fn on_handoff(&mut self, request: HandoffRequest) -> PeerResponse {
         let broken = self.cfg.broken();
-        match handoff::answer(
-            &self.replica,
-            &self.me.node,
-            &self.meta.ring,
-            broken,
-            request,
-        ) {
-            Answer::Reply(HandoffResponse::WrongRing(e) | HandoffResponse::Refused(e)) => {
-                PeerResponse::Error(e)
-            }
-            Answer::Reply(response) => PeerResponse::Handoff(response),
+        match handoff::answer(&self.replica, &self.me.node, &self.ring, broken, request) {
+            Answer::Reply(response) => PeerResponse::from(response),
             Answer::SyncThenStored(changed) => {
                 self.sync();
-                PeerResponse::Handoff(HandoffResponse::Stored(changed))
+                PeerResponse::HandoffStored(changed)
             }
         }
     }
 
     /// True when this node is done leaving: told to leave, out of its ring, nothing held.
     fn done_leaving(&self) -> bool {
-        matches!(
-            self.meta.state(&self.me.node),
-            Some(MemberState::Leaving | MemberState::Left)
-        ) && self.meta.ring.member(&self.me.node).is_none()
-            && self.replica.ae().keys() == 0
-            && self.hint_count() == 0
+        let holds_nothing = self.replica.ae().keys() == 0 && self.hint_count() == 0;
+        rules::done_leaving(&self.meta, &self.ring, &self.me.node, holds_nothing)
     }
 
     /// A leaving node that owns and holds nothing marks itself left and tells its peers
-    /// (production: `depart_if_done`); it stops once one of them (or, with
-    /// [`super::MembershipFixes::depart_when_all_told`], every one) took the news.
+    /// (production: `depart_if_done`); it stops once node-core's [`Departure`] says enough
+    /// of them took the news, and it still holds nothing.
     fn depart_if_done(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         if self.departing.is_some() || !self.done_leaving() {
             return;
         }
-        let me = self.me.node.clone();
-        let left = Meta {
-            ring: Arc::clone(&self.meta.ring),
-            members: BTreeMap::from([(me, MemberState::Left)]),
-        };
-        self.take_meta(&left);
-        let asked = self.push_meta(now_ms, Purpose::Depart, fx);
-        self.departing = Some(Departure {
-            asked,
-            answered: 0,
-            told: 0,
-        });
+        if let Some(change) = rules::left_change(&self.meta, &self.me.node, self.stamp(now_ms)) {
+            self.take_meta(&change);
+        }
+        let id = self.next_bg_id();
+        let asked = self.push_meta(now_ms, Purpose::Depart { id }, fx);
+        let departure = Departure::new(asked, self.cfg.broken());
+        let step = departure.step();
+        self.departing = Some(Leaving { id, departure });
+        self.depart_step(step, fx);
     }
 
-    /// The answer of a peer told that this node left.
+    /// The answer of a peer told that this node left (announcement `id`).
     pub(super) fn depart_result(
         &mut self,
+        id: u64,
         result: Result<PeerResponse, CallError>,
         fx: &mut Vec<Effect>,
     ) {
-        let Some(mut d) = self.departing.take() else {
+        let Some(leaving) = self.departing.as_mut().filter(|l| l.id == id) else {
             return;
         };
-        d.answered += 1;
-        if let Ok(PeerResponse::Gossip(meta)) = result {
-            d.told += 1;
-            self.take_meta(&meta);
-        }
-        let enough = if self.cfg.fixes.depart_when_all_told {
-            d.told == d.asked
-        } else {
-            d.told > 0
-        };
-        // A store from a coordinator on an older ring may have landed since the news went
-        // out: then this node stays and hands it off first.
-        if enough && (!self.cfg.fixes.depart_recheck || self.done_leaving()) {
-            // The driver removes the node on this observation: no later reply reaches it.
-            fx.push(Effect::Observe(Observation::Departed));
-            return;
-        }
-        if d.answered < d.asked {
-            self.departing = Some(d);
-        }
-        // Otherwise the next handoff pass tries again.
+        let told = matches!(result, Ok(PeerResponse::Stored));
+        let step = leaving.departure.on_answer(told);
+        self.depart_step(step, fx);
     }
-}
 
-/// A departure announcement in flight.
-#[derive(Debug)]
-pub(in crate::node) struct Departure {
-    asked: usize,
-    answered: usize,
-    told: usize,
+    fn depart_step(&mut self, step: DepartStep, fx: &mut Vec<Effect>) {
+        match step {
+            DepartStep::Wait => {}
+            DepartStep::Stop { recheck } => {
+                self.departing = None;
+                // A store from a coordinator on an older ring may have landed since the
+                // news went out: then this node stays and hands it off first.
+                if !recheck || self.done_leaving() {
+                    // The driver removes the node on this observation: no later reply
+                    // reaches it.
+                    fx.push(Effect::Observe(Observation::Departed));
+                }
+            }
+            // The next handoff pass tries again.
+            DepartStep::Retry => self.departing = None,
+        }
+    }
 }
