@@ -24,9 +24,11 @@ pub enum Variant {
     /// Count a handoff push as held by the primary as soon as it is sent, without waiting
     /// for the primary's durable acknowledgement, and drop the local copy.
     HandoffDropBeforeAck,
-    /// Compare a primary's leaf hashes with this node's tree as it is now, not with the
-    /// hashes of the keys as listed: a write landing between the listing and the
-    /// comparison lets an equal leaf vouch for a listed state the primary never saw.
+    /// Compare a primary's leaf hashes with this node's leaf hashes read when the tree's
+    /// leaves were chosen (before the listing, which the server runs after an await), not
+    /// with the hashes of the keys as listed: a write landing between that read and the
+    /// listing is listed, and dropped, though an equal leaf vouched only for the state
+    /// before it, which is all the primary may hold.
     LeafHashesAsNow,
     /// Do not fsync a `sync` store whose merge changed nothing (acknowledges data that
     /// may be buffered only).

@@ -13,9 +13,11 @@
 //! [`Replica::drop_copy`], which drops nothing whose state changed since it was listed or
 //! that a hint still needs.
 //!
-//! The leaf hashes compared are those of the keys as listed, not of the tree as it is when
-//! the primary's answer arrives: the two differ when a write lands in between, and only the
-//! listed keys are counted and dropped.
+//! The leaf hashes compared are those of the keys as listed, neither the tree's hashes read
+//! when its leaves were chosen (the listing runs after an await in the server, so a write
+//! landing in between is listed but would not be in them) nor the tree as it is when the
+//! primary's answer arrives: only the listed keys are counted and dropped, so only their
+//! hash may vouch for them.
 //!
 //! Every step goes wrapped with the sender's [`RingId`], and [`answer`] refuses a step from
 //! a node on another ring: nodes on different rings disagree on who replicates a key, and
@@ -23,8 +25,8 @@
 //!
 //! All the state is the orphaned records themselves, so a crash of either side just
 //! resumes with a later pass. The server awaits each step (and lists a tree on its blocking
-//! pool); the simulator delivers each answer as a later event, with writes, crashes and
-//! other messages in between — the same steps, in the same order.
+//! pool); the simulator runs each listing and delivers each answer as a later event, with
+//! writes, crashes and other messages in between — the same steps, in the same order.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -266,6 +268,9 @@ struct Transfer {
     ring: RingId,
     phase: Phase,
     listed: Listed,
+    /// BROKEN VARIANT `LeafHashesAsNow`: the tree's leaf hashes read when its leaves were
+    /// chosen (empty otherwise).
+    chosen: Vec<Hash>,
     /// The primary being offered the tree (index into `primaries`).
     primary: usize,
     /// Key-list requests still to send to the current primary.
@@ -344,12 +349,22 @@ impl HandoffPass {
                 continue;
             }
             let empty = Hash::default();
-            let leaves: Vec<u8> = (0..FANOUT as u8)
+            let hashes: Vec<Hash> = (0..FANOUT as u8)
                 .flat_map(|g| env.replica.ae().leaves(tree, g))
+                .collect();
+            let leaves: Vec<u8> = hashes
+                .iter()
                 .enumerate()
-                .filter(|(_, h)| *h != empty)
+                .filter(|(_, h)| **h != empty)
                 .filter_map(|(i, _)| u8::try_from(i).ok())
                 .collect();
+            // BROKEN VARIANT `LeafHashesAsNow`: keeps the hashes read here, before the
+            // listing, to compare in place of the listed keys' hashes.
+            let chosen = if self.broken.is(Variant::LeafHashesAsNow) {
+                hashes
+            } else {
+                Vec::new()
+            };
             let ring = if self.broken.is(Variant::TreeRingVersion) {
                 (env.ring)()
             } else {
@@ -361,6 +376,7 @@ impl HandoffPass {
                 ring,
                 phase: Phase::Listing,
                 listed: Listed::default(),
+                chosen,
                 primary: 0,
                 asks: VecDeque::new(),
                 push: Vec::new(),
@@ -406,7 +422,7 @@ impl HandoffPass {
             }
             (Phase::Leaves, Ok(HandoffResponse::LeafHashes(lists))) => {
                 let broken = self.broken;
-                self.compare_leaves(env, broken, lists);
+                self.compare_leaves(broken, lists);
                 self.ask_keys_or_push(env)
             }
             (Phase::Keys, Ok(HandoffResponse::KeyLists(lists))) => {
@@ -457,12 +473,7 @@ impl HandoffPass {
 
     /// Counts the keys of every listed leaf whose hash the primary shares, and queues key
     /// lists for the others.
-    fn compare_leaves(
-        &mut self,
-        env: &Env<'_>,
-        broken: Broken,
-        lists: Vec<(u8, u32, u8, Vec<Hash>)>,
-    ) {
+    fn compare_leaves(&mut self, broken: Broken, lists: Vec<(u8, u32, u8, Vec<Hash>)>) {
         let Some(t) = self.tree.as_mut() else {
             return;
         };
@@ -475,18 +486,11 @@ impl HandoffPass {
                 }
             }
         }
-        // BROKEN VARIANT `LeafHashesAsNow`: this node's tree as it is at the answer.
-        let now: Vec<Hash> = if broken.is(Variant::LeafHashesAsNow) {
-            (0..FANOUT as u8)
-                .flat_map(|g| env.replica.ae().leaves(t.tree, g))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let mut differing = Vec::new();
         for (&leaf, keys) in &t.listed.keys {
             let mine = if broken.is(Variant::LeafHashesAsNow) {
-                now.get(usize::from(leaf))
+                // BROKEN VARIANT: the hashes read before the listing.
+                t.chosen.get(usize::from(leaf))
             } else {
                 t.listed.hashes.get(&leaf)
             };

@@ -269,9 +269,13 @@ pub struct NodeConfig {
     /// BROKEN VARIANT: count a handoff push as held by the primary as soon as it is sent,
     /// without waiting for the primary's durable acknowledgement, and drop the local copy.
     pub handoff_drop_before_ack: bool,
-    /// BROKEN VARIANT: compare a primary's leaf hashes with this node's tree as it is when
-    /// the answer arrives, not with the hashes of the keys as listed.
+    /// BROKEN VARIANT: compare a primary's leaf hashes with this node's leaf hashes read
+    /// when the tree's leaves were chosen (before the listing), not with the hashes of the
+    /// keys as listed.
     pub leaf_hashes_as_now: bool,
+    /// How long a handoff listing takes, in ms (production: a scan on the blocking pool,
+    /// after an await); 0 lists at once.
+    pub handoff_listing_ms: u64,
     /// Membership rules the simulator found missing at first (see [`MembershipFixes`]).
     pub fixes: MembershipFixes,
 }

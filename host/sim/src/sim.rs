@@ -142,9 +142,13 @@ pub struct Config {
     /// BROKEN VARIANT: a handoff push counts as held once sent, not once durably
     /// acknowledged, and the old holder drops its copy.
     pub handoff_drop_before_ack: bool,
-    /// BROKEN VARIANT: the old holder compares a primary's leaf hashes with its tree as it
-    /// is when the answer arrives, not with the hashes of the keys it listed.
+    /// BROKEN VARIANT: the old holder compares a primary's leaf hashes with its leaf
+    /// hashes read when the tree's leaves were chosen (before the listing), not with the
+    /// hashes of the keys it listed.
     pub leaf_hashes_as_now: bool,
+    /// How long a handoff listing takes, in ms (0: at once; production lists on its
+    /// blocking pool, after an await).
+    pub handoff_listing_ms: u64,
     /// Membership rules the simulator found (production has them too); all on unless a test
     /// shows what one prevents.
     pub fixes: MembershipFixes,
@@ -203,6 +207,7 @@ impl Default for Config {
             handoff_every_ms: 1_000,
             handoff_drop_before_ack: false,
             leaf_hashes_as_now: false,
+            handoff_listing_ms: 0,
             fixes: MembershipFixes::ALL,
             scenario: "custom",
         }
@@ -338,6 +343,18 @@ impl Config {
         }
     }
 
+    /// The handoff race scenario for `seed`: [`Config::membership_stress`] with handoff
+    /// listings that take 200 ms (a large tree scanned on a busy disk), so writes from
+    /// coordinators still on an older ring land between the choice of a tree's leaves and
+    /// their listing.
+    pub fn handoff_race(seed: u64) -> Config {
+        Config {
+            handoff_listing_ms: 200,
+            scenario: "handoff-race",
+            ..Config::membership_stress(seed)
+        }
+    }
+
     /// The configuration of `scenario` (a [`Config::scenario`] name) for `seed`; `None`
     /// for an unknown name.
     pub fn of_scenario(scenario: &str, seed: u64) -> Option<Config> {
@@ -347,6 +364,7 @@ impl Config {
             "reaping" => Config::reaping(seed),
             "membership" => Config::membership(seed),
             "membership-stress" => Config::membership_stress(seed),
+            "handoff-race" => Config::handoff_race(seed),
             _ => return None,
         })
     }
@@ -871,6 +889,7 @@ impl World {
                 handoff_every_ms: cfg.handoff_every_ms,
                 handoff_drop_before_ack: cfg.handoff_drop_before_ack,
                 leaf_hashes_as_now: cfg.leaf_hashes_as_now,
+                handoff_listing_ms: cfg.handoff_listing_ms,
                 fixes: cfg.fixes,
             })
             .collect();

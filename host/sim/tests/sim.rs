@@ -405,6 +405,7 @@ fn unchanged_sync_store_must_still_fsync() {
             handoff_every_ms: 1_000,
             handoff_drop_before_ack: false,
             leaf_hashes_as_now: false,
+            handoff_listing_ms: 0,
             fixes: MembershipFixes::ALL,
         };
         let initial = initial_meta(&names, &[], params).expect("first membership");
@@ -597,6 +598,19 @@ fn membership_stress_seeds() {
     assert!(total.departures > 0, "no node ever departed");
 }
 
+// The handoff race scenario with every rule on: handoff listings take 200 ms, so writes
+// land between the choice of a tree's leaves and their listing.
+#[test]
+fn handoff_race_seeds() {
+    let count = env_u64("QUIVER_SIM_MEMBERSHIP_SEEDS").unwrap_or(MEMBERSHIP_SEEDS_DEFAULT) / 4;
+    let base = env_u64("QUIVER_SIM_BASE").unwrap_or(5_000_000);
+    let cases: Vec<(u64, Config)> = (base..base + count)
+        .map(|s| (s, Config::handoff_race(s)))
+        .collect();
+    let total = run_and_summarise("handoff-race", cases);
+    assert!(total.handoff_dropped > 0, "handoff never moved a key");
+}
+
 // Proves the checkers catch a broken handoff: an old owner that counts a push as held once
 // it is sent (not once the primary acknowledged it durably) and drops its copy loses the
 // write when the push is lost or the primary loses power before its fsync.
@@ -621,6 +635,31 @@ fn broken_handoff_drop_before_ack_is_caught() {
         caught.len(),
         caught[0]
     );
+}
+
+// `LeafHashesAsNow` compares the primary's leaf hashes with this node's read when the tree's
+// leaves were chosen, before the listing (production lists on its blocking pool, after an
+// await): a write landing in between is listed and dropped though the primary never got
+// it. The handoff race scenario gives listings 200 ms, as a large tree on a busy disk; the
+// race is still rare there: seeds 2389 and 2951 of 0..5000, which pass with the variant off.
+#[test]
+fn broken_leaf_hashes_as_now_is_caught() {
+    const SEED: u64 = 2389;
+    let config = Config::handoff_race(SEED);
+    if let Err(f) = run(SEED, &config) {
+        panic!("seed {SEED} fails with every rule on:\n{f}");
+    }
+    let broken = Config {
+        leaf_hashes_as_now: true,
+        ..config
+    };
+    match run(SEED, &broken) {
+        Err(f) if f.checker == Checker::LostWrite => {
+            println!("leaf-hashes-as-now caught on seed {SEED}:\n{f}");
+        }
+        Err(f) => panic!("leaf-hashes-as-now failed another checker on seed {SEED}:\n{f}"),
+        Ok(_) => panic!("leaf hashes read before the listing went unnoticed on seed {SEED}"),
+    }
 }
 
 // The findings (crate docs, "Findings"): each rule of `MembershipFixes` that production

@@ -11,8 +11,10 @@
 //!
 //! **Handoff** is node-core's [`HandoffPass`]: every pass offers each tree this node holds
 //! keys in but no longer replicates to the partition's primaries and drops what all of them
-//! hold. A tree's listing runs at once (production: on the blocking pool), each step goes
-//! out as its `OnRing` request and its answer (or timeout) comes back as a later event. The
+//! hold. A tree's listing runs at once, or after a delay as on the server's blocking pool
+//! (`NodeConfig::handoff_listing_ms`); each step goes out as its `OnRing` request and its
+//! answer (or timeout) comes back as a later event, with client writes, crashes and other
+//! messages in between. The
 //! primary answers with node-core's [`handoff::answer`] and syncs a merged push before it
 //! replies.
 //!
@@ -32,7 +34,7 @@ use quiver_core::membership::{MemberEntry, MemberState, RingEntry};
 use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::Ring;
 use quiver_node_core::handoff::{
-    self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Step,
+    self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Listing, Step,
 };
 use quiver_node_core::membership::{self as rules, DepartStep, Departure};
 
@@ -46,6 +48,18 @@ use super::{
 pub(in crate::node) struct Handoff {
     id: u64,
     pass: HandoffPass,
+    /// A listing the pass asked for, and when it runs (with a listing delay).
+    listing: Option<(u64, Listing)>,
+}
+
+/// What resumes a handoff pass.
+enum Resume {
+    /// The pass starts.
+    Start,
+    /// A pending listing runs now.
+    List(Listing),
+    /// The answer to the pass's last call.
+    Answer(Result<HandoffResponse, String>),
 }
 
 /// A departure announcement in flight: node-core's tally, and the id its calls carry.
@@ -206,6 +220,13 @@ impl Node {
     /// Starts a handoff pass when one is due (production: `handoff_tick` on its interval;
     /// the next pass starts an interval after the last one ended).
     pub(super) fn handoff_tick(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        if let Some(h) = self.handoff.as_mut()
+            && h.listing.as_ref().is_some_and(|(due, _)| *due <= now_ms)
+            && let Some((_, listing)) = h.listing.take()
+        {
+            self.handoff_drive(now_ms, Resume::List(listing), fx);
+            return;
+        }
         if self.handoff.is_some() || now_ms < self.next_handoff_ms {
             return;
         }
@@ -218,28 +239,42 @@ impl Node {
             AE_MAX_KEYS,
             broken,
         );
-        self.handoff = Some(Handoff { id, pass });
-        self.handoff_drive(now_ms, None, fx);
+        self.handoff = Some(Handoff {
+            id,
+            pass,
+            listing: None,
+        });
+        self.handoff_drive(now_ms, Resume::Start, fx);
     }
 
-    /// Feeds node-core's pass until it waits for an answer or ends: with `answer`, the
-    /// answer to its last call first. Listing runs at once (production: on the blocking
-    /// pool); each call's answer arrives as a later event, with anything in between.
-    fn handoff_drive(
-        &mut self,
-        now_ms: u64,
-        answer: Option<Result<HandoffResponse, String>>,
-        fx: &mut Vec<Effect>,
-    ) {
-        let Some(Handoff { id, mut pass }) = self.handoff.take() else {
+    /// Feeds node-core's pass until it waits for an answer or ends. A listing runs at once,
+    /// or, with a listing delay (`NodeConfig::handoff_listing_ms`), at the first tick after
+    /// it, as the server's waits on its blocking pool: writes landing between the choice
+    /// of a tree's leaves and their listing are what the "hashes as listed" rule is for.
+    /// Each call's answer arrives as a later event, with anything in between.
+    fn handoff_drive(&mut self, now_ms: u64, resume: Resume, fx: &mut Vec<Effect>) {
+        let Some(Handoff { id, mut pass, .. }) = self.handoff.take() else {
             return;
         };
-        let mut step = self.with_handoff_env(|env| match answer {
-            Some(a) => pass.on_response(env, a),
-            None => pass.next(env),
-        });
+        let mut step = match resume {
+            Resume::Start => self.with_handoff_env(|env| pass.next(env)),
+            Resume::List(listing) => {
+                let listed = listing.run(&self.replica).map_err(|e| e.to_string());
+                self.with_handoff_env(|env| pass.on_listed(env, listed))
+            }
+            Resume::Answer(a) => self.with_handoff_env(|env| pass.on_response(env, a)),
+        };
         loop {
             step = match step {
+                Step::List(listing) if self.cfg.handoff_listing_ms > 0 => {
+                    let due = now_ms + self.cfg.handoff_listing_ms;
+                    self.handoff = Some(Handoff {
+                        id,
+                        pass,
+                        listing: Some((due, listing)),
+                    });
+                    return;
+                }
                 Step::List(listing) => {
                     let listed = listing.run(&self.replica).map_err(|e| e.to_string());
                     self.with_handoff_env(|env| pass.on_listed(env, listed))
@@ -249,7 +284,11 @@ impl Node {
                     let purpose = Purpose::Handoff { pass: id };
                     let body = PeerRequest::from(request);
                     self.call_untracked(now_ms, &peer, body, timeout, purpose, fx);
-                    self.handoff = Some(Handoff { id, pass });
+                    self.handoff = Some(Handoff {
+                        id,
+                        pass,
+                        listing: None,
+                    });
                     return;
                 }
                 Step::Post { peer, request } => {
@@ -303,7 +342,7 @@ impl Node {
             return;
         }
         let answer = call_answer(result).and_then(PeerResponse::into_handoff);
-        self.handoff_drive(now_ms, Some(answer), fx);
+        self.handoff_drive(now_ms, Resume::Answer(answer), fx);
     }
 
     /// The primary's side of a handoff step (production: `handle_handoff`): node-core
