@@ -464,3 +464,26 @@ impl From<DataRequest> for PeerRequest {
         }
     }
 }
+
+impl PeerRequest {
+    /// The data-path request this is, if it is one.
+    pub fn into_data(self) -> Option<DataRequest> {
+        Some(match self {
+            PeerRequest::Fetch { bucket, key } => DataRequest::Fetch { bucket, key },
+            PeerRequest::Store {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            } => DataRequest::Store(StoreRequest {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            }),
+            _ => return None,
+        })
+    }
+}

@@ -1365,30 +1365,19 @@ impl Node {
         let refused = |code, message| PeerResponse::Error(ErrorReply { code, message });
         match body {
             PeerRequest::Ping => fx.push(respond(PeerResponse::Pong(self.me.node.clone()))),
-            PeerRequest::Fetch { bucket, key } => {
-                let body = match self.replica.get(&bucket, &key) {
-                    Ok(object) => PeerResponse::Fetched(object),
-                    Err(e) => refused(e.code(), e.to_string()),
-                };
-                fx.push(respond(body));
-            }
-            PeerRequest::Store {
-                bucket,
-                key,
-                object,
-                hint_for,
-                sync,
-            } => {
-                let store = StoreRequest {
-                    bucket,
-                    key,
-                    object,
-                    hint_for,
-                    sync,
-                };
-                let body = match self.apply_store(&store) {
-                    Ok(()) => PeerResponse::Stored,
-                    Err(e) => refused(ErrorCode::Storage, e),
+            data @ (PeerRequest::Fetch { .. } | PeerRequest::Store { .. }) => {
+                let body = match data.into_data() {
+                    Some(DataRequest::Fetch { bucket, key }) => {
+                        match self.replica.get(&bucket, &key) {
+                            Ok(object) => PeerResponse::Fetched(object),
+                            Err(e) => refused(e.code(), e.to_string()),
+                        }
+                    }
+                    Some(DataRequest::Store(store)) => match self.apply_store(&store) {
+                        Ok(()) => PeerResponse::Stored,
+                        Err(e) => refused(ErrorCode::Storage, e),
+                    },
+                    None => refusal("not a data-path request"),
                 };
                 fx.push(respond(body));
             }
