@@ -6,8 +6,9 @@
 //! so they spread like bucket properties: a change is pushed to every peer at once
 //! ([`PeerRequest::MetaPush`]), and every gossip round a node asks one or two random peers
 //! that are up whether their metadata differs ([`PeerRequest::MetaDigest`]); only a peer
-//! whose digest differs sends its state. A node that missed a push (lost message,
-//! partition, down) catches up on a later round.
+//! whose digest differs sends its state, and if the asker's merged state still differs it
+//! pushes it back ([`push_back`]). A node that missed a push (lost message, partition,
+//! down) catches up on a later round.
 //!
 //! A node told to leave stops once the committed ring no longer has it, it holds no keys
 //! and no hints, and every peer took the news that it left ([`Departure`]), checked once
@@ -108,6 +109,15 @@ pub fn answer_digest(state: &MetaState, digest: [u8; 32]) -> PeerResponse {
     } else {
         PeerResponse::Meta(state.clone())
     }
+}
+
+/// After merging a peer's pulled `theirs`, whether this node's state (`mine`, merged) still
+/// differs, so the peer lacks something: then the driver pushes `mine` back to it
+/// (`MetaPush`). Pulls alone never spread a change that only a node nobody pulls from
+/// holds — a member others count as left, or one they hold down — once the first push of
+/// it was lost (the simulator's finding, membership-stress seeds 5000057 and 5000202).
+pub fn push_back(mine: &MetaState, theirs: &MetaState) -> bool {
+    mine.digest() != theirs.digest()
 }
 
 /// What a gossip round's answer brings to merge (`None`: nothing differs, or not an

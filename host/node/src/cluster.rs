@@ -1029,6 +1029,9 @@ impl Cluster {
                 tokio::select! {
                     _ = probe.tick() => self.peers.probe_down_peers(),
                     _ = hints.tick() => { self.deliver_hints().await; }
+                    // A peer back after a fault gets its hints now, not at the next tick:
+                    // reads that need every replica miss what it was handed until then.
+                    () = self.peers.came_up().notified() => { self.deliver_hints().await; }
                     _ = meta.tick() => {
                         self.sync_meta().await;
                         self.ae_refile_if_pending().await;

@@ -116,6 +116,8 @@ pub struct Peers {
     clock_base: Instant,
     timeout: Duration,
     advertise: Option<SocketAddr>,
+    /// Notified when a peer believed down answers again (hints for it can go at once).
+    came_up: tokio::sync::Notify,
 }
 
 impl Peers {
@@ -134,6 +136,7 @@ impl Peers {
             config,
             health: Mutex::new(FailureDetector::new()),
             clock_base: Instant::now(),
+            came_up: tokio::sync::Notify::new(),
             timeout,
             advertise: None,
         };
@@ -226,6 +229,11 @@ impl Peers {
         node == self.me || self.health().is_up(node)
     }
 
+    /// Notified when a peer believed down answers again.
+    pub fn came_up(&self) -> &tokio::sync::Notify {
+        &self.came_up
+    }
+
     /// Peers currently believed down.
     pub fn down(&self) -> Vec<String> {
         self.health().down()
@@ -248,6 +256,7 @@ impl Peers {
         let now_ms = self.ms(Instant::now());
         if self.health().on_success(node, now_ms) {
             tracing::info!(peer = node, "peer is back up");
+            self.came_up.notify_one();
         }
     }
 

@@ -506,6 +506,8 @@ pub struct Node {
     forwards: BTreeMap<u64, ForwardOp>,
     hint_pass: Option<HintPass>,
     next_hint_pass_ms: u64,
+    /// A peer came back up: deliver hints at the next tick, not at the next interval.
+    hints_wanted: bool,
     next_writeback_ms: u64,
     exchange: Option<ae::Exchange>,
     /// This node's anti-entropy reservation (production: `Cluster::ae_lease`).
@@ -517,6 +519,9 @@ pub struct Node {
     reaping_paused: bool,
     next_gossip_ms: u64,
     gossip_next_peer: usize,
+    /// Seeds this life's draws of gossip partners (from the name and the life: runs stay
+    /// deterministic).
+    gossip_seed: u64,
     handoff: Option<membership::Handoff>,
     next_handoff_ms: u64,
     /// The departure announcement in flight, if any.
@@ -601,6 +606,7 @@ impl Node {
             forwards: BTreeMap::new(),
             hint_pass: None,
             next_hint_pass_ms: now_ms + cfg.hints_every_ms,
+            hints_wanted: false,
             next_writeback_ms: now_ms + cfg.writeback_every_ms,
             exchange: None,
             ae_lease: AeLease::default(),
@@ -611,6 +617,11 @@ impl Node {
             reaping_paused: false,
             next_gossip_ms: now_ms + cfg.gossip_every_ms,
             gossip_next_peer: 0,
+            gossip_seed: name
+                .bytes()
+                .fold(life.wrapping_mul(0x9e37_79b9_7f4a_7c15), |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+                }),
             handoff: None,
             next_handoff_ms: now_ms + cfg.handoff_every_ms,
             departing: None,
@@ -744,7 +755,8 @@ impl Node {
                 &mut fx,
             );
         }
-        if self.hint_pass.is_none() && now_ms >= self.next_hint_pass_ms {
+        if self.hint_pass.is_none() && (now_ms >= self.next_hint_pass_ms || self.hints_wanted) {
+            self.hints_wanted = false;
             self.forget_hints_for_left();
             if self.hint_count() == 0 {
                 self.next_hint_pass_ms = now_ms + self.cfg.hints_every_ms;
@@ -771,7 +783,11 @@ impl Node {
     }
 
     fn mark_up(&mut self, node: &str, now_ms: u64) {
-        self.health.on_success(node, now_ms);
+        // A peer back up gets its hints at the next tick (production: `Peers::came_up`
+        // wakes hint delivery), after the pass in flight if there is one.
+        if self.health.on_success(node, now_ms) {
+            self.hints_wanted = true;
+        }
     }
 
     fn mark_down(&mut self, node: &str, started_ms: u64, now_ms: u64) {
@@ -847,7 +863,7 @@ impl Node {
             Purpose::Repair => {}
             Purpose::Ae { exchange } => self.ae_result(now_ms, exchange, result, fx),
             Purpose::Reap { pass } => self.reap_result(now_ms, pass, peer, result, fx),
-            Purpose::Gossip => self.gossip_result(result),
+            Purpose::Gossip => self.gossip_result(now_ms, peer, result, fx),
             Purpose::Handoff { pass } => self.handoff_result(now_ms, pass, result, fx),
             Purpose::HandoffUnawaited => {}
             Purpose::Depart { id } => self.depart_result(id, result, fx),

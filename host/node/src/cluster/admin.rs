@@ -309,11 +309,23 @@ impl Cluster {
                 }
                 Err(_) => continue,
             };
-            if let Some(state) = state
-                && let Err(e) = self.take_meta(&state, &[]).await
-            {
-                tracing::error!(peer, error = %e, "cannot store cluster metadata");
-                continue;
+            if let Some(state) = state {
+                if let Err(e) = self.take_meta(&state, &[]).await {
+                    tracing::error!(peer, error = %e, "cannot store cluster metadata");
+                    continue;
+                }
+                // The peer lacks part of this node's state: push it back (pulls alone never
+                // spread a change held only by a node nobody pulls from).
+                let mine = self.meta.state();
+                if quiver_node_core::membership::push_back(&mine, &state) {
+                    let push = PeerRequest::MetaPush {
+                        state: mine,
+                        blobs: Vec::new(),
+                    };
+                    if let Err(e) = self.peers.call_untracked(&peer, &push).await {
+                        tracing::debug!(peer, error = %e, "metadata push-back failed");
+                    }
+                }
             }
             // One plugin per request, with a deadline that fits its size: several large
             // (interpreter-carrying) plugins in one reply could outgrow any frame limit.

@@ -171,12 +171,12 @@ impl Node {
             .filter(|p| self.is_up(p))
             .cloned()
             .collect();
-        let mut turn = self.gossip_next_peer;
-        let targets = rules::gossip_targets(&up, |n| {
-            turn = turn.wrapping_add(1);
-            turn % n
-        });
-        self.gossip_next_peer = turn;
+        // Partners drawn at random, as production's: a fixed rotation with two partners a
+        // round skipped some peers for dozens of rounds, and a change only its committer
+        // held never spread (membership-stress seed 5000202).
+        let mut draw = crate::rng::Rng::new(self.gossip_seed ^ self.gossip_next_peer as u64);
+        self.gossip_next_peer = self.gossip_next_peer.wrapping_add(1);
+        let targets = rules::gossip_targets(&up, |n| draw.index(n));
         for peer in targets {
             let body = rules::digest_request(&self.meta);
             let timeout = self.cfg.peer_timeout_ms;
@@ -195,10 +195,26 @@ impl Node {
         PeerResponse::Stored
     }
 
-    /// The answer to a gossip round this node started, or to a pushed change.
-    pub(super) fn gossip_result(&mut self, result: Result<PeerResponse, CallError>) {
-        if let Some(state) = call_answer(result).ok().and_then(rules::pulled_state) {
-            self.take_meta(&state);
+    /// The answer to a gossip round this node started, or to a pushed change: a pulled
+    /// state is merged, and this node's pushed back if the peer lacks part of it.
+    pub(super) fn gossip_result(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        result: Result<PeerResponse, CallError>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(state) = call_answer(result).ok().and_then(rules::pulled_state) else {
+            return;
+        };
+        self.take_meta(&state);
+        if rules::push_back(&self.meta, &state) {
+            let body = PeerRequest::MetaPush {
+                state: self.meta.clone(),
+                blobs: Vec::new(),
+            };
+            let timeout = self.cfg.peer_timeout_ms;
+            self.call_untracked(now_ms, peer, body, timeout, Purpose::Gossip, fx);
         }
     }
 
