@@ -53,6 +53,23 @@ fn ring_of(members: &[&str]) -> Ring {
     .expect("ring")
 }
 
+/// A ring of member `a` alone with one replica per key, and the placement that matches it.
+fn one_replica_of_a() -> (Ring, Placement) {
+    let ring = Ring::new(
+        vec![Member::new("a")],
+        ClaimParams {
+            partitions: 16,
+            n_val: 1,
+        },
+    )
+    .expect("ring");
+    let one = Placement {
+        default_n: 1,
+        ..placement()
+    };
+    (ring, one)
+}
+
 fn dkey(key: &str) -> Vec<u8> {
     keys::data_key(BUCKET.as_bytes(), key.as_bytes()).expect("data key")
 }
@@ -208,18 +225,8 @@ fn an_old_holder_hands_every_tree_over_and_drops_what_all_primaries_hold() {
 #[test]
 fn the_key_budget_bounds_a_pass_and_the_next_pass_goes_on() {
     let (old, a) = (replica("old"), replica("a"));
-    let ring = Ring::new(
-        vec![Member::new("a")],
-        ClaimParams {
-            partitions: 16,
-            n_val: 1,
-        },
-    )
-    .expect("ring");
-    old.ae().set_placement(Placement {
-        default_n: 1,
-        ..placement()
-    });
+    let (ring, one) = one_replica_of_a();
+    old.ae().set_placement(one);
     for i in 0..30 {
         write(&old, &format!("k{i}"), &object("v"));
     }
@@ -242,18 +249,7 @@ fn the_key_budget_bounds_a_pass_and_the_next_pass_goes_on() {
 #[test]
 fn pushes_are_bounded_by_bytes() {
     let (old, a) = (replica("old"), replica("a"));
-    let ring = Ring::new(
-        vec![Member::new("a")],
-        ClaimParams {
-            partitions: 16,
-            n_val: 1,
-        },
-    )
-    .expect("ring");
-    let one = Placement {
-        default_n: 1,
-        ..placement()
-    };
+    let (ring, one) = one_replica_of_a();
     old.ae().set_placement(one.clone());
     a.ae().set_placement(one);
     let big = "x".repeat(HANDOFF_PUSH_BYTES / 2 + 1);
@@ -293,18 +289,7 @@ fn pushes_are_bounded_by_bytes() {
 #[test]
 fn a_write_landing_during_the_transfer_is_handed_over_before_it_is_dropped() {
     let (old, a) = (replica("old"), replica("a"));
-    let ring = Ring::new(
-        vec![Member::new("a")],
-        ClaimParams {
-            partitions: 16,
-            n_val: 1,
-        },
-    )
-    .expect("ring");
-    let one = Placement {
-        default_n: 1,
-        ..placement()
-    };
+    let (ring, one) = one_replica_of_a();
     old.ae().set_placement(one.clone());
     a.ae().set_placement(one);
     write(&old, "k", &object("v"));
@@ -465,18 +450,7 @@ fn a_primary_on_another_ring_refuses_every_step() {
 #[test]
 fn leaf_hashes_as_now_drops_a_write_landing_before_the_listing() {
     use quiver_node_core::broken::Variant;
-    let ring = Ring::new(
-        vec![Member::new("a")],
-        ClaimParams {
-            partitions: 16,
-            n_val: 1,
-        },
-    )
-    .expect("ring");
-    let one = Placement {
-        default_n: 1,
-        ..placement()
-    };
+    let (ring, one) = one_replica_of_a();
     for (broken, lost) in [
         (Broken::NONE, false),
         (Broken::NONE.with(Variant::LeafHashesAsNow), true),

@@ -17,7 +17,7 @@ use quiver_node_core::broken::Broken;
 use quiver_node_core::broken::Variant;
 use quiver_node_core::membership::{
     DepartStep, Departure, answer_digest, departed_hints, digest_request, done_leaving,
-    first_membership, gossip_targets, left_change, peers, pulled_state,
+    first_membership, gossip_targets, left_change, peers, pulled_state, push_back,
 };
 use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::replica::Replica;
@@ -72,6 +72,13 @@ fn gossip_sends_a_state_only_when_digests_differ() {
     let mut merged = a.clone();
     assert!(!merged.merge(&state).is_empty());
     assert_eq!(merged.digest(), b.digest());
+    assert!(!push_back(&merged, &state), "b holds everything a has");
+
+    // The other way round: b asks a, merges a's state and still holds what a lacks, so it
+    // pushes its own back (a pull alone would leave a without the change).
+    let mut b_after = b.clone();
+    b_after.merge(&a);
+    assert!(push_back(&b_after, &a));
     let mine: Vec<String> = peers(&merged, "n1").into_iter().map(|(id, _)| id).collect();
     assert_eq!(mine, ["n2", "n3"], "a leaving member is still a peer");
 }
