@@ -430,6 +430,10 @@ struct Health {
     down: bool,
     /// A probe is out and its outcome not fed back yet.
     probing: bool,
+    /// When the probe that is out was sent.
+    probe_sent_ms: u64,
+    /// The peer sent this node a request after the probe that is out was sent.
+    heard_while_probing: bool,
     next_probe_ms: u64,
     backoff_ms: u64,
     last_success_ms: Option<u64>,
@@ -481,11 +485,18 @@ impl FailureDetector {
         if h.last_success_ms.is_some_and(|t| t > started_ms) {
             return false;
         }
+        let heard = h.probing && std::mem::take(&mut h.heard_while_probing);
         h.probing = false;
         let newly = !h.down;
         if newly {
             h.down = true;
             h.backoff_ms = PROBE_BACKOFF_MIN_MS;
+        } else if heard {
+            // It was heard from after the probe went out, so the probe may have been lost
+            // to a cut that has healed since: the next one goes at once.
+            h.backoff_ms = PROBE_BACKOFF_MIN_MS;
+            h.next_probe_ms = now_ms;
+            return false;
         } else {
             h.backoff_ms = (h.backoff_ms.saturating_mul(2)).min(PROBE_BACKOFF_MAX_MS);
         }
@@ -497,11 +508,17 @@ impl FailureDetector {
     /// way may still fail (a one-way cut), so it is not marked up; its next probe is brought
     /// forward to now instead, which checks this direction. Without it a healed peer stayed
     /// down here until its backed-off probe came round, up to [`PROBE_BACKOFF_MAX_MS`]
-    /// after the heal (a fault-suite finding). True when a probe was brought forward.
+    /// after the heal (a fault-suite finding). While a probe is out, a request heard after
+    /// it was sent makes its failure send the next probe at once rather than after the
+    /// backoff (the probe may have been lost just before a heal). True when a probe was
+    /// brought forward.
     pub fn on_heard_from(&mut self, node: &str, now_ms: u64) -> bool {
         let Some(h) = self.peers.get_mut(node) else {
             return false;
         };
+        if h.down && h.probing && now_ms > h.probe_sent_ms {
+            h.heard_while_probing = true;
+        }
         if !h.down || h.probing || h.next_probe_ms <= now_ms {
             return false;
         }
@@ -519,6 +536,8 @@ impl FailureDetector {
             if h.down && h.next_probe_ms <= now_ms {
                 h.next_probe_ms = now_ms.saturating_add(PROBE_OUTSTANDING_MAX_MS);
                 h.probing = true;
+                h.probe_sent_ms = now_ms;
+                h.heard_while_probing = false;
                 due.push(node.clone());
             }
         }
@@ -529,6 +548,8 @@ impl FailureDetector {
         self.peers.entry(node.to_string()).or_insert(Health {
             down: false,
             probing: false,
+            probe_sent_ms: 0,
+            heard_while_probing: false,
             next_probe_ms: 0,
             backoff_ms: PROBE_BACKOFF_MIN_MS,
             last_success_ms: None,
@@ -910,5 +931,25 @@ mod tests {
         fd.on_failure("b", 100, 150);
         assert!(fd.due_probes(150 + 2 * PROBE_BACKOFF_MIN_MS - 1).is_empty());
         assert_eq!(fd.due_probes(150 + 2 * PROBE_BACKOFF_MIN_MS), names(&["b"]));
+    }
+
+    #[test]
+    fn a_probe_lost_before_a_heal_is_followed_at_once() {
+        let mut fd = FailureDetector::new();
+        for i in 0..20 {
+            fd.on_failure("b", i, i);
+        }
+        assert_eq!(fd.due_probes(2_000), names(&["b"]));
+        // Heard from while the probe is out (sent into the cut, which then healed).
+        assert!(!fd.on_heard_from("b", 2_100));
+        fd.on_failure("b", 2_000, 2_500);
+        assert!(!fd.is_up("b"));
+        assert_eq!(fd.due_probes(2_500), names(&["b"]), "no backoff");
+        // Not heard from during this one: its failure backs off as usual.
+        fd.on_failure("b", 2_500, 3_000);
+        assert!(
+            fd.due_probes(3_000 + 2 * PROBE_BACKOFF_MIN_MS - 1)
+                .is_empty()
+        );
     }
 }

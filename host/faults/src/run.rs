@@ -195,16 +195,17 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
     // Ready = every node coordinates a read that every replica answers, i.e. every node
     // has its peer connections.
     let nothing = BTreeMap::new();
-    wait_until(
-        "every node serves r = n reads",
-        Duration::from_secs(60),
-        || async {
-            all_nodes_have(&cluster, &config, spec, &nothing)
-                .await
-                .is_ok()
-        },
-    )
-    .await?;
+    let mut reads = NodeReads::default();
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while let Err(why) = reads
+        .all_nodes_have(&cluster, &config, spec, &nothing)
+        .await
+    {
+        if Instant::now() > ready_by {
+            bail!("timed out after 60 s waiting until every node serves r = n reads: {why}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let schedule = Schedule::generate(&ScheduleSpec {
         seed: spec.seed,
@@ -239,11 +240,23 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         // must return every add acknowledged before it (the workload keeps running).
         if let (Some(healed), Some(prev)) = (last_heal, applied.last_mut()) {
             let target = load.acked();
+            let mut last_why = String::new();
             while tokio::time::Instant::now() < gap_end {
-                let probe = all_nodes_have(&cluster, &config, spec, &target);
-                if let Ok(Ok(())) = tokio::time::timeout_at(gap_end, probe).await {
-                    prev.converged_ms = Some(healed.elapsed().as_millis() as u64);
-                    break;
+                let probe = reads.all_nodes_have(&cluster, &config, spec, &target);
+                match tokio::time::timeout_at(gap_end, probe).await {
+                    Ok(Ok(())) => {
+                        prev.converged_ms = Some(healed.elapsed().as_millis() as u64);
+                        break;
+                    }
+                    // What kept the heal from converging, each distinct answer once.
+                    Ok(Err(why)) if why != last_why => {
+                        log(format!(
+                            "{:>6} ms after heal: {why}",
+                            healed.elapsed().as_millis()
+                        ));
+                        last_why = why;
+                    }
+                    _ => {}
                 }
                 tokio::time::sleep_until(
                     gap_end.min(tokio::time::Instant::now() + Duration::from_millis(100)),
@@ -307,7 +320,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
             replicas_ms = Some(healed.elapsed().as_millis() as u64);
         }
         if all_nodes_ms.is_none() {
-            match all_nodes_have(&cluster, &config, spec, &acked).await {
+            match reads.all_nodes_have(&cluster, &config, spec, &acked).await {
                 Ok(()) => all_nodes_ms = Some(healed.elapsed().as_millis() as u64),
                 Err(why) => {
                     if obstacles.last() != Some(&why) {
@@ -322,6 +335,7 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    reads.close().await;
     log(format!(
         "convergence: all nodes {all_nodes_ms:?} ms, replicas {replicas_ms:?} ms"
     ));
@@ -391,41 +405,93 @@ fn read_all(n: usize) -> ReadOptions {
     }
 }
 
-/// `Ok` when every node, coordinating a read of each key with r = n, returns every element
-/// of `want` (an empty `want` only checks that the reads succeed); otherwise what the first
-/// node that fell short answered.
-async fn all_nodes_have(
-    cluster: &Cluster,
-    config: &ClientConfig,
-    spec: &RunSpec,
-    want: &BTreeMap<usize, BTreeSet<u64>>,
-) -> Result<(), String> {
-    for (i, addr) in cluster.addrs().iter().enumerate() {
-        let node = cluster.name(i);
-        let c = Client::connect(addr, config.clone())
-            .await
-            .map_err(|e| format!("{node}: {e}"))?;
-        let mut result = Ok(());
-        for k in 0..spec.keys {
-            result = match c.get_with(BUCKET, key_name(k), &read_all(spec.n)).await {
-                Ok(got) => match (workload::union(&got), want.get(&k)) {
-                    (Ok(have), Some(w)) if !w.is_subset(&have) => Err(format!(
-                        "{node}: key {k} lacks {} acknowledged adds",
-                        w.difference(&have).count()
-                    )),
-                    (Ok(_), _) => Ok(()),
-                    (Err(e), _) => Err(format!("{node}: key {k}: {e}")),
-                },
-                Err(e) => Err(format!("{node}: key {k}: {e}")),
+/// One client connection per node for the r = n reads, kept between checks: dialling and
+/// closing five connections took most of a check (each close waits out QUIC's draining
+/// period), which blurred the measured convergence by most of a second.
+#[derive(Default)]
+struct NodeReads {
+    clients: HashMap<usize, Client>,
+}
+
+impl NodeReads {
+    /// `Ok` when every node, coordinating a read of each key with r = n, returns every
+    /// element of `want` (an empty `want` only checks that the reads succeed); otherwise
+    /// what the first node (in name order) that fell short answered.
+    ///
+    /// Every read runs at once, so one check takes about one read, not one per key and
+    /// node. A node whose connection failed is dialled afresh at the next check.
+    async fn all_nodes_have(
+        &mut self,
+        cluster: &Cluster,
+        config: &ClientConfig,
+        spec: &RunSpec,
+        want: &BTreeMap<usize, BTreeSet<u64>>,
+    ) -> Result<(), String> {
+        let mut reads = tokio::task::JoinSet::new();
+        for (i, addr) in cluster.addrs().iter().enumerate() {
+            let node = cluster.name(i);
+            let c = match self.clients.get(&i) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Client::connect(addr, config.clone())
+                        .await
+                        .map_err(|e| format!("{node}: {e}"))?;
+                    self.clients.insert(i, c.clone());
+                    c
+                }
             };
-            if result.is_err() {
-                break;
+            for k in 0..spec.keys {
+                let (c, node, wanted) = (c.clone(), node.clone(), want.get(&k).cloned());
+                let options = read_all(spec.n);
+                reads.spawn(async move {
+                    let (result, broken) = match c.get_with(BUCKET, key_name(k), &options).await {
+                        Ok(got) => match (workload::union(&got), wanted) {
+                            (Ok(have), Some(w)) if !w.is_subset(&have) => (
+                                Err(format!(
+                                    "{node}: key {k} lacks {} acknowledged adds",
+                                    w.difference(&have).count()
+                                )),
+                                false,
+                            ),
+                            (Ok(_), _) => (Ok(()), false),
+                            (Err(e), _) => (Err(format!("{node}: key {k}: {e}")), false),
+                        },
+                        // Only the node's own answer keeps the connection: after a
+                        // transport failure or a timeout the next check dials afresh.
+                        Err(e) => (
+                            Err(format!("{node}: key {k}: {e}")),
+                            !matches!(e, quiver_sdk::Error::Server { .. }),
+                        ),
+                    };
+                    (i, k, result, broken)
+                });
             }
         }
-        c.close().await;
-        result?;
+        let mut failures = Vec::new();
+        while let Some(joined) = reads.join_next().await {
+            match joined {
+                Ok((i, k, Err(why), broken)) => {
+                    if broken && let Some(c) = self.clients.remove(&i) {
+                        c.close().await;
+                    }
+                    failures.push((i, k, why));
+                }
+                Ok(_) => {}
+                Err(e) => failures.push((usize::MAX, 0, format!("read task: {e}"))),
+            }
+        }
+        failures.sort();
+        match failures.into_iter().next() {
+            Some((_, _, why)) => Err(why),
+            None => Ok(()),
+        }
     }
-    Ok(())
+
+    async fn close(self) {
+        for (_, c) in self.clients {
+            c.close().await;
+        }
+    }
 }
 
 /// Connections for the replica probe, kept between rounds.
@@ -479,22 +545,6 @@ impl Probe {
         }
         Ok(true)
     }
-}
-
-/// Polls `check` every 100 ms until it holds, failing after `limit`.
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
 }
 
 /// Runs a blocking process operation (a node start waits for its readiness line) without

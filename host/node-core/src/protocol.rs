@@ -487,3 +487,218 @@ impl PeerRequest {
         })
     }
 }
+
+/// What an incoming peer request asks of the receiving node: the dispatch rules every
+/// driver follows, so a request is routed to the same machine by the server and the
+/// simulator.
+#[derive(Debug)]
+pub enum Inbound {
+    /// Liveness probe: answer `Pong`.
+    Ping,
+    /// A replica's `Fetch` or `Store`.
+    Data(DataRequest),
+    /// A client request handed to this node to coordinate.
+    Forward {
+        /// The client's request.
+        request: Request,
+        /// The primary this node stands in for, if it was picked as a fallback.
+        hint_for: Option<String>,
+    },
+    /// Metadata gossip: the sender's digest.
+    MetaDigest([u8; 32]),
+    /// Metadata push: merge `state`, keep `blobs`.
+    MetaPush {
+        /// The sender's metadata.
+        state: MetaState,
+        /// Plugin bytes the receiver may lack.
+        blobs: Vec<(String, Vec<u8>)>,
+    },
+    /// The bytes of these plugin versions.
+    MetaBlobs(Vec<String>),
+    /// A node asks to join.
+    Join {
+        /// The joining node's name.
+        node: String,
+        /// Its member entry.
+        entry: MemberEntry,
+        /// Its partition count.
+        partitions: u32,
+        /// Its default `(n, r, w)`.
+        quorum: (u8, u8, u8),
+    },
+    /// An anti-entropy step.
+    Ae(AeRequest),
+    /// A reaping step (its ring is checked by [`crate::reap::answer`]).
+    Reap(ReapRequest),
+    /// A handoff step (its ring is checked by [`crate::handoff::answer`]).
+    Handoff(HandoffRequest),
+    /// Refused before any machine sees it.
+    Refuse(ErrorReply),
+}
+
+impl PeerRequest {
+    /// Routes this request at node `me`, which holds ring `own`.
+    ///
+    /// - Reaping and handoff steps inside an `OnRing` go to their machines, which compare
+    ///   rings themselves; bare ones (what nodes sent before `OnRing`) count as sent on
+    ///   `own`.
+    /// - Any other step inside an `OnRing` is answered only on the same ring, and an
+    ///   `OnRing` inside an `OnRing` is refused (decoding refuses it already; this covers
+    ///   values built in memory).
+    pub fn inbound(self, me: &str, own: quiver_core::ring::RingId) -> Inbound {
+        match self {
+            PeerRequest::Ping => Inbound::Ping,
+            PeerRequest::Fetch { bucket, key } => Inbound::Data(DataRequest::Fetch { bucket, key }),
+            PeerRequest::Store {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            } => Inbound::Data(DataRequest::Store(StoreRequest {
+                bucket,
+                key,
+                object,
+                hint_for,
+                sync,
+            })),
+            PeerRequest::Forward { request, hint_for } => Inbound::Forward { request, hint_for },
+            PeerRequest::MetaDigest(digest) => Inbound::MetaDigest(digest),
+            PeerRequest::MetaPush { state, blobs } => Inbound::MetaPush { state, blobs },
+            PeerRequest::MetaBlobs(hashes) => Inbound::MetaBlobs(hashes),
+            PeerRequest::Join {
+                node,
+                entry,
+                partitions,
+                quorum,
+            } => Inbound::Join {
+                node,
+                entry,
+                partitions,
+                quorum,
+            },
+            PeerRequest::HandoffPush(objects) => Inbound::Handoff(HandoffRequest {
+                ring: own,
+                ask: Ask::Push(objects),
+            }),
+            PeerRequest::ReapCheck(keys) => Inbound::Reap(ReapRequest::Check { ring: own, keys }),
+            PeerRequest::Reap(keys) => Inbound::Reap(ReapRequest::Reap { ring: own, keys }),
+            PeerRequest::AeDigest {
+                from,
+                trees,
+                digest,
+            } => Inbound::Ae(AeRequest::Digest {
+                from,
+                trees,
+                digest,
+            }),
+            PeerRequest::AeDone { from } => Inbound::Ae(AeRequest::Done { from }),
+            PeerRequest::AeRoots(r) => Inbound::Ae(AeRequest::Roots(r)),
+            PeerRequest::AeLeaves(a) => Inbound::Ae(AeRequest::Leaves(a)),
+            PeerRequest::AeKeys(a) => Inbound::Ae(AeRequest::Keys(a)),
+            PeerRequest::AeFetch(k) => Inbound::Ae(AeRequest::Fetch(k)),
+            PeerRequest::AePush(o) => Inbound::Ae(AeRequest::Push(o)),
+            PeerRequest::OnRing { ring, request } => {
+                let handoff = |ask| Inbound::Handoff(HandoffRequest { ring, ask });
+                match *request {
+                    PeerRequest::ReapCheck(keys) => {
+                        Inbound::Reap(ReapRequest::Check { ring, keys })
+                    }
+                    PeerRequest::Reap(keys) => Inbound::Reap(ReapRequest::Reap { ring, keys }),
+                    PeerRequest::AeLeaves(a) => handoff(Ask::Leaves(a)),
+                    PeerRequest::AeKeys(a) => handoff(Ask::Keys(a)),
+                    PeerRequest::HandoffPush(o) => handoff(Ask::Push(o)),
+                    PeerRequest::OnRing { .. } => Inbound::Refuse(ErrorReply {
+                        code: ErrorCode::MalformedRequest,
+                        message: "nested OnRing".into(),
+                    }),
+                    _ if ring != own => Inbound::Refuse(ErrorReply {
+                        code: ErrorCode::Membership,
+                        message: format!(
+                            "node {me} holds ring version {}, the sender version {} (or \
+                             another ring of that version); retry once gossip has spread it",
+                            own.version, ring.version
+                        ),
+                    }),
+                    step => step.inbound(me, own),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_core::ring::RingId;
+
+    const OWN: RingId = RingId {
+        version: 7,
+        hash: [1; 16],
+    };
+    const OTHER: RingId = RingId {
+        version: 7,
+        hash: [2; 16],
+    };
+
+    fn on(ring: RingId, request: PeerRequest) -> PeerRequest {
+        PeerRequest::OnRing {
+            ring,
+            request: Box::new(request),
+        }
+    }
+
+    fn refused(inbound: Inbound) -> ErrorCode {
+        match inbound {
+            Inbound::Refuse(reply) => reply.code,
+            other => panic!("routed, not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_step_on_another_ring_is_refused_and_on_the_same_ring_routed() {
+        let code = refused(on(OTHER, PeerRequest::Ping).inbound("n1", OWN));
+        assert_eq!(code, ErrorCode::Membership);
+        assert!(matches!(
+            on(OWN, PeerRequest::Ping).inbound("n1", OWN),
+            Inbound::Ping
+        ));
+        let nested = on(OWN, on(OWN, PeerRequest::Ping));
+        assert_eq!(
+            refused(nested.inbound("n1", OWN)),
+            ErrorCode::MalformedRequest
+        );
+    }
+
+    #[test]
+    fn reaping_and_handoff_steps_keep_the_senders_ring_for_their_machines() {
+        // The machines compare rings themselves (and answer in their own terms).
+        match on(OTHER, PeerRequest::ReapCheck(Vec::new())).inbound("n1", OWN) {
+            Inbound::Reap(ReapRequest::Check { ring, .. }) => assert_eq!(ring, OTHER),
+            other => panic!("{other:?}"),
+        }
+        match PeerRequest::Reap(Vec::new()).inbound("n1", OWN) {
+            Inbound::Reap(ReapRequest::Reap { ring, .. }) => assert_eq!(ring, OWN),
+            other => panic!("{other:?}"),
+        }
+        match on(OTHER, PeerRequest::AeLeaves(Vec::new())).inbound("n1", OWN) {
+            Inbound::Handoff(HandoffRequest {
+                ring,
+                ask: Ask::Leaves(_),
+            }) => assert_eq!(ring, OTHER),
+            other => panic!("{other:?}"),
+        }
+        match PeerRequest::HandoffPush(Vec::new()).inbound("n1", OWN) {
+            Inbound::Handoff(HandoffRequest {
+                ring,
+                ask: Ask::Push(_),
+            }) => assert_eq!(ring, OWN),
+            other => panic!("{other:?}"),
+        }
+        // Bare, the same step is anti-entropy's.
+        assert!(matches!(
+            PeerRequest::AeLeaves(Vec::new()).inbound("n1", OWN),
+            Inbound::Ae(AeRequest::Leaves(_))
+        ));
+    }
+}

@@ -21,6 +21,7 @@ use quiver_core::quorum::{Quorum, Target, select_targets};
 use quiver_core::ring::Ring;
 use quiver_node_core::broken::Broken;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
+use quiver_node_core::protocol::Inbound;
 use quiver_node_core::request::{
     DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed, plan_write,
     wire_siblings,
@@ -862,30 +863,31 @@ impl Cluster {
 
     /// Answers a request from another node.
     pub async fn handle_peer(self: &Arc<Self>, request: PeerRequest) -> PeerResponse {
-        match request {
-            PeerRequest::Ping => PeerResponse::Pong(self.me().to_string()),
-            PeerRequest::Fetch { bucket, key } => match self.kv.get(&bucket, &key) {
+        let ring = self.ring();
+        match request.inbound(self.me(), ring.id()) {
+            Inbound::Ping => PeerResponse::Pong(self.me().to_string()),
+            Inbound::Data(DataRequest::Fetch { bucket, key }) => match self.kv.get(&bucket, &key) {
                 Ok(o) => PeerResponse::Fetched(o),
                 Err(e) => PeerResponse::Error(ErrorReply {
                     code: e.code(),
                     message: e.to_string(),
                 }),
             },
-            PeerRequest::Store {
-                bucket,
-                key,
-                object,
-                hint_for,
-                sync,
-            } => {
-                let durability = if sync {
+            Inbound::Data(DataRequest::Store(store)) => {
+                let durability = if store.sync {
                     Durability::Sync
                 } else {
                     Durability::Buffered
                 };
                 match self
                     .kv
-                    .merge_remote(&bucket, &key, &object, durability, hint_for.as_deref())
+                    .merge_remote(
+                        &store.bucket,
+                        &store.key,
+                        &store.object,
+                        durability,
+                        store.hint_for.as_deref(),
+                    )
                     .await
                 {
                     Ok(_) => PeerResponse::Stored,
@@ -895,77 +897,24 @@ impl Cluster {
                     }),
                 }
             }
-            PeerRequest::Forward { request, hint_for } => {
+            Inbound::Forward { request, hint_for } => {
                 PeerResponse::Forwarded(self.handle_client(request, Some(hint_for)).await)
             }
-            meta @ (PeerRequest::MetaDigest(_)
-            | PeerRequest::MetaPush { .. }
-            | PeerRequest::MetaBlobs(_)) => self.handle_meta_peer(meta).await,
-            ae @ (PeerRequest::AeDigest { .. }
-            | PeerRequest::AeDone { .. }
-            | PeerRequest::AeRoots(_)
-            | PeerRequest::AeLeaves(_)
-            | PeerRequest::AeKeys(_)
-            | PeerRequest::AeFetch(_)
-            | PeerRequest::AePush(_)) => match ae.into_ae() {
-                Some(request) => self.handle_ae_peer(request),
-                None => PeerResponse::Error(ErrorReply {
-                    code: ErrorCode::Internal,
-                    message: "not an anti-entropy request".into(),
-                }),
-            },
-            reap @ (PeerRequest::ReapCheck(_) | PeerRequest::Reap(_)) => {
-                self.handle_reap_peer(reap).await
+            Inbound::MetaDigest(digest) => {
+                quiver_node_core::membership::answer_digest(&self.meta.state(), digest)
             }
-            PeerRequest::Join {
+            Inbound::MetaPush { state, blobs } => self.handle_meta_push(&state, &blobs).await,
+            Inbound::MetaBlobs(hashes) => self.handle_meta_blobs(hashes),
+            Inbound::Ae(request) => self.handle_ae_peer(request),
+            Inbound::Reap(request) => self.handle_reap_peer(request).await,
+            Inbound::Join {
                 node,
                 entry,
                 partitions,
                 quorum,
             } => self.handle_join(node, entry, partitions, quorum).await,
-            // A bare push (no sender sends one): answered as if on this node's ring.
-            PeerRequest::HandoffPush(objects) => {
-                let request = quiver_node_core::handoff::HandoffRequest {
-                    ring: self.ring().id(),
-                    ask: quiver_node_core::handoff::Ask::Push(objects),
-                };
-                self.handle_handoff(request).await
-            }
-            step @ PeerRequest::OnRing { .. } if step.is_handoff() => match step.into_handoff() {
-                Some(request) => self.handle_handoff(request).await,
-                None => PeerResponse::Error(ErrorReply {
-                    code: ErrorCode::Internal,
-                    message: "not a handoff step".into(),
-                }),
-            },
-            PeerRequest::OnRing { ring, request } => {
-                let mine = self.ring().id();
-                if matches!(*request, PeerRequest::OnRing { .. }) {
-                    return PeerResponse::Error(ErrorReply {
-                        code: ErrorCode::MalformedRequest,
-                        message: "nested OnRing".into(),
-                    });
-                }
-                // Reaping checks the ring itself (`quiver_node_core::reap::answer`).
-                if request.is_reap() {
-                    return self
-                        .handle_reap_peer(PeerRequest::OnRing { ring, request })
-                        .await;
-                }
-                if mine != ring {
-                    return PeerResponse::Error(ErrorReply {
-                        code: ErrorCode::Membership,
-                        message: format!(
-                            "node {} holds ring version {}, the sender version {} (or another \
-                             ring of that version); retry once gossip has spread it",
-                            self.me(),
-                            mine.version,
-                            ring.version
-                        ),
-                    });
-                }
-                Box::pin(self.handle_peer(*request)).await
-            }
+            Inbound::Handoff(request) => self.handle_handoff(request).await,
+            Inbound::Refuse(reply) => PeerResponse::Error(reply),
         }
     }
 

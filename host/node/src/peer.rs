@@ -27,6 +27,10 @@ pub const ALPN_PEER_V1: &[u8] = b"quiver-peer/1";
 const PEER_FRAME_BYTES_MAX: usize = quiver_core::limits::PEER_FRAME_BYTES_MAX;
 /// Slowest link between nodes a bulk transfer's deadline allows for, in bytes per second.
 pub const TRANSFER_BYTES_PER_SEC_MIN: u64 = 4 * 1024 * 1024;
+/// Longest wait for a probe's answer (or the peer timeout, if shorter). A ping is one
+/// handshake and one round trip; a probe that outlives this is retried after the backoff
+/// on a fresh connection rather than waited for.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The `(engine data key, object digest)` list of one anti-entropy leaf, sorted by key.
 pub use quiver_node_core::exchange::LeafKeys;
@@ -276,10 +280,44 @@ impl Peers {
         let due = self.health().due_probes(now_ms);
         for node in due {
             let peers = Arc::clone(self);
-            // `call` marks the peer up on success and pushes the backoff on failure.
-            tokio::spawn(async move {
-                let _ = peers.call(&node, &PeerRequest::Ping).await;
-            });
+            tokio::spawn(async move { peers.probe(&node).await });
+        }
+    }
+
+    /// One probe of a peer believed down: a `Ping` on a connection dialled for it, within
+    /// [`PROBE_TIMEOUT`]. Success marks the peer up and hands the connection to requests;
+    /// failure pushes the backoff.
+    ///
+    /// Not `call`: a probe on the request connection waited behind a dial or a stream
+    /// stuck in QUIC's retransmission backoff, and for the whole peer timeout, so a peer
+    /// that healed just after a probe went out stayed down here for up to that timeout
+    /// plus the longest backoff (a fault-suite finding: 2–4 s per heal).
+    async fn probe(&self, node: &str) {
+        let Some(slot) = self.slot(node) else {
+            return;
+        };
+        let started = Instant::now();
+        let attempt = async {
+            let conn = self.dial(node, slot.addr).await?;
+            let answer = Self::exchange_on(&conn, node, &PeerRequest::Ping).await;
+            Ok::<_, PeerError>((conn, answer))
+        };
+        match tokio::time::timeout(self.timeout.min(PROBE_TIMEOUT), attempt).await {
+            // A refusal is an answer too: the peer is up.
+            Ok(Ok((conn, Ok(_)))) => {
+                self.mark_up(node);
+                // The probe's connection replaces whatever the requests held: that one saw
+                // the peer fail. (If a request is dialling right now, it keeps its own.)
+                match slot.conn.try_lock() {
+                    Ok(mut current) => *current = Some(conn),
+                    Err(_) => conn.close(0u32.into(), b"probe done"),
+                }
+            }
+            Ok(Ok((conn, Err(_)))) => {
+                conn.close(0u32.into(), b"probe failed");
+                self.mark_down(node, started);
+            }
+            Ok(Err(_)) | Err(_) => self.mark_down(node, started),
         }
     }
 

@@ -55,6 +55,7 @@ use quiver_node_core::broken::{Broken, Variant};
 use quiver_node_core::epochs::BootEpochs;
 use quiver_node_core::exchange::AeLease;
 use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
+use quiver_node_core::protocol::Inbound;
 pub use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::replica::{HINTS_MAX_DEFAULT, LocalWrite, Replica};
 use quiver_node_core::request::{
@@ -1379,42 +1380,37 @@ impl Node {
             msg: Message::Response { id, body },
         };
         let refused = |code, message| PeerResponse::Error(ErrorReply { code, message });
-        match body {
-            PeerRequest::Ping => fx.push(respond(PeerResponse::Pong(self.me.node.clone()))),
-            data @ (PeerRequest::Fetch { .. } | PeerRequest::Store { .. }) => {
-                let body = match data.into_data() {
-                    Some(DataRequest::Fetch { bucket, key }) => {
-                        match self.replica.get(&bucket, &key) {
-                            Ok(object) => PeerResponse::Fetched(object),
-                            Err(e) => refused(e.code(), e.to_string()),
-                        }
-                    }
-                    Some(DataRequest::Store(store)) => match self.apply_store(&store) {
-                        Ok(()) => PeerResponse::Stored,
-                        Err(e) => refused(ErrorCode::Storage, e),
-                    },
-                    None => refusal("not a data-path request"),
-                };
-                fx.push(respond(body));
+        let body = match body.inbound(&self.me.node, self.ring.id()) {
+            Inbound::Ping => PeerResponse::Pong(self.me.node.clone()),
+            Inbound::Data(DataRequest::Fetch { bucket, key }) => {
+                match self.replica.get(&bucket, &key) {
+                    Ok(object) => PeerResponse::Fetched(object),
+                    Err(e) => refused(e.code(), e.to_string()),
+                }
             }
-            PeerRequest::Forward { request, hint_for } => {
+            Inbound::Data(DataRequest::Store(store)) => match self.apply_store(&store) {
+                Ok(()) => PeerResponse::Stored,
+                Err(e) => refused(ErrorCode::Storage, e),
+            },
+            Inbound::Forward { request, hint_for } => {
                 let origin = Origin::Peer {
                     from: from.to_string(),
                     id,
                 };
-                self.handle_client(now_ms, origin, request, Some(hint_for), fx);
+                return self.handle_client(now_ms, origin, request, Some(hint_for), fx);
             }
-            PeerRequest::MetaDigest(digest) => fx.push(respond(self.on_meta_digest(digest))),
-            PeerRequest::MetaPush { state, .. } => fx.push(respond(self.on_meta_push(&state))),
-            step if step.is_handoff() => {
-                let body = match step.into_handoff() {
-                    Some(request) => self.on_handoff(request),
-                    None => refused(ErrorCode::Internal, "not a handoff step".into()),
-                };
-                fx.push(respond(body));
+            Inbound::MetaDigest(digest) => self.on_meta_digest(digest),
+            Inbound::MetaPush { state, .. } => self.on_meta_push(&state),
+            Inbound::Handoff(request) => self.on_handoff(request),
+            Inbound::Reap(request) => PeerResponse::from(self.answer_reap(request)),
+            Inbound::Ae(request) => self.answer_ae(from, request),
+            // Plugins and joins are not simulated.
+            Inbound::MetaBlobs(_) | Inbound::Join { .. } => {
+                refusal("not a request the simulated node answers")
             }
-            other => fx.push(respond(self.handle_background(from, other))),
-        }
+            Inbound::Refuse(reply) => PeerResponse::Error(reply),
+        };
+        fx.push(respond(body));
     }
 
     /// A replica takes a `Store` (the production `request::apply_store`), then the

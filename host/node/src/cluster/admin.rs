@@ -354,33 +354,32 @@ impl Cluster {
         }
     }
 
-    /// The replica side of metadata requests.
-    pub(super) async fn handle_meta_peer(&self, request: PeerRequest) -> PeerResponse {
-        match request {
-            PeerRequest::MetaDigest(digest) => {
-                quiver_node_core::membership::answer_digest(&self.meta.state(), digest)
-            }
-            PeerRequest::MetaPush { state, blobs } => match self.take_meta(&state, &blobs).await {
-                Ok(()) => PeerResponse::Stored,
-                Err(e) => PeerResponse::Error(quiver_sdk::wire::ErrorReply {
-                    code: ErrorCode::Storage,
-                    message: format!("node {}: {e}", self.me()),
-                }),
-            },
-            PeerRequest::MetaBlobs(hashes) => PeerResponse::Blobs(
-                hashes
-                    .into_iter()
-                    .filter_map(|h| match self.meta.blob(&h) {
-                        Ok(Some(bytes)) => Some((h, bytes)),
-                        _ => None,
-                    })
-                    .collect(),
-            ),
-            other => PeerResponse::Error(quiver_sdk::wire::ErrorReply {
-                code: ErrorCode::Internal,
-                message: format!("not a metadata request: {other:?}"),
+    /// A peer pushed its metadata (and plugin bytes): merge them here.
+    pub(super) async fn handle_meta_push(
+        &self,
+        state: &MetaState,
+        blobs: &[(String, Vec<u8>)],
+    ) -> PeerResponse {
+        match self.take_meta(state, blobs).await {
+            Ok(()) => PeerResponse::Stored,
+            Err(e) => PeerResponse::Error(quiver_sdk::wire::ErrorReply {
+                code: ErrorCode::Storage,
+                message: format!("node {}: {e}", self.me()),
             }),
         }
+    }
+
+    /// The bytes of the plugin versions a peer asked for that this node holds.
+    pub(super) fn handle_meta_blobs(&self, hashes: Vec<String>) -> PeerResponse {
+        PeerResponse::Blobs(
+            hashes
+                .into_iter()
+                .filter_map(|h| match self.meta.blob(&h) {
+                    Ok(Some(bytes)) => Some((h, bytes)),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     /// `quiver plugin upload`.

@@ -77,15 +77,10 @@ impl Cluster {
         reaped
     }
 
-    /// The member side of reaping: a `ReapCheck` or `Reap`, bare or inside an `OnRing`.
-    pub(crate) async fn handle_reap_peer(&self, request: PeerRequest) -> PeerResponse {
+    /// The member side of reaping: a `ReapCheck` or `Reap` (routed by
+    /// `PeerRequest::inbound`).
+    pub(crate) async fn handle_reap_peer(&self, request: reap::ReapRequest) -> PeerResponse {
         let ring = self.ring();
-        let Some(request) = request.into_reap(ring.id()) else {
-            return PeerResponse::Error(ErrorReply {
-                code: ErrorCode::MalformedRequest,
-                message: "not a reaping request".into(),
-            });
-        };
         let theirs = match &request {
             reap::ReapRequest::Check { ring, .. } | reap::ReapRequest::Reap { ring, .. } => *ring,
         };

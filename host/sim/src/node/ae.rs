@@ -21,7 +21,7 @@ use quiver_node_core::reap::{self, ReapAnswering, ReapRequest, ReapResponse, Rea
 
 use super::{
     BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
-    call_answer, refusal,
+    call_answer,
 };
 use crate::disk::SimDisk;
 
@@ -260,19 +260,8 @@ impl Node {
         }
     }
 
-    /// The replica side of an exchange and of reaping (production: `handle_ae_peer`,
-    /// `handle_reap_peer`); any other request is refused.
-    pub(super) fn handle_background(&mut self, from: &str, body: PeerRequest) -> PeerResponse {
-        if body.is_reap() {
-            // A bare step counts as sent on this node's ring, as production answers it.
-            return match body.into_reap(self.ring.id()) {
-                Some(request) => PeerResponse::from(self.answer_reap(request)),
-                None => refusal("not a reaping step"),
-            };
-        }
-        let Some(request) = body.into_ae() else {
-            return refusal("not a request the simulated node answers");
-        };
+    /// The replica side of an exchange (production: `handle_ae_peer`).
+    pub(super) fn answer_ae(&mut self, from: &str, request: AeRequest) -> PeerResponse {
         // The production answering side, lease included.
         let placement = self.placement();
         let at = Answering {
@@ -393,7 +382,7 @@ impl Node {
     }
 
     /// The member side of reaping (production: `handle_reap_peer`).
-    fn answer_reap(&mut self, request: ReapRequest) -> ReapResponse {
+    pub(super) fn answer_reap(&mut self, request: ReapRequest) -> ReapResponse {
         let members = self.peers.clone();
         let n = self.cfg.quorum.n;
         let me = self.me.node.clone();
