@@ -537,7 +537,9 @@ pub enum Inbound {
 }
 
 impl PeerRequest {
-    /// Routes this request at node `me`, which holds ring `own`.
+    /// Routes this request at node `me`, whose ring's id `own` gives. `own` is called only
+    /// for the steps that need it (`Ring::id` hashes the whole ring, too much for every
+    /// `Fetch` and `Store`).
     ///
     /// - Reaping and handoff steps inside an `OnRing` go to their machines, which compare
     ///   rings themselves; bare ones (what nodes sent before `OnRing`) count as sent on
@@ -545,7 +547,7 @@ impl PeerRequest {
     /// - Any other step inside an `OnRing` is answered only on the same ring, and an
     ///   `OnRing` inside an `OnRing` is refused (decoding refuses it already; this covers
     ///   values built in memory).
-    pub fn inbound(self, me: &str, own: quiver_core::ring::RingId) -> Inbound {
+    pub fn inbound(self, me: &str, own: &dyn Fn() -> quiver_core::ring::RingId) -> Inbound {
         match self {
             PeerRequest::Ping => Inbound::Ping,
             PeerRequest::Fetch { bucket, key } => Inbound::Data(DataRequest::Fetch { bucket, key }),
@@ -578,11 +580,11 @@ impl PeerRequest {
                 quorum,
             },
             PeerRequest::HandoffPush(objects) => Inbound::Handoff(HandoffRequest {
-                ring: own,
+                ring: own(),
                 ask: Ask::Push(objects),
             }),
-            PeerRequest::ReapCheck(keys) => Inbound::Reap(ReapRequest::Check { ring: own, keys }),
-            PeerRequest::Reap(keys) => Inbound::Reap(ReapRequest::Reap { ring: own, keys }),
+            PeerRequest::ReapCheck(keys) => Inbound::Reap(ReapRequest::Check { ring: own(), keys }),
+            PeerRequest::Reap(keys) => Inbound::Reap(ReapRequest::Reap { ring: own(), keys }),
             PeerRequest::AeDigest {
                 from,
                 trees,
@@ -612,15 +614,21 @@ impl PeerRequest {
                         code: ErrorCode::MalformedRequest,
                         message: "nested OnRing".into(),
                     }),
-                    _ if ring != own => Inbound::Refuse(ErrorReply {
-                        code: ErrorCode::Membership,
-                        message: format!(
-                            "node {me} holds ring version {}, the sender version {} (or \
-                             another ring of that version); retry once gossip has spread it",
-                            own.version, ring.version
-                        ),
-                    }),
-                    step => step.inbound(me, own),
+                    step => {
+                        let own = own();
+                        if ring != own {
+                            return Inbound::Refuse(ErrorReply {
+                                code: ErrorCode::Membership,
+                                message: format!(
+                                    "node {me} holds ring version {}, the sender version {} \
+                                     (or another ring of that version); retry once gossip has \
+                                     spread it",
+                                    own.version, ring.version
+                                ),
+                            });
+                        }
+                        step.inbound(me, &|| own)
+                    }
                 }
             }
         }
@@ -657,15 +665,15 @@ mod tests {
 
     #[test]
     fn a_step_on_another_ring_is_refused_and_on_the_same_ring_routed() {
-        let code = refused(on(OTHER, PeerRequest::Ping).inbound("n1", OWN));
+        let code = refused(on(OTHER, PeerRequest::Ping).inbound("n1", &|| OWN));
         assert_eq!(code, ErrorCode::Membership);
         assert!(matches!(
-            on(OWN, PeerRequest::Ping).inbound("n1", OWN),
+            on(OWN, PeerRequest::Ping).inbound("n1", &|| OWN),
             Inbound::Ping
         ));
         let nested = on(OWN, on(OWN, PeerRequest::Ping));
         assert_eq!(
-            refused(nested.inbound("n1", OWN)),
+            refused(nested.inbound("n1", &|| OWN)),
             ErrorCode::MalformedRequest
         );
     }
@@ -673,22 +681,22 @@ mod tests {
     #[test]
     fn reaping_and_handoff_steps_keep_the_senders_ring_for_their_machines() {
         // The machines compare rings themselves (and answer in their own terms).
-        match on(OTHER, PeerRequest::ReapCheck(Vec::new())).inbound("n1", OWN) {
+        match on(OTHER, PeerRequest::ReapCheck(Vec::new())).inbound("n1", &|| OWN) {
             Inbound::Reap(ReapRequest::Check { ring, .. }) => assert_eq!(ring, OTHER),
             other => panic!("{other:?}"),
         }
-        match PeerRequest::Reap(Vec::new()).inbound("n1", OWN) {
+        match PeerRequest::Reap(Vec::new()).inbound("n1", &|| OWN) {
             Inbound::Reap(ReapRequest::Reap { ring, .. }) => assert_eq!(ring, OWN),
             other => panic!("{other:?}"),
         }
-        match on(OTHER, PeerRequest::AeLeaves(Vec::new())).inbound("n1", OWN) {
+        match on(OTHER, PeerRequest::AeLeaves(Vec::new())).inbound("n1", &|| OWN) {
             Inbound::Handoff(HandoffRequest {
                 ring,
                 ask: Ask::Leaves(_),
             }) => assert_eq!(ring, OTHER),
             other => panic!("{other:?}"),
         }
-        match PeerRequest::HandoffPush(Vec::new()).inbound("n1", OWN) {
+        match PeerRequest::HandoffPush(Vec::new()).inbound("n1", &|| OWN) {
             Inbound::Handoff(HandoffRequest {
                 ring,
                 ask: Ask::Push(_),
@@ -697,7 +705,7 @@ mod tests {
         }
         // Bare, the same step is anti-entropy's.
         assert!(matches!(
-            PeerRequest::AeLeaves(Vec::new()).inbound("n1", OWN),
+            PeerRequest::AeLeaves(Vec::new()).inbound("n1", &|| OWN),
             Inbound::Ae(AeRequest::Leaves(_))
         ));
     }

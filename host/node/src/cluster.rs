@@ -863,8 +863,7 @@ impl Cluster {
 
     /// Answers a request from another node.
     pub async fn handle_peer(self: &Arc<Self>, request: PeerRequest) -> PeerResponse {
-        let ring = self.ring();
-        match request.inbound(self.me(), ring.id()) {
+        match request.inbound(self.me(), &|| self.ring().id()) {
             Inbound::Ping => PeerResponse::Pong(self.me().to_string()),
             Inbound::Data(DataRequest::Fetch { bucket, key }) => match self.kv.get(&bucket, &key) {
                 Ok(o) => PeerResponse::Fetched(o),

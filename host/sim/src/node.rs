@@ -1380,7 +1380,7 @@ impl Node {
             msg: Message::Response { id, body },
         };
         let refused = |code, message| PeerResponse::Error(ErrorReply { code, message });
-        let body = match body.inbound(&self.me.node, self.ring.id()) {
+        let body = match body.inbound(&self.me.node, &|| self.ring.id()) {
             Inbound::Ping => PeerResponse::Pong(self.me.node.clone()),
             Inbound::Data(DataRequest::Fetch { bucket, key }) => {
                 match self.replica.get(&bucket, &key) {
