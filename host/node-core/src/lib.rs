@@ -26,6 +26,9 @@
 //! - [`protocol`]: the peer protocol on the wire (`PeerRequest`, `PeerResponse`), with
 //!   conversions from and to the machines' own messages.
 //! - [`record`]: the stored record format.
+//! - [`node`]: one node as a single state machine around all of the above: pending calls,
+//!   deadlines, probes, forwarding, the tick schedule (driven by the simulator today).
+//! - [`rng`]: a seeded SplitMix64, for draws that must replay (gossip partners).
 //! - [`broken`]: deliberately broken variants of these rules, for the simulator only.
 //!
 //! [`StorageEngine`]: quiver_core::storage::StorageEngine
@@ -38,11 +41,13 @@ pub mod exchange;
 pub mod handoff;
 pub mod hints;
 pub mod membership;
+pub mod node;
 pub mod protocol;
 pub mod reap;
 pub mod record;
 pub mod replica;
 pub mod request;
+pub mod rng;
 
 /// The node's wall clock, in ms since the Unix epoch. Production reads the system clock;
 /// the simulator gives each node its own, skewed, simulated clock.

@@ -265,7 +265,7 @@ impl SimDisk {
     /// Power is lost: the durable part survives, plus a random prefix (uniformly from none
     /// to all) of the unsynced batches, whatever writeback had got to. A batch is kept whole
     /// or not at all. Returns the handle for the restarted node; this handle and its clones
-    /// go stale. Draws exactly one number from `rng`, as [`crate::store::Store::crash`] does.
+    /// go stale. Draws exactly one number from `rng`, as [`crate::store::Disk::crash`] does.
     pub fn power_loss(&self, rng: &mut Rng) -> Result<SimDisk, StorageError> {
         let pending = self.live()?.unsynced.len();
         self.power_loss_keeping(rng.index(pending + 1))

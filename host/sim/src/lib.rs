@@ -1,28 +1,22 @@
 //! Quiver's deterministic whole-cluster simulator.
 //!
-//! A run is a pure function of `(seed, Config)`: [`sim::run`] boots several nodes whose
-//! storage rules *are* production's — every record write, replica merge, hint marker,
-//! anti-entropy entry, tombstone-index entry and actor epoch goes through the
-//! `quiver-node-core` `Replica` that the server runs, over [`disk::SimDisk`] — and whose
-//! replication glue makes the same `quiver-core` calls, in the same order, as
-//! `host/node/src/cluster.rs`; it connects them by a simulated network and clock, injects faults while random clients read and write, then
-//! heals everything, lets hints drain and read-repairs every key, and runs the checkers.
+//! A run is a pure function of `(seed, Config)`: [`sim::run`] boots several nodes, each the
+//! production node machine (`quiver_node_core::node::Node`: request handling, peer calls
+//! and their deadlines, probes, forwarding, hint delivery, anti-entropy, reaping, gossip,
+//! handoff and departure, over the production `Replica`) on a [`disk::SimDisk`]; it
+//! connects them by a simulated network and clock, injects faults while random clients
+//! read and write, then heals everything, lets hints drain and read-repairs every key, and
+//! runs the checkers.
 //! A failure prints its seed and a one-line replay command
 //! (`QUIVER_SIM_SEED=<seed> cargo test -p quiver-sim --test sim replay -- --nocapture`).
 //!
 //! # Layout
 //!
-//! - [`node`]: one node as a pure state machine (`on_client`, `on_message`, `on_tick`
-//!   return [`node::Effect`]s) that drives node-core's machines — the order of a request
-//!   (`request`), hint delivery, anti-entropy, reaping, handoff, gossip and departure — over
-//!   the production `Replica`, speaks the production peer protocol and takes the SDK's
-//!   client requests, with the failure detector of the core (timeouts mark a peer down,
-//!   probes with backoff). The fsyncs stay the driver's, as in production (`KvService`).
-//!   Each node holds its own metadata (production's `MetaState`, on its disk), learns
-//!   changes by gossip, hands off what it no longer owns and departs when it has left
-//!   (`node::membership`). **Next** (issue 12): the bookkeeping around the machines
-//!   (pending calls, timeouts, forwarding) moves into node-core too, and the tokio/quinn
-//!   code becomes a driver of one node-level machine.
+//! - [`node`]: the machine around one node machine ([`node::SimNode`]): its disk, the OS
+//!   writing buffered data back, its skewed wall clock, and the checkers' views of it. It
+//!   holds no request handling and no protocol types (issue 12); the QUIC server does not
+//!   drive the node machine yet (its tokio glue in `host/node/src/cluster*.rs` runs the
+//!   same inner machines), which is the step after.
 //! - [`store`]: a node's disk between lives ([`store::Disk`]: its `SimDisk` and the
 //!   cluster metadata), what a kill, a power loss or a disk replacement leaves, and
 //!   [`store::Tables`], the decoded view the checkers read.
@@ -44,7 +38,7 @@
 //!   committed ring, leavers departed and known to have left), (8) no orphan copies (a
 //!   node holds only keys it is a final-ring primary of; nobody departs holding data);
 //!   plus each node's AE trees match its records.
-//! - [`rng`]: SplitMix64, the only source of randomness.
+//! - [`rng`]: SplitMix64 (node-core's), the only source of randomness.
 //!
 //! # What is modelled
 //!
@@ -70,7 +64,7 @@
 //! exchanges (handoff pushes are production's, bounded by bytes; the simulated values make
 //! one push per primary and tree), and refiling after a
 //! change of `n` (one bucket, one `n`).
-//! Anti-entropy and tombstone reaping are modelled (`node::ae`, off by default; see
+//! Anti-entropy and tombstone reaping are modelled (off by default; see
 //! [`sim::Config::ae_only`] and [`sim::Config::reaping`]), as are the checkers (5) no
 //! resurrection and (6) old tombstones reaped once the cluster is whole.
 //!
@@ -82,7 +76,7 @@
 //! record was unchanged but only buffered, and the replica still answered `Stored`: the
 //! coordinator counted it toward W (and `deliver_hints` dropped the fallback's copy) on the
 //! strength of data a power loss could still roll back. Production now syncs when asked,
-//! changed or not; [`node::NodeConfig::sync_unchanged_merges`] `= false` keeps the old
+//! changed or not; [`sim::Config::sync_unchanged_merges`] `= false` keeps the old
 //! behaviour as a broken variant.
 //!
 //! With joins and leaves, production's membership handling lost acknowledged writes,
@@ -102,6 +96,8 @@
 pub mod check;
 pub mod disk;
 pub mod node;
-pub mod rng;
 pub mod sim;
 pub mod store;
+
+/// The seeded generator behind every draw of a run (shared with the node machine).
+pub use quiver_node_core::rng;

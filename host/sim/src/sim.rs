@@ -13,12 +13,14 @@ use quiver_core::ring::{ClaimParams, Member, Ring};
 
 use crate::check::{self, AckedWrite, Issued};
 use crate::node::{
-    BUCKET, Durability, Effect, MembershipFixes, Message, Node, NodeConfig, NodeId, Observation,
+    BUCKET, Durability, Effect, MembershipFixes, Message, NodeConfig, NodeId, Observation, SimNode,
+    SimNodeConfig, VALUE_BYTES_MAX,
 };
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk};
 use quiver_core::causality::{Dot, VersionVector};
 use quiver_core::meta::MetaState;
+use quiver_node_core::broken::{Broken, Variant};
 use quiver_sdk::wire::{ReadOptions, Request, Response, WireDurability, WriteOptions};
 
 /// Partitions of the simulated ring: small, so that keys share partitions and nodes.
@@ -215,6 +217,24 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The broken variants of node-core's rules this configuration turns on.
+    pub fn broken(&self) -> Broken {
+        [
+            (self.ack_before_quorum, Variant::AckBeforeQuorum),
+            (self.trust_all_epochs, Variant::TrustAllEpochs),
+            (self.reap_without_checks, Variant::ReapWithoutChecks),
+            (self.reap_check_without_sync, Variant::ReapCheckWithoutSync),
+            (self.handoff_drop_before_ack, Variant::HandoffDropBeforeAck),
+            (self.leaf_hashes_as_now, Variant::LeafHashesAsNow),
+            (
+                !self.sync_unchanged_merges,
+                Variant::UnsyncedUnchangedMerges,
+            ),
+        ]
+        .into_iter()
+        .fold(self.fixes.broken(), |b, (on, v)| b.set(v, on))
+    }
+
     /// A configuration drawn from `seed` (a stream separate from the run's own).
     pub fn random(seed: u64) -> Config {
         let mut rng = Rng::new(seed ^ 0x5eed_c0f1_9000_0000);
@@ -804,8 +824,8 @@ struct World {
     departed: Vec<bool>,
     /// Departures that broke the rules (a node leaving with data, or uninvited).
     bad_departures: Vec<String>,
-    node_cfgs: Vec<NodeConfig>,
-    nodes: Vec<Option<Node>>,
+    node_cfgs: Vec<SimNodeConfig>,
+    nodes: Vec<Option<SimNode>>,
     disks: Vec<Option<Disk>>,
     lives: Vec<u64>,
     cuts: BTreeMap<(usize, usize), u32>,
@@ -861,36 +881,32 @@ impl World {
             .map_err(|e| e.to_string())?;
         let mut rng = Rng::new(seed);
         let skew = cfg.clock_skew_ms as i64;
-        let node_cfgs: Vec<NodeConfig> = names
+        let node_cfgs: Vec<SimNodeConfig> = names
             .iter()
-            .map(|_| NodeConfig {
-                quorum,
-                sloppy: cfg.sloppy,
-                durability: cfg.durability,
-                peer_timeout_ms: cfg.peer_timeout_ms,
-                forward_timeout_ms: cfg
-                    .client_timeout_ms
-                    .saturating_sub(500)
-                    .max(cfg.peer_timeout_ms),
-                hints_every_ms: 500,
+            .map(|_| SimNodeConfig {
+                node: NodeConfig {
+                    quorum,
+                    sloppy: cfg.sloppy,
+                    durability: cfg.durability,
+                    value_bytes_max: VALUE_BYTES_MAX,
+                    peer_timeout_ms: cfg.peer_timeout_ms,
+                    forward_timeout_ms: cfg
+                        .client_timeout_ms
+                        .saturating_sub(500)
+                        .max(cfg.peer_timeout_ms),
+                    hints_every_ms: 500,
+                    read_repair: cfg.read_repair,
+                    full_reads_per_mille: cfg.full_reads_per_mille,
+                    read_speculate_ms: cfg.read_speculate_ms,
+                    ae_every_ms: cfg.ae_every_ms,
+                    tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
+                    gossip_every_ms: cfg.gossip_every_ms,
+                    handoff_every_ms: cfg.handoff_every_ms,
+                    handoff_listing_ms: cfg.handoff_listing_ms,
+                    broken: cfg.broken(),
+                },
                 writeback_every_ms: cfg.writeback_ms,
                 clock_skew_ms: rng.range(0, 2 * skew as u64) as i64 - skew,
-                ack_before_quorum: cfg.ack_before_quorum,
-                trust_all_epochs: cfg.trust_all_epochs,
-                sync_unchanged_merges: cfg.sync_unchanged_merges,
-                read_repair: cfg.read_repair,
-                full_reads_per_mille: cfg.full_reads_per_mille,
-                read_speculate_ms: cfg.read_speculate_ms,
-                ae_every_ms: cfg.ae_every_ms,
-                tombstone_grace_ms: cfg.ae_every_ms.and(cfg.tombstone_grace_ms),
-                reap_without_checks: cfg.reap_without_checks,
-                reap_check_without_sync: cfg.reap_check_without_sync,
-                gossip_every_ms: cfg.gossip_every_ms,
-                handoff_every_ms: cfg.handoff_every_ms,
-                handoff_drop_before_ack: cfg.handoff_drop_before_ack,
-                leaf_hashes_as_now: cfg.leaf_hashes_as_now,
-                handoff_listing_ms: cfg.handoff_listing_ms,
-                fixes: cfg.fixes,
             })
             .collect();
         let nodes = names
@@ -898,7 +914,7 @@ impl World {
             .zip(&node_cfgs)
             .map(|(name, nc)| {
                 let disk = Disk::new(rng.next_u64());
-                Some(Node::boot(name, &initial, *nc, disk, 0, 0))
+                Some(SimNode::boot(name, &initial, *nc, disk, 0, 0))
             })
             .collect();
         let index = names
@@ -1068,7 +1084,7 @@ impl World {
             .nodes
             .iter()
             .flatten()
-            .map(Node::hint_count)
+            .map(|n| n.hint_count())
             .sum::<usize>();
         hints == 0
             && (0..self.cfg.keys).all(|k| {
@@ -1168,6 +1184,8 @@ impl World {
             match effect {
                 Effect::Send { to, msg } => self.send(from, &to, msg),
                 Effect::Reply { ticket, result } => self.client_reply(ticket, result),
+                // `SimNode` carries out every sync before its effects reach the world.
+                Effect::Sync { .. } => {}
                 Effect::Observe(o) => match o {
                     Observation::DotIssued {
                         node,
@@ -1443,7 +1461,7 @@ impl World {
         }
         if let Some(disk) = self.disks[i].take() {
             self.lives[i] += 1;
-            self.nodes[i] = Some(Node::boot(
+            self.nodes[i] = Some(SimNode::boot(
                 &self.names[i],
                 &self.initial,
                 self.node_cfgs[i],

@@ -11,6 +11,7 @@
 //! production's `MetaStore` fsyncs a change before applying or acknowledging it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use quiver_core::causality::LocalRecord;
 use quiver_core::membership::{MemberEntry, MemberState};
@@ -18,10 +19,10 @@ use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::{ClaimParams, RingError};
 use quiver_core::storage::{StorageEngine, StorageError, keys};
 use quiver_node_core::membership::first_membership;
+use quiver_node_core::node::{BUCKET, NodeDisk};
 use quiver_node_core::record::decode_record;
 
 use crate::disk::SimDisk;
-use crate::node::BUCKET;
 use crate::rng::Rng;
 
 /// What a node holds, decoded from its engine: records, hint markers and the tombstone
@@ -135,6 +136,30 @@ impl Disk {
     /// What survives on this disk, decoded (for checks after a crash).
     pub fn tables(&self) -> Result<Tables, StorageError> {
         Tables::read(&self.engine)
+    }
+}
+
+impl NodeDisk for Disk {
+    fn engine(&self) -> Arc<dyn StorageEngine> {
+        self.engine.engine()
+    }
+
+    fn fresh_incarnation(&self) -> u64 {
+        self.fresh_incarnation
+    }
+
+    fn meta(&self) -> Option<&MetaState> {
+        self.meta.as_ref()
+    }
+
+    fn store_meta(&mut self, meta: MetaState) {
+        self.meta = Some(meta);
+    }
+
+    fn sync_inline(&self) -> Option<Result<(), String>> {
+        // The simulated disk syncs at once: everything applied before the sync point is
+        // durable before the node goes on, and no crash falls inside one input.
+        Some(self.engine.sync().map_err(|e| e.to_string()))
     }
 }
 

@@ -346,7 +346,10 @@ fn unchanged_sync_store_must_still_fsync() {
     };
     use quiver_core::quorum::Quorum;
     use quiver_core::ring::ClaimParams;
-    use quiver_sim::node::{MembershipFixes, Message, Node, NodeConfig, PeerRequest, PeerResponse};
+    use quiver_node_core::broken::{Broken, Variant};
+    use quiver_sim::node::{
+        Message, NodeConfig, PeerRequest, PeerResponse, SimNode, SimNodeConfig, VALUE_BYTES_MAX,
+    };
     use quiver_sim::rng::Rng;
     use quiver_sim::store::{CrashKind, Disk, initial_meta};
 
@@ -382,34 +385,30 @@ fn unchanged_sync_store_must_still_fsync() {
         .find(|r| r.clone().index(2) == 0)
         .expect("some seed");
     for fixed in [false, true] {
-        let cfg = NodeConfig {
-            quorum: Quorum::new(2, 1, 2).expect("quorum"),
-            sloppy: true,
-            durability: Durability::Sync,
-            peer_timeout_ms: 300,
-            forward_timeout_ms: 1_000,
-            hints_every_ms: 500,
+        let cfg = SimNodeConfig {
+            node: NodeConfig {
+                quorum: Quorum::new(2, 1, 2).expect("quorum"),
+                sloppy: true,
+                durability: Durability::Sync,
+                value_bytes_max: VALUE_BYTES_MAX,
+                peer_timeout_ms: 300,
+                forward_timeout_ms: 1_000,
+                hints_every_ms: 500,
+                read_repair: true,
+                full_reads_per_mille: 1000,
+                read_speculate_ms: None,
+                ae_every_ms: None,
+                tombstone_grace_ms: None,
+                gossip_every_ms: 1_000,
+                handoff_every_ms: 1_000,
+                handoff_listing_ms: 0,
+                broken: Broken::NONE.set(Variant::UnsyncedUnchangedMerges, !fixed),
+            },
             writeback_every_ms: 60_000,
             clock_skew_ms: 0,
-            ack_before_quorum: false,
-            trust_all_epochs: false,
-            sync_unchanged_merges: fixed,
-            read_repair: true,
-            full_reads_per_mille: 1000,
-            read_speculate_ms: None,
-            ae_every_ms: None,
-            tombstone_grace_ms: None,
-            reap_without_checks: false,
-            reap_check_without_sync: false,
-            gossip_every_ms: 1_000,
-            handoff_every_ms: 1_000,
-            handoff_drop_before_ack: false,
-            leaf_hashes_as_now: false,
-            handoff_listing_ms: 0,
-            fixes: MembershipFixes::ALL,
         };
         let initial = initial_meta(&names, &[], params).expect("first membership");
-        let mut b = Node::boot("b", &initial, cfg, Disk::new(2), 0, 0);
+        let mut b = SimNode::boot("b", &initial, cfg, Disk::new(2), 0, 0);
         let store = |id, sync| Message::Request {
             id,
             body: PeerRequest::from(DataRequest::Store(StoreRequest {

@@ -1,4 +1,5 @@
-//! The simulator's only source of randomness: a seeded SplitMix64 generator.
+//! A seeded SplitMix64 generator: the simulator's only source of randomness, and the
+//! node machine's for draws that must replay (gossip partners).
 //!
 //! Hand-written rather than `rand` so that the stream of numbers for a seed can never change
 //! under a dependency upgrade: a failing seed must replay the same run forever.

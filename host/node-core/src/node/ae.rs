@@ -9,27 +9,22 @@
 //! pass carry its id and are ignored. Exchanges and reaping checks do not feed the failure
 //! detector (production: `call_untracked`).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-
 use quiver_core::causality::Object;
-use quiver_core::storage::{StorageEngine, keys};
-use quiver_node_core::WallClock;
-use quiver_node_core::ae::{AeIndex, Placement};
-use quiver_node_core::exchange::{self, AeRequest, Answering, Step};
-use quiver_node_core::reap::{self, ReapAnswering, ReapRequest, ReapResponse, ReapStart, ReapStep};
+use quiver_core::storage::keys;
 
-use super::{
-    BUCKET, CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose,
-    call_answer,
-};
-use crate::disk::SimDisk;
+use super::calls::{CallError, Purpose, call_answer};
+use super::sync::AfterSync;
+use super::{BUCKET, Effect, Message, Node, NodeDisk, NodeId, Observation};
+use crate::ae::Placement;
+use crate::exchange::{self, AeRequest, Answering, Step};
+use crate::protocol::{PeerRequest, PeerResponse};
+use crate::reap::{self, ReapAnswering, ReapRequest, ReapResponse, ReapStart, ReapStep};
 
 /// Keys repaired per exchange at most (production: `--ae-max-keys`).
 pub const AE_MAX_KEYS: usize = 10_000;
 
 /// A tree's identity: replication factor and partition.
-pub type TreeId = quiver_node_core::ae::TreeId;
+pub type TreeId = crate::ae::TreeId;
 
 /// Engine data key of a simulation key (production: `keys::data_key(bucket, key)`).
 pub fn data_key(key: &str) -> Vec<u8> {
@@ -60,19 +55,19 @@ pub(super) struct Exchange {
 /// One reaping pass in flight.
 #[derive(Debug)]
 pub(super) struct ReapPass {
-    id: u64,
+    pub(super) id: u64,
     /// The production pass (`quiver_node_core::reap::ReapPass`).
-    machine: reap::ReapPass,
+    pub(super) machine: reap::ReapPass,
 }
 
-impl Node {
+impl<D: NodeDisk> Node<D> {
     fn tree_n(&self) -> u8 {
         u8::try_from(self.cfg.quorum.n).unwrap_or(u8::MAX)
     }
 
     /// Where this node files its keys: the ring's partitions and the run's replication
     /// factor (production: `Cluster::refresh_views` sets it from the ring and the buckets).
-    fn placement(&self) -> Placement {
+    pub fn placement(&self) -> Placement {
         Placement {
             partitions: self.ring.partitions(),
             default_n: self.tree_n(),
@@ -86,66 +81,8 @@ impl Node {
         self.replica.ae().set_placement(self.placement());
         self.replica
             .ae()
-            .open(&self.disk.engine)
+            .open(&*self.disk.engine())
             .expect("a booting node's disk is live");
-    }
-
-    /// Tombstone-only states this node holds: (key, simulated ms at which it stored the
-    /// state), for the liveness check of reaping.
-    pub fn tombstones_held_since(&self) -> Vec<(String, u64)> {
-        let offset = super::WALL_CLOCK_BASE_MS + self.cfg.clock_skew_ms;
-        self.tables()
-            .tombstones
-            .iter()
-            .map(|(k, &t)| (k.clone(), u64::try_from(t as i64 - offset).unwrap_or(0)))
-            .collect()
-    }
-
-    /// Checks that the trees match the records the node holds (the index never drifts):
-    /// an index rebuilt from the records alone, on a fresh disk, has the same roots.
-    pub fn check_ae_index(&self) -> Result<(), String> {
-        let fresh_disk = SimDisk::new();
-        let data = self
-            .disk
-            .engine
-            .scan(
-                &[keys::DATA_PREFIX],
-                Some(&[keys::DATA_PREFIX + 1]),
-                usize::MAX,
-            )
-            .map_err(|e| e.to_string())?;
-        let mut batch = quiver_core::storage::WriteBatch::new();
-        for (k, v) in data {
-            batch.put(k, v);
-        }
-        fresh_disk.apply(&batch).map_err(|e| e.to_string())?;
-        // On the node's simulated clock: the simulator reads no real clock.
-        let fresh = AeIndex::with_clock(Arc::clone(&self.clock) as Arc<dyn WallClock>);
-        fresh.set_placement(self.placement());
-        fresh.open(&fresh_disk).map_err(|e| e.to_string())?;
-        let live = self.replica.ae();
-        let ids: BTreeSet<TreeId> = live
-            .tree_ids()
-            .into_iter()
-            .chain(fresh.tree_ids())
-            .collect();
-        for id in ids {
-            if live.root(id) != fresh.root(id) {
-                return Err(format!(
-                    "node {}: anti-entropy index: tree {id:?} has a root the records do not give",
-                    self.me.node
-                ));
-            }
-        }
-        if live.keys() != fresh.keys() {
-            return Err(format!(
-                "node {}: anti-entropy index: {} keys filed, the records give {}",
-                self.me.node,
-                live.keys(),
-                fresh.keys()
-            ));
-        }
-        Ok(())
     }
 
     /// Stops starting new reaping passes (the driver's final phase).
@@ -300,8 +237,8 @@ impl Node {
             is_up: &is_up,
             primaries: &primaries,
             grace_ms: grace,
-            now_ms: self.wall_ms(now_ms),
-            broken: self.cfg.broken(),
+            now_ms: self.wall_ms(),
+            broken: self.cfg.broken,
         };
         let Some((machine, step)) = reap::ReapPass::start(&self.replica, &start) else {
             return;
@@ -310,47 +247,40 @@ impl Node {
         self.reap_drive(now_ms, ReapPass { id, machine }, step, fx);
     }
 
-    /// Carries out `step` of `pass`: a sync at once (the simulated disk's is instant), the
-    /// requests as calls with the peer timeout, the keys reaped as observations.
-    fn reap_drive(
+    /// Carries out `step` of `pass`: a sync (the pass waits for it), the requests as calls
+    /// with the peer timeout, the keys reaped as observations.
+    pub(super) fn reap_drive(
         &mut self,
         now_ms: u64,
-        mut pass: ReapPass,
+        pass: ReapPass,
         step: ReapStep,
         fx: &mut Vec<Effect>,
     ) {
-        let mut step = step;
-        loop {
-            match step {
-                ReapStep::Sync => {
-                    self.sync();
-                    step = pass.machine.synced(&self.replica);
+        match step {
+            ReapStep::Sync => {
+                let id = pass.id;
+                self.reap_pass = Some(pass);
+                self.sync_then(now_ms, AfterSync::Reap(id), fx);
+            }
+            ReapStep::Send(requests) => {
+                let id = pass.id;
+                self.reap_pass = Some(pass);
+                for (member, request) in requests {
+                    let timeout = self.cfg.peer_timeout_ms;
+                    let body = PeerRequest::from(request);
+                    let purpose = Purpose::Reap { pass: id };
+                    self.call_untracked(now_ms, &member, body, timeout, purpose, fx);
                 }
-                ReapStep::Send(requests) => {
-                    let id = pass.id;
-                    self.reap_pass = Some(pass);
-                    for (member, request) in requests {
-                        let timeout = self.cfg.peer_timeout_ms;
-                        let body = PeerRequest::from(request);
-                        let purpose = Purpose::Reap { pass: id };
-                        self.call_untracked(now_ms, &member, body, timeout, purpose, fx);
-                    }
-                    return;
-                }
-                ReapStep::Wait => {
-                    self.reap_pass = Some(pass);
-                    return;
-                }
-                ReapStep::Done(report) => {
-                    for (dkey, object) in report.reaped {
-                        let Some(key) = key_of(&dkey) else { continue };
-                        fx.push(Effect::Observe(Observation::Reaped {
-                            node: self.me.node.clone(),
-                            key,
-                            object,
-                        }));
-                    }
-                    return;
+            }
+            ReapStep::Wait => self.reap_pass = Some(pass),
+            ReapStep::Done(report) => {
+                for (dkey, object) in report.reaped {
+                    let Some(key) = key_of(&dkey) else { continue };
+                    fx.push(Effect::Observe(Observation::Reaped {
+                        node: self.me.node.clone(),
+                        key,
+                        object,
+                    }));
                 }
             }
         }
@@ -381,8 +311,44 @@ impl Node {
         self.reap_drive(now_ms, pass, step, fx);
     }
 
-    /// The member side of reaping (production: `handle_reap_peer`).
-    pub(super) fn answer_reap(&mut self, request: ReapRequest) -> ReapResponse {
+    /// The member side of reaping (production: `handle_reap_peer`): the answer to `from`'s
+    /// call `id`, after a sync when the check asks for one.
+    pub(super) fn answer_reap(
+        &mut self,
+        now_ms: u64,
+        from: &str,
+        id: u64,
+        request: ReapRequest,
+        fx: &mut Vec<Effect>,
+    ) {
+        let answer =
+            self.with_reap_answering(|node, at, now| reap::answer(&node.replica, at, request, now));
+        match answer {
+            reap::Answer::Reply(response) => fx.push(Effect::Send {
+                to: from.to_string(),
+                msg: Message::Response {
+                    id,
+                    body: PeerResponse::from(response),
+                },
+            }),
+            reap::Answer::SyncFirst(pending) => {
+                let then = AfterSync::ReapAnswer {
+                    to: from.to_string(),
+                    id,
+                    pending,
+                };
+                self.sync_then(now_ms, then, fx);
+            }
+        }
+    }
+
+    /// A reaping check's answer once this node's applied writes are durable.
+    pub(super) fn reap_answer_synced(&self, pending: reap::PendingCheck) -> ReapResponse {
+        self.with_reap_answering(|node, at, now| pending.answer(&node.replica, at, now))
+    }
+
+    /// Runs `f` with what a member knows when it answers a reaper, and its wall clock.
+    fn with_reap_answering<R>(&self, f: impl FnOnce(&Self, &ReapAnswering<'_>, u64) -> R) -> R {
         let members = self.peers.clone();
         let n = self.cfg.quorum.n;
         let me = self.me.node.clone();
@@ -394,15 +360,8 @@ impl Node {
             ring: self.ring.id(),
             members: &members,
             is_primary: &is_primary,
-            broken: self.cfg.broken(),
+            broken: self.cfg.broken,
         };
-        let now = self.wall_ms(self.clock_ms);
-        match reap::answer(&self.replica, &at, request, now) {
-            reap::Answer::Reply(response) => response,
-            reap::Answer::SyncFirst(pending) => {
-                self.sync();
-                pending.answer(&self.replica, &at, now)
-            }
-        }
+        f(self, &at, self.wall_ms())
     }
 }

@@ -33,19 +33,21 @@ use std::sync::Arc;
 use quiver_core::membership::{MemberEntry, MemberState, RingEntry};
 use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::Ring;
-use quiver_node_core::handoff::{
-    self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Listing, Step,
-};
-use quiver_node_core::membership::{self as rules, DepartStep, Departure};
 
 use super::ae::AE_MAX_KEYS;
-use super::{
-    CallError, Effect, Node, NodeId, Observation, PeerRequest, PeerResponse, Purpose, call_answer,
+use super::calls::{CallError, Purpose, call_answer};
+use super::sync::AfterSync;
+use super::{Effect, Message, Node, NodeDisk, NodeId, Observation};
+use crate::handoff::{
+    self, Answer, Env, HandoffPass, HandoffRequest, HandoffResponse, Listing, Step,
 };
+use crate::membership::{self as rules, DepartStep, Departure};
+use crate::protocol::{PeerRequest, PeerResponse};
+use crate::rng::Rng;
 
 /// One handoff pass in flight: node-core's machine, and the id its calls carry.
 #[derive(Debug)]
-pub(in crate::node) struct Handoff {
+pub(super) struct Handoff {
     id: u64,
     pass: HandoffPass,
     /// A listing the pass asked for, and when it runs (with a listing delay).
@@ -64,12 +66,12 @@ enum Resume {
 
 /// A departure announcement in flight: node-core's tally, and the id its calls carry.
 #[derive(Debug)]
-pub(in crate::node) struct Leaving {
+pub(super) struct Leaving {
     id: u64,
     departure: Departure,
 }
 
-impl Node {
+impl<D: NodeDisk> Node<D> {
     /// Makes the ring and peer list follow the metadata (production: `apply_membership`).
     pub(super) fn apply_membership(&mut self) {
         if let Some(ring) = rules::ring_to_apply(&self.meta, &self.ring) {
@@ -88,15 +90,15 @@ impl Node {
         if meta.merge(incoming).is_empty() {
             return false;
         }
-        self.disk.meta = Some(meta.clone());
+        self.disk.store_meta(meta.clone());
         self.meta = meta;
         self.apply_membership();
         true
     }
 
-    /// A stamp of this node at `now_ms` by its (possibly skewed) wall clock.
-    fn stamp(&self, now_ms: u64) -> Stamp {
-        Stamp::at(self.wall_ms(now_ms), self.me.node.clone())
+    /// A stamp of this node now, by its (possibly skewed) wall clock.
+    fn stamp(&self) -> Stamp {
+        Stamp::at(self.wall_ms(), self.me.node.clone())
     }
 
     /// An operator committed a membership change here (production: `quiver cluster leave`
@@ -107,10 +109,11 @@ impl Node {
         now_ms: u64,
         ring: Arc<Ring>,
         states: &BTreeMap<NodeId, MemberState>,
+        addr_of: &dyn Fn(&str) -> String,
     ) -> Vec<Effect> {
         let mut fx = Vec::new();
         self.set_clock(now_ms);
-        let stamp = self.stamp(now_ms);
+        let stamp = self.stamp();
         let members = states
             .iter()
             .filter_map(|(id, &state)| {
@@ -120,7 +123,7 @@ impl Node {
                     None => MemberEntry {
                         version: 0,
                         stamp: stamp.clone(),
-                        addr: crate::store::sim_addr(id),
+                        addr: addr_of(id),
                         weight: 1,
                         zone: None,
                         state,
@@ -174,7 +177,7 @@ impl Node {
         // Partners drawn at random, as production's: a fixed rotation with two partners a
         // round skipped some peers for dozens of rounds, and a change only its committer
         // held never spread (membership-stress seed 5000202).
-        let mut draw = crate::rng::Rng::new(self.gossip_seed ^ self.gossip_next_peer as u64);
+        let mut draw = Rng::new(self.gossip_seed ^ self.gossip_next_peer as u64);
         self.gossip_next_peer = self.gossip_next_peer.wrapping_add(1);
         let targets = rules::gossip_targets(&up, |n| draw.index(n));
         for peer in targets {
@@ -221,15 +224,15 @@ impl Node {
     /// Hint markers for members that left can never be delivered (production:
     /// `forget_hints_for_departed`, node-core's `departed_hints`): the markers go, the
     /// copies stay and reach the key's primaries by handoff.
-    pub(super) fn forget_hints_for_left(&mut self) {
+    pub(super) fn forget_hints_for_left(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         let hinted =
-            rules::departed_hints(&self.replica, &self.meta, &self.me.node, self.cfg.broken())
+            rules::departed_hints(&self.replica, &self.meta, &self.me.node, self.cfg.broken)
                 .expect("a live node's hints are readable");
         for (owner, h) in hinted {
             let Ok(key) = String::from_utf8(h.key) else {
                 continue;
             };
-            self.hint_delivered(&owner, &key, &h.object, true);
+            self.hint_delivered(now_ms, fx, &owner, &key, &h.object, true);
         }
     }
 
@@ -247,7 +250,7 @@ impl Node {
             return;
         }
         let id = self.next_bg_id();
-        let broken = self.cfg.broken();
+        let broken = self.cfg.broken;
         let pass = HandoffPass::start(
             &self.replica,
             &self.me.node,
@@ -363,15 +366,31 @@ impl Node {
 
     /// The primary's side of a handoff step (production: `handle_handoff`): node-core
     /// answers; a merged push is made durable before the answer goes out.
-    pub(super) fn on_handoff(&mut self, request: HandoffRequest) -> PeerResponse {
-        let broken = self.cfg.broken();
-        match handoff::answer(&self.replica, &self.me.node, &self.ring, broken, request) {
+    pub(super) fn on_handoff(
+        &mut self,
+        now_ms: u64,
+        from: &str,
+        id: u64,
+        request: HandoffRequest,
+        fx: &mut Vec<Effect>,
+    ) {
+        let broken = self.cfg.broken;
+        let body = match handoff::answer(&self.replica, &self.me.node, &self.ring, broken, request)
+        {
             Answer::Reply(response) => PeerResponse::from(response),
             Answer::SyncThenStored(changed) => {
-                self.sync();
-                PeerResponse::HandoffStored(changed)
+                let then = AfterSync::Respond {
+                    to: from.to_string(),
+                    id,
+                    body: Box::new(PeerResponse::HandoffStored(changed)),
+                };
+                return self.sync_then(now_ms, then, fx);
             }
-        }
+        };
+        fx.push(Effect::Send {
+            to: from.to_string(),
+            msg: Message::Response { id, body },
+        });
     }
 
     /// True when this node is done leaving: told to leave, out of its ring, nothing held.
@@ -387,12 +406,12 @@ impl Node {
         if self.departing.is_some() || !self.done_leaving() {
             return;
         }
-        if let Some(change) = rules::left_change(&self.meta, &self.me.node, self.stamp(now_ms)) {
+        if let Some(change) = rules::left_change(&self.meta, &self.me.node, self.stamp()) {
             self.take_meta(&change);
         }
         let id = self.next_bg_id();
         let asked = self.push_meta(now_ms, Purpose::Depart { id }, fx);
-        let departure = Departure::new(asked, self.cfg.broken());
+        let departure = Departure::new(asked, self.cfg.broken);
         let step = departure.step();
         self.departing = Some(Leaving { id, departure });
         self.depart_step(step, fx);

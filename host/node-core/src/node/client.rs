@@ -1,0 +1,482 @@
+//! A client request at its coordinator: route, write locally, fan out, answer, read
+//! repair (node-core's `request` machines), or forward it to a replica.
+
+use quiver_core::causality::{self, Object, VersionVector, WriteOp};
+use quiver_core::coordinator::{Forwarding, ReadSpread};
+use quiver_core::quorum::{Quorum, Target};
+use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability};
+
+use super::calls::{Origin, Purpose, client_error};
+use super::sync::AfterSync;
+use super::{BUCKET, Durability, Effect, Node, NodeDisk, NodeId, Observation};
+use crate::protocol::PeerRequest;
+use crate::replica::{LocalWrite, WriteOutcome};
+use crate::request::{
+    self, DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed,
+    plan_write, wire_siblings,
+};
+
+#[derive(Debug)]
+pub(super) struct PutOp {
+    /// `None` once the client has its answer.
+    pub(super) origin: Option<Origin>,
+    /// The coordinator (`crate::request::Put`).
+    pub(super) put: Put,
+    /// The client's answer: its context plus the write's dot.
+    pub(super) reply: VersionVector,
+}
+
+#[derive(Debug)]
+pub(super) struct GetOp {
+    /// `None` once the client has its answer; the op then lives on for read repair.
+    pub(super) origin: Option<Origin>,
+    /// The coordinator (`crate::request::Get`).
+    pub(super) get: Get,
+}
+
+#[derive(Debug)]
+pub(super) struct ForwardOp {
+    pub(super) origin: Origin,
+    pub(super) request: Request,
+    pub(super) forwarding: Forwarding,
+    /// The target the forward is waiting for.
+    pub(super) current: NodeId,
+}
+
+/// A put between the coordinator's local write and its fan-out (which may wait for the
+/// local copy to be durable).
+#[derive(Debug)]
+pub(super) struct FanOut {
+    origin: Origin,
+    key: String,
+    my_target: Target,
+    targets: Vec<Target>,
+    fallbacks: Vec<NodeId>,
+    quorum: Quorum,
+    n: usize,
+    sync: bool,
+    sync_alongside: bool,
+    outcome: WriteOutcome,
+    client_context: VersionVector,
+    value: Vec<u8>,
+}
+
+impl<D: NodeDisk> Node<D> {
+    pub(super) fn handle_client(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        request: Request,
+        forwarded: Option<Option<NodeId>>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let bucket = match &request {
+            Request::Get { bucket, .. }
+            | Request::Put { bucket, .. }
+            | Request::Delete { bucket, .. } => bucket,
+            other => {
+                let message = format!("the simulated node answers gets and writes, not {other:?}");
+                return self.reply(
+                    origin,
+                    client_error(ErrorCode::MalformedRequest, message),
+                    fx,
+                );
+            }
+        };
+        if bucket != BUCKET {
+            let message = format!("bucket {bucket:?}: the simulation has only {BUCKET:?}");
+            return self.reply(
+                origin,
+                client_error(ErrorCode::MalformedRequest, message),
+                fx,
+            );
+        }
+        match request {
+            Request::Get { key, options, .. } => {
+                self.start_get(now_ms, origin, &key, options.r, fx)
+            }
+            write => self.start_put(now_ms, origin, write, forwarded, fx),
+        }
+    }
+
+    pub(super) fn start_get(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        key: &[u8],
+        r: Option<u8>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let quorum = match self.quorum(r.map(usize::from), None) {
+            Ok(q) => q,
+            Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
+        };
+        let key = String::from_utf8_lossy(key).into_owned();
+        let (targets, n) = self.targets(&key, quorum.n);
+        let me = self.me.node.clone();
+        let op = self.next_op;
+        self.next_op += 1;
+        let spread = match self.cfg.read_repair {
+            true => ReadSpread::for_read(op, self.cfg.full_reads_per_mille),
+            false => ReadSpread::Quorum,
+        };
+        let (get, fetches) = Get::start(
+            GetArgs {
+                me: &me,
+                bucket: BUCKET,
+                key: key.as_bytes(),
+                targets: &targets,
+                r: quorum.r,
+                n,
+                spread,
+                index: op,
+                now_ms,
+                speculate_ms: self.cfg.read_speculate_ms,
+            },
+            // The simulated local read cannot fail.
+            || Ok(self.local_object(&key)),
+        );
+        let origin = Some(origin);
+        self.gets.insert(op, GetOp { origin, get });
+        for t in fetches {
+            self.send_fetch(now_ms, op, &t.node, fx);
+        }
+        self.get_progress(now_ms, op, fx);
+    }
+
+    /// Asks `node` for its copy of get `op`'s key.
+    pub(super) fn send_fetch(&mut self, now_ms: u64, op: u64, node: &str, fx: &mut Vec<Effect>) {
+        let Some(op_state) = self.gets.get(&op) else {
+            return;
+        };
+        let body = PeerRequest::from(op_state.get.fetch_request());
+        let purpose = Purpose::Fetch {
+            op,
+            node: node.to_string(),
+        };
+        self.call(now_ms, node, body, self.cfg.peer_timeout_ms, purpose, fx);
+    }
+
+    /// Gets past their speculation deadline ask a spare each (production: the
+    /// speculation timer in `Cluster::get`).
+    pub(super) fn speculate_reads(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let mut due = Vec::new();
+        for (&op, g) in &mut self.gets {
+            if g.get.deadline().is_some_and(|at| at <= now_ms)
+                && let Some(spare) = g.get.on_deadline(now_ms)
+            {
+                due.push((op, spare.node));
+            }
+        }
+        for (op, node) in due {
+            fx.push(Effect::Observe(Observation::SpeculativeRead));
+            self.send_fetch(now_ms, op, &node, fx);
+        }
+    }
+
+    pub(super) fn get_progress(&mut self, now_ms: u64, op: u64, fx: &mut Vec<Effect>) {
+        let Some(g) = self.gets.get_mut(&op) else {
+            return;
+        };
+        let decided = g.get.decision().map(|d| match d {
+            Ok(merged) => Response::Get {
+                siblings: wire_siblings(&merged),
+                context: causality::encode_context(merged.context()),
+            },
+            Err(e) => client_error(ErrorCode::QuorumFailed, e),
+        });
+        if let Some(result) = decided
+            && let Some(origin) = g.origin.take()
+        {
+            self.reply(origin, result, fx);
+        }
+        // Every target answered (or the read failed): read repair.
+        if !self.gets.get(&op).is_some_and(|g| g.get.is_finished()) {
+            return;
+        }
+        let Some(g) = self.gets.remove(&op) else {
+            return;
+        };
+        if !self.cfg.read_repair {
+            return;
+        }
+        for (target, store) in g.get.repairs() {
+            fx.push(Effect::Observe(Observation::ReadRepair));
+            if target.node == self.me.node {
+                let applied = request::apply_store(&self.replica, &store, self.cfg.broken);
+                if let Ok(true) = applied {
+                    self.sync_then(now_ms, AfterSync::Nothing, fx);
+                }
+            } else {
+                let body = PeerRequest::from(DataRequest::Store(store));
+                let timeout = self.cfg.peer_timeout_ms;
+                self.call(now_ms, &target.node, body, timeout, Purpose::Repair, fx);
+            }
+        }
+    }
+
+    /// This node's state of `key` (empty when it holds none).
+    pub fn local_object(&self, key: &str) -> Object {
+        self.replica
+            .get(BUCKET, key.as_bytes())
+            .expect("a live node's records are readable")
+    }
+
+    pub(super) fn start_put(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        request: Request,
+        forwarded: Option<Option<NodeId>>,
+        fx: &mut Vec<Effect>,
+    ) {
+        let (key, context, op, options) = match &request {
+            Request::Put {
+                key,
+                context,
+                value,
+                options,
+                ..
+            } => (key, context, WriteOp::Put(value.clone()), options),
+            Request::Delete {
+                key,
+                context,
+                options,
+                ..
+            } => (key, context, WriteOp::Delete, options),
+            other => {
+                let message = format!("not a write: {other:?}");
+                return self.reply(
+                    origin,
+                    client_error(ErrorCode::MalformedRequest, message),
+                    fx,
+                );
+            }
+        };
+        let (key, context) = (String::from_utf8_lossy(key).into_owned(), context.clone());
+        let quorum = match self.quorum(None, options.w.map(usize::from)) {
+            Ok(q) => q,
+            Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
+        };
+        let (targets, n) = self.targets(&key, quorum.n);
+        let me = self.me.node.clone();
+        let durability = match options.durability {
+            Some(WireDurability::Sync) => Durability::Sync,
+            Some(WireDurability::Buffered) => Durability::Buffered,
+            None => self.cfg.durability,
+        };
+        let sync = durability == Durability::Sync;
+        let (my_target, sync_first, sync_alongside) =
+            match plan_write(&me, &targets, forwarded, quorum.w, n, sync) {
+                WritePlan::Coordinate {
+                    me,
+                    sync_first,
+                    sync_alongside,
+                } => (me, sync_first, sync_alongside),
+                WritePlan::Forward(forwarding) => {
+                    let op = self.next_op;
+                    self.next_op += 1;
+                    let fwd = ForwardOp {
+                        origin,
+                        request,
+                        forwarding,
+                        current: NodeId::new(),
+                    };
+                    return self.forward_next(now_ms, op, fwd, fx);
+                }
+            };
+        let value = match &op {
+            WriteOp::Put(v) => v.clone(),
+            _ => Vec::new(),
+        };
+        // The production replica's write: check the context, read the record, issue the
+        // dot, check the sibling limit, apply record + hint marker + anti-entropy entry in
+        // one batch. The fsync for `sync` durability is the driver's, below.
+        let written = self
+            .replica
+            .check_write(BUCKET, key.as_bytes(), &op, &context)
+            .and_then(|(dkey, client_context)| {
+                let outcome = self.replica.write(
+                    &dkey,
+                    LocalWrite {
+                        bucket: BUCKET,
+                        key: key.as_bytes(),
+                        context: &client_context,
+                        op,
+                        now_ms: self.wall_ms(),
+                        hint_for: my_target.hint_for.as_deref(),
+                    },
+                )?;
+                Ok((client_context, outcome))
+            });
+        let (client_context, outcome) = match written {
+            Ok(w) => w,
+            Err(e) => return self.reply(origin, client_error(e.code(), e.to_string()), fx),
+        };
+        let (_, fallbacks) = self.preference(&key, quorum.n);
+        let fan_out = FanOut {
+            origin,
+            key,
+            my_target,
+            targets,
+            fallbacks,
+            quorum,
+            n,
+            sync,
+            sync_alongside,
+            outcome,
+            client_context,
+            value,
+        };
+        // With other replicas the coordinator's own fsync runs alongside theirs (at the
+        // next tick, so a crash can fall in between) and its copy counts towards W only
+        // once durable; alone, it syncs before the fan-out and its answer.
+        if sync_first {
+            self.sync_then(now_ms, AfterSync::FanOut(Box::new(fan_out)), fx);
+        } else {
+            self.fan_out(now_ms, fan_out, Ok(()), fx);
+        }
+    }
+
+    /// The rest of a put once the coordinator's write is applied (and durable, when it
+    /// had to be first): replication to the other targets, or the error of the sync.
+    pub(super) fn fan_out(
+        &mut self,
+        now_ms: u64,
+        f: FanOut,
+        synced: Result<(), String>,
+        fx: &mut Vec<Effect>,
+    ) {
+        fx.push(Effect::Observe(Observation::DotIssued {
+            node: self.me.node.clone(),
+            key: f.key.clone(),
+            dot: f.outcome.dot.clone(),
+            context: f.client_context,
+            value: f.value,
+        }));
+        if let Err(e) = synced {
+            let message = format!(
+                "key {:?}: the coordinator's copy is not durable: {e}",
+                f.key
+            );
+            return self.reply(f.origin, client_error(ErrorCode::Storage, message), fx);
+        }
+        let (put, sends) = Put::start(
+            PutArgs {
+                bucket: BUCKET,
+                key: f.key.as_bytes(),
+                me: &f.my_target,
+                targets: &f.targets,
+                fallbacks: &f.fallbacks,
+                w: f.quorum.w,
+                n: f.n,
+                sloppy: self.cfg.sloppy,
+                sync: f.sync,
+                sync_alongside: f.sync_alongside,
+            },
+            &f.outcome,
+            self.cfg.broken,
+        );
+        let op = self.next_op;
+        self.next_op += 1;
+        if f.sync_alongside {
+            self.local_syncs.push(op);
+        }
+        for (target, store) in sends {
+            self.send_store(now_ms, op, target, store, fx);
+        }
+        let origin = Some(f.origin);
+        let reply = f.outcome.context;
+        self.puts.insert(op, PutOp { origin, put, reply });
+        self.put_progress(op, fx);
+    }
+
+    pub(super) fn send_store(
+        &mut self,
+        now_ms: u64,
+        op: u64,
+        target: Target,
+        store: StoreRequest,
+        fx: &mut Vec<Effect>,
+    ) {
+        let node = target.node.clone();
+        let body = PeerRequest::from(DataRequest::Store(store));
+        let purpose = Purpose::Store { op, target };
+        self.call(now_ms, &node, body, self.cfg.peer_timeout_ms, purpose, fx);
+    }
+
+    pub(super) fn store_result(
+        &mut self,
+        now_ms: u64,
+        op: u64,
+        target: Option<Target>,
+        result: Result<(), String>,
+        fx: &mut Vec<Effect>,
+    ) {
+        // A put stays until every store has answered, as in production: failures after the
+        // client's answer still go to a fallback with a hint.
+        let Some(p) = self.puts.get_mut(&op) else {
+            return;
+        };
+        let (me, health) = (&self.me.node, &self.health);
+        let is_up = |n: &str| n == me || health.is_up(n);
+        let next = match target {
+            Some(target) => p.put.on_store_result(&target, result, is_up),
+            None => p.put.on_local_synced(result, is_up),
+        };
+        if let Some((target, store)) = next {
+            self.send_store(now_ms, op, target, store, fx);
+        }
+        self.put_progress(op, fx);
+    }
+
+    pub(super) fn put_progress(&mut self, op: u64, fx: &mut Vec<Effect>) {
+        let Some(p) = self.puts.get_mut(&op) else {
+            return;
+        };
+        let result = p.put.decision().map(|d| match d {
+            Ok(()) => Response::Written {
+                context: causality::encode_context(&p.reply),
+            },
+            Err(e) => client_error(ErrorCode::QuorumFailed, e),
+        });
+        let origin = if result.is_some() {
+            p.origin.take()
+        } else {
+            None
+        };
+        if p.put.is_finished() {
+            self.puts.remove(&op);
+        }
+        if let (Some(origin), Some(result)) = (origin, result) {
+            self.reply(origin, result, fx);
+        }
+    }
+
+    pub(super) fn forward_next(
+        &mut self,
+        now_ms: u64,
+        op: u64,
+        mut fwd: ForwardOp,
+        fx: &mut Vec<Effect>,
+    ) {
+        let Some(target) = fwd.forwarding.next_target() else {
+            let msg = forward_failed(&fwd.forwarding);
+            return self.reply(fwd.origin, client_error(ErrorCode::QuorumFailed, msg), fx);
+        };
+        let body = PeerRequest::Forward {
+            request: fwd.request.clone(),
+            hint_for: target.hint_for.clone(),
+        };
+        self.call(
+            now_ms,
+            &target.node,
+            body,
+            self.cfg.forward_timeout_ms,
+            Purpose::Forward { op },
+            fx,
+        );
+        fwd.current = target.node;
+        self.forwards.insert(op, fwd);
+    }
+}

@@ -1,0 +1,227 @@
+//! The node machine with a disk that does not sync inline (the server's shape): whatever
+//! vouches for durable data waits for `Effect::Sync` to come back through `on_synced`,
+//! and a failed sync is an error answer, never an acknowledgement.
+
+use std::sync::Arc;
+
+use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
+use quiver_core::meta::MetaState;
+use quiver_core::quorum::Quorum;
+use quiver_core::ring::ClaimParams;
+use quiver_core::storage::StorageEngine;
+use quiver_node_core::SystemClock;
+use quiver_node_core::broken::Broken;
+use quiver_node_core::membership::first_membership;
+use quiver_node_core::node::{
+    BUCKET, Durability, Effect, Message, Node, NodeConfig, NodeDisk, Observation,
+};
+use quiver_node_core::protocol::{PeerRequest, PeerResponse};
+use quiver_node_core::request::{DataRequest, StoreRequest};
+use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability, WriteOptions};
+use quiver_storage::MemoryEngine;
+
+/// A disk whose syncs are the driver's to run (`sync_inline` is `None`).
+#[derive(Debug)]
+struct DeferredDisk {
+    engine: Arc<MemoryEngine>,
+    meta: Option<MetaState>,
+}
+
+impl NodeDisk for DeferredDisk {
+    fn engine(&self) -> Arc<dyn StorageEngine> {
+        Arc::clone(&self.engine) as Arc<dyn StorageEngine>
+    }
+
+    fn fresh_incarnation(&self) -> u64 {
+        7
+    }
+
+    fn meta(&self) -> Option<&MetaState> {
+        self.meta.as_ref()
+    }
+
+    fn store_meta(&mut self, meta: MetaState) {
+        self.meta = Some(meta);
+    }
+
+    fn sync_inline(&self) -> Option<Result<(), String>> {
+        None
+    }
+}
+
+fn config(n: usize, r: usize, w: usize) -> NodeConfig {
+    NodeConfig {
+        quorum: Quorum::new(n, r, w).expect("valid quorum"),
+        sloppy: true,
+        durability: Durability::Sync,
+        value_bytes_max: 1 << 20,
+        peer_timeout_ms: 300,
+        forward_timeout_ms: 1_000,
+        hints_every_ms: 500,
+        read_repair: true,
+        full_reads_per_mille: 1000,
+        read_speculate_ms: None,
+        ae_every_ms: None,
+        tombstone_grace_ms: None,
+        gossip_every_ms: 1_000,
+        handoff_every_ms: 1_000,
+        handoff_listing_ms: 0,
+        broken: Broken::NONE,
+    }
+}
+
+fn boot(names: &[&str], cfg: NodeConfig) -> Node<DeferredDisk> {
+    let addrs = names.iter().map(|n| (n.to_string(), format!("{n}:1")));
+    let params = ClaimParams {
+        partitions: 16,
+        n_val: u32::try_from(cfg.quorum.n).expect("small n"),
+    };
+    let (initial, _) = first_membership(addrs, params).expect("first membership");
+    let disk = DeferredDisk {
+        engine: Arc::new(MemoryEngine::new()),
+        meta: None,
+    };
+    Node::boot(names[0], &initial, cfg, disk, Arc::new(SystemClock), 0, 0)
+}
+
+struct Fresh(u64);
+
+impl EpochSource for Fresh {
+    fn is_trusted(&self, _: u64) -> bool {
+        false
+    }
+    fn fresh(&mut self) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+fn sync_store(id: u64) -> Message {
+    let coordinator = Coordinator {
+        node: "b".into(),
+        incarnation: 1,
+    };
+    let (record, _) = coordinate_write(
+        None,
+        &coordinator,
+        &mut Fresh(0),
+        &VersionVector::new(),
+        WriteOp::Put(b"v".to_vec()),
+        1,
+    );
+    Message::Request {
+        id,
+        body: PeerRequest::from(DataRequest::Store(StoreRequest {
+            bucket: BUCKET.into(),
+            key: b"k".to_vec(),
+            object: record.object,
+            hint_for: None,
+            sync: true,
+        })),
+    }
+}
+
+fn sync_token(fx: &[Effect]) -> u64 {
+    fx.iter()
+        .find_map(|e| match e {
+            Effect::Sync { token } => Some(*token),
+            _ => None,
+        })
+        .expect("the node asked for a sync")
+}
+
+fn responses(fx: &[Effect]) -> Vec<&PeerResponse> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                msg: Message::Response { body, .. },
+                ..
+            } => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_sync_store_is_acknowledged_only_after_the_sync() {
+    let mut node = boot(&["a", "b"], config(2, 1, 2));
+    let fx = node.on_message(1, "b", sync_store(5));
+    assert!(
+        responses(&fx).is_empty(),
+        "answered before the sync: {fx:?}"
+    );
+    let token = sync_token(&fx);
+    let fx = node.on_synced(2, token, Ok(()));
+    assert_eq!(responses(&fx), vec![&PeerResponse::Stored]);
+    // A token already answered does nothing.
+    assert!(node.on_synced(3, token, Ok(())).is_empty());
+}
+
+#[test]
+fn a_failed_sync_is_an_error_answer_not_an_acknowledgement() {
+    let mut node = boot(&["a", "b"], config(2, 1, 2));
+    let fx = node.on_message(1, "b", sync_store(5));
+    let token = sync_token(&fx);
+    let fx = node.on_synced(2, token, Err("disk full".into()));
+    match responses(&fx).as_slice() {
+        [PeerResponse::Error(e)] => {
+            assert_eq!(e.code, ErrorCode::Storage);
+            assert!(e.message.contains("disk full"), "{}", e.message);
+        }
+        other => panic!("expected one error answer, got {other:?}"),
+    }
+}
+
+fn client_put(durability: WireDurability) -> Request {
+    Request::Put {
+        bucket: BUCKET.into(),
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        context: Vec::new(),
+        options: WriteOptions {
+            durability: Some(durability),
+            ..WriteOptions::default()
+        },
+    }
+}
+
+#[test]
+fn a_lone_coordinator_answers_a_sync_put_only_after_its_sync() {
+    // One member, n = w = 1: nothing else vouches for the write.
+    let mut node = boot(&["a"], config(1, 1, 1));
+    let fx = node.on_client(1, 9, client_put(WireDurability::Sync));
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Reply { .. })),
+        "answered before the sync: {fx:?}"
+    );
+    let token = sync_token(&fx);
+    let fx = node.on_synced(2, token, Ok(()));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Observe(Observation::DotIssued { .. })))
+    );
+    let reply = fx.iter().find_map(|e| match e {
+        Effect::Reply { ticket: 9, result } => Some(result),
+        _ => None,
+    });
+    assert!(
+        matches!(reply, Some(Response::Written { .. })),
+        "expected the write acknowledged: {fx:?}"
+    );
+}
+
+#[test]
+fn a_lone_coordinator_whose_sync_fails_does_not_acknowledge() {
+    let mut node = boot(&["a"], config(1, 1, 1));
+    let fx = node.on_client(1, 9, client_put(WireDurability::Sync));
+    let token = sync_token(&fx);
+    let fx = node.on_synced(2, token, Err("I/O error".into()));
+    let reply = fx.iter().find_map(|e| match e {
+        Effect::Reply { ticket: 9, result } => Some(result),
+        _ => None,
+    });
+    match reply {
+        Some(Response::Error(e)) => assert_eq!(e.code, ErrorCode::Storage),
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+}
