@@ -49,6 +49,9 @@ pub enum Variant {
     DepartNoRecheck,
     /// A leaving node stops once one peer (not every peer) took the news that it left.
     DepartWhenOneTold,
+    /// The node machine goes on at once after asking for a sync (`Effect::Sync`): answers
+    /// that vouch for durable data go out before the data is durable.
+    AckBeforeSync,
 }
 
 /// The broken variants a node runs with: none, always, in production.

@@ -197,22 +197,19 @@ impl SimNode {
     /// A client request arrived.
     pub fn on_client(&mut self, now_ms: u64, ticket: Ticket, request: Request) -> Vec<Effect> {
         self.set_clock(now_ms);
-        let fx = self.node.on_client(now_ms, ticket, request);
-        self.resolve(now_ms, fx)
+        self.node.on_client(now_ms, ticket, request)
     }
 
     /// A peer message arrived.
     pub fn on_message(&mut self, now_ms: u64, from: &str, msg: Message) -> Vec<Effect> {
         self.set_clock(now_ms);
-        let fx = self.node.on_message(now_ms, from, msg);
-        self.resolve(now_ms, fx)
+        self.node.on_message(now_ms, from, msg)
     }
 
     /// Time passed: the machine's tick, then the OS writes buffered data back when due.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
         self.set_clock(now_ms);
         let fx = self.node.on_tick(now_ms);
-        let fx = self.resolve(now_ms, fx);
         if now_ms >= self.next_writeback_ms {
             self.node
                 .disk()
@@ -232,28 +229,17 @@ impl SimNode {
         states: &BTreeMap<NodeId, MemberState>,
     ) -> Vec<Effect> {
         self.set_clock(now_ms);
-        let fx = self
-            .node
-            .commit(now_ms, ring, states, &crate::store::sim_addr);
-        self.resolve(now_ms, fx)
+        self.node
+            .commit(now_ms, ring, states, &crate::store::sim_addr)
     }
 
-    /// Carries out the syncs among `fx` where they stand, splicing in what the node does
-    /// next. The simulated disk syncs inline (`Disk::sync_inline`), so there are none
-    /// today; this keeps the world from ever seeing one.
-    fn resolve(&mut self, now_ms: u64, fx: Vec<Effect>) -> Vec<Effect> {
-        let mut out = Vec::with_capacity(fx.len());
-        for effect in fx {
-            match effect {
-                Effect::Sync { token } => {
-                    let result = self.node.disk().engine.sync().map_err(|e| e.to_string());
-                    let more = self.node.on_synced(now_ms, token, result);
-                    out.extend(self.resolve(now_ms, more));
-                }
-                other => out.push(other),
-            }
-        }
-        out
+    /// A sync the node asked for with `Effect::Sync` is done: the disk makes everything
+    /// applied so far durable (at least what was applied when the node asked), and the
+    /// node goes on.
+    pub fn on_synced(&mut self, now_ms: u64, token: u64) -> Vec<Effect> {
+        self.set_clock(now_ms);
+        let result = self.node.disk().engine.sync().map_err(|e| e.to_string());
+        self.node.on_synced(now_ms, token, result)
     }
 
     /// The node goes down: in-memory state is lost, the disk keeps what `kind` allows.

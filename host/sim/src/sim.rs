@@ -107,10 +107,16 @@ pub struct Config {
     pub writeback_ms: u64,
     /// Node-side deadline of a peer call, in ms.
     pub peer_timeout_ms: u64,
+    /// How long a sync the node asks for takes, in ms (drawn per sync): the node goes on
+    /// with other inputs meanwhile, as under the server's group commit. `None`: the disk
+    /// syncs inline, within the input that asked.
+    pub sync_delay_ms: Option<(u64, u64)>,
     /// BROKEN VARIANT: acknowledge writes before W replicas have them.
     pub ack_before_quorum: bool,
     /// BROKEN VARIANT: continue epochs a crash may have rolled back.
     pub trust_all_epochs: bool,
+    /// BROKEN VARIANT: with deferred syncs, answer before the sync is done.
+    pub ack_before_sync: bool,
     /// Fsync `sync` Stores that change nothing (the fix for the finding in the crate docs;
     /// `false` reproduces production).
     pub sync_unchanged_merges: bool,
@@ -191,8 +197,10 @@ impl Default for Config {
             client_timeout_ms: 2_500,
             writeback_ms: 1_000,
             peer_timeout_ms: 300,
+            sync_delay_ms: None,
             ack_before_quorum: false,
             trust_all_epochs: false,
+            ack_before_sync: false,
             sync_unchanged_merges: true,
             delete_pct: 15,
             read_before_delete: false,
@@ -222,6 +230,7 @@ impl Config {
         [
             (self.ack_before_quorum, Variant::AckBeforeQuorum),
             (self.trust_all_epochs, Variant::TrustAllEpochs),
+            (self.ack_before_sync, Variant::AckBeforeSync),
             (self.reap_without_checks, Variant::ReapWithoutChecks),
             (self.reap_check_without_sync, Variant::ReapCheckWithoutSync),
             (self.handoff_drop_before_ack, Variant::HandoffDropBeforeAck),
@@ -406,6 +415,8 @@ impl Config {
                 "production-unsynced-noop-merge",
             ),
             (!self.read_repair, "no-read-repair"),
+            (self.sync_delay_ms.is_some(), "deferred-syncs"),
+            (self.ack_before_sync, "BROKEN:ack-before-sync"),
             (self.reap_without_checks, "BROKEN:reap-without-checks"),
             (
                 self.handoff_drop_before_ack,
@@ -588,6 +599,8 @@ pub struct Report {
     pub handoff_sent: u64,
     /// Copies old owners dropped after every new owner held them.
     pub handoff_dropped: u64,
+    /// Syncs a node asked for and went on without (`Config::sync_delay_ms`).
+    pub syncs_deferred: u64,
     /// Simulated time at the end, in ms.
     pub simulated_ms: u64,
     /// Hash of every event processed, in order: equal for two runs of one seed.
@@ -616,6 +629,7 @@ impl Report {
         self.departures += other.departures;
         self.handoff_sent += other.handoff_sent;
         self.handoff_dropped += other.handoff_dropped;
+        self.syncs_deferred += other.syncs_deferred;
         self.simulated_ms += other.simulated_ms;
     }
 }
@@ -627,7 +641,7 @@ impl fmt::Display for Report {
             "ops={} acked_writes={} reads={} failed_ops={} faults={} messages={} dropped={} \
              duplicated={} dots={} read_repairs={} speculative_reads={} hints_handed_off={} ae_exchanges={} \
              ae_repaired={} reaped={} ring_changes={} departures={} handoff_sent={} \
-             handoff_dropped={} simulated={:.1}s",
+             handoff_dropped={} syncs_deferred={} simulated={:.1}s",
             self.operations,
             self.acked_writes,
             self.reads,
@@ -647,6 +661,7 @@ impl fmt::Display for Report {
             self.departures,
             self.handoff_sent,
             self.handoff_dropped,
+            self.syncs_deferred,
             self.simulated_ms as f64 / 1000.0
         )
     }
@@ -682,6 +697,12 @@ enum Event {
     },
     Fault,
     Restart(usize),
+    /// The sync `token` a node asked for in its life `life` is done.
+    Synced {
+        node: usize,
+        life: u64,
+        token: u64,
+    },
     Cut(Vec<(usize, usize)>),
     Restore(Vec<(usize, usize)>),
     Membership,
@@ -849,7 +870,13 @@ pub fn run(seed: u64, config: &Config) -> Result<Report, Failure> {
         checker,
         message,
         config: config.describe(),
-        replay: replay_command_for(seed, config.scenario),
+        replay: match config.sync_delay_ms {
+            Some((lo, hi)) => format!(
+                "QUIVER_SIM_SYNC_DELAY={lo}-{hi} {}",
+                replay_command_for(seed, config.scenario)
+            ),
+            None => replay_command_for(seed, config.scenario),
+        },
     };
     let mut world = World::new(seed, config).map_err(|m| fail(Checker::Setup, m))?;
     world.workload();
@@ -913,7 +940,8 @@ impl World {
             .iter()
             .zip(&node_cfgs)
             .map(|(name, nc)| {
-                let disk = Disk::new(rng.next_u64());
+                let mut disk = Disk::new(rng.next_u64());
+                disk.defer_syncs = cfg.sync_delay_ms.is_some();
                 Some(SimNode::boot(name, &initial, *nc, disk, 0, 0))
             })
             .collect();
@@ -1154,6 +1182,17 @@ impl World {
             }
             Event::Fault => self.fault(),
             Event::Restart(i) => self.restart(i),
+            Event::Synced { node, life, token } => {
+                // A sync of an earlier life died with it: its writes were never promised.
+                if self.lives[node] != life {
+                    return;
+                }
+                let now = self.now_ms;
+                if let Some(n) = self.nodes[node].as_mut() {
+                    let fx = n.on_synced(now, token);
+                    self.effects(node, fx);
+                }
+            }
             Event::Membership => self.membership_change(),
             Event::Cut(links) => {
                 if self.faulty {
@@ -1184,8 +1223,21 @@ impl World {
             match effect {
                 Effect::Send { to, msg } => self.send(from, &to, msg),
                 Effect::Reply { ticket, result } => self.client_reply(ticket, result),
-                // `SimNode` carries out every sync before its effects reach the world.
-                Effect::Sync { .. } => {}
+                Effect::Sync { token } => {
+                    // Only disks that defer syncs ask (`Config::sync_delay_ms`).
+                    let (lo, hi) = self.cfg.sync_delay_ms.unwrap_or((0, 0));
+                    let at = self.now_ms + self.rng.range(lo, hi);
+                    let life = self.lives[from];
+                    self.report.syncs_deferred += 1;
+                    self.schedule(
+                        at,
+                        Event::Synced {
+                            node: from,
+                            life,
+                            token,
+                        },
+                    );
+                }
                 Effect::Observe(o) => match o {
                     Observation::DotIssued {
                         node,

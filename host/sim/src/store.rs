@@ -121,6 +121,9 @@ pub struct Disk {
     /// The incarnation a first boot on this disk records (production draws it at random
     /// when `m/incarnation` is absent); a wiped disk gets a new one.
     pub fresh_incarnation: u64,
+    /// Syncs take time: the node asks with `Effect::Sync` and the world answers later
+    /// (`sim::Config::sync_delay_ms`); otherwise the disk syncs inline.
+    pub defer_syncs: bool,
 }
 
 impl Disk {
@@ -130,6 +133,7 @@ impl Disk {
             engine: SimDisk::new(),
             meta: None,
             fresh_incarnation: incarnation,
+            defer_syncs: false,
         }
     }
 
@@ -157,9 +161,12 @@ impl NodeDisk for Disk {
     }
 
     fn sync_inline(&self) -> Option<Result<(), String>> {
-        // The simulated disk syncs at once: everything applied before the sync point is
-        // durable before the node goes on, and no crash falls inside one input.
-        Some(self.engine.sync().map_err(|e| e.to_string()))
+        // Inline, everything applied before the sync point is durable before the node
+        // goes on, and no crash falls inside one input.
+        match self.defer_syncs {
+            true => None,
+            false => Some(self.engine.sync().map_err(|e| e.to_string())),
+        }
     }
 }
 
@@ -181,7 +188,12 @@ impl Disk {
         let survived = match kind {
             CrashKind::Kill => self.engine.kill(),
             CrashKind::PowerLoss => self.engine.power_loss(rng),
-            CrashKind::Wipe => return Disk::new(new_incarnation),
+            CrashKind::Wipe => {
+                return Disk {
+                    defer_syncs: self.defer_syncs,
+                    ..Disk::new(new_incarnation)
+                };
+            }
         };
         // Only a stale handle refuses a crash, and the node holds the live one.
         let engine = survived.expect("a node crashes through its disk's live handle");

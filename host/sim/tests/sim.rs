@@ -253,9 +253,19 @@ fn replay() {
         return;
     };
     let scenario = std::env::var("QUIVER_SIM_SCENARIO").unwrap_or_else(|_| "random".into());
-    let Some(config) = Config::of_scenario(&scenario, seed) else {
+    let Some(mut config) = Config::of_scenario(&scenario, seed) else {
         panic!("QUIVER_SIM_SCENARIO={scenario:?} is not a scenario");
     };
+    // `QUIVER_SIM_SYNC_DELAY=LO-HI`: syncs take LO..=HI ms (see `deferred_sync_seeds`).
+    if let Ok(delay) = std::env::var("QUIVER_SIM_SYNC_DELAY") {
+        let parsed = delay
+            .split_once('-')
+            .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+        let Some(range) = parsed else {
+            panic!("QUIVER_SIM_SYNC_DELAY={delay:?}: expected LO-HI in ms, e.g. 1-40");
+        };
+        config.sync_delay_ms = Some(range);
+    }
     println!("replaying seed {seed}: {}", config.describe());
     match run(seed, &config) {
         Ok(report) => println!(
@@ -312,6 +322,45 @@ fn broken_ack_before_quorum_is_caught() {
         caught.len(),
         caught[0]
     );
+}
+
+// Proves the sync token is load-bearing: with syncs that take 20-200 ms, a node that
+// answers as soon as it asked for one (here a lone replica's `Written`, n = w = 1) vouches
+// for writes a power loss then takes back; without the variant the same seeds pass.
+#[test]
+fn broken_ack_before_sync_is_caught() {
+    let config = Config {
+        sync_delay_ms: Some((20, 200)),
+        ack_before_sync: true,
+        n: 1,
+        r: 1,
+        w: 1,
+        crashes: true,
+        power_loss: true,
+        durability: Durability::Sync,
+        buffered_share: 0.0,
+        writeback_ms: 20_000,
+        ..Config::default()
+    };
+    let caught = failures_of(&config, 0..60, Checker::LostWrite);
+    assert!(
+        !caught.is_empty(),
+        "acknowledging before the sync went unnoticed for seeds 0..60"
+    );
+    println!(
+        "ack-before-sync caught on {} of 60 seeds, e.g.\n{}",
+        caught.len(),
+        caught[0]
+    );
+    let fixed = Config {
+        ack_before_sync: false,
+        ..config
+    };
+    for f in &caught {
+        if let Err(e) = run(f.seed, &fixed) {
+            panic!("seed {} fails without the variant too: {e}", f.seed);
+        }
+    }
 }
 
 // Proves the dot-uniqueness checker can fail: trusting an epoch a power loss rolled back
@@ -563,6 +612,8 @@ fn grace_on_local_hold_time_survives_skewed_clocks() {
 
 /// Random seeds per CI run for each membership scenario (see `membership_seeds`).
 const MEMBERSHIP_SEEDS_DEFAULT: u64 = 1_000;
+/// Seeds per scenario of `deferred_sync_seeds` (three scenarios each).
+const DEFERRED_SEEDS_DEFAULT: u64 = 500;
 
 // Joins and leaves under faults: one spare node outside the ring, one to three changes
 // committed on a random node at random times of the workload (loss, duplication, delay
@@ -594,6 +645,38 @@ fn membership_stress_seeds() {
         (0..50).map(|s| (s, Config::membership_stress(s))).collect();
     cases.extend((base..base + count).map(|s| (s, Config::membership_stress(s))));
     let total = run_and_summarise("membership-stress", cases);
+    assert!(total.departures > 0, "no node ever departed");
+}
+
+// Syncs take 1-40 ms and the node goes on meanwhile, as under the server's group commit:
+// a replica's `Stored`, a lone coordinator's answer, a reaping check, a handoff push wait
+// for their sync while other requests, crashes and power losses fall in between. Random
+// configurations, membership changes under stress, and reaping with power losses.
+#[test]
+fn deferred_sync_seeds() {
+    let count = env_u64("QUIVER_SIM_DEFERRED_SEEDS").unwrap_or(DEFERRED_SEEDS_DEFAULT);
+    let base = env_u64("QUIVER_SIM_BASE").unwrap_or(7_000_000);
+    let deferred = |config: Config| Config {
+        sync_delay_ms: Some((1, 40)),
+        ..config
+    };
+    let mut cases: Vec<(u64, Config)> = Vec::new();
+    for s in base..base + count {
+        cases.push((s, deferred(Config::random(s))));
+        cases.push((s, deferred(Config::membership_stress(s))));
+        let reaping = Config {
+            crashes: true,
+            power_loss: true,
+            durability: Durability::Sync,
+            buffered_share: 0.5,
+            writeback_ms: 20_000,
+            ..Config::reaping(s)
+        };
+        cases.push((s, deferred(reaping)));
+    }
+    let total = run_and_summarise("deferred-syncs", cases);
+    assert!(total.syncs_deferred > 0, "no sync was ever deferred");
+    assert!(total.tombstones_reaped > 0, "no tombstone was ever reaped");
     assert!(total.departures > 0, "no node ever departed");
 }
 

@@ -57,8 +57,6 @@ pub(super) struct FanOut {
     sync: bool,
     sync_alongside: bool,
     outcome: WriteOutcome,
-    client_context: VersionVector,
-    value: Vec<u8>,
 }
 
 impl<D: NodeDisk> Node<D> {
@@ -313,6 +311,15 @@ impl<D: NodeDisk> Node<D> {
             Ok(w) => w,
             Err(e) => return self.reply(origin, client_error(e.code(), e.to_string()), fx),
         };
+        // The dot is issued with the local write, whether or not the write is acknowledged:
+        // a crash before its sync can leave it on disk (a kill keeps applied writes).
+        fx.push(Effect::Observe(Observation::DotIssued {
+            node: self.me.node.clone(),
+            key: key.clone(),
+            dot: outcome.dot.clone(),
+            context: client_context,
+            value,
+        }));
         let (_, fallbacks) = self.preference(&key, quorum.n);
         let fan_out = FanOut {
             origin,
@@ -325,8 +332,6 @@ impl<D: NodeDisk> Node<D> {
             sync,
             sync_alongside,
             outcome,
-            client_context,
-            value,
         };
         // With other replicas the coordinator's own fsync runs alongside theirs (at the
         // next tick, so a crash can fall in between) and its copy counts towards W only
@@ -347,13 +352,6 @@ impl<D: NodeDisk> Node<D> {
         synced: Result<(), String>,
         fx: &mut Vec<Effect>,
     ) {
-        fx.push(Effect::Observe(Observation::DotIssued {
-            node: self.me.node.clone(),
-            key: f.key.clone(),
-            dot: f.outcome.dot.clone(),
-            context: f.client_context,
-            value: f.value,
-        }));
         if let Err(e) = synced {
             let message = format!(
                 "key {:?}: the coordinator's copy is not durable: {e}",
