@@ -29,6 +29,7 @@
 //! - [`node`]: one node as a single state machine around all of the above: pending calls,
 //!   deadlines, probes, forwarding, the tick schedule (driven by the simulator today).
 //! - [`rng`]: a seeded SplitMix64, for draws that must replay (gossip partners).
+//! - [`buckets`]: a bucket's replication properties (configuration overlaid by its spec).
 //! - [`broken`]: deliberately broken variants of these rules, for the simulator only.
 //!
 //! [`StorageEngine`]: quiver_core::storage::StorageEngine
@@ -36,6 +37,7 @@
 
 pub mod ae;
 pub mod broken;
+pub mod buckets;
 pub mod epochs;
 pub mod exchange;
 pub mod handoff;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
-use quiver_core::meta::MetaState;
+use quiver_core::meta::{BucketEntry, BucketSpec, MetaState, Stamp};
 use quiver_core::quorum::Quorum;
 use quiver_core::ring::ClaimParams;
 use quiver_core::storage::StorageEngine;
@@ -13,12 +13,14 @@ use quiver_node_core::SystemClock;
 use quiver_node_core::broken::Broken;
 use quiver_node_core::membership::first_membership;
 use quiver_node_core::node::{
-    BUCKET, Durability, Effect, Message, Node, NodeConfig, NodeDisk, Observation,
+    Durability, Effect, Message, Node, NodeConfig, NodeDisk, Observation,
 };
 use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::request::{DataRequest, StoreRequest};
 use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability, WriteOptions};
 use quiver_storage::MemoryEngine;
+
+const BUCKET: &str = "carts";
 
 /// A disk whose syncs are the driver's to run (`sync_inline` is `None`).
 #[derive(Debug)]
@@ -53,6 +55,7 @@ fn config(n: usize, r: usize, w: usize) -> NodeConfig {
     NodeConfig {
         quorum: Quorum::new(n, r, w).expect("valid quorum"),
         sloppy: true,
+        buckets: Default::default(),
         durability: Durability::Sync,
         value_bytes_max: 1 << 20,
         peer_timeout_ms: 300,
@@ -71,12 +74,21 @@ fn config(n: usize, r: usize, w: usize) -> NodeConfig {
 }
 
 fn boot(names: &[&str], cfg: NodeConfig) -> Node<DeferredDisk> {
+    boot_with(names, cfg, |_| {})
+}
+
+fn boot_with(
+    names: &[&str],
+    cfg: NodeConfig,
+    meta: impl FnOnce(&mut MetaState),
+) -> Node<DeferredDisk> {
     let addrs = names.iter().map(|n| (n.to_string(), format!("{n}:1")));
     let params = ClaimParams {
         partitions: 16,
         n_val: u32::try_from(cfg.quorum.n).expect("small n"),
     };
-    let (initial, _) = first_membership(addrs, params).expect("first membership");
+    let (mut initial, _) = first_membership(addrs, params).expect("first membership");
+    meta(&mut initial);
     let disk = DeferredDisk {
         engine: Arc::new(MemoryEngine::new()),
         meta: None,
@@ -194,12 +206,13 @@ fn a_lone_coordinator_answers_a_sync_put_only_after_its_sync() {
         !fx.iter().any(|e| matches!(e, Effect::Reply { .. })),
         "answered before the sync: {fx:?}"
     );
-    let token = sync_token(&fx);
-    let fx = node.on_synced(2, token, Ok(()));
+    // The dot is issued with the local write, before the sync.
     assert!(
         fx.iter()
             .any(|e| matches!(e, Effect::Observe(Observation::DotIssued { .. })))
     );
+    let token = sync_token(&fx);
+    let fx = node.on_synced(2, token, Ok(()));
     let reply = fx.iter().find_map(|e| match e {
         Effect::Reply { ticket: 9, result } => Some(result),
         _ => None,
@@ -224,4 +237,59 @@ fn a_lone_coordinator_whose_sync_fails_does_not_acknowledge() {
         Some(Response::Error(e)) => assert_eq!(e.code, ErrorCode::Storage),
         other => panic!("expected a storage error, got {other:?}"),
     }
+}
+
+#[test]
+fn each_bucket_replicates_by_its_own_spec() {
+    // The default is n = w = 2; bucket "solo" is set to n = w = 1 in the metadata.
+    let mut node = boot_with(&["a", "b"], config(2, 1, 2), |meta| {
+        let spec = BucketSpec {
+            n: Some(1),
+            w: Some(1),
+            r: Some(1),
+            ..BucketSpec::default()
+        };
+        let stamp = Stamp::zero();
+        meta.buckets
+            .insert("solo".into(), BucketEntry { spec, stamp });
+    });
+    assert_eq!(node.placement().buckets.get("solo"), Some(&1));
+    // A key whose one replica is this node.
+    let key = (0u32..)
+        .map(|i| format!("k{i}").into_bytes())
+        .find(|k| {
+            let list = node.ring().preference_list_for_key(b"solo", k, 1);
+            list.primaries.first().is_some_and(|m| m.id == "a")
+        })
+        .expect("some key");
+    let put = |bucket: &str| Request::Put {
+        bucket: bucket.into(),
+        key: key.clone(),
+        value: b"v".to_vec(),
+        context: Vec::new(),
+        options: WriteOptions {
+            durability: Some(WireDurability::Sync),
+            ..WriteOptions::default()
+        },
+    };
+    let sends = |fx: &[Effect]| {
+        fx.iter()
+            .filter(|e| matches!(e, Effect::Send { .. }))
+            .count()
+    };
+    // "solo": this node alone holds the key, syncs and answers; nothing goes out.
+    let fx = node.on_client(1, 1, put("solo"));
+    assert_eq!(sends(&fx), 0, "{fx:?}");
+    let fx = node.on_synced(2, sync_token(&fx), Ok(()));
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Reply {
+            ticket: 1,
+            result: Response::Written { .. }
+        }
+    )));
+    // The default bucket: the other replica gets a store (this node coordinates or
+    // forwards, either way one message goes out).
+    let fx = node.on_client(3, 2, put("other"));
+    assert_eq!(sends(&fx), 1, "{fx:?}");
 }

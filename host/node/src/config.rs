@@ -667,14 +667,7 @@ fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(value)
 }
 
-/// Replication properties of one bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketProps {
-    /// n/r/w of the bucket.
-    pub quorum: quiver_core::quorum::Quorum,
-    /// False requires primaries only (Riak's pw/pr): no fallbacks, no hints.
-    pub sloppy: bool,
-}
+pub use quiver_node_core::buckets::BucketProps;
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use quiver_core::causality::Object;
 use quiver_core::membership::MemberState;
 use quiver_core::meta::MetaState;
 use quiver_core::ring::Ring;
@@ -21,8 +22,8 @@ use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, TreeId};
 use quiver_node_core::broken::{Broken, Variant};
 pub use quiver_node_core::node::{
-    AE_MAX_KEYS, BUCKET, Durability, Effect, Message, Node, NodeConfig, NodeId, Observation,
-    Ticket, data_key, is_tombstone,
+    AE_MAX_KEYS, Durability, Effect, Message, Node, NodeConfig, NodeId, Observation, Ticket,
+    is_tombstone,
 };
 pub use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_sdk::wire::Request;
@@ -30,6 +31,9 @@ use quiver_sdk::wire::Request;
 use crate::disk::SimDisk;
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk, Tables};
+
+/// The single bucket the simulation writes to (placement hashes bucket and key).
+pub const BUCKET: &str = "sim";
 
 /// Wall-clock ms at simulated time 0, so sibling timestamps look like real ones.
 pub const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
@@ -39,7 +43,7 @@ pub const VALUE_BYTES_MAX: usize = 1 << 20;
 
 /// What the simulator sets for one node: the machine's settings plus the machine around
 /// it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimNodeConfig {
     /// The node machine's settings.
     pub node: NodeConfig,
@@ -175,7 +179,7 @@ impl SimNode {
         let node = Node::boot(
             name,
             initial,
-            cfg.node,
+            cfg.node.clone(),
             disk,
             Arc::clone(&clock) as Arc<dyn WallClock>,
             life,
@@ -184,8 +188,8 @@ impl SimNode {
         SimNode {
             node,
             clock,
-            cfg,
             next_writeback_ms: now_ms + cfg.writeback_every_ms,
+            cfg,
         }
     }
 
@@ -245,6 +249,13 @@ impl SimNode {
     /// The node goes down: in-memory state is lost, the disk keeps what `kind` allows.
     pub fn crash(self, kind: CrashKind, rng: &mut Rng, new_incarnation: u64) -> Disk {
         self.node.into_disk().crash(kind, rng, new_incarnation)
+    }
+
+    /// This node's state of the simulation's `key` (empty when it holds none).
+    pub fn object(&self, key: &str) -> Object {
+        self.node
+            .local_object(BUCKET, key.as_bytes())
+            .expect("a live node's records are readable")
     }
 
     /// The node's records, hint markers and tombstone index as readers see them, decoded

@@ -914,6 +914,7 @@ impl World {
                 node: NodeConfig {
                     quorum,
                     sloppy: cfg.sloppy,
+                    buckets: BTreeMap::new(),
                     durability: cfg.durability,
                     value_bytes_max: VALUE_BYTES_MAX,
                     peer_timeout_ms: cfg.peer_timeout_ms,
@@ -942,7 +943,7 @@ impl World {
             .map(|(name, nc)| {
                 let mut disk = Disk::new(rng.next_u64());
                 disk.defer_syncs = cfg.sync_delay_ms.is_some();
-                Some(SimNode::boot(name, &initial, *nc, disk, 0, 0))
+                Some(SimNode::boot(name, &initial, nc.clone(), disk, 0, 0))
             })
             .collect();
         let index = names
@@ -1138,7 +1139,7 @@ impl World {
     fn object_on(&self, node: usize, key: &str) -> Object {
         self.nodes[node]
             .as_ref()
-            .map(|n| n.local_object(key))
+            .map(|n| n.object(key))
             .unwrap_or_default()
     }
 
@@ -1242,6 +1243,7 @@ impl World {
                     Observation::DotIssued {
                         node,
                         key,
+                        bucket: _,
                         dot,
                         context,
                         value,
@@ -1249,7 +1251,7 @@ impl World {
                         self.report.dots += 1;
                         self.issued.push(Issued {
                             node,
-                            key,
+                            key: sim_key(&key),
                             dot,
                             context,
                             value,
@@ -1266,7 +1268,7 @@ impl World {
                     }
                     Observation::Reaped { key, object, .. } => {
                         self.report.tombstones_reaped += 1;
-                        self.reaped.push((key, object));
+                        self.reaped.push((sim_key(&key), object));
                     }
                     Observation::Handoff { sent, dropped } => {
                         self.report.handoff_sent += sent;
@@ -1516,7 +1518,7 @@ impl World {
             self.nodes[i] = Some(SimNode::boot(
                 &self.names[i],
                 &self.initial,
-                self.node_cfgs[i],
+                self.node_cfgs[i].clone(),
                 disk,
                 self.lives[i],
                 self.now_ms,
@@ -1860,4 +1862,10 @@ impl World {
         let _ = self.seed;
         Ok(())
     }
+}
+
+/// The simulation's key name of a key the node reports (its clients write UTF-8 names to
+/// one bucket).
+fn sim_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
 }

@@ -19,10 +19,11 @@ use quiver_core::meta::{MetaState, Stamp};
 use quiver_core::ring::{ClaimParams, RingError};
 use quiver_core::storage::{StorageEngine, StorageError, keys};
 use quiver_node_core::membership::first_membership;
-use quiver_node_core::node::{BUCKET, NodeDisk};
+use quiver_node_core::node::NodeDisk;
 use quiver_node_core::record::decode_record;
 
 use crate::disk::SimDisk;
+use crate::node::BUCKET;
 use crate::rng::Rng;
 
 /// What a node holds, decoded from its engine: records, hint markers and the tombstone

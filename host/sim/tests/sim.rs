@@ -438,6 +438,7 @@ fn unchanged_sync_store_must_still_fsync() {
             node: NodeConfig {
                 quorum: Quorum::new(2, 1, 2).expect("quorum"),
                 sloppy: true,
+                buckets: Default::default(),
                 durability: Durability::Sync,
                 value_bytes_max: VALUE_BYTES_MAX,
                 peer_timeout_ms: 300,

@@ -14,8 +14,9 @@ use quiver_core::storage::keys;
 
 use super::calls::{CallError, Purpose, call_answer};
 use super::sync::AfterSync;
-use super::{BUCKET, Effect, Message, Node, NodeDisk, NodeId, Observation};
+use super::{Effect, Message, Node, NodeDisk, NodeId, Observation};
 use crate::ae::Placement;
+use crate::buckets;
 use crate::exchange::{self, AeRequest, Answering, Step};
 use crate::protocol::{PeerRequest, PeerResponse};
 use crate::reap::{self, ReapAnswering, ReapRequest, ReapResponse, ReapStart, ReapStep};
@@ -25,19 +26,6 @@ pub const AE_MAX_KEYS: usize = 10_000;
 
 /// A tree's identity: replication factor and partition.
 pub type TreeId = crate::ae::TreeId;
-
-/// Engine data key of a simulation key (production: `keys::data_key(bucket, key)`).
-pub fn data_key(key: &str) -> Vec<u8> {
-    keys::data_key(BUCKET.as_bytes(), key.as_bytes()).unwrap_or_default()
-}
-
-pub(super) fn key_of(data_key: &[u8]) -> Option<String> {
-    let (bucket, key) = keys::split_data_key(data_key)?;
-    if bucket != BUCKET.as_bytes() {
-        return None;
-    }
-    String::from_utf8(key.to_vec()).ok()
-}
 
 /// True for a state that is nothing but deletions (production: `ae::is_tombstone`).
 pub fn is_tombstone(object: &Object) -> bool {
@@ -61,17 +49,43 @@ pub(super) struct ReapPass {
 }
 
 impl<D: NodeDisk> Node<D> {
-    fn tree_n(&self) -> u8 {
-        u8::try_from(self.cfg.quorum.n).unwrap_or(u8::MAX)
+    /// Where this node files its keys: the ring's partitions, the configured replication
+    /// factor, and the buckets whose own differs (from the configuration or their spec).
+    pub fn placement(&self) -> Placement {
+        let own = self
+            .cfg
+            .buckets
+            .keys()
+            .chain(self.meta.buckets.keys())
+            .map(|b| (b.clone(), self.props(b).quorum.n));
+        buckets::placement(self.ring.partitions(), self.cfg.quorum.n, own)
     }
 
-    /// Where this node files its keys: the ring's partitions and the run's replication
-    /// factor (production: `Cluster::refresh_views` sets it from the ring and the buckets).
-    pub fn placement(&self) -> Placement {
-        Placement {
-            partitions: self.ring.partitions(),
-            default_n: self.tree_n(),
-            buckets: Default::default(),
+    /// Refiles one batch of keys the anti-entropy index holds under an old placement
+    /// (production: `Cluster::ae_refile`); the index is exact again after the last.
+    pub(super) fn ae_refile_batch(&mut self) {
+        const REFILE_BATCH: usize = 4096;
+        if !self.ae_refile_pending {
+            return;
+        }
+        let ae = self.replica.ae();
+        let generation = ae.generation();
+        let misfiled = match ae.misfiled(&*self.disk.engine(), REFILE_BATCH) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(node = %self.me.node, error = %e, "cannot scan anti-entropy entries");
+                return;
+            }
+        };
+        for dkey in &misfiled {
+            if let Err(e) = self.replica.ae_refile(dkey) {
+                tracing::error!(node = %self.me.node, error = %e, "cannot refile an anti-entropy entry");
+                return;
+            }
+        }
+        if misfiled.len() < REFILE_BATCH {
+            self.replica.ae().refiled(generation);
+            self.ae_refile_pending = false;
         }
     }
 
@@ -224,12 +238,9 @@ impl<D: NodeDisk> Node<D> {
             return;
         };
         let members = self.peers.clone();
-        let n = self.cfg.quorum.n;
         let is_up = |m: &str| self.is_up(m);
-        let primaries = |bucket: &str, key: &[u8]| match std::str::from_utf8(key) {
-            Ok(key) if bucket == BUCKET => self.preference(key, n).0,
-            _ => Vec::new(),
-        };
+        let primaries =
+            |bucket: &str, key: &[u8]| self.preference(bucket, key, self.props(bucket).quorum.n).0;
         let start = ReapStart {
             me: &self.me.node,
             ring: self.ring.id(),
@@ -275,10 +286,13 @@ impl<D: NodeDisk> Node<D> {
             ReapStep::Wait => self.reap_pass = Some(pass),
             ReapStep::Done(report) => {
                 for (dkey, object) in report.reaped {
-                    let Some(key) = key_of(&dkey) else { continue };
+                    let Some((bucket, key)) = keys::split_data_key(&dkey) else {
+                        continue;
+                    };
                     fx.push(Effect::Observe(Observation::Reaped {
                         node: self.me.node.clone(),
-                        key,
+                        bucket: String::from_utf8_lossy(bucket).into_owned(),
+                        key: key.to_vec(),
                         object,
                     }));
                 }
@@ -350,11 +364,10 @@ impl<D: NodeDisk> Node<D> {
     /// Runs `f` with what a member knows when it answers a reaper, and its wall clock.
     fn with_reap_answering<R>(&self, f: impl FnOnce(&Self, &ReapAnswering<'_>, u64) -> R) -> R {
         let members = self.peers.clone();
-        let n = self.cfg.quorum.n;
         let me = self.me.node.clone();
-        let is_primary = |bucket: &str, key: &[u8]| match std::str::from_utf8(key) {
-            Ok(key) if bucket == BUCKET => self.preference(key, n).0.contains(&me),
-            _ => false,
+        let is_primary = |bucket: &str, key: &[u8]| {
+            let n = self.props(bucket).quorum.n;
+            self.preference(bucket, key, n).0.contains(&me)
         };
         let at = ReapAnswering {
             ring: self.ring.id(),

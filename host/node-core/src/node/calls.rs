@@ -5,9 +5,8 @@ use quiver_core::quorum::{Quorum, Target, select_targets};
 use quiver_sdk::wire::{ErrorCode, ErrorReply, Response};
 
 use super::sync::AfterSync;
-use super::{
-    BUCKET, CALL_ID_BITS_PER_LIFE, Effect, Message, Node, NodeDisk, NodeId, Observation, Ticket,
-};
+use super::{CALL_ID_BITS_PER_LIFE, Effect, Message, Node, NodeDisk, NodeId, Observation, Ticket};
+use crate::buckets::{self, BucketProps};
 use crate::hints::StoreReply;
 use crate::protocol::{PeerRequest, PeerResponse};
 
@@ -209,9 +208,9 @@ impl<D: NodeDisk> Node<D> {
                 };
                 if let Some(mut pass) = self.hint_pass.take() {
                     let members: Vec<String> = self.meta.members.keys().cloned().collect();
-                    let n = self.cfg.quorum.n;
-                    let is_primary = |_: &str, key: &[u8]| {
-                        let (primaries, _) = self.preference(&String::from_utf8_lossy(key), n);
+                    let is_primary = |bucket: &str, key: &[u8]| {
+                        let n = self.props(bucket).quorum.n;
+                        let (primaries, _) = self.preference(bucket, key, n);
                         primaries.contains(&self.me.node)
                     };
                     let changed = pass
@@ -243,26 +242,55 @@ impl<D: NodeDisk> Node<D> {
 
     // ----- placement (production: Cluster::preference / targets / quorum) -----
 
-    pub(super) fn preference(&self, key: &str, n: usize) -> (Vec<NodeId>, Vec<NodeId>) {
-        let list = self
-            .ring
-            .preference_list_for_key(BUCKET.as_bytes(), key.as_bytes(), n);
+    pub(super) fn preference(
+        &self,
+        bucket: &str,
+        key: &[u8],
+        n: usize,
+    ) -> (Vec<NodeId>, Vec<NodeId>) {
+        let list = self.ring.preference_list_for_key(bucket.as_bytes(), key, n);
         (
             list.primaries.iter().map(|m| m.id.clone()).collect(),
             list.fallbacks.iter().map(|m| m.id.clone()).collect(),
         )
     }
 
-    pub(super) fn targets(&self, key: &str, n: usize) -> (Vec<Target>, usize) {
-        let (primaries, fallbacks) = self.preference(key, n);
+    pub(super) fn targets(&self, bucket: &str, key: &[u8], n: usize) -> (Vec<Target>, usize) {
+        let (primaries, fallbacks) = self.preference(bucket, key, n);
         let p: Vec<&str> = primaries.iter().map(String::as_str).collect();
         let f: Vec<&str> = fallbacks.iter().map(String::as_str).collect();
-        let targets = select_targets(&p, &f, |node| self.is_up(node), self.cfg.sloppy);
+        let sloppy = self.props(bucket).sloppy;
+        let targets = select_targets(&p, &f, |node| self.is_up(node), sloppy);
         (targets, primaries.len())
     }
 
-    pub(super) fn quorum(&self, r: Option<usize>, w: Option<usize>) -> Result<Quorum, String> {
-        let d = self.cfg.quorum;
+    /// `bucket`'s replication properties: the configuration's, overlaid by the bucket's
+    /// spec in the cluster metadata. A spec that does not fit is ignored (the server logs
+    /// it where it takes the metadata).
+    pub(super) fn props(&self, bucket: &str) -> BucketProps {
+        let base = self
+            .cfg
+            .buckets
+            .get(bucket)
+            .copied()
+            .unwrap_or(BucketProps {
+                quorum: self.cfg.quorum,
+                sloppy: self.cfg.sloppy,
+            });
+        match self.meta.buckets.get(bucket) {
+            Some(entry) => buckets::effective(base, &entry.spec).unwrap_or(base),
+            None => base,
+        }
+    }
+
+    /// The quorum of a request on `bucket`, with the client's r or w if it gave one.
+    pub(super) fn quorum(
+        &self,
+        bucket: &str,
+        r: Option<usize>,
+        w: Option<usize>,
+    ) -> Result<Quorum, String> {
+        let d = self.props(bucket).quorum;
         Quorum::new(d.n, r.unwrap_or(d.r), w.unwrap_or(d.w)).map_err(|e| e.to_string())
     }
 

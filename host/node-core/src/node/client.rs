@@ -8,9 +8,10 @@ use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability};
 
 use super::calls::{Origin, Purpose, client_error};
 use super::sync::AfterSync;
-use super::{BUCKET, Durability, Effect, Node, NodeDisk, NodeId, Observation};
+use super::{Durability, Effect, Node, NodeDisk, NodeId, Observation};
 use crate::protocol::PeerRequest;
-use crate::replica::{LocalWrite, WriteOutcome};
+use crate::record::render_key;
+use crate::replica::{KvError, LocalWrite, WriteOutcome};
 use crate::request::{
     self, DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed,
     plan_write, wire_siblings,
@@ -48,7 +49,8 @@ pub(super) struct ForwardOp {
 #[derive(Debug)]
 pub(super) struct FanOut {
     origin: Origin,
-    key: String,
+    bucket: String,
+    key: Vec<u8>,
     my_target: Target,
     targets: Vec<Target>,
     fallbacks: Vec<NodeId>,
@@ -68,32 +70,23 @@ impl<D: NodeDisk> Node<D> {
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
-        let bucket = match &request {
-            Request::Get { bucket, .. }
-            | Request::Put { bucket, .. }
-            | Request::Delete { bucket, .. } => bucket,
+        match request {
+            Request::Get {
+                bucket,
+                key,
+                options,
+            } => self.start_get(now_ms, origin, bucket, key, options.r, fx),
+            write @ (Request::Put { .. } | Request::Delete { .. }) => {
+                self.start_put(now_ms, origin, write, forwarded, fx)
+            }
             other => {
-                let message = format!("the simulated node answers gets and writes, not {other:?}");
-                return self.reply(
+                let message = format!("the node machine answers gets and writes, not {other:?}");
+                self.reply(
                     origin,
                     client_error(ErrorCode::MalformedRequest, message),
                     fx,
-                );
+                )
             }
-        };
-        if bucket != BUCKET {
-            let message = format!("bucket {bucket:?}: the simulation has only {BUCKET:?}");
-            return self.reply(
-                origin,
-                client_error(ErrorCode::MalformedRequest, message),
-                fx,
-            );
-        }
-        match request {
-            Request::Get { key, options, .. } => {
-                self.start_get(now_ms, origin, &key, options.r, fx)
-            }
-            write => self.start_put(now_ms, origin, write, forwarded, fx),
         }
     }
 
@@ -101,16 +94,16 @@ impl<D: NodeDisk> Node<D> {
         &mut self,
         now_ms: u64,
         origin: Origin,
-        key: &[u8],
+        bucket: String,
+        key: Vec<u8>,
         r: Option<u8>,
         fx: &mut Vec<Effect>,
     ) {
-        let quorum = match self.quorum(r.map(usize::from), None) {
+        let quorum = match self.quorum(&bucket, r.map(usize::from), None) {
             Ok(q) => q,
             Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
         };
-        let key = String::from_utf8_lossy(key).into_owned();
-        let (targets, n) = self.targets(&key, quorum.n);
+        let (targets, n) = self.targets(&bucket, &key, quorum.n);
         let me = self.me.node.clone();
         let op = self.next_op;
         self.next_op += 1;
@@ -121,8 +114,8 @@ impl<D: NodeDisk> Node<D> {
         let (get, fetches) = Get::start(
             GetArgs {
                 me: &me,
-                bucket: BUCKET,
-                key: key.as_bytes(),
+                bucket: &bucket,
+                key: &key,
                 targets: &targets,
                 r: quorum.r,
                 n,
@@ -131,8 +124,7 @@ impl<D: NodeDisk> Node<D> {
                 now_ms,
                 speculate_ms: self.cfg.read_speculate_ms,
             },
-            // The simulated local read cannot fail.
-            || Ok(self.local_object(&key)),
+            || self.replica.get(&bucket, &key).map_err(|e| e.to_string()),
         );
         let origin = Some(origin);
         self.gets.insert(op, GetOp { origin, get });
@@ -213,11 +205,9 @@ impl<D: NodeDisk> Node<D> {
         }
     }
 
-    /// This node's state of `key` (empty when it holds none).
-    pub fn local_object(&self, key: &str) -> Object {
-        self.replica
-            .get(BUCKET, key.as_bytes())
-            .expect("a live node's records are readable")
+    /// This node's state of `bucket`/`key` (empty when it holds none).
+    pub fn local_object(&self, bucket: &str, key: &[u8]) -> Result<Object, KvError> {
+        self.replica.get(bucket, key)
     }
 
     pub(super) fn start_put(
@@ -228,20 +218,21 @@ impl<D: NodeDisk> Node<D> {
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
-        let (key, context, op, options) = match &request {
+        let (bucket, key, context, op, options) = match &request {
             Request::Put {
+                bucket,
                 key,
                 context,
                 value,
                 options,
                 ..
-            } => (key, context, WriteOp::Put(value.clone()), options),
+            } => (bucket, key, context, WriteOp::Put(value.clone()), options),
             Request::Delete {
+                bucket,
                 key,
                 context,
                 options,
-                ..
-            } => (key, context, WriteOp::Delete, options),
+            } => (bucket, key, context, WriteOp::Delete, options),
             other => {
                 let message = format!("not a write: {other:?}");
                 return self.reply(
@@ -251,12 +242,12 @@ impl<D: NodeDisk> Node<D> {
                 );
             }
         };
-        let (key, context) = (String::from_utf8_lossy(key).into_owned(), context.clone());
-        let quorum = match self.quorum(None, options.w.map(usize::from)) {
+        let (bucket, key, context) = (bucket.clone(), key.clone(), context.clone());
+        let quorum = match self.quorum(&bucket, None, options.w.map(usize::from)) {
             Ok(q) => q,
             Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
         };
-        let (targets, n) = self.targets(&key, quorum.n);
+        let (targets, n) = self.targets(&bucket, &key, quorum.n);
         let me = self.me.node.clone();
         let durability = match options.durability {
             Some(WireDurability::Sync) => Durability::Sync,
@@ -292,13 +283,13 @@ impl<D: NodeDisk> Node<D> {
         // one batch. The fsync for `sync` durability is the driver's, below.
         let written = self
             .replica
-            .check_write(BUCKET, key.as_bytes(), &op, &context)
+            .check_write(&bucket, &key, &op, &context)
             .and_then(|(dkey, client_context)| {
                 let outcome = self.replica.write(
                     &dkey,
                     LocalWrite {
-                        bucket: BUCKET,
-                        key: key.as_bytes(),
+                        bucket: &bucket,
+                        key: &key,
                         context: &client_context,
                         op,
                         now_ms: self.wall_ms(),
@@ -315,14 +306,16 @@ impl<D: NodeDisk> Node<D> {
         // a crash before its sync can leave it on disk (a kill keeps applied writes).
         fx.push(Effect::Observe(Observation::DotIssued {
             node: self.me.node.clone(),
+            bucket: bucket.clone(),
             key: key.clone(),
             dot: outcome.dot.clone(),
             context: client_context,
             value,
         }));
-        let (_, fallbacks) = self.preference(&key, quorum.n);
+        let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
         let fan_out = FanOut {
             origin,
+            bucket,
             key,
             my_target,
             targets,
@@ -354,21 +347,23 @@ impl<D: NodeDisk> Node<D> {
     ) {
         if let Err(e) = synced {
             let message = format!(
-                "key {:?}: the coordinator's copy is not durable: {e}",
-                f.key
+                "node {}: bucket {:?}, key {}: the coordinator's copy is not durable: {e}",
+                self.me.node,
+                f.bucket,
+                render_key(&f.key)
             );
             return self.reply(f.origin, client_error(ErrorCode::Storage, message), fx);
         }
         let (put, sends) = Put::start(
             PutArgs {
-                bucket: BUCKET,
-                key: f.key.as_bytes(),
+                bucket: &f.bucket,
+                key: &f.key,
                 me: &f.my_target,
                 targets: &f.targets,
                 fallbacks: &f.fallbacks,
                 w: f.quorum.w,
                 n: f.n,
-                sloppy: self.cfg.sloppy,
+                sloppy: self.props(&f.bucket).sloppy,
                 sync: f.sync,
                 sync_alongside: f.sync_alongside,
             },

@@ -61,8 +61,10 @@ pub enum Observation {
     DotIssued {
         /// Coordinator.
         node: NodeId,
+        /// Bucket.
+        bucket: String,
         /// Key.
-        key: String,
+        key: Vec<u8>,
         /// The new dot.
         dot: Dot,
         /// The client context the write was applied with (what it replaced).
@@ -87,8 +89,10 @@ pub enum Observation {
     Reaped {
         /// The node.
         node: NodeId,
+        /// Bucket.
+        bucket: String,
         /// Key.
-        key: String,
+        key: Vec<u8>,
         /// The state removed.
         object: Object,
     },

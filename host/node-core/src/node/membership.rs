@@ -81,6 +81,10 @@ impl<D: NodeDisk> Node<D> {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
+        // A bucket whose n changed files its keys in other trees from now on.
+        if self.replica.ae().set_placement(self.placement()) {
+            self.ae_refile_pending = true;
+        }
     }
 
     /// Merges `incoming` into this node's metadata, durable before it takes effect
@@ -229,10 +233,7 @@ impl<D: NodeDisk> Node<D> {
             rules::departed_hints(&self.replica, &self.meta, &self.me.node, self.cfg.broken)
                 .expect("a live node's hints are readable");
         for (owner, h) in hinted {
-            let Ok(key) = String::from_utf8(h.key) else {
-                continue;
-            };
-            self.hint_delivered(now_ms, fx, &owner, &key, &h.object, true);
+            self.hint_delivered(now_ms, fx, &owner, &h, true);
         }
     }
 

@@ -36,8 +36,9 @@
 //! The simulator (`quiver-sim`) drives this machine for every seed. The QUIC server still
 //! runs its own async glue (`host/node/src/cluster*.rs`) around the same inner machines;
 //! making it a driver of this one is the next step of issue 12 (see
-//! `docs/decisions/simulation.md`). Until then the machine serves one bucket ([`BUCKET`])
-//! with the node's default quorum and no reconciler plugins.
+//! `docs/decisions/simulation.md`). Until then the machine serves every bucket with its
+//! replication properties (configuration overlaid by the bucket's spec in the metadata),
+//! but runs no reconciler plugins.
 //!
 //! # Durability
 //!
@@ -70,21 +71,20 @@ use quiver_sdk::wire::Request;
 
 use crate::WallClock;
 use crate::broken::Broken;
+use crate::buckets::BucketProps;
 use crate::epochs::BootEpochs;
 use crate::exchange::AeLease;
 use crate::hints::HintPass;
 use crate::protocol::{PeerRequest, PeerResponse};
 use crate::replica::{HINTS_MAX_DEFAULT, Replica};
 
-pub use ae::{AE_MAX_KEYS, TreeId, data_key, is_tombstone};
+pub use ae::{AE_MAX_KEYS, TreeId, is_tombstone};
 pub use io::{Effect, Message, Observation};
 
 use calls::{Call, CallError, Origin, Purpose};
 use client::{ForwardOp, GetOp, PutOp};
 use sync::AfterSync;
 
-/// The single bucket this machine serves (placement hashes bucket and key).
-pub const BUCKET: &str = "sim";
 /// Bits of a call id that count calls within one life of a node; the rest is the life, so
 /// a response to a call of a previous life can never complete a call of this one.
 const CALL_ID_BITS_PER_LIFE: u32 = 40;
@@ -123,12 +123,15 @@ pub trait NodeDisk: std::fmt::Debug + Send + Sync {
 }
 
 /// Settings of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
     /// Default n/r/w.
     pub quorum: Quorum,
     /// Sloppy quorum with hinted handoff.
     pub sloppy: bool,
+    /// Buckets the configuration gives their own properties (a bucket's spec in the
+    /// metadata overlays them).
+    pub buckets: BTreeMap<String, BucketProps>,
     /// Durability of client writes that do not ask for one.
     pub durability: Durability,
     /// Largest value a client may write, in bytes.
@@ -220,6 +223,9 @@ pub struct Node<D: NodeDisk> {
     /// What waits for each sync asked for with [`Effect::Sync`].
     syncs: BTreeMap<u64, AfterSync>,
     next_sync: u64,
+    /// The anti-entropy placement changed (a bucket's n): keys are refiled a batch per
+    /// tick.
+    ae_refile_pending: bool,
 }
 
 impl<D: NodeDisk> Node<D> {
@@ -285,7 +291,6 @@ impl<D: NodeDisk> Node<D> {
             .init_hints(HINTS_MAX_DEFAULT)
             .expect("a booting node's disk is live");
         let mut node = Node {
-            cfg,
             me: Coordinator {
                 node: name.to_string(),
                 incarnation,
@@ -328,6 +333,9 @@ impl<D: NodeDisk> Node<D> {
             clock_ms: now_ms,
             syncs: BTreeMap::new(),
             next_sync: 0,
+            ae_refile_pending: false,
+            // Last: the fields above read it.
+            cfg,
         };
         node.apply_membership();
         node.rebuild_ae();
@@ -471,6 +479,7 @@ impl<D: NodeDisk> Node<D> {
             }
         }
         self.speculate_reads(now_ms, &mut fx);
+        self.ae_refile_batch();
         self.ae_tick(now_ms, &mut fx);
         self.gossip_tick(now_ms, &mut fx);
         self.handoff_tick(now_ms, &mut fx);

@@ -2,14 +2,14 @@
 //! forwarded writes, and the routing of every other peer request to its machine; and the
 //! hint-delivery pass.
 
-use quiver_core::causality::Object;
 use quiver_sdk::wire::{ErrorCode, ErrorReply};
 
 use super::calls::{Origin, Purpose, refusal};
 use super::sync::AfterSync;
-use super::{BUCKET, Effect, Message, Node, NodeDisk};
+use super::{Effect, Message, Node, NodeDisk};
 use crate::hints::HintStep;
 use crate::protocol::{Inbound, PeerRequest, PeerResponse};
+use crate::replica::HintedKey;
 use crate::request::{self, DataRequest, StoreRequest};
 
 impl<D: NodeDisk> Node<D> {
@@ -77,14 +77,25 @@ impl<D: NodeDisk> Node<D> {
         now_ms: u64,
         fx: &mut Vec<Effect>,
         owner: &str,
-        key: &str,
-        delivered: &Object,
+        delivered: &HintedKey,
         keep: bool,
     ) -> bool {
-        let dropped = self
+        let HintedKey {
+            bucket,
+            key,
+            object,
+        } = delivered;
+        let dropped = match self
             .replica
-            .hint_delivered(owner, BUCKET, key.as_bytes(), delivered, keep)
-            .expect("a live node's records are readable");
+            .hint_delivered(owner, bucket, key, object, keep)
+        {
+            Ok(dropped) => dropped,
+            Err(e) => {
+                // The marker stays; a later pass tries again.
+                tracing::error!(node = %self.me.node, owner, bucket, error = %e, "cannot drop a delivered hint");
+                false
+            }
+        };
         if dropped {
             self.sync_then(now_ms, AfterSync::Nothing, fx);
         }
@@ -110,7 +121,7 @@ impl<D: NodeDisk> Node<D> {
             }
             HintStep::Store { owner, hinted } => {
                 let body = PeerRequest::from(DataRequest::Store(StoreRequest {
-                    bucket: BUCKET.to_string(),
+                    bucket: hinted.bucket,
                     key: hinted.key,
                     object: hinted.object,
                     hint_for: None,

@@ -8,7 +8,6 @@ use quiver_core::limits::{PLUGIN_BYTES_MAX, SIBLING_THRESHOLD_DEFAULT};
 use quiver_core::meta::{
     BucketEntry, BucketSpec, MetaState, PluginInfo, PluginRef, Stamp, content_hash,
 };
-use quiver_core::quorum::Quorum;
 use quiver_sdk::wire::{BucketInfo, ErrorCode, Response};
 
 use super::{BucketProps, Cluster, error, now_ms};
@@ -126,25 +125,7 @@ impl Cluster {
 
     /// Effective properties of a bucket from its runtime spec over the configuration.
     fn effective(&self, bucket: &str, spec: &BucketSpec) -> Result<BucketProps, String> {
-        let base = self.config_props(bucket);
-        let n = spec.n.map_or(base.quorum.n, usize::from);
-        let majority = n / 2 + 1;
-        let fallback = |set: Option<u8>, base_value: usize| match set {
-            Some(v) => usize::from(v),
-            // A changed n with an inherited r/w that no longer fits takes its majority.
-            None if base_value > n => majority,
-            None => base_value,
-        };
-        let quorum = Quorum::new(
-            n,
-            fallback(spec.r, base.quorum.r),
-            fallback(spec.w, base.quorum.w),
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(BucketProps {
-            quorum,
-            sloppy: spec.sloppy_quorum.unwrap_or(base.sloppy),
-        })
+        quiver_node_core::buckets::effective(self.config_props(bucket), spec)
     }
 
     /// Rebuilds every bucket view from the metadata (after a change, and at start),
@@ -200,25 +181,17 @@ impl Cluster {
                 }),
             );
         }
-        let mut placement = quiver_node_core::ae::Placement {
-            partitions: self.ring().partitions(),
-            default_n: u8::try_from(self.config.quorum.n).unwrap_or(u8::MAX),
-            buckets: Default::default(),
-        };
-        let own_n = self
+        let own = self
             .config
             .buckets
             .iter()
-            .map(|(b, props)| (b, props.quorum.n))
-            .chain(views.iter().map(|(b, v)| (b, v.props.quorum.n)));
-        for (bucket, n) in own_n {
-            let n = u8::try_from(n).unwrap_or(u8::MAX);
-            if n != placement.default_n {
-                placement.buckets.insert(bucket.clone(), n);
-            } else {
-                placement.buckets.remove(bucket);
-            }
-        }
+            .map(|(b, props)| (b.clone(), props.quorum.n))
+            .chain(views.iter().map(|(b, v)| (b.clone(), v.props.quorum.n)));
+        let placement = quiver_node_core::buckets::placement(
+            self.ring().partitions(),
+            self.config.quorum.n,
+            own,
+        );
         *self.views.write().unwrap_or_else(|p| p.into_inner()) = views;
         if self.kv.ae().set_placement(placement) {
             self.ae_refile_pending
