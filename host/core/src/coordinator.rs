@@ -527,6 +527,15 @@ impl FailureDetector {
         true
     }
 
+    /// When the next probe falls due (the earliest of the down peers'), if any is down.
+    pub fn next_probe_ms(&self) -> Option<u64> {
+        self.peers
+            .values()
+            .filter(|h| h.down)
+            .map(|h| h.next_probe_ms)
+            .min()
+    }
+
     /// Down peers whose probe is due at `now_ms`. Each is not due again until its probe's
     /// outcome is fed back (a failure pushes the backoff, a success marks it up) or, if the
     /// probe is lost without an outcome, until [`PROBE_OUTSTANDING_MAX_MS`] passed.

@@ -293,3 +293,48 @@ fn each_bucket_replicates_by_its_own_spec() {
     let fx = node.on_client(3, 2, put("other"));
     assert_eq!(sends(&fx), 1, "{fx:?}");
 }
+
+/// Drives `node` by time alone from `from_ms` until `until_ms`: between two of its reported
+/// deadlines a tick must do nothing (so a driver that sleeps until `next_deadline` misses
+/// nothing), and each deadline must lie ahead of the last tick. Returns how many ticks at a
+/// deadline did something.
+fn quiet_between_deadlines(node: &mut Node<DeferredDisk>, from_ms: u64, until_ms: u64) -> usize {
+    let mut now = from_ms;
+    let mut busy = 0;
+    while now < until_ms {
+        let deadline = node.next_deadline().expect("gossip is always scheduled");
+        assert!(deadline >= now, "deadline {deadline} lies behind the last tick at {now}");
+        for t in now + 1..deadline.min(until_ms) {
+            let fx = node.on_tick(t);
+            assert!(fx.is_empty(), "tick at {t} before the deadline {deadline} did {fx:?}");
+        }
+        now = deadline.max(now + 1);
+        if !node.on_tick(now).is_empty() {
+            busy += 1;
+        }
+    }
+    busy
+}
+
+#[test]
+fn nothing_falls_due_between_the_deadlines_it_reports() {
+    // Three members, none of the others ever answering: stores and fetches time out,
+    // peers go down, probes back off, speculation, hint delivery, gossip and handoff
+    // timers all come round.
+    let mut cfg = config(3, 2, 2);
+    cfg.read_speculate_ms = Some(20);
+    cfg.ae_every_ms = Some(700);
+    cfg.tombstone_grace_ms = Some(1_000);
+    let mut node = boot(&["a", "b", "c"], cfg);
+    let fx = node.on_client(1, 1, client_put(WireDurability::Sync));
+    assert!(!fx.is_empty());
+    let get = Request::Get {
+        bucket: BUCKET.into(),
+        key: b"k".to_vec(),
+        options: Default::default(),
+    };
+    let fx = node.on_client(2, 2, get);
+    assert!(!fx.is_empty());
+    let busy = quiet_between_deadlines(&mut node, 2, 12_000);
+    assert!(busy > 10, "only {busy} deadlines did anything");
+}

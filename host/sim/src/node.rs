@@ -225,6 +225,14 @@ impl SimNode {
         fx
     }
 
+    /// When the node next has something to do on a tick: the machine's next deadline, or
+    /// the OS writing buffered data back.
+    pub fn next_deadline(&self) -> u64 {
+        self.node
+            .next_deadline()
+            .map_or(self.next_writeback_ms, |d| d.min(self.next_writeback_ms))
+    }
+
     /// An operator committed a membership change on this node.
     pub fn commit(
         &mut self,

@@ -107,6 +107,9 @@ pub struct Config {
     pub writeback_ms: u64,
     /// Node-side deadline of a peer call, in ms.
     pub peer_timeout_ms: u64,
+    /// Tick each node only at its next deadline (`Node::next_deadline`, as a server's one
+    /// timer would) instead of every 10 ms.
+    pub deadline_ticks: bool,
     /// How long a sync the node asks for takes, in ms (drawn per sync): the node goes on
     /// with other inputs meanwhile, as under the server's group commit. `None`: the disk
     /// syncs inline, within the input that asked.
@@ -198,6 +201,7 @@ impl Default for Config {
             writeback_ms: 1_000,
             peer_timeout_ms: 300,
             sync_delay_ms: None,
+            deadline_ticks: false,
             ack_before_quorum: false,
             trust_all_epochs: false,
             ack_before_sync: false,
@@ -416,6 +420,7 @@ impl Config {
             ),
             (!self.read_repair, "no-read-repair"),
             (self.sync_delay_ms.is_some(), "deferred-syncs"),
+            (self.deadline_ticks, "deadline-ticks"),
             (self.ack_before_sync, "BROKEN:ack-before-sync"),
             (self.reap_without_checks, "BROKEN:reap-without-checks"),
             (
@@ -697,6 +702,11 @@ enum Event {
     },
     Fault,
     Restart(usize),
+    /// Node `node`'s next deadline in its life `life` (with `Config::deadline_ticks`).
+    NodeTick {
+        node: usize,
+        life: u64,
+    },
     /// The sync `token` a node asked for in its life `life` is done.
     Synced {
         node: usize,
@@ -849,6 +859,8 @@ struct World {
     nodes: Vec<Option<SimNode>>,
     disks: Vec<Option<Disk>>,
     lives: Vec<u64>,
+    /// The earliest `Event::NodeTick` scheduled for each node (deadline ticks only).
+    armed: Vec<Option<u64>>,
     cuts: BTreeMap<(usize, usize), u32>,
     faulty: bool,
     wipes_left: usize,
@@ -972,6 +984,7 @@ impl World {
             nodes,
             disks: (0..total).map(|_| None).collect(),
             lives: vec![0; total],
+            armed: vec![None; total],
             cuts: BTreeMap::new(),
             faulty: true,
             wipes_left: if cfg.wipes {
@@ -1020,7 +1033,13 @@ impl World {
     }
 
     fn workload(&mut self) {
-        self.schedule(TICK_MS, Event::Tick);
+        if self.cfg.deadline_ticks {
+            for i in 0..self.nodes.len() {
+                self.arm_tick(i);
+            }
+        } else {
+            self.schedule(TICK_MS, Event::Tick);
+        }
         for c in 0..self.cfg.clients {
             let at = self.rng.range(0, 50);
             self.schedule(at, Event::ClientNext(c));
@@ -1183,6 +1202,19 @@ impl World {
             }
             Event::Fault => self.fault(),
             Event::Restart(i) => self.restart(i),
+            Event::NodeTick { node, life } => {
+                if self.lives[node] != life {
+                    return;
+                }
+                if self.armed[node] == Some(self.now_ms) {
+                    self.armed[node] = None;
+                }
+                let now = self.now_ms;
+                if let Some(n) = self.nodes[node].as_mut() {
+                    let fx = n.on_tick(now);
+                    self.effects(node, fx);
+                }
+            }
             Event::Synced { node, life, token } => {
                 // A sync of an earlier life died with it: its writes were never promised.
                 if self.lives[node] != life {
@@ -1219,7 +1251,30 @@ impl World {
         self.cuts.contains_key(&(from, to))
     }
 
+    /// With `Config::deadline_ticks`, makes sure node `i` is ticked by its next deadline
+    /// (at least a millisecond on, so a tick that leaves work due cannot spin).
+    fn arm_tick(&mut self, i: usize) {
+        if !self.cfg.deadline_ticks {
+            return;
+        }
+        let Some(node) = self.nodes[i].as_ref() else {
+            return;
+        };
+        let at = node.next_deadline().max(self.now_ms + 1);
+        if self.armed[i].is_some_and(|armed| armed <= at) {
+            return;
+        }
+        self.armed[i] = Some(at);
+        let life = self.lives[i];
+        self.schedule(at, Event::NodeTick { node: i, life });
+    }
+
     fn effects(&mut self, from: usize, fx: Vec<Effect>) {
+        self.effects_of(from, fx);
+        self.arm_tick(from);
+    }
+
+    fn effects_of(&mut self, from: usize, fx: Vec<Effect>) {
         for effect in fx {
             match effect {
                 Effect::Send { to, msg } => self.send(from, &to, msg),
@@ -1523,6 +1578,9 @@ impl World {
                 self.lives[i],
                 self.now_ms,
             ));
+            // The earlier life's ticks are stale.
+            self.armed[i] = None;
+            self.arm_tick(i);
         }
     }
 

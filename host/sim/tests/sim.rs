@@ -681,6 +681,32 @@ fn deferred_sync_seeds() {
     assert!(total.departures > 0, "no node ever departed");
 }
 
+// Nodes ticked only at their next deadline (`Node::next_deadline`), as a server with one
+// timer would run them, instead of every 10 ms: a deadline the machine forgets to report
+// leaves a call unexpired, a pass unstarted or a hint undelivered, and the checkers see
+// it. Half of the seeds defer syncs too.
+#[test]
+fn deadline_tick_seeds() {
+    let count = env_u64("QUIVER_SIM_DEFERRED_SEEDS").unwrap_or(DEFERRED_SEEDS_DEFAULT);
+    let base = env_u64("QUIVER_SIM_BASE").unwrap_or(8_000_000);
+    let timed = |config: Config, s: u64| Config {
+        deadline_ticks: true,
+        sync_delay_ms: s.is_multiple_of(2).then_some((1, 40)),
+        ..config
+    };
+    let mut cases: Vec<(u64, Config)> = Vec::new();
+    for s in base..base + count {
+        cases.push((s, timed(Config::random(s), s)));
+        cases.push((s, timed(Config::membership(s), s)));
+        cases.push((s, timed(Config::reaping(s), s)));
+    }
+    let total = run_and_summarise("deadline-ticks", cases);
+    assert!(total.hints_handed_off > 0, "no hint was ever handed off");
+    assert!(total.tombstones_reaped > 0, "no tombstone was ever reaped");
+    assert!(total.departures > 0, "no node ever departed");
+    assert!(total.speculative_reads > 0, "no read ever speculated");
+}
+
 // The handoff race scenario with every rule on: handoff listings take 200 ms, so writes
 // land between the choice of a tree's leaves and their listing.
 #[test]

@@ -54,6 +54,13 @@ pub(super) struct Handoff {
     listing: Option<(u64, Listing)>,
 }
 
+impl Handoff {
+    /// When the listing the pass waits for runs, if it waits for one.
+    pub(super) fn listing_due(&self) -> Option<u64> {
+        self.listing.as_ref().map(|(due, _)| *due)
+    }
+}
+
 /// What resumes a handoff pass.
 enum Resume {
     /// The pass starts.

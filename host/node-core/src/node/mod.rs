@@ -425,6 +425,38 @@ impl<D: NodeDisk> Node<D> {
         fx
     }
 
+    /// The earliest time at which [`Node::on_tick`] has something to do (a call's
+    /// deadline, a probe, a pass that falls due, a sync of the coordinator's copies, a
+    /// read's speculation): a driver may sleep until then, or until its next input,
+    /// instead of ticking on a fixed interval. `None` when nothing is scheduled.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let now = self.clock_ms;
+        let hints_wanted = self.hints_wanted && self.hint_pass.is_none();
+        let soon =
+            (!self.local_syncs.is_empty() || hints_wanted || self.ae_refile_pending).then_some(now);
+        let calls = self.calls.values().map(|c| c.deadline_ms).min();
+        let hints = self.hint_pass.is_none().then_some(self.next_hint_pass_ms);
+        let reads = self.gets.values().filter_map(|g| g.get.deadline()).min();
+        let ae = self.cfg.ae_every_ms.map(|_| self.next_ae_ms);
+        let handoff = match &self.handoff {
+            Some(h) => h.listing_due(),
+            None => Some(self.next_handoff_ms),
+        };
+        [
+            soon,
+            calls,
+            self.health.next_probe_ms(),
+            hints,
+            reads,
+            ae,
+            Some(self.next_gossip_ms),
+            handoff,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     /// Time passed: expire calls, probe down peers, hand off hints, run the background
     /// passes.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
