@@ -437,3 +437,43 @@ pub fn wire_siblings(object: &Object) -> Vec<quiver_sdk::wire::WireSibling> {
         })
         .collect()
 }
+
+/// What a read answers with `object` as it stands (no reconciler): its siblings and
+/// context, without values when the client asked for `head`; an error when the siblings
+/// together pass the node's response budget of `budget` bytes (each counted with an
+/// allowance for its metadata), which names the way out (`--head`, then a write with the
+/// context resolves them).
+pub fn read_answer(
+    me: &str,
+    bucket: &str,
+    key: &[u8],
+    object: &Object,
+    head: bool,
+    budget: u64,
+) -> quiver_sdk::wire::Response {
+    use quiver_sdk::wire::{ErrorCode, ErrorReply, Response};
+    let mut siblings = wire_siblings(object);
+    if head {
+        siblings.iter_mut().for_each(|s| s.value.clear());
+    }
+    let bytes: u64 = siblings
+        .iter()
+        .map(|s| s.value.len() as u64 + 128 + s.actor.len() as u64)
+        .sum();
+    if bytes > budget {
+        return Response::Error(ErrorReply {
+            code: ErrorCode::ResponseTooLarge,
+            message: format!(
+                "node {me}: bucket {bucket:?} key {}: {} siblings of {bytes} bytes pass this \
+                 node's {budget}-byte response budget; read with --head for the context and \
+                 write with it to resolve them",
+                render_key(key),
+                siblings.len()
+            ),
+        });
+    }
+    Response::Get {
+        siblings,
+        context: quiver_core::causality::encode_context(object.context()),
+    }
+}

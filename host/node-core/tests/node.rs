@@ -17,7 +17,7 @@ use quiver_node_core::node::{
 };
 use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::request::{DataRequest, StoreRequest};
-use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability, WriteOptions};
+use quiver_sdk::wire::{ErrorCode, ReadOptions, Request, Response, WireDurability, WriteOptions};
 use quiver_storage::MemoryEngine;
 
 const BUCKET: &str = "carts";
@@ -58,6 +58,7 @@ fn config(n: usize, r: usize, w: usize) -> NodeConfig {
         buckets: Default::default(),
         durability: Durability::Sync,
         value_bytes_max: 1 << 20,
+        response_bytes_max: 64 << 20,
         peer_timeout_ms: 300,
         forward_timeout_ms: 1_000,
         hints_every_ms: 500,
@@ -303,10 +304,16 @@ fn quiet_between_deadlines(node: &mut Node<DeferredDisk>, from_ms: u64, until_ms
     let mut busy = 0;
     while now < until_ms {
         let deadline = node.next_deadline().expect("gossip is always scheduled");
-        assert!(deadline >= now, "deadline {deadline} lies behind the last tick at {now}");
+        assert!(
+            deadline >= now,
+            "deadline {deadline} lies behind the last tick at {now}"
+        );
         for t in now + 1..deadline.min(until_ms) {
             let fx = node.on_tick(t);
-            assert!(fx.is_empty(), "tick at {t} before the deadline {deadline} did {fx:?}");
+            assert!(
+                fx.is_empty(),
+                "tick at {t} before the deadline {deadline} did {fx:?}"
+            );
         }
         now = deadline.max(now + 1);
         if !node.on_tick(now).is_empty() {
@@ -337,4 +344,93 @@ fn nothing_falls_due_between_the_deadlines_it_reports() {
     assert!(!fx.is_empty());
     let busy = quiet_between_deadlines(&mut node, 2, 12_000);
     assert!(busy > 10, "only {busy} deadlines did anything");
+}
+
+#[test]
+fn reads_answer_heads_and_keep_to_the_response_budget() {
+    let mut cfg = config(1, 1, 1);
+    cfg.response_bytes_max = 300;
+    let mut node = boot(&["a"], cfg);
+    let put = Request::Put {
+        bucket: BUCKET.into(),
+        key: b"k".to_vec(),
+        value: vec![7; 200],
+        context: Vec::new(),
+        options: WriteOptions::default(),
+    };
+    let fx = node.on_client(1, 1, put);
+    let fx = node.on_synced(2, sync_token(&fx), Ok(()));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Reply { ticket: 1, .. }))
+    );
+    let get = |head: bool| Request::Get {
+        bucket: BUCKET.into(),
+        key: b"k".to_vec(),
+        options: ReadOptions {
+            head,
+            ..ReadOptions::default()
+        },
+    };
+    let reply = |fx: Vec<Effect>| {
+        fx.into_iter()
+            .find_map(|e| match e {
+                Effect::Reply { result, .. } => Some(result),
+                _ => None,
+            })
+            .expect("a reply")
+    };
+    match reply(node.on_client(3, 2, get(false))) {
+        Response::Error(e) => assert_eq!(e.code, ErrorCode::ResponseTooLarge, "{}", e.message),
+        other => panic!("expected the budget refused, got {other:?}"),
+    }
+    match reply(node.on_client(4, 3, get(true))) {
+        Response::Get { siblings, context } => {
+            assert_eq!(siblings.len(), 1);
+            assert!(siblings[0].value.is_empty());
+            assert_eq!(siblings[0].value_bytes, 200);
+            assert!(!context.is_empty());
+        }
+        other => panic!("expected the head, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_call_the_driver_cannot_carry_fails_at_once() {
+    let mut node = boot(&["a", "b", "c"], config(3, 2, 2));
+    let fx = node.on_client(1, 1, client_put(WireDurability::Buffered));
+    let stores: Vec<(String, u64)> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                to,
+                msg: Message::Request { id, .. },
+            } => Some((to.clone(), *id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stores.len(), 2, "{fx:?}");
+    let mut replies = Vec::new();
+    for (peer, id) in &stores {
+        // Long before the 300 ms deadline.
+        let fx = node.on_call_failed(5, peer, *id, format!("connection to {peer} refused"));
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Observe(Observation::PeerTimeout)))
+        );
+        replies.extend(fx.into_iter().filter_map(|e| match e {
+            Effect::Reply { result, .. } => Some(result),
+            _ => None,
+        }));
+    }
+    match replies.as_slice() {
+        [Response::Error(e)] => {
+            assert_eq!(e.code, ErrorCode::QuorumFailed);
+            assert!(e.message.contains("refused"), "{}", e.message);
+        }
+        other => panic!("expected one quorum failure, got {other:?}"),
+    }
+    // A call already failed is not failed twice.
+    let (peer, id) = &stores[0];
+    assert!(node.on_call_failed(6, peer, *id, "again".into()).is_empty());
 }

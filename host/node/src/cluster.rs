@@ -24,7 +24,6 @@ use quiver_node_core::hints::{HintPass, HintStep, StoreReply};
 use quiver_node_core::protocol::Inbound;
 use quiver_node_core::request::{
     DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed, plan_write,
-    wire_siblings,
 };
 use quiver_sdk::wire::{
     ErrorCode, ErrorReply, MemberStatus, NodeStatus, PROTOCOL_VERSION, ReadOptions, Request,
@@ -550,33 +549,14 @@ impl Cluster {
         options: &ReadOptions,
     ) -> Response {
         let plain = |o: &Object| {
-            let mut siblings = wire_siblings(o);
-            if options.head {
-                siblings.iter_mut().for_each(|s| s.value.clear());
-            }
-            // Values plus a generous allowance for each sibling's metadata.
-            let bytes: u64 = siblings
-                .iter()
-                .map(|s| s.value.len() as u64 + 128 + s.actor.len() as u64)
-                .sum();
-            let budget = self.config.client_limits.response_bytes_max;
-            if bytes > budget {
-                return error(
-                    ErrorCode::ResponseTooLarge,
-                    format!(
-                        "node {}: bucket {bucket:?} key {}: {} siblings of {bytes} bytes pass \
-                         this node's {budget}-byte response budget; read with --head for the \
-                         context and write with it to resolve them",
-                        self.me(),
-                        quiver_node_core::record::render_key(key),
-                        siblings.len()
-                    ),
-                );
-            }
-            Response::Get {
-                siblings,
-                context: causality::encode_context(o.context()),
-            }
+            quiver_node_core::request::read_answer(
+                self.me(),
+                bucket,
+                key,
+                o,
+                options.head,
+                self.config.client_limits.response_bytes_max,
+            )
         };
         if options.raw || options.head || merged.siblings().len() < 2 {
             return plain(&merged);

@@ -40,6 +40,8 @@ pub const WALL_CLOCK_BASE_MS: i64 = 1_800_000_000_000;
 
 /// Largest value the simulated clients write (production default: 1 MiB).
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
+/// Largest answer to a read (production default: 64 MiB).
+pub const RESPONSE_BYTES_MAX: u64 = 64 << 20;
 
 /// What the simulator sets for one node: the machine's settings plus the machine around
 /// it.

@@ -13,8 +13,8 @@ use quiver_core::ring::{ClaimParams, Member, Ring};
 
 use crate::check::{self, AckedWrite, Issued};
 use crate::node::{
-    BUCKET, Durability, Effect, MembershipFixes, Message, NodeConfig, NodeId, Observation, SimNode,
-    SimNodeConfig, VALUE_BYTES_MAX,
+    BUCKET, Durability, Effect, MembershipFixes, Message, NodeConfig, NodeId, Observation,
+    RESPONSE_BYTES_MAX, SimNode, SimNodeConfig, VALUE_BYTES_MAX,
 };
 use crate::rng::Rng;
 use crate::store::{CrashKind, Disk};
@@ -929,6 +929,7 @@ impl World {
                     buckets: BTreeMap::new(),
                     durability: cfg.durability,
                     value_bytes_max: VALUE_BYTES_MAX,
+                    response_bytes_max: RESPONSE_BYTES_MAX,
                     peer_timeout_ms: cfg.peer_timeout_ms,
                     forward_timeout_ms: cfg
                         .client_timeout_ms

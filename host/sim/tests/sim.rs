@@ -441,6 +441,7 @@ fn unchanged_sync_store_must_still_fsync() {
                 buckets: Default::default(),
                 durability: Durability::Sync,
                 value_bytes_max: VALUE_BYTES_MAX,
+                response_bytes_max: 64 << 20,
                 peer_timeout_ms: 300,
                 forward_timeout_ms: 1_000,
                 hints_every_ms: 500,

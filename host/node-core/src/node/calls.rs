@@ -24,6 +24,8 @@ pub(super) enum CallError {
     Refused(ErrorReply),
     /// No answer in time: the peer is marked down.
     Timeout,
+    /// The driver could not carry the call (the reason): the peer is marked down.
+    Unreachable(String),
 }
 
 /// What a call's outcome is for.
@@ -169,6 +171,7 @@ impl<D: NodeDisk> Node<D> {
                     Ok(other) => Err(format!("unexpected reply {other:?}")),
                     Err(CallError::Refused(e)) => Err(e.message),
                     Err(CallError::Timeout) => Err("timeout".to_string()),
+                    Err(CallError::Unreachable(reason)) => Err(reason),
                 };
                 self.store_result(now_ms, op, Some(target), result, fx);
             }
@@ -204,7 +207,7 @@ impl<D: NodeDisk> Node<D> {
                     Ok(PeerResponse::Stored) => StoreReply::Stored,
                     Ok(_) | Err(CallError::Refused(_)) => StoreReply::Refused,
                     // The owner went away again: stop for now, it is marked down.
-                    Err(CallError::Timeout) => StoreReply::Unreachable,
+                    Err(CallError::Timeout | CallError::Unreachable(_)) => StoreReply::Unreachable,
                 };
                 if let Some(mut pass) = self.hint_pass.take() {
                     let members: Vec<String> = self.meta.members.keys().cloned().collect();
@@ -317,6 +320,7 @@ pub(super) fn call_answer(result: Result<PeerResponse, CallError>) -> Result<Pee
         Ok(response) => Ok(response),
         Err(CallError::Refused(e)) => Err(e.message),
         Err(CallError::Timeout) => Err("no answer in time".to_string()),
+        Err(CallError::Unreachable(reason)) => Err(reason),
     }
 }
 

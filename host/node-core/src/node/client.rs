@@ -4,7 +4,7 @@
 use quiver_core::causality::{self, Object, VersionVector, WriteOp};
 use quiver_core::coordinator::{Forwarding, ReadSpread};
 use quiver_core::quorum::{Quorum, Target};
-use quiver_sdk::wire::{ErrorCode, Request, Response, WireDurability};
+use quiver_sdk::wire::{ErrorCode, ReadOptions, Request, Response, WireDurability};
 
 use super::calls::{Origin, Purpose, client_error};
 use super::sync::AfterSync;
@@ -14,7 +14,7 @@ use crate::record::render_key;
 use crate::replica::{KvError, LocalWrite, WriteOutcome};
 use crate::request::{
     self, DataRequest, Get, GetArgs, Put, PutArgs, StoreRequest, WritePlan, forward_failed,
-    plan_write, wire_siblings,
+    plan_write, read_answer,
 };
 
 #[derive(Debug)]
@@ -33,6 +33,11 @@ pub(super) struct GetOp {
     pub(super) origin: Option<Origin>,
     /// The coordinator (`crate::request::Get`).
     pub(super) get: Get,
+    /// The bucket and key read.
+    pub(super) bucket: String,
+    pub(super) key: Vec<u8>,
+    /// Answer without values (`ReadOptions::head`).
+    pub(super) head: bool,
 }
 
 #[derive(Debug)]
@@ -75,7 +80,7 @@ impl<D: NodeDisk> Node<D> {
                 bucket,
                 key,
                 options,
-            } => self.start_get(now_ms, origin, bucket, key, options.r, fx),
+            } => self.start_get(now_ms, origin, bucket, key, &options, fx),
             write @ (Request::Put { .. } | Request::Delete { .. }) => {
                 self.start_put(now_ms, origin, write, forwarded, fx)
             }
@@ -96,10 +101,10 @@ impl<D: NodeDisk> Node<D> {
         origin: Origin,
         bucket: String,
         key: Vec<u8>,
-        r: Option<u8>,
+        options: &ReadOptions,
         fx: &mut Vec<Effect>,
     ) {
-        let quorum = match self.quorum(&bucket, r.map(usize::from), None) {
+        let quorum = match self.quorum(&bucket, options.r.map(usize::from), None) {
             Ok(q) => q,
             Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
         };
@@ -127,7 +132,17 @@ impl<D: NodeDisk> Node<D> {
             || self.replica.get(&bucket, &key).map_err(|e| e.to_string()),
         );
         let origin = Some(origin);
-        self.gets.insert(op, GetOp { origin, get });
+        let head = options.head;
+        self.gets.insert(
+            op,
+            GetOp {
+                origin,
+                get,
+                bucket,
+                key,
+                head,
+            },
+        );
         for t in fetches {
             self.send_fetch(now_ms, op, &t.node, fx);
         }
@@ -168,11 +183,9 @@ impl<D: NodeDisk> Node<D> {
         let Some(g) = self.gets.get_mut(&op) else {
             return;
         };
+        let (me, budget) = (&self.me.node, self.cfg.response_bytes_max);
         let decided = g.get.decision().map(|d| match d {
-            Ok(merged) => Response::Get {
-                siblings: wire_siblings(&merged),
-                context: causality::encode_context(merged.context()),
-            },
+            Ok(merged) => read_answer(me, &g.bucket, &g.key, &merged, g.head, budget),
             Err(e) => client_error(ErrorCode::QuorumFailed, e),
         });
         if let Some(result) = decided

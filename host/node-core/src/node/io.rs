@@ -78,7 +78,7 @@ pub enum Observation {
     SpeculativeRead,
     /// A fallback's hint was acknowledged by its owner and dropped.
     HintHandedOff,
-    /// A peer call timed out and marked the peer down.
+    /// A peer call timed out (or could not be carried) and marked the peer down.
     PeerTimeout,
     /// An anti-entropy exchange completed (as initiator).
     AeExchange {

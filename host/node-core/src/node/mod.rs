@@ -136,6 +136,8 @@ pub struct NodeConfig {
     pub durability: Durability,
     /// Largest value a client may write, in bytes.
     pub value_bytes_max: usize,
+    /// Largest answer to a read, in bytes (values plus an allowance per sibling).
+    pub response_bytes_max: u64,
     /// Deadline of one peer call, in ms (production: `peer_timeout_ms`).
     pub peer_timeout_ms: u64,
     /// Deadline of a forwarded write, in ms (production: `request_timeout_ms`).
@@ -457,6 +459,38 @@ impl<D: NodeDisk> Node<D> {
         .min()
     }
 
+    /// The driver could not carry call `id` to `peer` (connection refused, reset or
+    /// closed): the call fails now, as at its deadline, instead of waiting for it. Unknown
+    /// ids (a call already answered or expired) are ignored.
+    pub fn on_call_failed(
+        &mut self,
+        now_ms: u64,
+        peer: &str,
+        id: u64,
+        reason: String,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.set_clock(now_ms);
+        if self.calls.get(&id).is_some_and(|c| c.peer == peer) {
+            self.fail_call(now_ms, id, CallError::Unreachable(reason), &mut fx);
+        }
+        fx
+    }
+
+    /// Call `id` got no answer: the failure detector hears of it when the call is
+    /// tracked, then whatever waited for it.
+    fn fail_call(&mut self, now_ms: u64, id: u64, error: CallError, fx: &mut Vec<Effect>) {
+        let Some(call) = self.calls.remove(&id) else {
+            return;
+        };
+        if call.tracked {
+            self.mark_down(&call.peer, call.started_ms, now_ms);
+            fx.push(Effect::Observe(Observation::PeerTimeout));
+        }
+        let peer = call.peer.clone();
+        self.dispatch(now_ms, &peer, call.purpose, Err(error), fx);
+    }
+
     /// Time passed: expire calls, probe down peers, hand off hints, run the background
     /// passes.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Effect> {
@@ -474,20 +508,7 @@ impl<D: NodeDisk> Node<D> {
             .map(|(&id, _)| id)
             .collect();
         for id in expired {
-            if let Some(call) = self.calls.remove(&id) {
-                if call.tracked {
-                    self.mark_down(&call.peer, call.started_ms, now_ms);
-                    fx.push(Effect::Observe(Observation::PeerTimeout));
-                }
-                let peer = call.peer.clone();
-                self.dispatch(
-                    now_ms,
-                    &peer,
-                    call.purpose,
-                    Err(CallError::Timeout),
-                    &mut fx,
-                );
-            }
+            self.fail_call(now_ms, id, CallError::Timeout, &mut fx);
         }
         for peer in self.health.due_probes(now_ms) {
             let purpose = Purpose::Probe;
