@@ -22,8 +22,8 @@ use quiver_node_core::WallClock;
 use quiver_node_core::ae::{AeIndex, TreeId};
 use quiver_node_core::broken::{Broken, Variant};
 pub use quiver_node_core::node::{
-    AE_MAX_KEYS, Durability, Effect, Message, Node, NodeConfig, NodeId, Observation, Ticket,
-    is_tombstone,
+    AE_MAX_KEYS, Durability, Effect, Message, Node, NodeConfig, NodeId, Observation, PluginError,
+    PluginOutput, Ticket, is_tombstone,
 };
 pub use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_sdk::wire::Request;
@@ -233,6 +233,17 @@ impl SimNode {
         self.node
             .next_deadline()
             .map_or(self.next_writeback_ms, |d| d.min(self.next_writeback_ms))
+    }
+
+    /// The driver ran reconciler call `call` (the simulation attaches none).
+    pub fn on_plugin_done(
+        &mut self,
+        now_ms: u64,
+        call: u64,
+        result: Result<PluginOutput, PluginError>,
+    ) -> Vec<Effect> {
+        self.set_clock(now_ms);
+        self.node.on_plugin_done(now_ms, call, result)
     }
 
     /// An operator committed a membership change on this node.

@@ -21,6 +21,7 @@ use crate::store::{CrashKind, Disk};
 use quiver_core::causality::{Dot, VersionVector};
 use quiver_core::meta::MetaState;
 use quiver_node_core::broken::{Broken, Variant};
+use quiver_node_core::node::PluginError;
 use quiver_sdk::wire::{ReadOptions, Request, Response, WireDurability, WriteOptions};
 
 /// Partitions of the simulated ring: small, so that keys share partitions and nodes.
@@ -1280,6 +1281,15 @@ impl World {
             match effect {
                 Effect::Send { to, msg } => self.send(from, &to, msg),
                 Effect::Reply { ticket, result } => self.client_reply(ticket, result),
+                // The simulation attaches no reconciler, so no node asks for one; were one
+                // asked for, it is not loaded here.
+                Effect::Plugin { call, .. } => {
+                    let now = self.now_ms;
+                    if let Some(node) = self.nodes[from].as_mut() {
+                        let fx = node.on_plugin_done(now, call, Err(PluginError::NotLoaded));
+                        self.effects_of(from, fx);
+                    }
+                }
                 Effect::Sync { token } => {
                     // Only disks that defer syncs ask (`Config::sync_delay_ms`).
                     let (lo, hi) = self.cfg.sync_delay_ms.unwrap_or((0, 0));

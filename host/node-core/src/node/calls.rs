@@ -2,7 +2,7 @@
 //! timeout) goes to the failure detector when tracked, then to whatever waits for it.
 
 use quiver_core::quorum::{Quorum, Target, select_targets};
-use quiver_sdk::wire::{ErrorCode, ErrorReply, Response};
+use quiver_sdk::wire::{ErrorCode, ErrorReply, Response, WireSibling};
 
 use super::sync::AfterSync;
 use super::{CALL_ID_BITS_PER_LIFE, Effect, Message, Node, NodeDisk, NodeId, Observation, Ticket};
@@ -14,7 +14,18 @@ use crate::protocol::{PeerRequest, PeerResponse};
 #[derive(Debug, Clone)]
 pub(super) enum Origin {
     Client(Ticket),
-    Peer { from: NodeId, id: u64 },
+    Peer {
+        from: NodeId,
+        id: u64,
+    },
+    /// A read's reconciled merge being written back: its reader gets the merge once the
+    /// write answers.
+    WriteBack {
+        origin: Box<Origin>,
+        sibling: Box<WireSibling>,
+        /// The context of the siblings merged (the answer's if the write-back fails).
+        context: Vec<u8>,
+    },
 }
 
 /// Why a call failed (production: `PeerError`).
@@ -240,6 +251,14 @@ impl<D: NodeDisk> Node<D> {
                     body: PeerResponse::Forwarded(result),
                 },
             }),
+            Origin::WriteBack {
+                origin,
+                sibling,
+                context,
+            } => {
+                let answer = super::plugin::write_back_answer(result, *sibling, context);
+                self.reply(*origin, answer, fx);
+            }
         }
     }
 

@@ -38,6 +38,8 @@ pub(super) struct GetOp {
     pub(super) key: Vec<u8>,
     /// Answer without values (`ReadOptions::head`).
     pub(super) head: bool,
+    /// Answer the siblings as stored, without the bucket's reconciler.
+    pub(super) raw: bool,
 }
 
 #[derive(Debug)]
@@ -49,21 +51,29 @@ pub(super) struct ForwardOp {
     pub(super) current: NodeId,
 }
 
-/// A put between the coordinator's local write and its fan-out (which may wait for the
-/// local copy to be durable).
+/// Where a write coordinated here goes: decided before the local write.
+#[derive(Debug)]
+pub(super) struct Route {
+    pub(super) origin: Origin,
+    pub(super) bucket: String,
+    pub(super) key: Vec<u8>,
+    pub(super) my_target: Target,
+    pub(super) targets: Vec<Target>,
+    pub(super) fallbacks: Vec<NodeId>,
+    pub(super) quorum: Quorum,
+    pub(super) n: usize,
+    pub(super) sync: bool,
+    /// Make the local copy durable before the fan-out (nothing else vouches for it).
+    pub(super) sync_first: bool,
+    pub(super) sync_alongside: bool,
+}
+
+/// A write between the coordinator's local write and its fan-out (which may wait for the
+/// local copy to be durable, or for the sibling guard's merge).
 #[derive(Debug)]
 pub(super) struct FanOut {
-    origin: Origin,
-    bucket: String,
-    key: Vec<u8>,
-    my_target: Target,
-    targets: Vec<Target>,
-    fallbacks: Vec<NodeId>,
-    quorum: Quorum,
-    n: usize,
-    sync: bool,
-    sync_alongside: bool,
-    outcome: WriteOutcome,
+    pub(super) route: Route,
+    pub(super) outcome: WriteOutcome,
 }
 
 impl<D: NodeDisk> Node<D> {
@@ -81,11 +91,12 @@ impl<D: NodeDisk> Node<D> {
                 key,
                 options,
             } => self.start_get(now_ms, origin, bucket, key, &options, fx),
-            write @ (Request::Put { .. } | Request::Delete { .. }) => {
+            write @ (Request::Put { .. } | Request::Delete { .. } | Request::Update { .. }) => {
                 self.start_put(now_ms, origin, write, forwarded, fx)
             }
             other => {
-                let message = format!("the node machine answers gets and writes, not {other:?}");
+                let message =
+                    format!("the node machine answers gets, writes and updates, not {other:?}");
                 self.reply(
                     origin,
                     client_error(ErrorCode::MalformedRequest, message),
@@ -132,7 +143,7 @@ impl<D: NodeDisk> Node<D> {
             || self.replica.get(&bucket, &key).map_err(|e| e.to_string()),
         );
         let origin = Some(origin);
-        let head = options.head;
+        let (head, raw) = (options.head, options.raw);
         self.gets.insert(
             op,
             GetOp {
@@ -141,6 +152,7 @@ impl<D: NodeDisk> Node<D> {
                 bucket,
                 key,
                 head,
+                raw,
             },
         );
         for t in fetches {
@@ -183,15 +195,19 @@ impl<D: NodeDisk> Node<D> {
         let Some(g) = self.gets.get_mut(&op) else {
             return;
         };
-        let (me, budget) = (&self.me.node, self.cfg.response_bytes_max);
-        let decided = g.get.decision().map(|d| match d {
-            Ok(merged) => read_answer(me, &g.bucket, &g.key, &merged, g.head, budget),
-            Err(e) => client_error(ErrorCode::QuorumFailed, e),
-        });
-        if let Some(result) = decided
+        if let Some(decided) = g.get.decision()
             && let Some(origin) = g.origin.take()
         {
-            self.reply(origin, result, fx);
+            let (bucket, key, head, raw) = (g.bucket.clone(), g.key.clone(), g.head, g.raw);
+            match decided {
+                Ok(merged) if head => {
+                    let budget = self.cfg.response_bytes_max;
+                    let answer = read_answer(&self.me.node, &bucket, &key, &merged, true, budget);
+                    self.reply(origin, answer, fx);
+                }
+                Ok(merged) => self.answer_read(origin, bucket, key, merged, raw, fx),
+                Err(e) => self.reply(origin, client_error(ErrorCode::QuorumFailed, e), fx),
+            }
         }
         // Every target answered (or the read failed): read repair.
         if !self.gets.get(&op).is_some_and(|g| g.get.is_finished()) {
@@ -231,21 +247,41 @@ impl<D: NodeDisk> Node<D> {
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
-        let (bucket, key, context, op, options) = match &request {
+        // An update's op is the plugin's; until then it is checked as a put of nothing.
+        let (bucket, key, context, op, options, update) = match &request {
             Request::Put {
                 bucket,
                 key,
                 context,
                 value,
                 options,
-                ..
-            } => (bucket, key, context, WriteOp::Put(value.clone()), options),
+            } => (
+                bucket,
+                key,
+                context.clone(),
+                WriteOp::Put(value.clone()),
+                options,
+                None,
+            ),
             Request::Delete {
                 bucket,
                 key,
                 context,
                 options,
-            } => (bucket, key, context, WriteOp::Delete, options),
+            } => (bucket, key, context.clone(), WriteOp::Delete, options, None),
+            Request::Update {
+                bucket,
+                key,
+                op,
+                options,
+            } => (
+                bucket,
+                key,
+                Vec::new(),
+                WriteOp::Put(Vec::new()),
+                options,
+                Some(op.clone()),
+            ),
             other => {
                 let message = format!("not a write: {other:?}");
                 return self.reply(
@@ -255,7 +291,7 @@ impl<D: NodeDisk> Node<D> {
                 );
             }
         };
-        let (bucket, key, context) = (bucket.clone(), key.clone(), context.clone());
+        let (bucket, key) = (bucket.clone(), key.clone());
         let quorum = match self.quorum(&bucket, None, options.w.map(usize::from)) {
             Ok(q) => q,
             Err(e) => return self.reply(origin, client_error(ErrorCode::InvalidQuorum, e), fx),
@@ -287,46 +323,8 @@ impl<D: NodeDisk> Node<D> {
                     return self.forward_next(now_ms, op, fwd, fx);
                 }
             };
-        let value = match &op {
-            WriteOp::Put(v) => v.clone(),
-            _ => Vec::new(),
-        };
-        // The production replica's write: check the context, read the record, issue the
-        // dot, check the sibling limit, apply record + hint marker + anti-entropy entry in
-        // one batch. The fsync for `sync` durability is the driver's, below.
-        let written = self
-            .replica
-            .check_write(&bucket, &key, &op, &context)
-            .and_then(|(dkey, client_context)| {
-                let outcome = self.replica.write(
-                    &dkey,
-                    LocalWrite {
-                        bucket: &bucket,
-                        key: &key,
-                        context: &client_context,
-                        op,
-                        now_ms: self.wall_ms(),
-                        hint_for: my_target.hint_for.as_deref(),
-                    },
-                )?;
-                Ok((client_context, outcome))
-            });
-        let (client_context, outcome) = match written {
-            Ok(w) => w,
-            Err(e) => return self.reply(origin, client_error(e.code(), e.to_string()), fx),
-        };
-        // The dot is issued with the local write, whether or not the write is acknowledged:
-        // a crash before its sync can leave it on disk (a kill keeps applied writes).
-        fx.push(Effect::Observe(Observation::DotIssued {
-            node: self.me.node.clone(),
-            bucket: bucket.clone(),
-            key: key.clone(),
-            dot: outcome.dot.clone(),
-            context: client_context,
-            value,
-        }));
         let (_, fallbacks) = self.preference(&bucket, &key, quorum.n);
-        let fan_out = FanOut {
+        let route = Route {
             origin,
             bucket,
             key,
@@ -336,13 +334,74 @@ impl<D: NodeDisk> Node<D> {
             quorum,
             n,
             sync,
+            sync_first,
             sync_alongside,
-            outcome,
         };
-        // With other replicas the coordinator's own fsync runs alongside theirs (at the
-        // next tick, so a crash can fall in between) and its copy counts towards W only
-        // once durable; alone, it syncs before the fan-out and its answer.
-        if sync_first {
+        // The production replica's checks: the bucket and key, the client context, the
+        // value's size.
+        let (dkey, client_context) =
+            match self
+                .replica
+                .check_write(&route.bucket, &route.key, &op, &context)
+            {
+                Ok(checked) => checked,
+                Err(e) => {
+                    return self.reply(route.origin, client_error(e.code(), e.to_string()), fx);
+                }
+            };
+        if let Some(update) = update {
+            return self.start_update(now_ms, route, dkey, update, fx);
+        }
+        let value = match &op {
+            WriteOp::Put(v) => v.clone(),
+            _ => Vec::new(),
+        };
+        // Read the record, issue the dot, check the sibling limit, apply record + hint
+        // marker + anti-entropy entry in one batch. The fsync is the driver's, below.
+        let written = self.replica.write(
+            &dkey,
+            LocalWrite {
+                bucket: &route.bucket,
+                key: &route.key,
+                context: &client_context,
+                op,
+                now_ms: self.wall_ms(),
+                hint_for: route.my_target.hint_for.as_deref(),
+            },
+        );
+        let outcome = match written {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                return self.reply(route.origin, client_error(e.code(), e.to_string()), fx);
+            }
+        };
+        // The dot is issued with the local write, whether or not the write is acknowledged:
+        // a crash before its sync can leave it on disk (a kill keeps applied writes).
+        fx.push(Effect::Observe(Observation::DotIssued {
+            node: self.me.node.clone(),
+            bucket: route.bucket.clone(),
+            key: route.key.clone(),
+            dot: outcome.dot.clone(),
+            context: client_context,
+            value,
+        }));
+        let fan_out = FanOut { route, outcome };
+        // Sibling-explosion guard: past the bucket's threshold, the reconciler merges the
+        // siblings into one version before the write goes out.
+        if let Some(reconciler) = self.reconciler(&fan_out.route.bucket)
+            && fan_out.outcome.object.siblings().len() > reconciler.sibling_threshold as usize
+        {
+            return self.start_guard(reconciler, dkey, fan_out, fx);
+        }
+        self.after_local_write(now_ms, fan_out, fx);
+    }
+
+    /// The local write is applied: with other replicas the coordinator's own fsync runs
+    /// alongside theirs (at the next tick, so a crash can fall in between) and its copy
+    /// counts towards W only once durable; alone, it syncs before the fan-out and its
+    /// answer.
+    pub(super) fn after_local_write(&mut self, now_ms: u64, fan_out: FanOut, fx: &mut Vec<Effect>) {
+        if fan_out.route.sync_first {
             self.sync_then(now_ms, AfterSync::FanOut(Box::new(fan_out)), fx);
         } else {
             self.fan_out(now_ms, fan_out, Ok(()), fx);
@@ -362,36 +421,40 @@ impl<D: NodeDisk> Node<D> {
             let message = format!(
                 "node {}: bucket {:?}, key {}: the coordinator's copy is not durable: {e}",
                 self.me.node,
-                f.bucket,
-                render_key(&f.key)
+                f.route.bucket,
+                render_key(&f.route.key)
             );
-            return self.reply(f.origin, client_error(ErrorCode::Storage, message), fx);
+            return self.reply(
+                f.route.origin,
+                client_error(ErrorCode::Storage, message),
+                fx,
+            );
         }
         let (put, sends) = Put::start(
             PutArgs {
-                bucket: &f.bucket,
-                key: &f.key,
-                me: &f.my_target,
-                targets: &f.targets,
-                fallbacks: &f.fallbacks,
-                w: f.quorum.w,
-                n: f.n,
-                sloppy: self.props(&f.bucket).sloppy,
-                sync: f.sync,
-                sync_alongside: f.sync_alongside,
+                bucket: &f.route.bucket,
+                key: &f.route.key,
+                me: &f.route.my_target,
+                targets: &f.route.targets,
+                fallbacks: &f.route.fallbacks,
+                w: f.route.quorum.w,
+                n: f.route.n,
+                sloppy: self.props(&f.route.bucket).sloppy,
+                sync: f.route.sync,
+                sync_alongside: f.route.sync_alongside,
             },
             &f.outcome,
             self.cfg.broken,
         );
         let op = self.next_op;
         self.next_op += 1;
-        if f.sync_alongside {
+        if f.route.sync_alongside {
             self.local_syncs.push(op);
         }
         for (target, store) in sends {
             self.send_store(now_ms, op, target, store, fx);
         }
-        let origin = Some(f.origin);
+        let origin = Some(f.route.origin);
         let reply = f.outcome.context;
         self.puts.insert(op, PutOp { origin, put, reply });
         self.put_progress(op, fx);

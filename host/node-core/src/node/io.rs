@@ -4,6 +4,9 @@
 use quiver_core::causality::{Dot, Object, VersionVector};
 use quiver_sdk::wire::Response;
 
+use quiver_core::meta::PluginRef;
+
+use super::plugin::PluginWork;
 use super::{NodeId, Ticket};
 use crate::protocol::{PeerRequest, PeerResponse};
 
@@ -131,6 +134,18 @@ pub enum Effect {
     Sync {
         /// Names the sync in `on_synced`.
         token: u64,
+    },
+    /// Run the reconciler `plugin` of `bucket` (on the driver's plugin pool, with the
+    /// bucket's limits), then report with [`super::Node::on_plugin_done`] and this call id.
+    Plugin {
+        /// Names the call in `on_plugin_done`.
+        call: u64,
+        /// The bucket whose reconciler it is (its limits apply).
+        bucket: String,
+        /// The plugin version.
+        plugin: PluginRef,
+        /// What to ask it.
+        work: PluginWork,
     },
     /// Report an observation.
     Observe(Observation),

@@ -18,7 +18,9 @@
 //!   hints are handed off, anti-entropy and reaping run, membership is gossiped, ownership
 //!   is handed off;
 //! - [`Node::commit`]: an operator committed a membership change on this node;
-//! - [`Node::on_synced`]: a sync the node asked for is done (or failed).
+//! - [`Node::on_synced`]: a sync the node asked for is done (or failed);
+//! - [`Node::on_plugin_done`]: a reconciler call the node asked for is done;
+//! - [`Node::on_call_failed`]: the driver could not carry a call to a peer.
 //!
 //! Each node routes by the ring of its own [`MetaState`], which gossip brings up to date
 //! (`node/membership.rs`), so nodes disagree while a change spreads.
@@ -36,9 +38,9 @@
 //! The simulator (`quiver-sim`) drives this machine for every seed. The QUIC server still
 //! runs its own async glue (`host/node/src/cluster*.rs`) around the same inner machines;
 //! making it a driver of this one is the next step of issue 12 (see
-//! `docs/decisions/simulation.md`). Until then the machine serves every bucket with its
-//! replication properties (configuration overlaid by the bucket's spec in the metadata),
-//! but runs no reconciler plugins.
+//! `docs/decisions/simulation.md`). The machine serves every bucket with its replication
+//! properties (configuration overlaid by the bucket's spec in the metadata) and asks its
+//! driver to run reconciler plugins ([`Effect::Plugin`], `node/plugin.rs`).
 //!
 //! # Durability
 //!
@@ -56,6 +58,7 @@ mod client;
 mod io;
 mod membership;
 mod peer;
+mod plugin;
 mod sync;
 
 use std::collections::BTreeMap;
@@ -80,6 +83,7 @@ use crate::replica::{HINTS_MAX_DEFAULT, Replica};
 
 pub use ae::{AE_MAX_KEYS, TreeId, is_tombstone};
 pub use io::{Effect, Message, Observation};
+pub use plugin::{PluginError, PluginOutput, PluginWork, UPDATE_ATTEMPTS_MAX};
 
 use calls::{Call, CallError, Origin, Purpose};
 use client::{ForwardOp, GetOp, PutOp};
@@ -228,6 +232,11 @@ pub struct Node<D: NodeDisk> {
     /// The anti-entropy placement changed (a bucket's n): keys are refiled a batch per
     /// tick.
     ae_refile_pending: bool,
+    /// Reconciler calls out with the driver, and what each is for.
+    plugin_calls: BTreeMap<u64, plugin::Waiting>,
+    next_plugin_call: u64,
+    /// Keys (engine data keys) with an update in flight, and the updates queued behind it.
+    updates: BTreeMap<Vec<u8>, plugin::UpdateQueue>,
 }
 
 impl<D: NodeDisk> Node<D> {
@@ -336,6 +345,9 @@ impl<D: NodeDisk> Node<D> {
             syncs: BTreeMap::new(),
             next_sync: 0,
             ae_refile_pending: false,
+            plugin_calls: BTreeMap::new(),
+            next_plugin_call: 0,
+            updates: BTreeMap::new(),
             // Last: the fields above read it.
             cfg,
         };
