@@ -94,7 +94,7 @@ fn boot_with(
         engine: Arc::new(MemoryEngine::new()),
         meta: None,
     };
-    Node::boot(names[0], &initial, cfg, disk, Arc::new(SystemClock), 0, 0)
+    Node::boot(names[0], &initial, cfg, disk, Arc::new(SystemClock), 0, 0).expect("boots")
 }
 
 struct Fresh(u64);
@@ -433,4 +433,25 @@ fn a_call_the_driver_cannot_carry_fails_at_once() {
     // A call already failed is not failed twice.
     let (peer, id) = &stores[0];
     assert!(node.on_call_failed(6, peer, *id, "again".into()).is_empty());
+}
+
+#[test]
+fn a_node_without_a_ring_does_not_boot() {
+    let disk = DeferredDisk {
+        engine: Arc::new(MemoryEngine::new()),
+        meta: None,
+    };
+    let booted = Node::boot(
+        "a",
+        &MetaState::default(),
+        config(1, 1, 1),
+        disk,
+        Arc::new(SystemClock),
+        0,
+        0,
+    );
+    match booted {
+        Err(e) => assert!(e.to_string().contains("no ring"), "{e}"),
+        Ok(_) => panic!("booted without a ring"),
+    }
 }

@@ -96,7 +96,7 @@ fn node(threshold: u32) -> Node<Disk> {
         engine: Arc::new(MemoryEngine::new()),
         meta: None,
     };
-    Node::boot("a", &meta, cfg, disk, Arc::new(SystemClock), 0, 0)
+    Node::boot("a", &meta, cfg, disk, Arc::new(SystemClock), 0, 0).expect("boots")
 }
 
 fn update(op: &str) -> Request {

@@ -178,6 +178,7 @@ impl SimNode {
         clock
             .0
             .store(wall_ms(cfg.clock_skew_ms, now_ms), Ordering::Relaxed);
+        // The simulated disk fails nothing at boot, and the initial metadata holds a ring.
         let node = Node::boot(
             name,
             initial,
@@ -186,7 +187,8 @@ impl SimNode {
             Arc::clone(&clock) as Arc<dyn WallClock>,
             life,
             now_ms,
-        );
+        )
+        .expect("a simulated node boots");
         SimNode {
             node,
             clock,

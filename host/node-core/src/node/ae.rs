@@ -10,7 +10,7 @@
 //! detector (production: `call_untracked`).
 
 use quiver_core::causality::Object;
-use quiver_core::storage::keys;
+use quiver_core::storage::{StorageError, keys};
 
 use super::calls::{CallError, Purpose, call_answer};
 use super::sync::AfterSync;
@@ -91,12 +91,10 @@ impl<D: NodeDisk> Node<D> {
 
     /// Loads the anti-entropy index from the disk, or rebuilds it from the records when its
     /// entries are absent (at boot; production: `AeIndex::open`).
-    pub(super) fn rebuild_ae(&mut self) {
+    pub(super) fn rebuild_ae(&mut self) -> Result<(), StorageError> {
         self.replica.ae().set_placement(self.placement());
-        self.replica
-            .ae()
-            .open(&*self.disk.engine())
-            .expect("a booting node's disk is live");
+        self.replica.ae().open(&*self.disk.engine())?;
+        Ok(())
     }
 
     /// Stops starting new reaping passes (the driver's final phase).

@@ -227,9 +227,14 @@ impl<D: NodeDisk> Node<D> {
                         let (primaries, _) = self.preference(bucket, key, n);
                         primaries.contains(&self.me.node)
                     };
-                    let changed = pass
-                        .on_reply(&self.replica, reply, &is_primary, &members)
-                        .expect("a live node's records are readable");
+                    let changed = match pass.on_reply(&self.replica, reply, &is_primary, &members) {
+                        Ok(changed) => changed,
+                        Err(e) => {
+                            // The marker stays; a later pass delivers it again.
+                            tracing::error!(node = %self.me.node, error = %e, "cannot clean up a delivered hint");
+                            false
+                        }
+                    };
                     self.hint_pass = Some(pass);
                     if changed {
                         self.sync_then(now_ms, AfterSync::Nothing, fx);

@@ -236,9 +236,18 @@ impl<D: NodeDisk> Node<D> {
     /// `forget_hints_for_departed`, node-core's `departed_hints`): the markers go, the
     /// copies stay and reach the key's primaries by handoff.
     pub(super) fn forget_hints_for_left(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
-        let hinted =
-            rules::departed_hints(&self.replica, &self.meta, &self.me.node, self.cfg.broken)
-                .expect("a live node's hints are readable");
+        let hinted = match rules::departed_hints(
+            &self.replica,
+            &self.meta,
+            &self.me.node,
+            self.cfg.broken,
+        ) {
+            Ok(hinted) => hinted,
+            Err(e) => {
+                tracing::error!(node = %self.me.node, error = %e, "cannot list hints for members that left");
+                return;
+            }
+        };
         for (owner, h) in hinted {
             self.hint_delivered(now_ms, fx, &owner, &h, true);
         }

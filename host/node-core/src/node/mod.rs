@@ -69,7 +69,7 @@ use quiver_core::coordinator::FailureDetector;
 use quiver_core::meta::MetaState;
 use quiver_core::quorum::Quorum;
 use quiver_core::ring::Ring;
-use quiver_core::storage::StorageEngine;
+use quiver_core::storage::{StorageEngine, StorageError};
 use quiver_sdk::wire::Request;
 
 use crate::WallClock;
@@ -124,6 +124,20 @@ pub trait NodeDisk: std::fmt::Debug + Send + Sync {
     /// [`Effect::Sync`] and go on when [`Node::on_synced`] reports it (the server's group
     /// commit).
     fn sync_inline(&self) -> Option<Result<(), String>>;
+}
+
+/// Why a node cannot boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The disk failed.
+    #[error("cannot boot: {0}")]
+    Storage(#[from] StorageError),
+    /// The boot counter or the incarnation cannot be read or recorded.
+    #[error("cannot boot: {0}")]
+    Epochs(#[from] crate::epochs::EpochError),
+    /// Neither the disk nor the initial metadata holds a ring.
+    #[error("cannot boot: no ring in the node's metadata")]
+    NoRing,
 }
 
 /// Settings of a node.
@@ -246,10 +260,10 @@ impl<D: NodeDisk> Node<D> {
     /// start-up flags (production: the `--peer` list); a disk that stored newer metadata
     /// keeps it. `clock` is the node's wall clock, which the driver keeps current.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// When the disk fails or `initial` holds no ring: a node that cannot record its boot
-    /// must not serve.
+    /// When the disk fails or the metadata holds no ring: a node that cannot record its
+    /// boot must not serve.
     pub fn boot(
         name: &str,
         initial: &MetaState,
@@ -258,17 +272,13 @@ impl<D: NodeDisk> Node<D> {
         clock: Arc<dyn WallClock>,
         life: u64,
         now_ms: u64,
-    ) -> Node<D> {
+    ) -> Result<Node<D>, BootError> {
         let mut disk = disk;
         let engine = disk.engine();
         // As the server: the boot counter (and a first incarnation) durable before any
         // epoch of this boot is handed out.
-        let (epochs, boot) = BootEpochs::start(&*engine, disk.fresh_incarnation())
-            .expect("a booting node's disk is live and its counters readable");
-        engine
-            .apply(&boot)
-            .and_then(|()| engine.sync())
-            .expect("a booting node's disk accepts its boot record");
+        let (epochs, boot) = BootEpochs::start(&*engine, disk.fresh_incarnation())?;
+        engine.apply(&boot).and_then(|()| engine.sync())?;
         #[cfg(feature = "broken-variants")]
         let epochs = {
             let mut epochs = epochs;
@@ -290,7 +300,7 @@ impl<D: NodeDisk> Node<D> {
             .ring
             .as_ref()
             .map(|entry| Arc::new(entry.ring.clone()))
-            .expect("a node's initial metadata holds the first ring");
+            .ok_or(BootError::NoRing)?;
         let mut replica = Replica::new(
             name.to_string(),
             engine,
@@ -298,9 +308,7 @@ impl<D: NodeDisk> Node<D> {
             cfg.value_bytes_max,
             Arc::clone(&clock),
         );
-        replica
-            .init_hints(HINTS_MAX_DEFAULT)
-            .expect("a booting node's disk is live");
+        replica.init_hints(HINTS_MAX_DEFAULT)?;
         let mut node = Node {
             me: Coordinator {
                 node: name.to_string(),
@@ -352,8 +360,8 @@ impl<D: NodeDisk> Node<D> {
             cfg,
         };
         node.apply_membership();
-        node.rebuild_ae();
-        node
+        node.rebuild_ae()?;
+        Ok(node)
     }
 
     /// The ring this node routes and hands off by.
