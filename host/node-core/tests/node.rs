@@ -4,85 +4,27 @@
 
 use std::sync::Arc;
 
-use quiver_core::causality::{Coordinator, EpochSource, VersionVector, WriteOp, coordinate_write};
+use quiver_core::causality::{Coordinator, VersionVector, WriteOp, coordinate_write};
 use quiver_core::meta::{BucketEntry, BucketSpec, MetaState, Stamp};
-use quiver_core::quorum::Quorum;
 use quiver_core::ring::ClaimParams;
-use quiver_core::storage::StorageEngine;
 use quiver_node_core::SystemClock;
-use quiver_node_core::broken::Broken;
 use quiver_node_core::membership::first_membership;
-use quiver_node_core::node::{
-    Durability, Effect, Message, Node, NodeConfig, NodeDisk, Observation,
-};
+use quiver_node_core::node::{Effect, Message, Node, NodeConfig, Observation};
 use quiver_node_core::protocol::{PeerRequest, PeerResponse};
 use quiver_node_core::request::{DataRequest, StoreRequest};
 use quiver_sdk::wire::{ErrorCode, ReadOptions, Request, Response, WireDurability, WriteOptions};
-use quiver_storage::MemoryEngine;
 
 const BUCKET: &str = "carts";
 
-/// A disk whose syncs are the driver's to run (`sync_inline` is `None`).
-#[derive(Debug)]
-struct DeferredDisk {
-    engine: Arc<MemoryEngine>,
-    meta: Option<MetaState>,
-}
+mod support;
 
-impl NodeDisk for DeferredDisk {
-    fn engine(&self) -> Arc<dyn StorageEngine> {
-        Arc::clone(&self.engine) as Arc<dyn StorageEngine>
-    }
+use support::{Counter, TestDisk, node_config as config};
 
-    fn fresh_incarnation(&self) -> u64 {
-        7
-    }
-
-    fn meta(&self) -> Option<&MetaState> {
-        self.meta.as_ref()
-    }
-
-    fn store_meta(&mut self, meta: MetaState) {
-        self.meta = Some(meta);
-    }
-
-    fn sync_inline(&self) -> Option<Result<(), String>> {
-        None
-    }
-}
-
-fn config(n: usize, r: usize, w: usize) -> NodeConfig {
-    NodeConfig {
-        quorum: Quorum::new(n, r, w).expect("valid quorum"),
-        sloppy: true,
-        buckets: Default::default(),
-        durability: Durability::Sync,
-        value_bytes_max: 1 << 20,
-        response_bytes_max: 64 << 20,
-        peer_timeout_ms: 300,
-        forward_timeout_ms: 1_000,
-        hints_every_ms: 500,
-        read_repair: true,
-        full_reads_per_mille: 1000,
-        read_speculate_ms: None,
-        ae_every_ms: None,
-        tombstone_grace_ms: None,
-        gossip_every_ms: 1_000,
-        handoff_every_ms: 1_000,
-        handoff_listing_ms: 0,
-        broken: Broken::NONE,
-    }
-}
-
-fn boot(names: &[&str], cfg: NodeConfig) -> Node<DeferredDisk> {
+fn boot(names: &[&str], cfg: NodeConfig) -> Node<TestDisk> {
     boot_with(names, cfg, |_| {})
 }
 
-fn boot_with(
-    names: &[&str],
-    cfg: NodeConfig,
-    meta: impl FnOnce(&mut MetaState),
-) -> Node<DeferredDisk> {
+fn boot_with(names: &[&str], cfg: NodeConfig, meta: impl FnOnce(&mut MetaState)) -> Node<TestDisk> {
     let addrs = names.iter().map(|n| (n.to_string(), format!("{n}:1")));
     let params = ClaimParams {
         partitions: 16,
@@ -90,23 +32,8 @@ fn boot_with(
     };
     let (mut initial, _) = first_membership(addrs, params).expect("first membership");
     meta(&mut initial);
-    let disk = DeferredDisk {
-        engine: Arc::new(MemoryEngine::new()),
-        meta: None,
-    };
+    let disk = TestDisk::new(true);
     Node::boot(names[0], &initial, cfg, disk, Arc::new(SystemClock), 0, 0).expect("boots")
-}
-
-struct Fresh(u64);
-
-impl EpochSource for Fresh {
-    fn is_trusted(&self, _: u64) -> bool {
-        false
-    }
-    fn fresh(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
 }
 
 fn sync_store(id: u64) -> Message {
@@ -117,7 +44,7 @@ fn sync_store(id: u64) -> Message {
     let (record, _) = coordinate_write(
         None,
         &coordinator,
-        &mut Fresh(0),
+        &mut Counter(0),
         &VersionVector::new(),
         WriteOp::Put(b"v".to_vec()),
         1,
@@ -299,7 +226,7 @@ fn each_bucket_replicates_by_its_own_spec() {
 /// deadlines a tick must do nothing (so a driver that sleeps until `next_deadline` misses
 /// nothing), and each deadline must lie ahead of the last tick. Returns how many ticks at a
 /// deadline did something.
-fn quiet_between_deadlines(node: &mut Node<DeferredDisk>, from_ms: u64, until_ms: u64) -> usize {
+fn quiet_between_deadlines(node: &mut Node<TestDisk>, from_ms: u64, until_ms: u64) -> usize {
     let mut now = from_ms;
     let mut busy = 0;
     while now < until_ms {
@@ -437,10 +364,7 @@ fn a_call_the_driver_cannot_carry_fails_at_once() {
 
 #[test]
 fn a_node_without_a_ring_does_not_boot() {
-    let disk = DeferredDisk {
-        engine: Arc::new(MemoryEngine::new()),
-        meta: None,
-    };
+    let disk = TestDisk::new(true);
     let booted = Node::boot(
         "a",
         &MetaState::default(),

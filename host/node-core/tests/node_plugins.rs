@@ -5,45 +5,18 @@
 
 use std::sync::Arc;
 
-use quiver_core::meta::{BucketEntry, BucketSpec, MetaState, PluginRef, Stamp};
-use quiver_core::quorum::Quorum;
+use quiver_core::meta::{BucketEntry, BucketSpec, PluginRef, Stamp};
 use quiver_core::ring::ClaimParams;
-use quiver_core::storage::StorageEngine;
 use quiver_node_core::SystemClock;
-use quiver_node_core::broken::Broken;
 use quiver_node_core::membership::first_membership;
-use quiver_node_core::node::{
-    Durability, Effect, Node, NodeConfig, NodeDisk, PluginError, PluginOutput, PluginWork,
-};
+use quiver_node_core::node::{Durability, Effect, Node, PluginError, PluginOutput, PluginWork};
 use quiver_sdk::wire::{ErrorCode, ReadOptions, Request, Response, WireSibling, WriteOptions};
-use quiver_storage::MemoryEngine;
 
 const BUCKET: &str = "carts";
 
-/// A disk that syncs inline, so these tests see the plugin steps alone.
-#[derive(Debug)]
-struct Disk {
-    engine: Arc<MemoryEngine>,
-    meta: Option<MetaState>,
-}
+mod support;
 
-impl NodeDisk for Disk {
-    fn engine(&self) -> Arc<dyn StorageEngine> {
-        Arc::clone(&self.engine) as Arc<dyn StorageEngine>
-    }
-    fn fresh_incarnation(&self) -> u64 {
-        3
-    }
-    fn meta(&self) -> Option<&MetaState> {
-        self.meta.as_ref()
-    }
-    fn store_meta(&mut self, meta: MetaState) {
-        self.meta = Some(meta);
-    }
-    fn sync_inline(&self) -> Option<Result<(), String>> {
-        Some(self.engine.sync().map_err(|e| e.to_string()))
-    }
-}
+use support::{TestDisk, node_config};
 
 fn plugin() -> PluginRef {
     PluginRef {
@@ -53,27 +26,9 @@ fn plugin() -> PluginRef {
 }
 
 /// One node, n = r = w = 1, bucket `carts` reconciled by `cart` (guard past `threshold`).
-fn node(threshold: u32) -> Node<Disk> {
-    let cfg = NodeConfig {
-        quorum: Quorum::new(1, 1, 1).expect("quorum"),
-        sloppy: true,
-        buckets: Default::default(),
-        durability: Durability::Buffered,
-        value_bytes_max: 1 << 20,
-        response_bytes_max: 64 << 20,
-        peer_timeout_ms: 300,
-        forward_timeout_ms: 1_000,
-        hints_every_ms: 500,
-        read_repair: true,
-        full_reads_per_mille: 1000,
-        read_speculate_ms: None,
-        ae_every_ms: None,
-        tombstone_grace_ms: None,
-        gossip_every_ms: 1_000,
-        handoff_every_ms: 1_000,
-        handoff_listing_ms: 0,
-        broken: Broken::NONE,
-    };
+fn node(threshold: u32) -> Node<TestDisk> {
+    let mut cfg = node_config(1, 1, 1);
+    cfg.durability = Durability::Buffered;
     let params = ClaimParams {
         partitions: 8,
         n_val: 1,
@@ -92,10 +47,8 @@ fn node(threshold: u32) -> Node<Disk> {
             stamp: Stamp::zero(),
         },
     );
-    let disk = Disk {
-        engine: Arc::new(MemoryEngine::new()),
-        meta: None,
-    };
+    // Syncs inline, so these tests see the plugin steps alone.
+    let disk = TestDisk::new(false);
     Node::boot("a", &meta, cfg, disk, Arc::new(SystemClock), 0, 0).expect("boots")
 }
 

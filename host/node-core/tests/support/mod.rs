@@ -39,3 +39,66 @@ pub fn boot(store: &dyn StorageEngine) -> Result<BootEpochs, Box<dyn std::error:
     store.sync()?;
     Ok(epochs)
 }
+
+/// A node machine's disk for tests: a memory engine and the metadata; syncs inline, or
+/// left to the test as `Effect::Sync` when `deferred` (the server's shape).
+#[derive(Debug)]
+pub struct TestDisk {
+    pub engine: std::sync::Arc<quiver_storage::MemoryEngine>,
+    pub meta: Option<quiver_core::meta::MetaState>,
+    pub deferred: bool,
+}
+
+impl TestDisk {
+    /// An empty disk.
+    pub fn new(deferred: bool) -> Self {
+        TestDisk {
+            engine: std::sync::Arc::new(quiver_storage::MemoryEngine::new()),
+            meta: None,
+            deferred,
+        }
+    }
+}
+
+impl quiver_node_core::node::NodeDisk for TestDisk {
+    fn engine(&self) -> std::sync::Arc<dyn StorageEngine> {
+        std::sync::Arc::clone(&self.engine) as std::sync::Arc<dyn StorageEngine>
+    }
+    fn fresh_incarnation(&self) -> u64 {
+        7
+    }
+    fn meta(&self) -> Option<&quiver_core::meta::MetaState> {
+        self.meta.as_ref()
+    }
+    fn store_meta(&mut self, meta: quiver_core::meta::MetaState) {
+        self.meta = Some(meta);
+    }
+    fn sync_inline(&self) -> Option<Result<(), String>> {
+        (!self.deferred).then(|| self.engine.sync().map_err(|e| e.to_string()))
+    }
+}
+
+/// Node machine settings for tests: n/r/w as given, sync durability, no background
+/// passes but gossip and handoff every second.
+pub fn node_config(n: usize, r: usize, w: usize) -> quiver_node_core::node::NodeConfig {
+    quiver_node_core::node::NodeConfig {
+        quorum: quiver_core::quorum::Quorum::new(n, r, w).expect("valid quorum"),
+        sloppy: true,
+        buckets: Default::default(),
+        durability: quiver_node_core::node::Durability::Sync,
+        value_bytes_max: 1 << 20,
+        response_bytes_max: 64 << 20,
+        peer_timeout_ms: 300,
+        forward_timeout_ms: 1_000,
+        hints_every_ms: 500,
+        read_repair: true,
+        full_reads_per_mille: 1000,
+        read_speculate_ms: None,
+        ae_every_ms: None,
+        tombstone_grace_ms: None,
+        gossip_every_ms: 1_000,
+        handoff_every_ms: 1_000,
+        handoff_listing_ms: 0,
+        broken: quiver_node_core::broken::Broken::NONE,
+    }
+}
