@@ -379,3 +379,39 @@ fn a_node_without_a_ring_does_not_boot() {
         Ok(_) => panic!("booted without a ring"),
     }
 }
+
+#[test]
+fn a_metadata_change_made_here_takes_effect_and_goes_to_every_peer() {
+    let mut node = boot(&["a", "b", "c"], config(3, 2, 2));
+    let before = node.meta_generation();
+    let mut change = node.meta().clone();
+    let spec = BucketSpec {
+        n: Some(2),
+        ..BucketSpec::default()
+    };
+    let stamp = Stamp::at(1, "a".to_string());
+    change
+        .buckets
+        .insert("pairs".into(), BucketEntry { spec, stamp });
+    let fx = node.change_meta(1, &change);
+    let pushed: Vec<&str> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                to,
+                msg:
+                    Message::Request {
+                        body: PeerRequest::MetaPush { state, .. },
+                        ..
+                    },
+            } if state.buckets.contains_key("pairs") => Some(to.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushed, vec!["b", "c"]);
+    assert_eq!(node.meta_generation(), before + 1);
+    assert_eq!(node.placement().buckets.get("pairs"), Some(&2));
+    // The same change again changes nothing and sends nothing.
+    assert!(node.change_meta(2, &change).is_empty());
+    assert_eq!(node.meta_generation(), before + 1);
+}

@@ -103,8 +103,29 @@ impl<D: NodeDisk> Node<D> {
         }
         self.disk.store_meta(meta.clone());
         self.meta = meta;
+        self.meta_generation += 1;
         self.apply_membership();
         true
+    }
+
+    /// A change of the cluster metadata made on this node (a bucket's properties, a
+    /// plugin, an access key, a membership change an operator staged): merged, durable,
+    /// in effect, and pushed to every peer at once (gossip carries it on from there).
+    /// Nothing goes out when it changes nothing here.
+    pub fn change_meta(&mut self, now_ms: u64, incoming: &MetaState) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        self.set_clock(now_ms);
+        if self.take_meta(incoming) {
+            self.push_meta(now_ms, Purpose::Gossip, &mut fx);
+        }
+        fx
+    }
+
+    /// Counts the changes of this node's metadata (from gossip, pushes, commits and
+    /// [`Node::change_meta`]): a driver that keeps views of it (buckets, plugins, keys)
+    /// refreshes them when this moves.
+    pub fn meta_generation(&self) -> u64 {
+        self.meta_generation
     }
 
     /// A stamp of this node now, by its (possibly skewed) wall clock.

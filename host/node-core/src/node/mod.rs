@@ -246,6 +246,8 @@ pub struct Node<D: NodeDisk> {
     /// The anti-entropy placement changed (a bucket's n): keys are refiled a batch per
     /// tick.
     ae_refile_pending: bool,
+    /// Counts changes of `meta` ([`Node::meta_generation`]).
+    meta_generation: u64,
     /// Reconciler calls out with the driver, and what each is for.
     plugin_calls: BTreeMap<u64, plugin::Waiting>,
     next_plugin_call: u64,
@@ -353,6 +355,7 @@ impl<D: NodeDisk> Node<D> {
             syncs: BTreeMap::new(),
             next_sync: 0,
             ae_refile_pending: false,
+            meta_generation: 0,
             plugin_calls: BTreeMap::new(),
             next_plugin_call: 0,
             updates: BTreeMap::new(),
