@@ -9,6 +9,8 @@
 //! - [`epochs`]: the durable actor-epoch allocator behind per-key actors.
 //! - [`certs`]: cluster CA and node certificates, created on first start.
 //! - [`config`]: TOML config file and flag overlay.
+//! - [`driver`]: the node machine (`quiver_node_core::node::Node`) under tokio, not yet
+//!   wired into the server.
 //!
 //! Storage engines and group commit are the `quiver-storage` crate; the command line, its
 //! load generator and the local loopback cluster are private to the `quiver` binary
@@ -18,6 +20,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod config;
+pub mod driver;
 pub mod kv;
 pub mod meta;
 pub mod peer;
