@@ -415,3 +415,53 @@ fn a_metadata_change_made_here_takes_effect_and_goes_to_every_peer() {
     assert!(node.change_meta(2, &change).is_empty());
     assert_eq!(node.meta_generation(), before + 1);
 }
+
+#[test]
+fn a_bucket_whose_n_changes_has_its_keys_refiled() {
+    let mut cfg = config(1, 1, 1);
+    cfg.durability = quiver_node_core::node::Durability::Buffered;
+    let mut node = boot(&["a"], cfg);
+    for i in 0..10 {
+        let put = Request::Put {
+            bucket: "x".into(),
+            key: format!("k{i}").into_bytes(),
+            value: b"v".to_vec(),
+            context: Vec::new(),
+            options: WriteOptions::default(),
+        };
+        let fx = node.on_client(1, i, put);
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Reply { .. })),
+            "{fx:?}"
+        );
+    }
+    let filed_under = |node: &Node<TestDisk>, n: u8| -> u64 {
+        let ae = node.replica().ae();
+        ae.tree_ids()
+            .into_iter()
+            .filter(|id| id.0 == n)
+            .map(|id| ae.tree_keys(id))
+            .sum()
+    };
+    assert_eq!(filed_under(&node, 1), 10);
+    // Bucket "x" now keeps 2 replicas (of a one-node cluster: its keys file under n = 2).
+    let mut change = node.meta().clone();
+    let spec = BucketSpec {
+        n: Some(2),
+        r: Some(1),
+        w: Some(1),
+        ..BucketSpec::default()
+    };
+    let stamp = Stamp::at(1, "a".to_string());
+    change
+        .buckets
+        .insert("x".into(), BucketEntry { spec, stamp });
+    node.change_meta(2, &change);
+    assert!(
+        node.next_deadline().is_some_and(|d| d <= 2),
+        "the refile is due at once"
+    );
+    node.on_tick(3);
+    assert_eq!(filed_under(&node, 2), 10);
+    assert_eq!(filed_under(&node, 1), 0);
+}
