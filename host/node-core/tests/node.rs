@@ -465,3 +465,33 @@ fn a_bucket_whose_n_changes_has_its_keys_refiled() {
     assert_eq!(filed_under(&node, 2), 10);
     assert_eq!(filed_under(&node, 1), 0);
 }
+
+#[test]
+fn a_request_with_a_bad_bucket_or_key_is_refused_before_it_is_routed() {
+    let mut node = boot(&["a", "b", "c"], config(3, 2, 2));
+    let get = |bucket: &str, key: &[u8]| Request::Get {
+        bucket: bucket.into(),
+        key: key.to_vec(),
+        options: ReadOptions::default(),
+    };
+    for (request, code) in [
+        (get("carts", b""), ErrorCode::EmptyKey),
+        (get("", b"k"), ErrorCode::InvalidBucket),
+        (get("carts", &vec![b'k'; 1 << 20]), ErrorCode::KeyTooLarge),
+    ] {
+        let fx = node.on_client(1, 1, request);
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Send { .. })),
+            "routed: {fx:?}"
+        );
+        match fx.as_slice() {
+            [
+                Effect::Reply {
+                    result: Response::Error(e),
+                    ..
+                },
+            ] => assert_eq!(e.code, code),
+            other => panic!("expected {code:?}, got {other:?}"),
+        }
+    }
+}

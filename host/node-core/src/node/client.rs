@@ -85,6 +85,19 @@ impl<D: NodeDisk> Node<D> {
         forwarded: Option<Option<NodeId>>,
         fx: &mut Vec<Effect>,
     ) {
+        // Bucket and key are checked before anything is routed on them.
+        let named = match &request {
+            Request::Get { bucket, key, .. }
+            | Request::Put { bucket, key, .. }
+            | Request::Delete { bucket, key, .. }
+            | Request::Update { bucket, key, .. } => Some((bucket, key)),
+            _ => None,
+        };
+        if let Some((bucket, key)) = named
+            && let Err(e) = self.replica.validate(bucket, key)
+        {
+            return self.reply(origin, client_error(e.code(), e.to_string()), fx);
+        }
         match request {
             Request::Get {
                 bucket,
@@ -94,9 +107,10 @@ impl<D: NodeDisk> Node<D> {
             write @ (Request::Put { .. } | Request::Delete { .. } | Request::Update { .. }) => {
                 self.start_put(now_ms, origin, write, forwarded, fx)
             }
-            other => {
-                let message =
-                    format!("the node machine answers gets, writes and updates, not {other:?}");
+            // Not echoed back: an admin request may carry a key secret or plugin bytes.
+            _ => {
+                let message = "the node machine answers gets, puts, deletes and updates only";
+                let message = message.to_string();
                 self.reply(
                     origin,
                     client_error(ErrorCode::MalformedRequest, message),
